@@ -1,0 +1,124 @@
+"""Settings of each connector and of the HTTP app; light on purpose (pydantic only), so the
+composition root can validate every section without importing a disabled channel's library."""
+
+import ipaddress
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None,
+        description="the URL Twilio calls, as seen from outside (proxy or load balancer); "
+        "signatures are checked against it",
+    )
+    max_body: int = Field(default=64 * 1024, ge=1024)
+
+    @field_validator("public_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/") if value else value
+
+
+class ApiSettings(_Section):
+    token: SecretStr | None = Field(
+        default=None, description="bearer token for /v1/route; the endpoint answers 401 without"
+    )
+
+
+class MailboxSettings(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str
+    port: int = Field(default=993, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
+    username: str
+    password: SecretStr | None = None
+    folder: str = "INBOX"
+    team: str | None = None
+    after: str = Field(default="flag", pattern=r"^(flag|move:.+)$")
+    poll_interval: float = Field(default=60.0, gt=0)
+    idle_renew: float = Field(default=300.0, gt=0, le=1740)
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _plaintext_only_to_loopback(self) -> "MailboxSettings":
+        if self.security == "none" and not is_loopback_host(self.host):
+            raise ValueError("security = none is allowed only towards a loopback host")
+        return self
+
+
+class EmailSettings(_Section):
+    mailboxes: list[MailboxSettings] = Field(default_factory=list)
+    inline_attachment_max: int = Field(default=256 * 1024, ge=0)
+    message_id_domain: str | None = Field(
+        default=None, description="domain of the Message-IDs omniroute sets on replies"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EmailSettings":
+        names = [m.name for m in self.mailboxes]
+        if len(names) != len(set(names)):
+            raise ValueError("mailbox names must be unique")
+        return self
+
+
+class SmtpSettings(_Section):
+    host: str
+    port: int = Field(default=465, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
+    username: str | None = None
+    password: SecretStr | None = None
+    from_address: str
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _plaintext_only_to_loopback(self) -> "SmtpSettings":
+        if self.security == "none" and not is_loopback_host(self.host):
+            raise ValueError("security = none is allowed only towards a loopback host")
+        return self
+
+
+class TwilioSettings(_Section):
+    account_sid: str | None = None
+    auth_token: SecretStr | None = None
+    from_number: str | None = Field(default=None, description="sender number for SMS replies")
+    sms_ack_text: str | None = Field(default=None, description="auto-answer to each SMS")
+    dial_timeout: int = Field(default=20, ge=5, le=600)
+    api_base_url: str | None = Field(
+        default=None, description="override of Twilio's API host (tests, regional edges)"
+    )
+
+
+class TwitterSettings(_Section):
+    user_id: str
+    bearer_token: SecretStr
+    consumer_key: SecretStr | None = None
+    consumer_secret: SecretStr | None = None
+    access_token: SecretStr | None = None
+    access_token_secret: SecretStr | None = None
+    poll_interval: float = Field(default=60.0, ge=1.0)
+    timeout: float = Field(default=30.0, gt=0)
+    api_base_url: str | None = Field(default=None, description="override of X's API host (tests)")
+
+
+class SpoolSettings(_Section):
+    max_messages: int = Field(default=100_000, ge=1)

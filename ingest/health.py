@@ -1,0 +1,53 @@
+"""Component health, shared by every component and read by ``/readyz``, metrics and the watchdog.
+
+Sole purpose: one place where each component says whether it is up, and why not, so that a
+mailbox that is down shows in ``/readyz`` without taking the others down with it.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+State = Literal["starting", "up", "down", "stopped"]
+
+
+@dataclass
+class ComponentHealth:
+    state: State = "starting"
+    reason: str = ""
+    required: bool = True
+
+
+@dataclass
+class Health:
+    """The daemon's view of its components; logs are the caller's job, not this class's."""
+
+    components: dict[str, ComponentHealth] = field(default_factory=dict)
+    draining: bool = False
+
+    def register(self, name: str, *, required: bool = True) -> None:
+        self.components.setdefault(name, ComponentHealth(required=required))
+
+    def set(self, name: str, state: State, reason: str = "") -> bool:
+        """Record a state; returns True when it changed, so callers log only changes."""
+        current = self.components.setdefault(name, ComponentHealth())
+        changed = current.state != state or current.reason != reason
+        current.state = state
+        current.reason = reason
+        return changed
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """Ready when not draining and every required component is up; else the reasons."""
+        problems = [
+            f"{name}: {c.state}" + (f" ({c.reason})" if c.reason else "")
+            for name, c in sorted(self.components.items())
+            if c.required and c.state != "up"
+        ]
+        if self.draining:
+            problems.insert(0, "draining")
+        return (not problems, problems)
+
+    def snapshot(self) -> dict[str, dict[str, str | bool]]:
+        return {
+            name: {"state": c.state, "reason": c.reason, "required": c.required}
+            for name, c in sorted(self.components.items())
+        }

@@ -1,0 +1,140 @@
+"""Identity normalisation shared by the router, the directory importer and every connector.
+
+Sole purpose: two spellings of one person's address compare equal after normalisation,
+and normalising twice changes nothing. Phone numbers go to E.164 with ``phonenumbers``;
+what is not a phone number (``client:alice``, ``sip:…``, alphanumeric sender ids) stays a
+readable, stable identity instead of an error.
+"""
+
+import re
+from typing import Literal
+
+import phonenumbers
+
+IdentityKind = Literal["email", "phone", "twitter"]
+
+_HANDLE = re.compile(r"^@?([A-Za-z0-9_]{1,15})$")
+_USER_ID = re.compile(r"^(?:id:)?([0-9]{1,20})$")
+_WITHHELD = frozenset(
+    {"anonymous", "restricted", "unknown", "private", "unavailable", "withheld", "266696687"}
+)
+
+
+class InvalidIdentity(ValueError):
+    """The text cannot be read as an identity of the asked kind."""
+
+
+def normalise_email(address: str) -> str:
+    """Case-fold the whole address: mailbox local parts are case-insensitive in practice."""
+    text = address.strip().strip("<>").strip()
+    if text.lower().startswith("mailto:"):
+        text = text[7:]
+    if text.count("@") != 1 or any(c.isspace() for c in text):
+        raise InvalidIdentity(f"not an email address: {address!r}")
+    local, domain = text.split("@")
+    if not local or not domain:
+        raise InvalidIdentity(f"not an email address: {address!r}")
+    return f"{local}@{domain}".casefold()
+
+
+def is_withheld_caller(address: str) -> bool:
+    """True for the caller ids carriers send when the number is hidden."""
+    digits = address.strip().lstrip("+")
+    return address.strip().casefold() in _WITHHELD or digits in _WITHHELD or digits == ""
+
+
+def normalise_phone(address: str, region: str) -> str:
+    """Return E.164 for a dialable number, else a stable readable form.
+
+    ``0532 111 22 33``, ``+90 (532) 111-2233`` and ``905321112233`` are one number in
+    region TR. A SIP URI or Twilio client identity is kept, lower-cased in its scheme;
+    an alphanumeric sender id is kept as written, trimmed.
+    """
+    text = address.strip()
+    if not text:
+        raise InvalidIdentity("empty phone number")
+    lowered = text.casefold()
+    for scheme in ("client:", "sip:", "sips:", "tel:"):
+        if lowered.startswith(scheme):
+            if scheme == "tel:":
+                return normalise_phone(text[4:], region)
+            return scheme + text[len(scheme) :]
+    if text.startswith("+") or any(c.isdigit() for c in text):
+        if not re.fullmatch(r"[+0-9 ().\-/]+", text):
+            if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
+                return text  # alphanumeric sender id, e.g. "ACME123"
+            raise InvalidIdentity(f"not a phone number: {address!r}")
+        for candidate in _phone_candidates(text, region):
+            try:
+                parsed = phonenumbers.parse(candidate, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_possible_number(parsed):
+                return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        raise InvalidIdentity(f"not a phone number: {address!r}")
+    if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
+        return text
+    raise InvalidIdentity(f"not a phone number: {address!r}")
+
+
+def _phone_candidates(text: str, region: str) -> list[str]:
+    """The number as written, then as international when it carries a country code bare.
+
+    ``905321112233`` in region TR is the international form without ``+``; a valid
+    national reading wins, so only numbers invalid as national are retried with ``+``.
+    """
+    digits = re.sub(r"\D", "", text)
+    if text.startswith("+"):
+        return ["+" + digits]
+    if text.startswith("00"):
+        return ["+" + digits[2:]]
+    out: list[str] = []
+    try:
+        national = phonenumbers.parse(digits, region)
+        if phonenumbers.is_valid_number(national):
+            return [digits]
+    except phonenumbers.NumberParseException:
+        pass
+    out.append("+" + digits)
+    out.append(digits)
+    return out
+
+
+def normalise_handle(handle: str) -> str:
+    """An X handle without ``@``, case-folded (X handles are case-insensitive)."""
+    match = _HANDLE.match(handle.strip())
+    if not match:
+        raise InvalidIdentity(f"not an X handle: {handle!r}")
+    return match.group(1).casefold()
+
+
+def normalise_twitter(address: str) -> str:
+    """An X user id as ``id:<digits>``; anything else as a handle.
+
+    User ids are stable across handle changes, so the directory matches them first.
+    """
+    text = address.strip()
+    if text.startswith("id:") or (text.isdigit() and not text.startswith("@")):
+        match = _USER_ID.match(text)
+        if match:
+            return "id:" + match.group(1)
+    return normalise_handle(text)
+
+
+def normalise(kind: IdentityKind, address: str, region: str) -> str:
+    """Normalise ``address`` as an identity of ``kind``; raises ``InvalidIdentity``."""
+    if kind == "email":
+        return normalise_email(address)
+    if kind == "phone":
+        return normalise_phone(address, region)
+    return normalise_twitter(address)
+
+
+def redact(address: str) -> str:
+    """A log-safe form that still lets an operator tell two identities apart."""
+    if "@" in address:
+        local, _, domain = address.partition("@")
+        return f"{local[:1]}***@{domain}"
+    if len(address) > 4:
+        return "***" + address[-4:]
+    return "***"

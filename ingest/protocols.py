@@ -1,0 +1,80 @@
+"""The small typed contracts between packages; ``config`` hands the implementations over.
+
+``connectors`` and ``routers`` never import each other: the voice webhook and the PBX
+route API receive a ``Decider``, the outbound dispatcher receives ``Sender``s, pollers
+receive a ``CursorStore``, and everything that takes input in receives an ``InboundSink``.
+"""
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingest.schema import CustomerRef, InboundMessage, ReplyRequest, Route
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A routing decision with what a telephone system needs to act on it."""
+
+    customer: CustomerRef | None
+    route: Route
+    dial: str | None = None
+    fallback_dial: str | None = None
+
+
+@dataclass(frozen=True)
+class ReplyContext:
+    """What the dispatcher knows about the message a reply answers, if it found it."""
+
+    original: InboundMessage | None = None
+    customer_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What a channel reports after sending: its own id for the reply, and for email the
+    Message-ID it set, recorded as owned by the agent."""
+
+    external_id: str | None = None
+    thread_message_id: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class InboundSink(Protocol):
+    async def submit(self, message: InboundMessage) -> None:
+        """Return only once the message is safe: broker-confirmed or fsynced to the spool."""
+
+
+class Decider(Protocol):
+    async def __call__(self, message: InboundMessage) -> Decision:
+        """Decide where a message goes, with the same policy the router applies."""
+
+
+class Sender(Protocol):
+    channel: str
+
+    async def send(self, reply: ReplyRequest, context: ReplyContext) -> SendResult:
+        """Send one reply; raise ``PermanentSendError`` or ``TransientError`` on failure."""
+
+
+class CursorStore(Protocol):
+    async def get(self, key: str) -> str | None:
+        """The stored cursor for ``key`` (a mailbox, an X endpoint), if any."""
+
+    async def set(self, key: str, value: str) -> None:
+        """Store a cursor durably (committed before returning)."""
+
+
+class SeenStore(Protocol):
+    async def first_time(self, channel: str, external_id: str) -> bool:
+        """Record ``(channel, external_id)``; True only the first time it is seen."""
+
+    async def forget(self, channel: str, external_id: str) -> None:
+        """Undo ``first_time`` when the message could not be made safe after all."""
+
+
+class Connector(Protocol):
+    name: str
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The intake loop; returns once ``stop`` is set and in-flight input is safe."""

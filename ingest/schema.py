@@ -1,0 +1,200 @@
+"""The one message schema: what every channel's input becomes and what ticket systems read.
+
+The JSON shapes are a contract (DESIGN.md): fields may be added, never renamed. Each model
+names its schema version in ``SCHEMA``; it travels as the AMQP ``type`` property.
+"""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+Channel = Literal["email", "sms", "voice", "twitter"]
+IdentityKindField = Literal["email", "phone", "twitter"]
+RouteKind = Literal["agent", "team", "triage"]
+Presence = Literal["available", "away", "offline"]
+Reason = Annotated[
+    str,
+    Field(
+        description="thread_owner, last_agent, dedicated_team, unknown_sender, no_team, "
+        "or a *_fallback variant when an unavailable agent sent it on to the team"
+    ),
+]
+
+
+def new_id() -> str:
+    """A fresh omniroute message id (UUID4 text)."""
+    return str(uuid.uuid4())
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Model(BaseModel):
+    # Unknown fields from a newer publisher are kept, so a router never drops what it
+    # does not understand yet.
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class Identity(_Model):
+    kind: IdentityKindField
+    address: str = Field(min_length=1, max_length=512)
+    name: str | None = None
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="other addresses of the same sender, matched after address "
+        "(an X handle beside the stable user id)",
+    )
+
+
+class Thread(_Model):
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: list[str] = Field(default_factory=list)
+
+
+class Attachment(_Model):
+    filename: str | None = None
+    content_type: str
+    size: int = Field(ge=0)
+    sha256: str | None = None
+    url: str | None = None
+    content_b64: str | None = None
+    locator: dict[str, Any] | None = None
+
+
+class InboundMessage(_Model):
+    """What a customer sent, on any channel, normalised."""
+
+    id: str = Field(default_factory=new_id)
+    channel: Channel
+    external_id: str = Field(min_length=1, max_length=512)
+    received_at: AwareDatetime = Field(default_factory=utcnow)
+    sender: Identity
+    recipient: Identity | None = None
+    subject: str | None = None
+    text: str = ""
+    thread: Thread | None = None
+    attachments: list[Attachment] = Field(default_factory=list)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecentContact(_Model):
+    channel: str
+    at: AwareDatetime
+    message_id: str
+    route: str
+
+
+class CustomerRef(_Model):
+    id: str
+    name: str
+    team: str | None = None
+    recent: list[RecentContact] = Field(default_factory=list)
+
+
+class Route(_Model):
+    kind: RouteKind
+    target: str | None = None
+    reason: Reason
+    decided_at: AwareDatetime = Field(default_factory=utcnow)
+    fallback_team: str | None = Field(
+        default=None, description="the team that takes over when the chosen agent does not"
+    )
+    steps: list[str] = Field(
+        default_factory=list, description="each policy step and what it found, in order"
+    )
+
+    @property
+    def routing_key(self) -> str:
+        """``team.<id>``, ``agent.<id>`` or ``triage`` (DESIGN.md contract)."""
+        if self.kind == "triage" or self.target is None:
+            return "triage"
+        return f"{self.kind}.{self.target}"
+
+
+class RoutedMessage(_Model):
+    message: InboundMessage
+    customer: CustomerRef | None = None
+    route: Route
+
+
+class ReplyRequest(_Model):
+    """A ticket system asks omniroute to answer a customer on a channel."""
+
+    id: str = Field(min_length=1, max_length=512)
+    channel: Channel
+    agent_id: str = Field(min_length=1, max_length=200)
+    to: Identity
+    text: str
+    subject: str | None = None
+    in_reply_to: str | None = Field(
+        default=None, description="the InboundMessage id or the channel's own id"
+    )
+
+
+class AgentReplied(_Model):
+    type: Literal["agent.replied"] = "agent.replied"
+    agent_id: str = Field(min_length=1, max_length=200)
+    customer_id: str | None = None
+    identity: Identity | None = None
+    channel: str
+    at: AwareDatetime = Field(default_factory=utcnow)
+    message_id: str | None = Field(
+        default=None, description="the Message-ID omniroute sent, owned by the agent"
+    )
+
+
+class AgentStatus(_Model):
+    type: Literal["agent.status"] = "agent.status"
+    agent_id: str = Field(min_length=1, max_length=200)
+    status: Presence
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class OutboundSent(_Model):
+    type: Literal["outbound.sent"] = "outbound.sent"
+    request_id: str
+    channel: str
+    agent_id: str
+    external_id: str | None = None
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class OutboundFailed(_Model):
+    type: Literal["outbound.failed"] = "outbound.failed"
+    request_id: str
+    channel: str
+    agent_id: str | None = None
+    reason: str
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
+Event = Annotated[
+    AgentReplied | AgentStatus | OutboundSent | OutboundFailed, Field(discriminator="type")
+]
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "omniroute.inbound.v1": InboundMessage,
+    "omniroute.routed.v1": RoutedMessage,
+    "omniroute.reply.v1": ReplyRequest,
+    "omniroute.event.agent.replied.v1": AgentReplied,
+    "omniroute.event.agent.status.v1": AgentStatus,
+    "omniroute.event.outbound.sent.v1": OutboundSent,
+    "omniroute.event.outbound.failed.v1": OutboundFailed,
+}
+
+
+def schema_name(model: BaseModel) -> str:
+    """The versioned schema name of a model instance, for the AMQP ``type`` property."""
+    for name, cls in SCHEMAS.items():
+        if type(model) is cls:
+            return name
+    raise KeyError(type(model).__name__)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """Every message type's JSON Schema, keyed by its versioned name."""
+    return {name: cls.model_json_schema() for name, cls in SCHEMAS.items()}

@@ -1,0 +1,18 @@
+"""Publishing normalised input onto ``omniroute.inbound``: the way in for every connector."""
+
+from ingest.bus import INBOUND, Bus
+from ingest.schema import InboundMessage
+
+
+class BusSink:
+    """An ``InboundSink`` that returns once the broker confirmed the publish.
+
+    The routing key is the channel (``email``, ``sms``, ``voice``, ``twitter``), so a
+    consumer can bind to one channel's input only.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def submit(self, message: InboundMessage) -> None:
+        await self._bus.publish(INBOUND, message.channel, message, message_id=message.id)

@@ -1,0 +1,61 @@
+"""Settings of the routing policy and the router worker."""
+
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ingest.schema import Channel
+
+
+class RoutingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default_region: str = Field(
+        default="US", description="ISO 3166 region for numbers written without a country code"
+    )
+    sticky_for: timedelta = Field(
+        default=timedelta(days=14), description="how long the last agent keeps a customer"
+    )
+    sticky_channels: list[Channel] = Field(default_factory=lambda: ["email", "sms", "twitter"])
+    default_team: str | None = Field(
+        default=None, description="team for unknown senders when the address has none"
+    )
+    address_teams: dict[str, str] = Field(
+        default_factory=dict,
+        description="team per address a message arrived on (a mailbox, a number, an X account)",
+    )
+    recent_contacts: int = Field(default=5, ge=0, le=100)
+    routed_log_days: int = Field(
+        default=90, ge=1, description="how long the record of routed messages is kept"
+    )
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        import phonenumbers
+
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {value!r} (use an ISO 3166 code such as TR or US)")
+        return region
+
+    @field_validator("sticky_for")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0:
+            raise ValueError("must not be negative")
+        return value
+
+
+class RouterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefetch: int = Field(default=256, ge=1, le=65535)
+    directory_cache_size: int = Field(default=100_000, ge=0)
+
+
+class DirectorySettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool_size: int = Field(default=5, ge=1, le=100)
+    statement_timeout: float = Field(default=5.0, gt=0)

@@ -1,0 +1,49 @@
+"""Portable upserts for SQLite and PostgreSQL (both speak ``ON CONFLICT``)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+def _insert(session: AsyncSession, table: Table) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+async def upsert(
+    session: AsyncSession,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    *,
+    update: Sequence[str] | None = None,
+    where: Any = None,
+) -> int:
+    """Insert rows; on a key conflict update ``update`` columns (all non-key ones by default),
+    only where ``where`` holds (a condition on ``excluded``/the table). Returns rows affected."""
+    if not rows:
+        return 0
+    stmt = _insert(session, table).values(list(rows))
+    columns = update if update is not None else [c for c in rows[0] if c not in keys]
+    if columns:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={c: stmt.excluded[c] for c in columns},
+            where=where(stmt.excluded) if where is not None else None,
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    result = await session.execute(stmt)
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+async def insert_new(
+    session: AsyncSession, table: Table, row: dict[str, Any], keys: Sequence[str]
+) -> bool:
+    """Insert one row unless its key exists; True when it was new."""
+    stmt = _insert(session, table).values(row).on_conflict_do_nothing(index_elements=list(keys))
+    result = await session.execute(stmt)
+    return bool(getattr(result, "rowcount", 0))
