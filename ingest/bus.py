@@ -363,6 +363,8 @@ class Consumer:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return f"invalid JSON: {first.get('msg', '')}"
         where = ".".join(str(p) for p in first.get("loc", ()))
         return f"schema violation: {exc.error_count()} error(s), first at {where or '?'}: {first.get('msg', '')}"
     if isinstance(exc, json.JSONDecodeError):

@@ -1,0 +1,107 @@
+"""Shared fixtures: a fresh RabbitMQ vhost per test, a fresh directory database (SQLite file
+or a PostgreSQL database created for the test), and the opened bus on that vhost."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.bus import Bus
+from ingest.settings import BusSettings
+from routers.db import create_engine, migrate
+
+AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
+PG_DSN = os.environ.get("OMNIROUTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A RabbitMQ vhost of the test's own, so queues never leak between tests."""
+    name = f"omniroute-test-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+
+
+@pytest.fixture
+async def bus(amqp_url: str) -> AsyncIterator[Bus]:
+    b = Bus(amqp_url, BusSettings(queue_type="quorum", delivery_limit=3), name="test")
+    await b.open()
+    yield b
+    await b.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/directory.db"
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A PostgreSQL database created for this test and dropped after it."""
+    name = f"omniroute_test_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield f"{PG_DSN}/{name}"
+    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The directory on both backends: each test using it runs once per database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/directory.db"
+        return
+    name = f"omniroute_test_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield f"{PG_DSN}/{name}"
+    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated SQLite directory for tests that do not care about the backend."""
+    await migrate(sqlite_url)
+    eng = create_engine(sqlite_url)
+    yield eng
+    await eng.dispose()
+
+
+async def wait_for(predicate: "asyncio.Future[object] | object", timeout: float = 10.0) -> None:
+    """Poll a condition (bounded), for the few places where there is no event to await."""
+    async with asyncio.timeout(timeout):
+        while not (predicate() if callable(predicate) else predicate):
+            await asyncio.sleep(0.05)
