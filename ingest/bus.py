@@ -289,12 +289,12 @@ class Consumer:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight.add(task)  # type: ignore[arg-type]
+        self._in_flight.add(task)
         self._idle.clear()
         try:
             await self._process(message)
         finally:
-            self._in_flight.discard(task)  # type: ignore[arg-type]
+            self._in_flight.discard(task)
             if not self._in_flight:
                 self._idle.set()
 
@@ -362,11 +362,14 @@ class Consumer:
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return f"invalid JSON: {first.get('msg', '')}"
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return f"schema violation: {exc.error_count()} error(s), first at {where or '?'}: {first.get('msg', '')}"
+        errors = exc.errors()
+        if not errors:
+            return "schema violation"
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            return f"invalid JSON: {first['msg']}"
+        where = ".".join(str(p) for p in first["loc"]) or "?"
+        return f"schema violation: {exc.error_count()} error(s), first at {where}: {first['msg']}"
     if isinstance(exc, json.JSONDecodeError):
         return f"invalid JSON: {exc.msg} at {exc.pos}"
     if isinstance(exc, UnicodeDecodeError):

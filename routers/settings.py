@@ -16,7 +16,7 @@ class RoutingSettings(BaseModel):
     sticky_for: timedelta = Field(
         default=timedelta(days=14), description="how long the last agent keeps a customer"
     )
-    sticky_channels: list[Channel] = Field(default_factory=lambda: ["email", "sms", "twitter"])
+    sticky_channels: list[Channel] = Field(default=["email", "sms", "twitter"])
     default_team: str | None = Field(
         default=None, description="team for unknown senders when the address has none"
     )

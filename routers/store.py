@@ -23,7 +23,10 @@ class DbCursorStore:
     async def get(self, key: str) -> str | None:
         try:
             async with self._sessions() as session:
-                return await session.scalar(select(Cursor.value).where(Cursor.key == key))
+                value: str | None = await session.scalar(
+                    select(Cursor.value).where(Cursor.key == key)
+                )
+                return value
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
 
