@@ -1,0 +1,167 @@
+"""The outbound dispatcher: ``omniroute.outbound`` in, a channel's sender out.
+
+Sole purpose: hand each ``ReplyRequest`` to the sender ``config`` registered for its channel,
+then remember who answered whom (last agent, and for email the Message-ID as thread owner)
+and say so with ``outbound.sent``; a reply that cannot be sent ends as ``outbound.failed``
+with the reason. A request id already sent is never sent again: a redelivery only repeats
+the ``outbound.sent`` event.
+"""
+
+import asyncio
+import random
+from collections.abc import Mapping
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
+from ingest.errors import AuthError, PermanentSendError, TransientError
+from ingest.health import Health
+from ingest.protocols import ReplyContext, Sender, SendResult
+from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
+from routers import directory, state
+from routers.db import sessionmaker
+from routers.models import SentReply
+from routers.settings import RoutingSettings
+
+log = structlog.get_logger("omniroute.dispatcher")
+
+
+class DispatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(default=5, ge=1, le=50)
+    base_delay: float = Field(default=1.0, gt=0)
+    max_delay: float = Field(default=30.0, gt=0)
+    prefetch: int = Field(default=16, ge=1, le=1000)
+
+
+class OutboundDispatcher:
+    name = "dispatcher"
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        engine: AsyncEngine,
+        senders: Mapping[str, Sender],
+        routing: RoutingSettings,
+        settings: DispatchSettings,
+        health: Health,
+    ) -> None:
+        self._bus = bus
+        self._sessions = sessionmaker(engine)
+        self._senders = dict(senders)
+        self.routing = routing
+        self._settings = settings
+        self._health = health
+
+    async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
+        consumer = await self._bus.consumer(
+            OUTBOUND_QUEUE, self.handle, prefetch=self._settings.prefetch
+        )
+        await consumer.start()
+        self._health.set(self.name, "up")
+        try:
+            await stop.wait()
+        finally:
+            self._health.set(self.name, "stopped", "draining")
+            await asyncio.shield(consumer.stop(drain_timeout))
+
+    async def handle(self, delivery: AbstractIncomingMessage) -> None:
+        reply = ReplyRequest.model_validate_json(delivery.body)
+        structlog.contextvars.bind_contextvars(message_id=reply.id, channel=reply.channel)
+        try:
+            await self._dispatch(reply)
+        finally:
+            structlog.contextvars.unbind_contextvars("message_id", "channel")
+
+    async def _dispatch(self, reply: ReplyRequest) -> None:
+        try:
+            async with self._sessions() as session:
+                sent = await session.get(SentReply, reply.id)
+                found = (
+                    await state.find_routed(session, reply.in_reply_to)
+                    if reply.in_reply_to
+                    else None
+                )
+                customer_id = found[1] if found else None
+                if customer_id is None:
+                    customer = await directory.find_customer(
+                        session, reply.to, self.routing.default_region
+                    )
+                    customer_id = customer.id if customer else None
+        except SQLAlchemyError as exc:
+            raise TransientError(f"directory database: {exc}") from exc
+        if sent is not None:
+            log.info("dispatcher.already_sent")
+            await self._announce(reply, SendResult(external_id=sent.external_id))
+            return
+
+        sender = self._senders.get(reply.channel)
+        if sender is None:
+            await self._fail(reply, f"no sender is configured for channel {reply.channel}")
+            return
+        context = ReplyContext(original=found[0] if found else None, customer_id=customer_id)
+        try:
+            result = await self._send_with_retries(sender, reply, context)
+        except (PermanentSendError, AuthError) as exc:
+            await self._fail(reply, f"{type(exc).__name__}: {exc}")
+            return
+        except TransientError as exc:
+            await self._fail(reply, f"gave up after {self._settings.attempts} attempts: {exc}")
+            return
+
+        now = utcnow()
+        try:
+            async with self._sessions.begin() as session:
+                await state.record_sent(session, reply.id, reply.channel, result.external_id, now)
+                await state.record_reply(
+                    session,
+                    agent_id=reply.agent_id,
+                    customer_id=customer_id,
+                    channel=reply.channel,
+                    at=now,
+                    message_id=result.thread_message_id,
+                )
+        except SQLAlchemyError as exc:
+            # Sent but not recorded: a redelivery would send it twice. Say so loudly; the
+            # broker requeues and the send is retried (at-least-once).
+            log.error("dispatcher.record_failed", error=str(exc))
+            raise TransientError(f"directory database: {exc}") from exc
+        await self._announce(reply, result)
+        log.info("dispatcher.sent", agent_id=reply.agent_id, customer=customer_id)
+
+    async def _send_with_retries(
+        self, sender: Sender, reply: ReplyRequest, context: ReplyContext
+    ) -> SendResult:
+        delay = self._settings.base_delay
+        for attempt in range(1, self._settings.attempts + 1):
+            try:
+                return await sender.send(reply, context)
+            except TransientError as exc:
+                if attempt == self._settings.attempts:
+                    raise
+                log.warning("dispatcher.retry", attempt=attempt, error=str(exc))
+                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 (jitter)
+                delay = min(delay * 2, self._settings.max_delay)
+        raise AssertionError("unreachable")
+
+    async def _announce(self, reply: ReplyRequest, result: SendResult) -> None:
+        event = OutboundSent(
+            request_id=reply.id,
+            channel=reply.channel,
+            agent_id=reply.agent_id,
+            external_id=result.external_id,
+        )
+        await self._bus.publish(EVENTS, event.type, event, message_id=f"sent:{reply.id}")
+
+    async def _fail(self, reply: ReplyRequest, reason: str) -> None:
+        log.warning("dispatcher.failed", reason=reason)
+        event = OutboundFailed(
+            request_id=reply.id, channel=reply.channel, agent_id=reply.agent_id, reason=reason
+        )
+        await self._bus.publish(EVENTS, event.type, event, message_id=f"failed:{reply.id}")

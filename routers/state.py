@@ -1,0 +1,231 @@
+"""Routing state: last agent per customer, thread owners, agent presence, and the bounded
+record of routed messages. Fed by ``agent.replied``/``agent.status`` events and by the
+outbound dispatcher; read by the decider.
+
+Writes are idempotent and order-safe: an event older than what is stored never
+overwrites it, so redelivered or reordered events cannot move a customer backwards.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ingest.schema import InboundMessage, RecentContact, RoutedMessage
+from routers.models import AgentPresence, LastAgent, RoutedRecord, SentReply, ThreadOwner
+from routers.sql import insert_new, upsert
+
+
+@dataclass(frozen=True)
+class LastContact:
+    agent_id: str
+    channel: str
+    at: datetime
+
+
+async def last_agent(session: AsyncSession, customer_id: str) -> LastContact | None:
+    row = await session.get(LastAgent, customer_id)
+    return None if row is None else LastContact(row.agent_id, row.channel, _aware(row.at))
+
+
+async def thread_owner(session: AsyncSession, message_ids: list[str]) -> str | None:
+    """The agent who sent the newest of these Message-IDs, if omniroute sent any of them."""
+    ids = [m for m in dict.fromkeys(strip_brackets(i) for i in message_ids) if m]
+    if not ids:
+        return None
+    owner: str | None = await session.scalar(
+        select(ThreadOwner.agent_id)
+        .where(ThreadOwner.message_id.in_(ids[:100]))
+        .order_by(ThreadOwner.at.desc())
+        .limit(1)
+    )
+    return owner
+
+
+async def presence(session: AsyncSession, agent_id: str) -> str:
+    """An agent with no status event yet counts as available: presence is opt-in."""
+    row = await session.get(AgentPresence, agent_id)
+    return "available" if row is None else row.status
+
+
+async def record_reply(
+    session: AsyncSession,
+    *,
+    agent_id: str,
+    customer_id: str | None,
+    channel: str,
+    at: datetime,
+    message_id: str | None = None,
+) -> None:
+    """Remember who answered whom: the customer's last agent, and the thread owner."""
+    at = utc(at)
+    if customer_id is not None:
+        await upsert(
+            session,
+            LastAgent.__table__,  # type: ignore[arg-type]
+            [{"customer_id": customer_id, "agent_id": agent_id, "channel": channel, "at": at}],
+            ["customer_id"],
+            where=lambda excluded: LastAgent.__table__.c.at <= excluded.at,
+        )
+    if message_id:
+        await upsert(
+            session,
+            ThreadOwner.__table__,  # type: ignore[arg-type]
+            [
+                {
+                    "message_id": strip_brackets(message_id),
+                    "agent_id": agent_id,
+                    "customer_id": customer_id,
+                    "at": at,
+                }
+            ],
+            ["message_id"],
+        )
+
+
+async def set_presence(session: AsyncSession, agent_id: str, status: str, at: datetime) -> None:
+    at = utc(at)
+    await upsert(
+        session,
+        AgentPresence.__table__,  # type: ignore[arg-type]
+        [{"agent_id": agent_id, "status": status, "at": at}],
+        ["agent_id"],
+        where=lambda excluded: AgentPresence.__table__.c.at <= excluded.at,
+    )
+
+
+async def already_routed(session: AsyncSession, channel: str, external_id: str) -> bool:
+    found = await session.scalar(
+        select(RoutedRecord.id).where(
+            RoutedRecord.channel == channel, RoutedRecord.external_id == external_id
+        )
+    )
+    return found is not None
+
+
+async def record_routed(session: AsyncSession, routed: RoutedMessage) -> bool:
+    """Keep a compact copy (no body, no attachment content); False if already recorded."""
+    message = routed.message
+    compact = message.model_copy(
+        update={"text": message.text[:2000], "attachments": []}
+    ).model_dump_json()
+    return await insert_new(
+        session,
+        RoutedRecord.__table__,  # type: ignore[arg-type]
+        {
+            "id": message.id,
+            "channel": message.channel,
+            "external_id": message.external_id,
+            "thread_message_id": strip_brackets(message.thread.message_id)
+            if message.thread and message.thread.message_id
+            else None,
+            "customer_id": routed.customer.id if routed.customer else None,
+            "route_kind": routed.route.kind,
+            "route_target": routed.route.target,
+            "reason": routed.route.reason,
+            "routed_at": utc(routed.route.decided_at),
+            "message": compact,
+        },
+        ["channel", "external_id"],
+    )
+
+
+async def recent_contacts(
+    session: AsyncSession, customer_id: str, limit: int
+) -> list[RecentContact]:
+    if limit <= 0:
+        return []
+    rows = (
+        await session.execute(
+            select(
+                RoutedRecord.channel,
+                RoutedRecord.routed_at,
+                RoutedRecord.id,
+                RoutedRecord.route_kind,
+                RoutedRecord.route_target,
+            )
+            .where(RoutedRecord.customer_id == customer_id)
+            .order_by(RoutedRecord.routed_at.desc())
+            .limit(limit)
+        )
+    ).all()
+    return [
+        RecentContact(
+            channel=r.channel,
+            at=_aware(r.routed_at),
+            message_id=r.id,
+            route=r.route_kind if r.route_target is None else f"{r.route_kind}.{r.route_target}",
+        )
+        for r in rows
+    ]
+
+
+async def find_routed(
+    session: AsyncSession, reference: str
+) -> tuple[InboundMessage, str | None] | None:
+    """The routed message a reply names: by omniroute id, channel id or email Message-ID."""
+    ref = strip_brackets(reference)
+    row = (
+        await session.execute(
+            select(RoutedRecord.message, RoutedRecord.customer_id)
+            .where(
+                or_(
+                    RoutedRecord.id == reference,
+                    RoutedRecord.external_id == reference,
+                    RoutedRecord.external_id == ref,
+                    RoutedRecord.thread_message_id == ref,
+                )
+            )
+            .order_by(RoutedRecord.routed_at.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    return InboundMessage.model_validate_json(row.message), row.customer_id
+
+
+async def reply_sent(session: AsyncSession, request_id: str) -> bool:
+    return (await session.get(SentReply, request_id)) is not None
+
+
+async def record_sent(
+    session: AsyncSession, request_id: str, channel: str, external_id: str | None, at: datetime
+) -> None:
+    await insert_new(
+        session,
+        SentReply.__table__,  # type: ignore[arg-type]
+        {"id": request_id, "channel": channel, "external_id": external_id, "at": utc(at)},
+        ["id"],
+    )
+
+
+async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
+    """Drop routed records and sent-reply markers older than ``keep``; returns rows removed."""
+    cutoff = now - keep
+    removed = 0
+    for stmt in (
+        delete(RoutedRecord).where(RoutedRecord.routed_at < cutoff),
+        delete(SentReply).where(SentReply.at < cutoff),
+    ):
+        result = await session.execute(stmt)
+        removed += int(getattr(result, "rowcount", 0) or 0)
+    return removed
+
+
+def strip_brackets(message_id: str | None) -> str:
+    """RFC 5322 msg-ids compare without their angle brackets and surrounding space."""
+    if not message_id:
+        return ""
+    return message_id.strip().removeprefix("<").removesuffix(">").strip()
+
+
+def utc(value: datetime) -> datetime:
+    """Store UTC only: SQLite keeps no offset, so mixed offsets would compare wrongly."""
+    return value.astimezone(UTC)
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes even for timezone=True columns; they are UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
