@@ -28,6 +28,7 @@ from aio_pika.abc import (
 from pydantic import BaseModel, ValidationError
 
 from ingest.errors import AuthError, ConfigError, PoisonError, TransientError, UnroutableError
+from ingest.health import Health
 from ingest.schema import schema_name
 from ingest.settings import BusSettings
 
@@ -110,14 +111,23 @@ class Bus:
     restores them after a reconnect.
     """
 
-    def __init__(self, url: str, settings: BusSettings, *, name: str = "omniroute") -> None:
+    def __init__(
+        self,
+        url: str,
+        settings: BusSettings,
+        *,
+        name: str = "omniroute",
+        health: Health | None = None,
+    ) -> None:
         self._url = url
+        self._health = health
         self._settings = settings
         self._name = name
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._queues: dict[str, AbstractQueue] = {}
+        self._closing = False
 
     @property
     def settings(self) -> BusSettings:
@@ -136,6 +146,10 @@ class Bus:
     async def open(self) -> None:
         """Connect and declare the whole topology; idempotent against an existing broker."""
         self._connection = await connect(self._url, self._settings, self._name)
+        if self._health is not None:
+            self._health.probes["broker"] = self._probe
+            self._connection.close_callbacks.add(self._on_lost)
+            self._connection.reconnect_callbacks.add(self._on_back)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
@@ -160,7 +174,18 @@ class Bus:
                 "declared with other arguments (bus.queue_type?): delete it or match it"
             ) from exc
 
+    def _probe(self) -> str | None:
+        return None if self.connected else "connection lost, reconnecting"
+
+    def _on_lost(self, *_: Any) -> None:
+        if not self._closing:
+            log.warning("bus.connection_lost")
+
+    def _on_back(self, *_: Any) -> None:
+        log.info("bus.reconnected")
+
     async def close(self) -> None:
+        self._closing = True
         if self._connection is not None:
             await self._connection.close()
         self._connection = None

@@ -4,6 +4,7 @@ Sole purpose: one place where each component says whether it is up, and why not,
 mailbox that is down shows in ``/readyz`` without taking the others down with it.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,9 @@ class Health:
 
     components: dict[str, ComponentHealth] = field(default_factory=dict)
     draining: bool = False
+    #: live checks read at every readiness question (a consumer still attached, the broker
+    #: connection open): each returns a problem, or None when fine
+    probes: dict[str, Callable[[], str | None]] = field(default_factory=dict)
 
     def register(self, name: str, *, required: bool = True) -> None:
         self.components.setdefault(name, ComponentHealth(required=required))
@@ -42,6 +46,10 @@ class Health:
             for name, c in sorted(self.components.items())
             if c.required and c.state != "up"
         ]
+        for name, probe in sorted(self.probes.items()):
+            problem = probe()
+            if problem:
+                problems.append(f"{name}: {problem}")
         if self.draining:
             problems.insert(0, "draining")
         return (not problems, problems)

@@ -1,0 +1,120 @@
+"""The ``omniroute`` command line. The only place an error becomes ``omniroute: message`` and
+an exit code: 1 for a failure at run time, 2 for a usage or configuration error."""
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from config.logging import configure as configure_logging
+from config.settings import COMPONENTS, Settings, config_path, load_settings
+from ingest.errors import AuthError, ConfigError, OmnirouteError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omniroute",
+        description="Omnichannel ingestion and routing daemon.",
+    )
+    parser.add_argument("--config", help="TOML configuration file (default: $OMNIROUTE_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument(
+        "--component",
+        action="append",
+        choices=COMPONENTS,
+        help="run only this component (repeatable); default: every configured one",
+    )
+
+    sub.add_parser("check", help="check the configuration, broker, database and connectors")
+    sub.add_parser("schema", help="print the JSON Schema of every message type")
+
+    directory = sub.add_parser("directory", help="manage the customer directory")
+    dsub = directory.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dsub.add_parser("migrate", help="apply database migrations")
+    imp = dsub.add_parser("import", help="import teams, agents or customers from CSV")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--kind", choices=("teams", "agents", "customers"))
+    imp.add_argument("--dry-run", action="store_true", help="validate only, change nothing")
+    exp = dsub.add_parser("export", help="export teams, agents or customers as CSV")
+    exp.add_argument("--kind", choices=("teams", "agents", "customers"), required=True)
+    exp.add_argument("--output", type=Path, help="file to write (default: stdout)")
+
+    route = sub.add_parser("route", help="routing tools")
+    rsub = route.add_subparsers(dest="action", required=True, metavar="ACTION")
+    explain = rsub.add_parser("explain", help="show the decision for a sender, step by step")
+    explain.add_argument("--channel", choices=("email", "sms", "voice", "twitter"), required=True)
+    explain.add_argument("--from", dest="sender", required=True, help="sender address")
+    explain.add_argument("--to", dest="recipient", help="address it arrived on")
+    explain.add_argument("--in-reply-to", help="email Message-ID this message answers")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tail = sub.add_parser("tail", help="print routed messages live")
+    tail.add_argument("--key", default="#", help="routing key pattern (default: everything)")
+    tail.add_argument("--count", type=int, help="stop after this many messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "schema":
+            from ingest.schema import json_schemas
+
+            print(json.dumps(json_schemas(), indent=2))
+            return 0
+        path = config_path(args.config)
+        settings = load_settings(path)
+        if args.command == "run" and args.component:
+            settings = settings.model_copy(update={"components": args.component})
+        configure_logging(
+            fmt=settings.log.format,
+            level=settings.log.level,
+            redact_identities=settings.log.redact,
+        )
+        return asyncio.run(_dispatch(args, settings, path))
+    except ConfigError as exc:
+        print(f"omniroute: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (AuthError, OmnirouteError) as exc:
+        print(f"omniroute: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `omniroute schema | head`: the reader left, not an error
+        sys.stderr.close()
+        return 0
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:
+    if args.command == "run":
+        from config.daemon import Daemon
+
+        return await Daemon(settings, path).run()
+    if args.command == "check":
+        from config.check import run_checks
+
+        return await run_checks(settings)
+    if args.command == "directory":
+        from config.directory_cli import run as run_directory
+
+        return await run_directory(args, settings)
+    if args.command == "route":
+        from config.explain import explain
+
+        return await explain(args, settings)
+    if args.command == "tail":
+        from config.tail import tail
+
+        return await tail(settings, args.key, args.count)
+    raise ConfigError(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

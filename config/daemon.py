@@ -1,0 +1,228 @@
+"""The daemon: opens the directory and the broker, starts every enabled component under one
+``asyncio.TaskGroup`` in dependency order, and drains them in reverse on SIGTERM/SIGINT.
+
+Stop order (DESIGN.md "SIGTERM drains"): readiness goes 503, intake stops (HTTP, pollers),
+then the workers finish what is in flight, all within ``shutdown_timeout``; a second signal
+or the deadline cancels what is left, and the broker redelivers anything not acked.
+"""
+
+import asyncio
+import random
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from config import components
+from config.logging import configure as configure_logging
+from config.notify import Notifier, watchdog_interval
+from config.settings import Settings, load_settings
+from config.supervise import supervise
+from ingest.bus import Bus, redact_url
+from ingest.errors import AuthError, ConfigError, TransientError
+from ingest.health import Health
+from routers.db import create_engine, migrate
+
+log = structlog.get_logger("omniroute.daemon")
+
+Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Plan:
+    """What this process runs, split by stop order."""
+
+    intake: dict[str, Runner] = field(default_factory=dict)
+    workers: dict[str, Runner] = field(default_factory=dict)
+    http: Runner | None = None
+    http_started: asyncio.Event | None = None
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_file: Path | None) -> None:
+        self.settings = settings
+        self._config_file = config_file
+        self.health = Health()
+        self._stop = asyncio.Event()
+        self._stop_intake = asyncio.Event()
+        self._stop_workers = asyncio.Event()
+        self._signals = 0
+        self._notifier = Notifier()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wiring: components.Wiring | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, main)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self._notifier.close()
+
+    def _on_stop_signal(self, main: "asyncio.Task[int]") -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("daemon.stopping", timeout=self.settings.shutdown_timeout)
+            self._notifier.notify("STOPPING=1", "STATUS=draining")
+            self._stop.set()
+        else:
+            log.warning("daemon.forced_stop")
+            main.cancel()
+
+    def _on_reload(self) -> None:
+        task = asyncio.create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        self._notifier.notify("RELOADING=1", "STATUS=reloading configuration")
+        try:
+            new = await asyncio.to_thread(load_settings, self._config_file)
+        except ConfigError as exc:
+            log.error("daemon.reload_refused", error=str(exc))
+            self._notifier.notify("READY=1", "STATUS=reload refused: old configuration kept")
+            return
+        configure_logging(fmt=new.log.format, level=new.log.level, redact_identities=new.log.redact)
+        if self._wiring is not None:
+            self._wiring.reload(new)
+        self.settings = new
+        log.info("daemon.reloaded")
+        self._notifier.notify("READY=1", "STATUS=running (configuration reloaded)")
+
+    async def _run(self) -> int:
+        settings = self.settings
+        self._notifier.notify("STATUS=migrating the directory")
+        try:
+            await migrate(settings.directory_url)
+        except Exception as exc:  # alembic/driver errors have no common base worth naming
+            raise ConfigError(f"database_url: cannot open or migrate the directory: {exc}") from exc
+        engine = create_engine(settings.directory_url, settings.directory)
+        self.health.register("directory")
+        self.health.set("directory", "up")
+        bus = Bus(
+            settings.amqp_url.get_secret_value(),
+            settings.bus,
+            name="omniroute",
+            health=self.health,
+        )
+        try:
+            self._notifier.notify("STATUS=connecting to the broker")
+            if not await self._open_bus(bus):
+                return 0
+            self._wiring = components.Wiring(settings, self.health, bus, engine)
+            plan = self._wiring.plan()
+            return await self._serve(plan)
+        finally:
+            await bus.close()
+            await engine.dispose()
+
+    async def _open_bus(self, bus: Bus) -> bool:
+        """Connect, retrying with backoff while the broker is away; False if stopped first."""
+        delay = 1.0
+        waiting = False
+        url = redact_url(self.settings.amqp_url.get_secret_value())
+        while not self._stop.is_set():
+            try:
+                await bus.open()
+                if waiting:
+                    log.info("daemon.broker_connected", url=url)
+                return True
+            except AuthError:
+                raise
+            except TransientError as exc:
+                if not waiting:
+                    log.warning("daemon.broker_unreachable", url=url, error=str(exc))
+                    waiting = True
+                self.health.set("broker", "down", "unreachable")
+            try:
+                async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 30.0)
+        return False
+
+    async def _serve(self, plan: Plan) -> int:
+        settings = self.settings
+        intake: list[asyncio.Task[None]] = []
+        workers: list[asyncio.Task[None]] = []
+        async with asyncio.TaskGroup() as group:
+            for name, runner in plan.workers.items():
+                self.health.register(name)
+                workers.append(
+                    group.create_task(
+                        supervise(name, runner, self._stop_workers, self.health), name=name
+                    )
+                )
+            for name, runner in plan.intake.items():
+                self.health.register(name)
+                intake.append(
+                    group.create_task(
+                        supervise(name, runner, self._stop_intake, self.health), name=name
+                    )
+                )
+            if plan.http is not None:
+                intake.append(group.create_task(plan.http(self._stop_intake), name="http"))
+                assert plan.http_started is not None
+                await _first(plan.http_started.wait(), self._stop.wait())
+            if not self._stop.is_set():
+                log.info("daemon.ready", components=sorted([*plan.workers, *plan.intake]))
+                self._notifier.notify("READY=1", "STATUS=running")
+                watchdog = watchdog_interval() or settings.watchdog_interval
+                if watchdog:
+                    intake.append(group.create_task(self._watchdog(watchdog), name="watchdog"))
+            await self._stop.wait()
+            self.health.draining = True
+            try:
+                async with asyncio.timeout(settings.shutdown_timeout):
+                    self._stop_intake.set()
+                    self._notifier.notify("STATUS=draining: intake stopped")
+                    await asyncio.wait(intake) if intake else None
+                    self._stop_workers.set()
+                    self._notifier.notify("STATUS=draining: finishing in-flight messages")
+                    await asyncio.wait(workers) if workers else None
+            except TimeoutError:
+                log.warning("daemon.drain_timeout", timeout=settings.shutdown_timeout)
+                self._stop_workers.set()
+                for task in [*intake, *workers]:
+                    task.cancel()
+        log.info("daemon.stopped")
+        return 0
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while healthy: the loop turns, the broker is connected, and every
+        worker still has its consumer; a silent loss of consumers gets the unit restarted."""
+        while not self._stop.is_set():
+            ready, problems = self.health.ready()
+            if ready:
+                self._notifier.notify("WATCHDOG=1")
+            else:
+                self._notifier.notify("STATUS=unhealthy: " + "; ".join(problems)[:200])
+            try:
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+
+
+async def _first(*waits: Awaitable[object]) -> None:
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def engine_for(settings: Settings) -> AsyncEngine:
+    return create_engine(settings.directory_url, settings.directory)

@@ -1,0 +1,44 @@
+"""``omniroute directory migrate|import|export``."""
+
+import argparse
+import sys
+
+from config.settings import Settings
+from routers.db import create_engine, current_revision, migrate
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    url = settings.directory_url
+    await migrate(url)
+    if args.action == "migrate":
+        print(f"directory at schema revision {await current_revision(url)}")
+        return 0
+    from routers.importer import export_csv, import_csv
+
+    engine = create_engine(url, settings.directory)
+    try:
+        if args.action == "import":
+            report = await import_csv(
+                engine,
+                args.file,
+                kind=args.kind,
+                region=settings.routing.default_region,
+                dry_run=args.dry_run,
+            )
+            for reject in report.rejects:
+                print(f"{args.file}:{reject.line}: rejected: {reject.reason}", file=sys.stderr)
+            verb = "would import" if args.dry_run else "imported"
+            print(
+                f"{verb} {report.kind}: {report.inserted} new, {report.updated} updated, "
+                f"{len(report.rejects)} rejected"
+            )
+            return 1 if report.rejects else 0
+        if args.output is not None:
+            with args.output.open("w", encoding="utf-8", newline="") as out:
+                count = await export_csv(engine, args.kind, out)
+            print(f"exported {count} {args.kind} to {args.output}", file=sys.stderr)
+        else:
+            count = await export_csv(engine, args.kind, sys.stdout)
+        return 0
+    finally:
+        await engine.dispose()

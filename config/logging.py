@@ -1,0 +1,87 @@
+"""Logging: structlog, JSON lines when not on a terminal (journald reads them), readable
+console output on a terminal. Customer identities under well-known keys are redacted unless
+``log.redact = false``; keys that look like secrets are always masked.
+"""
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+from ingest.identities import redact
+
+IDENTITY_KEYS = frozenset(
+    {"sender", "recipient", "caller", "called", "identity", "to", "from_", "address", "handle"}
+)
+SECRET_MARKERS = ("password", "token", "secret", "authorization", "api_key")
+QUIET_LIBRARIES = {
+    "aio_pika": logging.WARNING,
+    "aiormq": logging.WARNING,
+    "aioimaplib": logging.WARNING,
+    "aiosmtplib": logging.WARNING,
+    # tweepy logs the bearer token at DEBUG, twilio every request at INFO
+    "tweepy": logging.WARNING,
+    "twilio": logging.WARNING,
+    "twilio.http_client": logging.WARNING,
+    "uvicorn.access": logging.WARNING,
+    "alembic": logging.WARNING,
+    "sqlalchemy": logging.WARNING,
+    "asyncio": logging.WARNING,
+}
+
+
+def _mask(redact_identities: bool) -> structlog.types.Processor:
+    def processor(
+        _logger: Any, _name: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in list(event.items()):
+            lowered = key.lower()
+            if any(marker in lowered for marker in SECRET_MARKERS):
+                event[key] = "***"
+            elif redact_identities and lowered in IDENTITY_KEYS and isinstance(value, str):
+                event[key] = redact(value)
+        return event
+
+    return processor
+
+
+def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool = True) -> None:
+    """Configure structlog and route the standard library's logging through it."""
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _mask(redact_identities),
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    for name, lib_level in QUIET_LIBRARIES.items():
+        logging.getLogger(name).setLevel(max(lib_level, numeric))

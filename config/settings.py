@@ -1,0 +1,198 @@
+"""Settings: a TOML file (``--config`` or ``OMNIROUTE_CONFIG``), overridden by ``OMNIROUTE_*``
+environment variables (``__`` for nesting), with secrets from files in a directory
+(``$CREDENTIALS_DIRECTORY`` under systemd's ``LoadCredential=``, else ``secrets_dir``).
+
+A secret file is named after its key: ``twilio.auth_token`` (or ``twilio__auth_token``),
+``api.token``, ``amqp_url``; a mailbox password is ``mailbox.<name>.password``.
+"""
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from connectors.settings import (
+    ApiSettings,
+    EmailSettings,
+    HttpSettings,
+    SmtpSettings,
+    SpoolSettings,
+    TwilioSettings,
+    TwitterSettings,
+)
+from ingest.errors import ConfigError
+from ingest.settings import BusSettings
+from routers.dispatcher import DispatchSettings
+from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+
+COMPONENTS = ("router", "events", "dispatcher", "webhooks", "email", "twitter")
+_TOML: ContextVar[Path | None] = ContextVar("omniroute_toml", default=None)
+
+
+class LogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON lines unless stdout is a terminal"
+    )
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    redact: bool = Field(default=True, description="redact customer identities in logs")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="OMNIROUTE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: str | None = Field(
+        default=None, description="default: SQLite file directory.db in state_dir"
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "var")).absolute()
+    )
+    secrets_dir: Path | None = None
+    components: list[Literal[COMPONENTS]] = Field(  # type: ignore[valid-type]
+        default=list(COMPONENTS),
+        description="components this process runs; those without configuration are skipped",
+    )
+    shutdown_timeout: float = Field(default=30.0, gt=0, le=3600)
+    watchdog_interval: float | None = Field(default=None, gt=0)
+
+    bus: BusSettings = BusSettings()
+    routing: RoutingSettings = RoutingSettings()
+    router: RouterSettings = RouterSettings()
+    directory: DirectorySettings = DirectorySettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    http: HttpSettings = HttpSettings()
+    api: ApiSettings = ApiSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    email: EmailSettings = EmailSettings()
+    smtp: SmtpSettings | None = None
+    twitter: TwitterSettings | None = None
+    spool: SpoolSettings = SpoolSettings()
+    log: LogSettings = LogSettings()
+
+    @property
+    def directory_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'directory.db'}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            SecretFilesSource(settings_cls),
+        ]
+        toml = _TOML.get()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+class SecretFilesSource(PydanticBaseSettingsSource):
+    """Reads one file per secret from ``$CREDENTIALS_DIRECTORY`` or ``OMNIROUTE_SECRETS_DIR``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = secrets_directory()
+        if directory is None:
+            return {}
+        out: dict[str, Any] = {}
+        for path in sorted(directory.iterdir()):
+            name = path.name.replace("__", ".")
+            if not path.is_file() or name.startswith("mailbox."):
+                continue
+            parts = name.split(".")
+            if parts[0] not in Settings.model_fields:
+                continue
+            node = out
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = path.read_text(encoding="utf-8").strip()
+        return out
+
+
+def secrets_directory() -> Path | None:
+    for candidate in (
+        os.environ.get("CREDENTIALS_DIRECTORY"),
+        os.environ.get("OMNIROUTE_SECRETS_DIR"),
+    ):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def config_path(explicit: str | None) -> Path | None:
+    """``--config``, else ``OMNIROUTE_CONFIG``; None means environment and defaults only."""
+    raw = explicit or os.environ.get("OMNIROUTE_CONFIG")
+    return Path(raw) if raw else None
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Load and validate; every problem becomes one ``ConfigError`` line naming the key."""
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with path.open("rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    token = _TOML.set(path)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, path)) from exc
+    finally:
+        _TOML.reset(token)
+    return _with_mailbox_passwords(settings)
+
+
+def describe(exc: ValidationError, path: Path | None) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(root)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{key}: {message}")
+    where = f"{path}: " if path else ""
+    return where + "; ".join(problems)
+
+
+def _with_mailbox_passwords(settings: Settings) -> Settings:
+    directory = secrets_directory()
+    if directory is None or not settings.email.mailboxes:
+        return settings
+    mailboxes = []
+    for mailbox in settings.email.mailboxes:
+        secret = directory / f"mailbox.{mailbox.name}.password"
+        if mailbox.password is None and secret.is_file():
+            password = SecretStr(secret.read_text(encoding="utf-8").strip())
+            mailbox = mailbox.model_copy(update={"password": password})
+        mailboxes.append(mailbox)
+    email = settings.email.model_copy(update={"mailboxes": mailboxes})
+    return settings.model_copy(update={"email": email})

@@ -1,0 +1,51 @@
+"""Keeps one component running: restarts it with capped exponential backoff and jitter after
+a failure, never lets its failure reach the daemon's TaskGroup, and stops it for good on an
+error that retrying cannot fix (bad password, revoked token, bad configuration)."""
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from ingest.errors import AuthError, ConfigError
+from ingest.health import Health
+
+log = structlog.get_logger("omniroute.supervisor")
+
+
+async def supervise(
+    name: str,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event,
+    health: Health,
+    *,
+    initial_delay: float = 1.0,
+    max_delay: float = 60.0,
+) -> None:
+    delay = initial_delay
+    failing = False
+    while not stop.is_set():
+        try:
+            await run(stop)
+            return
+        except asyncio.CancelledError:
+            raise
+        except (AuthError, ConfigError) as exc:
+            health.set(name, "down", str(exc))
+            log.error("component.stopped", component=name, error=str(exc))
+            return
+        except Exception as exc:
+            if not failing:
+                log.exception("component.failed", component=name)
+                failing = True
+            health.set(name, "down", f"{type(exc).__name__}: {exc}")
+        pause = delay * (0.5 + random.random())  # noqa: S311 (jitter, not crypto)
+        try:
+            async with asyncio.timeout(pause):
+                await stop.wait()
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, max_delay)
+    if failing:
+        log.info("component.stopped_while_failing", component=name)

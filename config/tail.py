@@ -1,0 +1,54 @@
+"""``omniroute tail``: routed messages live, from a temporary queue that vanishes on exit."""
+
+import asyncio
+
+import aio_pika
+
+from config.settings import Settings
+from ingest.bus import ROUTED, connect
+from ingest.schema import RoutedMessage
+
+
+def line(routed: RoutedMessage, redact_identities: bool) -> str:
+    from ingest.identities import redact
+
+    message = routed.message
+    sender = message.sender.address
+    if redact_identities:
+        sender = redact(sender)
+    customer = routed.customer.id if routed.customer else "-"
+    when = routed.route.decided_at.strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"{when}  {message.channel:<7}  {sender:<28}  {customer:<16}  "
+        f"{routed.route.routing_key:<24}  {routed.route.reason}"
+    )
+
+
+async def tail(settings: Settings, key: str, count: int | None) -> int:
+    connection = await connect(settings.amqp_url.get_secret_value(), settings.bus, "omniroute-tail")
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(ROUTED, key)
+        seen = 0
+        async with queue.iterator() as messages:
+            async for delivery in messages:
+                async with delivery.process():
+                    try:
+                        routed = RoutedMessage.model_validate_json(delivery.body)
+                    except ValueError:
+                        print(f"(unreadable message {delivery.message_id})", flush=True)
+                        continue
+                    print(line(routed, settings.log.redact), flush=True)
+                seen += 1
+                if count is not None and seen >= count:
+                    break
+    except asyncio.CancelledError:
+        pass
+    except aio_pika.exceptions.AMQPException as exc:
+        from ingest.errors import TransientError
+
+        raise TransientError(f"broker: {exc}") from exc
+    finally:
+        await connection.close()
+    return 0
