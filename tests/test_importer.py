@@ -1,0 +1,355 @@
+"""The directory CSV importer and exporter, on SQLite and on PostgreSQL."""
+
+import importlib.util
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from routers.db import create_engine, migrate
+from routers.importer import ImportFileError, export_csv, import_csv
+from routers.models import Agent, Customer, CustomerIdentity, Team
+
+EXAMPLES = Path(__file__).parent.parent / "config" / "examples"
+CUSTOMERS_HEADER = "id,name,team,emails,phones,twitter\n"
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
+    await migrate(database_url)
+    engine = create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+def write(tmp_path: Path, name: str, text: str, *, bom: bool = False) -> Path:
+    path = tmp_path / name
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+async def load_examples(db: AsyncEngine) -> None:
+    for kind in ("teams", "agents", "customers"):
+        report = await import_csv(
+            db, EXAMPLES / f"{kind}.csv", kind=None, region="TR", dry_run=False
+        )
+        assert report.rejects == []
+
+
+async def identities(db: AsyncEngine) -> set[tuple[str, str, str]]:
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            select(CustomerIdentity.kind, CustomerIdentity.address, CustomerIdentity.customer_id)
+        )
+        return {(k, a, c) for k, a, c in rows.all()}
+
+
+async def count(db: AsyncEngine, model: type[Team | Agent | Customer]) -> int:
+    async with db.connect() as conn:
+        return int((await conn.execute(select(func.count()).select_from(model))).scalar_one())
+
+
+async def test_each_kind_imports_from_the_examples(db: AsyncEngine) -> None:
+    """The shipped example directory loads cleanly, its kinds detected from the headers."""
+    reports = [
+        await import_csv(db, EXAMPLES / f"{k}.csv", kind=None, region="TR", dry_run=False)
+        for k in ("teams", "agents", "customers")
+    ]
+    assert [(r.kind, r.inserted, r.updated, r.rejected) for r in reports] == [
+        ("teams", 3, 0, 0),
+        ("agents", 6, 0, 0),
+        ("customers", 10, 0, 0),
+    ]
+    assert (await count(db, Team), await count(db, Agent), await count(db, Customer)) == (3, 6, 10)
+    ids = await identities(db)
+    assert ("twitter", "id:1498237650123456789", "c-1004") in ids
+    assert ("twitter", "emilyj_nyc", "c-1005") in ids
+    assert ("email", "fatma.arslan@example.com", "c-1002") in ids
+    async with db.connect() as conn:
+        sarah = (await conn.execute(select(Agent).where(Agent.id == "sarah"))).one()
+        john = (await conn.execute(select(Agent).where(Agent.id == "john"))).one()
+    assert (sarah.active, sarah.phone, sarah.team_id) == (False, "+12125550177", "enterprise")
+    assert john.active is True  # an empty active column means active
+
+
+async def test_reimport_updates_instead_of_duplicating(db: AsyncEngine) -> None:
+    """Loading the same directory twice is an upsert: the second run only updates."""
+    await load_examples(db)
+    again = await import_csv(db, EXAMPLES / "customers.csv", kind=None, region="TR", dry_run=False)
+    assert (again.inserted, again.updated, again.rejected) == (0, 10, 0)
+    assert (again.identities_added, again.identities_removed) == (0, 0)
+    assert await count(db, Customer) == 10
+
+
+async def test_reimport_replaces_a_customers_identity_set(db: AsyncEngine, tmp_path: Path) -> None:
+    """An identity dropped from the file is deleted; a changed name or team is applied."""
+    await load_examples(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER + "c-1002,Fatma Arslan Yücel,network,fatma@arslanlojistik.com.tr,,\n",
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert (report.updated, report.identities_added, report.identities_removed) == (1, 0, 3)
+    assert {(k, a) for k, a, c in await identities(db) if c == "c-1002"} == {
+        ("email", "fatma@arslanlojistik.com.tr")
+    }
+    async with db.connect() as conn:
+        row = (await conn.execute(select(Customer).where(Customer.id == "c-1002"))).one()
+    assert (row.name, row.team_id) == ("Fatma Arslan Yücel", "network")
+
+
+async def test_every_rejected_row_has_its_line_and_reason(db: AsyncEngine, tmp_path: Path) -> None:
+    """Each kind of bad row is rejected alone, named by its physical line; the rest apply."""
+    await load_examples(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER
+        + "n-1,Good One,billing,good1@example.com,0532 900 00 01,\n"  # 2
+        + "n-2,Bad Phone,billing,,12ab34cd,\n"  # 3
+        + "n-3,Bad Email,billing,not-an-email,,\n"  # 4
+        + "n-4,No Team,nowhere,n4@example.com,,\n"  # 5
+        + "n-5,Thief,billing,kemal.ozturk@example.com.tr,,\n"  # 6: c-1001 owns it
+        + "n-1,Good One Again,billing,,,\n"  # 7
+        + ",No Id,billing,,,\n"  # 8
+        + "n-8,,billing,,,\n"  # 9
+        + "\n"  # 10: blank lines are skipped
+        + 'n-9,"Two\nLines",billing,n9@example.com,,\n'  # 11-12
+        + "n-10,Claims Too,billing,N9@Example.com,,\n"  # 13: n-9 just claimed it
+        + "n-11,Bad Handle,billing,,,@way_too_long_for_x_handles\n"  # 14
+        + "n-12,Short,billing\n"  # 15
+        + "n-13,After Multiline,billing,n13@example.com,,\n",  # 16
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    reasons = dict(report.rejects)
+    assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9, 13, 14, 15]
+    assert "bad phone number" in reasons[3]
+    assert "bad email" in reasons[4]
+    assert "unknown team 'nowhere'" in reasons[5]
+    assert "owned by customer 'c-1001'" in reasons[6]
+    assert "duplicate id 'n-1' (first on line 2)" in reasons[7]
+    assert reasons[8] == "missing id"
+    assert reasons[9] == "missing name"
+    assert "owned by customer 'n-9'" in reasons[13]
+    assert "bad X handle" in reasons[14]
+    assert "3 fields, expected 6" in reasons[15]
+    assert (report.inserted, report.updated, report.rejected, report.rows) == (3, 0, 10, 13)
+    owners = {a: c for k, a, c in await identities(db)}
+    assert owners["kemal.ozturk@example.com.tr"] == "c-1001"
+    assert owners["n9@example.com"] == "n-9"
+    assert owners["+905329000001"] == "n-1"
+
+
+async def test_teams_and_agents_reject_unsafe_dial_and_unknown_team(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """Nothing that could inject into a PBX dialplan is stored; agents need a known team."""
+    teams = write(
+        tmp_path,
+        "t.csv",
+        "id,name,dial,email\n"
+        "ok,OK,sip:ok@pbx.example.com,ok@example.com\n"
+        'evil,Evil,"SIP/x,1,${SHELL}",evil@example.com\n'
+        f"long,Long,{'9' * 129},\n"
+        "mail,Mail,queue:mail,no-at-sign\n",
+    )
+    report = await import_csv(db, teams, kind=None, region="TR", dry_run=False)
+    assert [line for line, _ in report.rejects] == [3, 4, 5]
+    assert "bad dial target" in report.rejects[0].reason
+    assert "bad dial target" in report.rejects[1].reason
+    assert "bad email" in report.rejects[2].reason
+    agents = write(
+        tmp_path,
+        "a.csv",
+        "id,name,team,email,phone,dial,active\n"
+        "a1,Agent One,ok,a1@example.com,0532 400 00 01,sip:a1@pbx.example.com,no\n"
+        "a2,Agent Two,evil,,,,\n"
+        "a3,Agent Three,ok,,,,maybe\n"
+        "a4,Agent Four,ok,,not a phone,,\n",
+    )
+    report = await import_csv(db, agents, kind="agents", region="TR", dry_run=False)
+    assert [(line, reason.split(" '")[0]) for line, reason in report.rejects] == [
+        (3, "unknown team"),
+        (4, "bad active value"),
+        (5, "bad phone number"),
+    ]
+    async with db.connect() as conn:
+        a1 = (await conn.execute(select(Agent))).one()
+    assert (a1.id, a1.active, a1.phone) == ("a1", False, "+905324000001")
+
+
+async def test_an_identity_owned_by_another_customer_is_never_moved(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A re-import cannot steal a phone from another customer, even spelled differently."""
+    await load_examples(db)
+    before = await identities(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER + "c-1007,Selin Aydın,billing,selin.aydin@example.com.tr,"
+        "0542 666 77 88;+90 (532) 111-2233,\n",  # the second number is c-1001's
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert report.rejects[0].line == 2
+    assert "phone +905321112233 is owned by customer 'c-1001'" in report.rejects[0].reason
+    assert await identities(db) == before
+
+
+async def test_an_identity_released_earlier_in_the_file_can_be_claimed(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A file that removes an identity from one customer may give it to another below."""
+    await load_examples(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER
+        + "c-1001,Kemal Öztürk,billing,kemal.ozturk@example.com.tr,,\n"
+        + "c-1007,Selin Aydın,billing,,0532 111 22 33,\n",
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert report.rejects == []
+    assert ("phone", "+905321112233", "c-1007") in await identities(db)
+
+
+async def test_dry_run_reports_everything_and_changes_nothing(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A dry run finds conflicts with the database and within the file, then rolls back."""
+    await load_examples(db)
+    before = await identities(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER
+        + "c-1001,Kemal Renamed,network,,,\n"  # drops all of c-1001's identities
+        + "d-1,New,billing,d1@example.com,0532 777 00 01,\n"
+        + "d-2,Also New,billing,D1@example.com,,\n"  # d-1 claimed it above
+        + "d-3,Thief,billing,ops@northwind.example.com,,\n",  # c-1006 owns it
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=True, batch_size=2)
+    assert report.dry_run
+    assert (report.inserted, report.updated, report.identities_removed) == (1, 1, 3)
+    assert [line for line, _ in report.rejects] == [4, 5]
+    assert await identities(db) == before
+    assert await count(db, Customer) == 10
+    async with db.connect() as conn:
+        kemal = (await conn.execute(select(Customer).where(Customer.id == "c-1001"))).one()
+    assert (kemal.name, kemal.team_id) == ("Kemal Öztürk", "billing")
+
+
+async def test_export_then_import_round_trips(db: AsyncEngine, tmp_path: Path) -> None:
+    """What export writes, import reads back to the same directory, X user ids included."""
+    await load_examples(db)
+    files = {}
+    for kind in ("teams", "agents", "customers"):
+        out = io.StringIO()
+        assert (
+            await export_csv(db, kind, out, batch_size=3)
+            == {
+                "teams": 3,
+                "agents": 6,
+                "customers": 10,
+            }[kind]
+        )
+        files[kind] = write(tmp_path, f"{kind}.csv", out.getvalue())
+    assert "id:1498237650123456789" in files["customers"].read_text()
+    assert "+905321112233" in files["customers"].read_text()
+    before = await identities(db)
+    other = create_engine(f"sqlite:///{tmp_path}/copy.db")
+    await migrate(f"sqlite:///{tmp_path}/copy.db")
+    try:
+        for kind in ("teams", "agents", "customers"):
+            report = await import_csv(other, files[kind], kind=None, region="US", dry_run=False)
+            assert report.rejects == []
+            again = io.StringIO()
+            await export_csv(other, kind, again)
+            assert again.getvalue() == files[kind].read_text()
+        assert await identities(other) == before
+    finally:
+        await other.dispose()
+
+
+async def test_a_byte_order_mark_is_ignored(db: AsyncEngine, tmp_path: Path) -> None:
+    """Spreadsheets save UTF-8 with a BOM; the header must still be recognised."""
+    path = write(tmp_path, "t.csv", "id,name,dial,email\nbilling,Faturalama,,\n", bom=True)
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert (report.kind, report.inserted) == ("teams", 1)
+
+
+async def test_three_spellings_of_a_turkish_number_are_one_identity(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """In region TR, national, formatted international and bare international are equal."""
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER
+        + 'p-1,One,,,"0532 111 22 33;+90 (532) 111-2233;905321112233",\n'
+        + "p-2,Two,,,905321112233,\n",
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert await identities(db) == {("phone", "+905321112233", "p-1")}
+    assert report.rejects[0].line == 3
+    assert "owned by customer 'p-1'" in report.rejects[0].reason
+
+
+async def test_a_file_that_is_not_a_directory_csv_is_refused(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A header that matches no kind, or not the forced kind, stops before any row."""
+    path = write(tmp_path, "x.csv", "id,name,colour\n1,a,red\n")
+    with pytest.raises(ImportFileError, match="matches no kind"):
+        await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    teams = write(tmp_path, "t.csv", "id,name,dial,email\n")
+    with pytest.raises(ImportFileError, match="missing team"):
+        await import_csv(db, teams, kind="customers", region="TR", dry_run=False)
+    with pytest.raises(ImportFileError, match="empty"):
+        await import_csv(db, write(tmp_path, "e.csv", ""), kind=None, region="TR", dry_run=False)
+
+
+async def test_invalid_utf8_rejects_the_line_not_the_file(db: AsyncEngine, tmp_path: Path) -> None:
+    """One row saved in Latin-1 is reported by its line; the others still import."""
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"id,name,dial,email\nt1,Fatura\xe7,,\nt2,Billing,,\n")
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    assert report.rejects == [(2, "not valid UTF-8")]
+    assert report.inserted == 1
+
+
+def _generator() -> object:
+    spec = importlib.util.spec_from_file_location(
+        "gen_directory", Path(__file__).parent.parent / "bench" / "gen_directory.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_a_generated_directory_of_20000_customers_imports(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """Several batches end to end: every generated row lands, spoiled ones are reported."""
+    gen = _generator()
+    gen.write_directory(tmp_path, 20_000, bad_every=1_000)  # type: ignore[attr-defined]
+    seen: list[int] = []
+    for kind in ("teams", "agents", "customers"):
+        report = await import_csv(
+            db,
+            tmp_path / f"{kind}.csv",
+            kind=None,
+            region="TR",
+            dry_run=False,
+            progress=lambda r: seen.append(r.rows),
+        )
+    assert seen == [20, 200, 5_000, 10_000, 15_000, 20_000]
+    assert (report.inserted, report.rejected) == (19_980, 20)
+    assert report.rejects[0] == (1_001, "bad phone number 'not a number'")
+    assert await count(db, Customer) == 19_980
