@@ -58,7 +58,6 @@ class Wiring:
                 routing=settings.routing,
                 settings=settings.router,
                 health=self.health,
-                redact_identities=settings.log.redact,
             )
             router = self.router
 

@@ -14,7 +14,7 @@ import phonenumbers
 IdentityKind = Literal["email", "phone", "twitter"]
 
 _HANDLE = re.compile(r"^@?([A-Za-z0-9_]{1,15})$")
-_USER_ID = re.compile(r"^(?:id:)?([0-9]{1,20})$")
+_USER_ID = re.compile(r"^id:([0-9]{1,20})$")
 _WITHHELD = frozenset(
     {"anonymous", "restricted", "unknown", "private", "unavailable", "withheld", "266696687"}
 )
@@ -70,11 +70,23 @@ def normalise_phone(address: str, region: str) -> str:
             except phonenumbers.NumberParseException:
                 continue
             if phonenumbers.is_possible_number(parsed):
-                return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+                e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+                if _is_fixed_point(e164):
+                    return e164
         raise InvalidIdentity(f"not a phone number: {address!r}")
     if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
         return text
     raise InvalidIdentity(f"not a phone number: {address!r}")
+
+
+def _is_fixed_point(e164: str) -> bool:
+    """Some impossible national prefixes lose digits on formatting; such a reading is not a
+    stable identity, so it is refused rather than stored."""
+    try:
+        again = phonenumbers.parse(e164, None)
+    except phonenumbers.NumberParseException:
+        return False
+    return phonenumbers.format_number(again, phonenumbers.PhoneNumberFormat.E164) == e164
 
 
 def _phone_candidates(text: str, region: str) -> list[str]:
@@ -111,13 +123,16 @@ def normalise_handle(handle: str) -> str:
 def normalise_twitter(address: str) -> str:
     """An X user id as ``id:<digits>``; anything else as a handle.
 
-    User ids are stable across handle changes, so the directory matches them first.
+    User ids are stable across handle changes, so the directory matches them first. Only
+    the ``id:`` prefix marks a user id: a handle may be all digits, and normalising twice
+    must not turn it into an id.
     """
     text = address.strip()
-    if text.startswith("id:") or (text.isdigit() and not text.startswith("@")):
-        match = _USER_ID.match(text)
-        if match:
-            return "id:" + match.group(1)
+    if text.casefold().startswith("id:"):
+        match = _USER_ID.match("id:" + text[3:].strip())
+        if not match:
+            raise InvalidIdentity(f"not an X user id: {address!r}")
+        return "id:" + match.group(1)
     return normalise_handle(text)
 
 

@@ -104,6 +104,19 @@ async def already_routed(session: AsyncSession, channel: str, external_id: str) 
     return found is not None
 
 
+async def claim_routed(session: AsyncSession, routed: RoutedMessage) -> str:
+    """Record the message unless its channel id is recorded; returns the id that owns it."""
+    if await record_routed(session, routed):
+        return routed.message.id
+    owner: str | None = await session.scalar(
+        select(RoutedRecord.id).where(
+            RoutedRecord.channel == routed.message.channel,
+            RoutedRecord.external_id == routed.message.external_id,
+        )
+    )
+    return owner or routed.message.id
+
+
 async def record_routed(session: AsyncSession, routed: RoutedMessage) -> bool:
     """Keep a compact copy (no body, no attachment content); False if already recorded."""
     message = routed.message

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
 from ingest.errors import TransientError
 from ingest.health import Health
-from ingest.identities import InvalidIdentity, normalise, redact
+from ingest.identities import InvalidIdentity, normalise
 from ingest.protocols import Decider
 from ingest.schema import InboundMessage, RoutedMessage
 from routers import state
@@ -40,7 +40,6 @@ class RouterWorker:
         routing: RoutingSettings,
         settings: RouterSettings,
         health: Health,
-        redact_identities: bool = True,
     ) -> None:
         self._bus = bus
         self._sessions = sessionmaker(engine)
@@ -48,7 +47,6 @@ class RouterWorker:
         self.routing = routing
         self._settings = settings
         self._health = health
-        self._redact = redact_identities
         self.routed = 0
         self.duplicates = 0
 
@@ -84,29 +82,25 @@ class RouterWorker:
             )
         except InvalidIdentity:
             message.meta.setdefault("sender_unparsed", True)
-        try:
-            async with self._sessions() as session:
-                if await state.already_routed(session, message.channel, message.external_id):
-                    self.duplicates += 1
-                    log.info("router.duplicate", external_id=message.external_id)
-                    return
-        except SQLAlchemyError as exc:
-            raise TransientError(f"directory database: {exc}") from exc
-
         decision = await self._decider(message)
         routed = RoutedMessage(message=message, customer=decision.customer, route=decision.route)
-        await self._bus.publish(ROUTED, decision.route.routing_key, routed, message_id=message.id)
+        # Claim the channel id before publishing: a copy under another omniroute id loses
+        # the claim and is dropped, while a redelivery of this very message (same id, e.g.
+        # after a crash before the ack) finds its own claim and is published again.
         try:
             async with self._sessions.begin() as session:
-                await state.record_routed(session, routed)
+                claimant = await state.claim_routed(session, routed)
         except SQLAlchemyError as exc:
-            # Already published and confirmed: losing the record only weakens dedup and
-            # recent contacts, so the message is acked rather than routed twice.
-            log.warning("router.record_failed", error=str(exc))
+            raise TransientError(f"directory database: {exc}") from exc
+        if claimant != message.id:
+            self.duplicates += 1
+            log.info("router.duplicate", external_id=message.external_id, first=claimant)
+            return
+        await self._bus.publish(ROUTED, decision.route.routing_key, routed, message_id=message.id)
         self.routed += 1
         log.info(
             "router.routed",
-            sender=redact(message.sender.address) if self._redact else message.sender.address,
+            sender=message.sender.address,  # redacted by the logging config unless log.redact=false
             customer=decision.customer.id if decision.customer else None,
             route=decision.route.routing_key,
             reason=decision.route.reason,

@@ -1,0 +1,257 @@
+"""The router against the real RabbitMQ and a real directory: DESIGN.md's policy end to end,
+learning from events, dead-lettering garbage, and never losing a message."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import aio_pika
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.bus import DEAD_QUEUE, EVENTS, INBOUND, REASON_HEADER, ROUTED_QUEUE, Bus
+from ingest.health import Health
+from ingest.schema import (
+    AgentReplied,
+    AgentStatus,
+    Identity,
+    InboundMessage,
+    RoutedMessage,
+    Thread,
+)
+from routers.decider import Decider
+from routers.events import EventsWorker
+from routers.settings import RouterSettings, RoutingSettings
+from routers.worker import RouterWorker
+from tests.seed import seed
+
+
+class Routing:
+    """The router and events workers running on a test vhost, with a reader of the routed queue."""
+
+    def __init__(self, bus: Bus, engine: AsyncEngine, routing: RoutingSettings) -> None:
+        self.bus = bus
+        self.health = Health()
+        self.decider = Decider(engine, routing)
+        self.router = RouterWorker(
+            bus=bus,
+            engine=engine,
+            decider=self.decider,
+            routing=routing,
+            settings=RouterSettings(prefetch=32),
+            health=self.health,
+        )
+        self.events = EventsWorker(
+            bus=bus, engine=engine, routing=routing, settings=RouterSettings(), health=self.health
+        )
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self.router.run(self.stop, drain_timeout=5)),
+            asyncio.create_task(self.events.run(self.stop, drain_timeout=5)),
+        ]
+        async with asyncio.timeout(10):
+            while self.health.ready()[1]:
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks)
+
+    async def send(self, message: InboundMessage) -> None:
+        await self.bus.publish(INBOUND, message.channel, message, message_id=message.id)
+
+    async def event(self, event: AgentReplied | AgentStatus) -> None:
+        await self.bus.publish(EVENTS, event.type, event, message_id=f"ev-{id(event)}")
+
+    async def routed(self, timeout: float = 10) -> tuple[str, RoutedMessage]:
+        channel = await self.bus.connection.channel()
+        queue = await channel.get_queue(ROUTED_QUEUE)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    got = await queue.get(fail=False)
+                    if got is not None:
+                        await got.ack()
+                        return got.routing_key or "", RoutedMessage.model_validate_json(got.body)
+                    await asyncio.sleep(0.02)
+        finally:
+            await channel.close()
+
+
+@pytest.fixture
+async def routing(bus: Bus, engine: AsyncEngine) -> AsyncIterator[Routing]:
+    await seed(engine)
+    r = Routing(bus, engine, RoutingSettings(default_region="TR"))
+    await r.start()
+    yield r
+    await r.close()
+
+
+def email(sender: str, **kw: object) -> InboundMessage:
+    return InboundMessage(
+        channel="email",
+        external_id=f"<{asyncio.get_running_loop().time()}@{sender}>",
+        sender=Identity(kind="email", address=sender),
+        subject="Modemim calismiyor",
+        text="Merhaba",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_known_customer_goes_to_team_then_last_agent_then_back(routing: Routing) -> None:
+    """The issue's story: team, then the agent who answered, then the team when they leave."""
+    await routing.send(email("Ayse@ACME.test"))
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
+    assert routed.customer is not None
+    assert routed.customer.id == "acme"
+
+    await routing.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
+    await routing.event(AgentStatus(agent_id="ana", status="available"))
+    await asyncio.sleep(0.3)  # events are consumed concurrently with the next message
+    await routing.send(email("ayse@acme.test"))
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("agent.ana", "last_agent")
+    assert routed.customer is not None
+    assert [c.route for c in routed.customer.recent] == ["team.billing"], "recent contacts"
+
+    await routing.event(AgentStatus(agent_id="ana", status="away"))
+    await asyncio.sleep(0.3)
+    await routing.send(email("ayse@acme.test"))
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("team.billing", "last_agent_fallback")
+
+
+async def test_reply_event_by_identity_teaches_the_router(routing: Routing) -> None:
+    """A ticket system may know the customer only by the address it answered."""
+    await routing.event(
+        AgentReplied(
+            agent_id="bob",
+            identity=Identity(kind="phone", address="0532 111 22 33"),
+            channel="sms",
+        )
+    )
+    await asyncio.sleep(0.3)
+    sms = InboundMessage(
+        channel="sms", external_id="SM1", sender=Identity(kind="phone", address="+90 532 111 2233")
+    )
+    await routing.send(sms)
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("agent.bob", "last_agent")
+
+
+async def test_unknown_sender_goes_to_triage_not_dropped(routing: Routing) -> None:
+    await routing.send(email("stranger@nowhere.test"))
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("triage", "unknown_sender")
+    assert routed.customer is None
+
+
+async def test_unknown_sender_goes_to_default_team(bus: Bus, engine: AsyncEngine) -> None:
+    await seed(engine)
+    r = Routing(bus, engine, RoutingSettings(default_team="network"))
+    await r.start()
+    try:
+        await r.send(email("stranger@nowhere.test"))
+        key, routed = await r.routed()
+        assert (key, routed.route.reason) == ("team.network", "unknown_sender")
+    finally:
+        await r.close()
+
+
+async def test_thread_owner_wins_for_an_email_answer(routing: Routing) -> None:
+    """A reply in a thread goes to whoever sent our message in that thread."""
+    await routing.event(
+        AgentReplied(agent_id="bob", customer_id="acme", channel="email", message_id="<r1@omni>")
+    )
+    await routing.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
+    await asyncio.sleep(0.3)
+    await routing.send(email("ayse@acme.test", thread=Thread(in_reply_to="<r1@omni>")))
+    key, routed = await routing.routed()
+    assert (key, routed.route.reason) == ("agent.bob", "thread_owner")
+
+
+async def test_garbage_goes_to_dead_and_router_keeps_going(routing: Routing) -> None:
+    """A poison message must not block the queue: it is parked with its reason."""
+    await routing.bus.publish_body(
+        INBOUND, "email", b"\xff\x00garbage", message_id="g1", type_=None
+    )
+    await routing.bus.publish_body(
+        INBOUND, "email", json.dumps({"channel": "fax"}).encode(), message_id="g2", type_=None
+    )
+    await routing.send(email("ayse@acme.test"))
+    key, _ = await routing.routed()
+    assert key == "team.billing"
+    channel = await routing.bus.connection.channel()
+    dead = await channel.get_queue(DEAD_QUEUE)
+    reasons = {}
+    async with asyncio.timeout(10):
+        while len(reasons) < 2:
+            got = await dead.get(fail=False)
+            if got is None:
+                await asyncio.sleep(0.05)
+                continue
+            reasons[got.message_id] = str(got.headers[REASON_HEADER])
+    assert reasons["g1"].startswith("invalid JSON")
+    assert reasons["g2"].startswith("schema violation")
+
+
+async def test_duplicate_channel_id_is_routed_once(routing: Routing) -> None:
+    """Re-polls and retries publish the same channel id again; it is routed once."""
+    first = email("ayse@acme.test")
+    again = first.model_copy(update={"id": "another-omniroute-id"})
+    await routing.send(first)
+    await routing.send(again)
+    await routing.routed()
+    with pytest.raises(TimeoutError):
+        await routing.routed(timeout=1.5)
+    assert routing.router.duplicates == 1
+
+
+async def test_sender_is_normalised_again_by_the_router(routing: Routing) -> None:
+    """Publishers make mistakes: a national-format number still finds its customer."""
+    sms = InboundMessage(
+        channel="sms", external_id="SM2", sender=Identity(kind="phone", address="0532 111 22 33")
+    )
+    await routing.send(sms)
+    key, routed = await routing.routed()
+    assert key == "team.billing"
+    assert routed.message.sender.address == "+905321112233"
+
+
+async def test_routed_message_carries_the_contract_properties(routing: Routing) -> None:
+    """Ticket systems deduplicate on message_id and dispatch on type (DESIGN.md contract)."""
+    m = email("ayse@acme.test")
+    await routing.send(m)
+    channel = await routing.bus.connection.channel()
+    queue = await channel.get_queue(ROUTED_QUEUE)
+    async with asyncio.timeout(10):
+        got = None
+        while got is None:
+            got = await queue.get(fail=False)
+            await asyncio.sleep(0.02)
+    assert got.message_id == m.id
+    assert got.type == "omniroute.routed.v1"
+    assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    body = json.loads(got.body)
+    assert set(body) >= {"message", "customer", "route"}
+    assert set(body["route"]) >= {"kind", "target", "reason", "decided_at"}
+
+
+async def test_sticky_for_expires(bus: Bus, engine: AsyncEngine) -> None:
+    """After routing.sticky_for the customer goes back to the team."""
+    await seed(engine)
+    r = Routing(bus, engine, RoutingSettings(sticky_for=timedelta(seconds=1)))
+    await r.start()
+    try:
+        await r.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
+        await asyncio.sleep(1.5)
+        await r.send(email("ayse@acme.test"))
+        key, routed = await r.routed()
+        assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
+    finally:
+        await r.close()
