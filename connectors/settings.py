@@ -42,6 +42,12 @@ class ApiSettings(_Section):
     token: SecretStr | None = Field(
         default=None, description="bearer token for /v1/route; the endpoint answers 401 without"
     )
+    default_dial: str | None = Field(
+        default=None,
+        description="dial string answered for withheld callers, unsafe targets and when no "
+        "decision can be taken; without it such calls get an empty dial",
+    )
+    decide_timeout: float = Field(default=2.0, gt=0, description="deadline of one decision")
 
 
 class MailboxSettings(_Section):
@@ -106,6 +112,12 @@ class TwilioSettings(_Section):
     api_base_url: str | None = Field(
         default=None, description="override of Twilio's API host (tests, regional edges)"
     )
+    default_dial: str | None = Field(
+        default=None,
+        description="dial target for withheld callers and when no decision can be taken",
+    )
+    decide_timeout: float = Field(default=5.0, gt=0, description="deadline of one decision")
+    send_timeout: float = Field(default=15.0, gt=0, description="deadline of one API call")
 
 
 class TwitterSettings(_Section):
@@ -122,3 +134,10 @@ class TwitterSettings(_Section):
 
 class SpoolSettings(_Section):
     max_messages: int = Field(default=100_000, ge=1)
+    publish_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="how long a webhook waits for the broker before it spools the message",
+    )
+    retry_initial: float = Field(default=0.5, gt=0, description="first pause between drains")
+    retry_max: float = Field(default=30.0, gt=0, description="longest pause between drains")

@@ -1,0 +1,280 @@
+"""The HTTP app that hosts the webhooks, the PBX route API, health and metrics, and the
+uvicorn server that runs it inside the daemon's event loop.
+
+Invariants:
+- No body over ``http.max_body`` reaches a handler: a larger ``Content-Length`` is answered
+  413 before reading, and a body streamed without one is counted and cut off at the limit
+  (uvicorn itself sets no limit).
+- Request logs carry the path, never the query string (caller numbers travel there);
+  uvicorn's access log is off.
+- The daemon owns the signals: the embedded uvicorn never installs handlers, and it stops
+  when the daemon's ``stop`` event is set (uvicorn's ``should_exit``).
+"""
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator, Sequence
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from connectors.settings import HttpSettings
+from ingest.errors import ConfigError
+from ingest.health import Health
+from ingest.metrics import Metrics
+from ingest.spool import SpooledSink
+
+log = structlog.get_logger("omniroute.http")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a streamed body passes the limit; answered 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+class GuardMiddleware:
+    """Bounds request bodies (413) and counts responses per endpoint and status.
+
+    The endpoint label is the route's path, or ``unmatched``: a stranger's random paths
+    never become label values.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics, paths: frozenset[str]):
+        self.app = app
+        self.max_body = max_body
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        endpoint = path if path in self.paths else "unmatched"
+        started = time.perf_counter()
+        status = 0
+        limit = self.max_body
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and (declared < 0 or declared > limit):
+            code = 413 if declared > limit else 400
+            await _plain(counted_send, code, f"request body over {limit} bytes")
+        else:
+            seen = 0
+
+            async def limited_receive() -> Message:
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge(limit)
+                return message
+
+            try:
+                await self.app(scope, limited_receive, counted_send)
+            except BodyTooLarge:
+                if status:
+                    raise
+                await _plain(counted_send, 413, f"request body over {limit} bytes")
+        self.metrics.webhook_responses.labels(endpoint, str(status or 500)).inc()
+        log.debug(
+            "http.request",
+            method=scope.get("method"),
+            path=endpoint,
+            status=status,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return None
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    body = ('{"detail":"%s"}' % text).encode()  # noqa: UP031 -- the text is ours, no quotes
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def build_app(
+    *,
+    health: Health,
+    metrics: Metrics,
+    http: HttpSettings,
+    routers: Sequence[APIRouter] = (),
+    spool: SpooledSink | None = None,
+    title: str = "omniroute",
+) -> FastAPI:
+    """The ASGI app: health, readiness and metrics, plus the channel routers handed in."""
+    app = FastAPI(
+        title=title,
+        summary="Omnichannel ingestion and routing: webhooks, caller-ID routing, health",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.get("/healthz", tags=["operations"], summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        summary="Ready for traffic: broker, directory and every required component up",
+        responses={503: {"description": "Not ready; ``problems`` says why"}},
+    )
+    async def readyz() -> JSONResponse:
+        ready, problems = health.ready()
+        body: dict[str, object] = {
+            "ready": ready,
+            "problems": problems,
+            "components": health.snapshot(),
+        }
+        if spool is not None:
+            body["spool_depth"] = spool.depth
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(
+        GuardMiddleware,
+        max_body=http.max_body,
+        metrics=metrics,
+        paths=frozenset(_paths(app.routes)),
+    )
+    return app
+
+
+def _paths(routes: Sequence[BaseRoute]) -> Iterator[str]:
+    for route in routes:
+        if isinstance(route, Route):
+            yield route.path
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers, telling us when it listens."""
+
+    def __init__(self, config: uvicorn.Config, listening: asyncio.Event) -> None:
+        super().__init__(config)
+        self._listening = listening
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the daemon owns SIGTERM/SIGINT and sets our stop event
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._listening.set()
+
+
+class HttpServer:
+    """Runs the app on uvicorn in the current event loop until ``stop`` is set.
+
+    ``started`` is set once the port listens; ``port`` is the bound port (useful with
+    ``http.port = 0``). Open requests get ``shutdown_timeout`` seconds to finish.
+    """
+
+    name = "http"
+
+    def __init__(
+        self, app: ASGIApp, settings: HttpSettings, *, shutdown_timeout: float = 10.0
+    ) -> None:
+        self._settings = settings
+        self._shutdown_timeout = shutdown_timeout
+        self._config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            lifespan="off",
+            log_config=None,
+            access_log=False,  # its lines carry query strings, i.e. caller numbers
+            server_header=False,
+            timeout_graceful_shutdown=int(shutdown_timeout),
+        )
+        self.started = asyncio.Event()
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        if self._socket is None:
+            raise RuntimeError("the HTTP server is not bound yet")
+        port: int = self._socket.getsockname()[1]
+        return port
+
+    def _bind(self) -> socket.socket:
+        host = self._settings.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            return socket.create_server((host, self._settings.port), family=family, backlog=2048)
+        except OSError as exc:
+            raise ConfigError(
+                f"http: cannot listen on {host}:{self._settings.port}: {exc.strerror}"
+            ) from exc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._socket = self._bind()
+        server = _EmbeddedServer(self._config, self.started)
+        serving = asyncio.create_task(server.serve(sockets=[self._socket]), name="uvicorn")
+        stopping = asyncio.create_task(stop.wait(), name="http-stop")
+        listening = asyncio.create_task(self.started.wait(), name="http-started")
+        try:
+            await asyncio.wait({serving, stopping, listening}, return_when=asyncio.FIRST_COMPLETED)
+            if self.started.is_set():
+                log.info("http.listening", host=self._settings.host, port=self.port)
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            listening.cancel()
+            stopping.cancel()
+            server.should_exit = True
+            try:
+                async with asyncio.timeout(self._shutdown_timeout + 2):
+                    await asyncio.shield(serving)
+            except TimeoutError:
+                server.force_exit = True
+                await serving
+            finally:
+                self._socket.close()
+                log.info("http.stopped")
