@@ -64,6 +64,18 @@ class MailboxSettings(_Section):
     idle_renew: float = Field(default=300.0, gt=0, le=1740)
     batch_size: int = Field(default=50, ge=1, le=1000)
     timeout: float = Field(default=30.0, gt=0)
+    address: str | None = Field(
+        default=None,
+        description="the address mail arrives on (the message's recipient); "
+        "defaults to username when that is an email address",
+    )
+    ca_file: str | None = Field(
+        default=None, description="PEM file of the CA that signed the server's certificate"
+    )
+    backoff_initial: float = Field(
+        default=1.0, gt=0, description="first reconnect delay after a failure, in seconds"
+    )
+    backoff_max: float = Field(default=300.0, gt=0, description="cap of the reconnect delay")
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "MailboxSettings":
@@ -95,6 +107,9 @@ class SmtpSettings(_Section):
     password: SecretStr | None = None
     from_address: str
     timeout: float = Field(default=30.0, gt=0)
+    ca_file: str | None = Field(
+        default=None, description="PEM file of the CA that signed the server's certificate"
+    )
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "SmtpSettings":
