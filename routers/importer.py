@@ -18,10 +18,14 @@ Invariants:
 
 import asyncio
 import csv
+import os
 import re
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -40,6 +44,7 @@ from routers.models import Agent, Customer, CustomerIdentity, Team
 from routers.sql import upsert
 
 BATCH = 5_000
+PARALLEL_BYTES = 16 * 2**20  # below this, spawning worker processes costs more than it saves
 CHUNK = 1_000  # rows per statement: keeps bound parameters far below SQLite's and asyncpg's limits
 
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -252,6 +257,18 @@ def _parse_row(kind: str, header: list[str], fields: list[str], line: int, regio
     return row
 
 
+def _parse_batch(
+    kind: str, header: list[str], region: str, records: list[tuple[int, list[str] | str]]
+) -> list[_Row]:
+    """Normalise one batch; a pure function, so it can run in a worker process."""
+    return [
+        _Row(line, None, error=r)
+        if isinstance(r, str)
+        else _parse_row(kind, header, r, line, region)
+        for line, r in records
+    ]
+
+
 class _Source:
     """A CSV file read batch by batch; line numbers count physical lines, header = 1."""
 
@@ -259,28 +276,27 @@ class _Source:
         # utf-8-sig drops a BOM; surrogateescape lets one bad line be rejected, not the file.
         self._file = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
         self._reader = csv.reader(self._file)
-        self._region = region
         try:
-            self.kind, self._header = _header(self._reader, kind)
+            self.kind, self.header = _header(self._reader, kind)
         except (ImportFileError, csv.Error):
             self._file.close()
             raise
 
-    def batch(self, size: int) -> list[_Row]:
-        rows: list[_Row] = []
-        while len(rows) < size:
+    def records(self, size: int) -> list[tuple[int, list[str] | str]]:
+        """The next ``size`` non-blank records with their first line, or the csv error."""
+        out: list[tuple[int, list[str] | str]] = []
+        while len(out) < size:
             line = self._reader.line_num + 1
             try:
                 fields = next(self._reader)
             except StopIteration:
                 break
             except csv.Error as exc:
-                rows.append(_Row(line, None, error=f"unreadable CSV: {exc}"))
+                out.append((line, f"unreadable CSV: {exc}"))
                 continue
-            if not fields or (len(fields) == 1 and not fields[0].strip()):
-                continue
-            rows.append(_parse_row(self.kind, self._header, fields, line, self._region))
-        return rows
+            if fields and (len(fields) > 1 or fields[0].strip()):
+                out.append((line, fields))
+        return out
 
     def close(self) -> None:
         self._file.close()
@@ -444,36 +460,38 @@ async def import_csv(
     dry_run: bool,
     progress: Callable[[ImportReport], None] | None = None,
     batch_size: int = BATCH,
+    workers: int | None = None,
 ) -> ImportReport:
     """Import ``path`` (kind from its header unless ``kind`` is given); see the module doc.
 
     Raises ``ImportFileError`` when the file cannot be read as a directory CSV at all, and
     ``ImportAborted`` when the database fails a batch. ``progress`` gets the running report
-    after every batch.
+    after every batch. ``workers`` processes normalise batches ahead of the database (phone
+    parsing dominates); ``None`` uses one per CPU for files over ``PARALLEL_BYTES``, 0 a
+    thread. Worker processes are spawned, so a calling script needs a ``__main__`` guard.
     """
     source = await asyncio.to_thread(_Source, path, kind, region)
+    if workers is None:
+        size = (await asyncio.to_thread(path.stat)).st_size
+        workers = (os.cpu_count() or 1) if size > PARALLEL_BYTES else 0
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers else None
     report = ImportReport(kind=source.kind, dry_run=dry_run)
     try:
         async with engine.connect() as conn:
             seen = await _seen_table(conn)
-            applier = _Applier(source.kind, seen, report)
             try:
                 outer = await conn.begin() if dry_run else None
                 async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-                    while rows := await asyncio.to_thread(source.batch, batch_size):
-                        try:
-                            async with session.begin():
-                                rejects = await applier.apply(session, rows)
-                        except SQLAlchemyError as exc:
-                            raise ImportAborted(
-                                f"database error on lines {rows[0].line}-{rows[-1].line}, "
-                                f"nothing from them was applied: {exc}",
-                                report,
-                            ) from exc
-                        report.rows += len(rows)
-                        report.rejects += sorted(rejects)
-                        if progress is not None:
-                            progress(report)
+                    await _run(
+                        session,
+                        source,
+                        _Applier(source.kind, seen, report),
+                        region,
+                        pool,
+                        batch_size,
+                        max(workers, 1) + 1,
+                        progress,
+                    )
                 if outer is not None:
                     await outer.rollback()
             finally:
@@ -483,7 +501,56 @@ async def import_csv(
                 await conn.commit()
     finally:
         source.close()
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
     return report
+
+
+async def _run(
+    session: AsyncSession,
+    source: _Source,
+    applier: _Applier,
+    region: str,
+    pool: ProcessPoolExecutor | None,
+    batch_size: int,
+    depth: int,
+    progress: Callable[[ImportReport], None] | None,
+) -> None:
+    """Keep ``depth`` batches parsing ahead while applying them in file order."""
+    loop = asyncio.get_running_loop()
+    pending: deque[asyncio.Future[list[_Row]]] = deque()
+    report = applier.report
+    eof = False
+    try:
+        while True:
+            while not eof and len(pending) < depth:
+                records = await asyncio.to_thread(source.records, batch_size)
+                eof = not records
+                if records:
+                    pending.append(
+                        loop.run_in_executor(
+                            pool, _parse_batch, source.kind, source.header, region, records
+                        )
+                    )
+            if not pending:
+                return
+            rows = await pending.popleft()
+            try:
+                async with session.begin():
+                    rejects = await applier.apply(session, rows)
+            except SQLAlchemyError as exc:
+                raise ImportAborted(
+                    f"database error on lines {rows[0].line}-{rows[-1].line}, "
+                    f"nothing from them was applied: {exc}",
+                    report,
+                ) from exc
+            report.rows += len(rows)
+            report.rejects += sorted(rejects)
+            if progress is not None:
+                progress(report)
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 # --- export ------------------------------------------------------------------------------
