@@ -67,6 +67,28 @@ def fixed_decision(reason: str, dial: str | None) -> Decision:
     return Decision(customer=None, route=Route(kind="triage", reason=reason), dial=dial)
 
 
+async def decide_call(
+    decider: Decider,
+    message: InboundMessage,
+    *,
+    withheld: bool,
+    default_dial: str | None,
+    timeout: float,
+) -> Decision | None:
+    """The policy's decision for a call, or the default target when the caller is withheld
+    or the decider fails; None when it fails and there is no default target."""
+    if withheld and default_dial:
+        return fixed_decision("withheld_caller", default_dial)
+    try:
+        async with deadline(timeout):
+            return await decider(message)
+    except TransientError as exc:
+        log.warning("call.decider_unavailable", error=str(exc)[:300])
+        if default_dial is None:
+            return None
+        return fixed_decision("decider_unavailable", default_dial)
+
+
 class RouteOut(BaseModel):
     kind: Literal["agent", "team", "triage"]
     target: str | None
@@ -123,18 +145,6 @@ def pbx_router(
             return
         metrics.messages_in.labels("voice").inc()
 
-    async def decide(message: InboundMessage, withheld: bool) -> Decision:
-        if withheld and default_dial:
-            return fixed_decision("withheld_caller", default_dial)
-        try:
-            async with deadline(settings.decide_timeout):
-                return await decider(message)
-        except TransientError as exc:
-            log.warning("pbx.decider_unavailable", error=str(exc)[:300])
-            if default_dial is None:
-                raise HTTPException(503, "no routing decision can be taken now") from exc
-            return fixed_decision("decider_unavailable", default_dial)
-
     @router.api_route(
         "/v1/route",
         methods=["GET", "POST"],
@@ -178,7 +188,15 @@ def pbx_router(
             recipient=phone_identity(params["called"], region) if params["called"] else None,
             meta={"source": "pbx", "withheld": withheld},
         )
-        decision = await decide(message, withheld)
+        decision = await decide_call(
+            decider,
+            message,
+            withheld=withheld,
+            default_dial=default_dial,
+            timeout=settings.decide_timeout,
+        )
+        if decision is None:
+            raise HTTPException(503, "no routing decision can be taken now")
         metrics.decision_seconds.observe(time.perf_counter() - started)
         dial = safe_dial(decision.dial)
         if decision.dial is not None and dial is None:

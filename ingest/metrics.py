@@ -29,37 +29,60 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.messages_in = Counter(
-            "messages_in", "Messages accepted from customers", ["channel"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "messages_in",
+            "Messages accepted from customers",
+            ["channel"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.routed = Counter(
-            "routed", "Messages routed, by policy reason and target kind", ["reason", "kind"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "routed",
+            "Messages routed, by policy reason and target kind",
+            ["reason", "kind"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.decision_seconds = Histogram(
-            "decision_seconds", "Time to take one routing decision",
-            namespace=NAMESPACE, registry=r, buckets=DECISION_BUCKETS,
-        )  # fmt: skip
+            "decision_seconds",
+            "Time to take one routing decision",
+            namespace=NAMESPACE,
+            registry=r,
+            buckets=DECISION_BUCKETS,
+        )
         self.spool_depth = Gauge(
-            "spool_depth", "Messages kept in the local spool while the broker is away",
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "spool_depth",
+            "Messages kept in the local spool while the broker is away",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.webhook_responses = Counter(
-            "webhook_responses", "HTTP responses, by endpoint path and status",
-            ["endpoint", "status"], namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "webhook_responses",
+            "HTTP responses, by endpoint path and status",
+            ["endpoint", "status"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.connector_up = Gauge(
-            "connector_up", "1 when the connector is up, else 0", ["connector"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "connector_up",
+            "1 when the connector is up, else 0",
+            ["connector"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.dead_lettered = Counter(
-            "dead_lettered", "Messages sent to omniroute.dead", ["queue"],
-            namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "dead_lettered",
+            "Messages sent to omniroute.dead",
+            ["queue"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.outbound = Counter(
-            "outbound", "Replies sent to customers, by channel and result",
-            ["channel", "result"], namespace=NAMESPACE, registry=r,
-        )  # fmt: skip
+            "outbound",
+            "Replies sent to customers, by channel and result",
+            ["channel", "result"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format (``content_type``)."""
