@@ -1,0 +1,666 @@
+"""The email channel: IMAP mailboxes in (aioimaplib), replies out (aiosmtplib).
+
+Invariants (issue 4):
+
+- A mail is flagged ``\\Seen $Omniroute`` (or moved) only after ``sink.submit`` returned,
+  that is after the broker confirmed it; the cursor (UIDVALIDITY and the last UID taken,
+  per mailbox in the ``CursorStore``) moves only after that. What is new is
+  ``UID SEARCH UID last+1:*``, never UNSEEN, so a person reading the mailbox in webmail
+  does not make mail vanish. A changed UIDVALIDITY rescans everything not flagged
+  ``$Omniroute`` (or, with ``after = move:…``, everything still in the folder).
+- Copies are dropped by Message-ID (a content hash when there is none) in the
+  ``SeenStore``. Each (mailbox, UIDVALIDITY, UID) slot is also recorded, so a mail whose
+  Message-ID was recorded by a run killed before the broker confirmed it is submitted
+  again rather than lost: at-least-once, with a duplicate only in that window.
+- Every IMAP and SMTP await runs under a deadline. STARTTLS is never opportunistic: a
+  server that does not offer it is an error before any credential is sent.
+"""
+
+import asyncio
+import contextlib
+import json
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formataddr, formatdate, make_msgid
+from typing import Any
+
+import aioimaplib
+import aiosmtplib
+import structlog
+
+from connectors.mime import normalise
+from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
+from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
+from ingest.health import Health
+from ingest.identities import InvalidIdentity, normalise_email, redact
+from ingest.protocols import CursorStore, InboundSink, ReplyContext, SeenStore, SendResult
+from ingest.schema import InboundMessage, ReplyRequest
+
+log = structlog.get_logger("omniroute.email")
+
+KEYWORD = "$Omniroute"
+SEEN_CHANNEL = "email"
+SLOT_CHANNEL = "email.slot"
+#: mails larger than this are parsed in a worker thread, off the event loop
+THREAD_PARSE_BYTES = 1024 * 1024
+_FETCH_HEAD = re.compile(rb"UID (\d+)")
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
+_RE_PREFIX = re.compile(r"^\s*((re|aw|sv|ynt|fwd?)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+_IMAP_ERRORS = (OSError, TimeoutError, aioimaplib.AioImapException)
+
+
+def cursor_key(mailbox: str) -> str:
+    return "imap:" + mailbox
+
+
+def _tls_context(ca_file: str | None) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def _quote(name: str) -> str:
+    """An IMAP quoted string (RFC 3501 section 4.3) for folder names with spaces."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- one IMAP connection ----------------------------------------------------------------
+
+
+class ImapSession:
+    """A logged-in, selected IMAP connection whose every command has a deadline."""
+
+    def __init__(self, box: MailboxSettings) -> None:
+        self.box = box
+        self.lost = asyncio.Event()
+        self.uidvalidity = 0
+        self.uidnext = 0
+        self._client: Any = None
+
+    @classmethod
+    async def open(cls, box: MailboxSettings) -> "ImapSession":
+        session = cls(box)
+        try:
+            await session._connect()
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def _connect(self) -> None:
+        box = self.box
+        context = _tls_context(box.ca_file) if box.security == "tls" else None
+        try:
+            async with asyncio.timeout(box.timeout):
+                self._client = aioimaplib.IMAP4(
+                    host=box.host,
+                    port=box.port,
+                    timeout=box.timeout,
+                    conn_lost_cb=self._on_lost,
+                    ssl_context=context,
+                )
+                await self._client.wait_hello_from_server()
+        except _IMAP_ERRORS as exc:
+            raise TransientError(f"cannot connect to {box.host}:{box.port}: {exc!r}") from exc
+        if box.security == "starttls":
+            await self._starttls()
+        if "LOGINDISABLED" in self._client.protocol.capabilities:
+            raise ConfigError("the server disables LOGIN on this connection (LOGINDISABLED)")
+        password = box.password.get_secret_value() if box.password else ""
+        response = await self.call(
+            lambda: self._client.login(box.username, password), "LOGIN", check=False
+        )
+        if response.result != "OK":
+            text = b" ".join(line for line in response.lines if isinstance(line, bytes))
+            if b"UNAVAILABLE" in text or b"SERVERBUG" in text:
+                raise TransientError("login temporarily refused: " + text.decode(errors="replace"))
+            raise AuthError(f"login refused for {redact(box.username)}")
+        response = await self.call(lambda: self._client.select(_quote(box.folder)), "SELECT")
+        for line in response.lines:
+            if isinstance(line, bytes):
+                if m := _UIDVALIDITY.search(line):
+                    self.uidvalidity = int(m.group(1))
+                if m := _UIDNEXT.search(line):
+                    self.uidnext = int(m.group(1))
+        if not self.uidvalidity:
+            raise TransientError("SELECT answered without UIDVALIDITY")
+
+    async def _starttls(self) -> None:
+        """RFC 3501 section 6.2.1; aioimaplib has no STARTTLS, so the transport is upgraded
+        here with ``loop.start_tls`` and the capabilities are read again afterwards."""
+        protocol = self._client.protocol
+        if "STARTTLS" not in protocol.capabilities:
+            raise ConfigError(
+                "security = starttls but the server does not offer STARTTLS; "
+                "refusing to log in in plaintext"
+            )
+        command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+        await self.call(lambda: protocol.execute(command), "STARTTLS")
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.box.timeout):
+                protocol.transport = await loop.start_tls(
+                    protocol.transport,
+                    protocol,
+                    _tls_context(self.box.ca_file),
+                    server_hostname=self.box.host,
+                )
+        except (OSError, TimeoutError) as exc:
+            raise TransientError(f"TLS handshake after STARTTLS failed: {exc!r}") from exc
+        await self.call(protocol.capability, "CAPABILITY", check=False)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+    @property
+    def has_idle(self) -> bool:
+        return bool(self._client.has_capability("IDLE"))
+
+    async def call(
+        self, command: Callable[[], Awaitable[Any]], what: str, *, check: bool = True
+    ) -> Any:
+        """Run one command under the mailbox deadline; library errors become ``TransientError``."""
+        if self.lost.is_set():
+            raise TransientError("connection lost")
+        try:
+            async with asyncio.timeout(self.box.timeout):
+                response = await command()
+        except _IMAP_ERRORS as exc:
+            raise TransientError(f"{what} failed: {exc!r}") from exc
+        if check and response is not None and response.result != "OK":
+            raise TransientError(f"{what} answered {response.result}: {response.lines[-1:]!r}")
+        return response
+
+    async def search(self, *criteria: str) -> list[int]:
+        response = await self.call(
+            lambda: self._client.uid_search(*criteria, charset=None), "UID SEARCH"
+        )
+        uids: list[int] = []
+        for line in response.lines[:-1]:
+            if isinstance(line, bytes):
+                uids.extend(int(word) for word in line.split() if word.isdigit())
+        return sorted(set(uids))
+
+    async def fetch(self, uids: list[int]) -> list[tuple[int, bytes]]:
+        """``UID FETCH … (UID BODY.PEEK[])``: the bodies without setting ``\\Seen``."""
+        uid_set = ",".join(str(u) for u in uids)
+        response = await self.call(
+            lambda: self._client.uid("fetch", uid_set, "(UID BODY.PEEK[])"), "UID FETCH"
+        )
+        out: list[tuple[int, bytes]] = []
+        uid: int | None = None
+        for line in response.lines:
+            if isinstance(line, bytes):
+                m = _FETCH_HEAD.search(line) if b"FETCH" in line else None
+                uid = int(m.group(1)) if m else uid
+            elif isinstance(line, bytearray) and uid is not None:
+                out.append((uid, bytes(line)))
+                uid = None
+        return out
+
+    async def mark(self, uids: list[int]) -> None:
+        """Flag the mails as taken, then move them when the mailbox says ``move:FOLDER``."""
+        uid_set = ",".join(str(u) for u in uids)
+        flags = "(\\Seen " + KEYWORD + ")"
+        await self.call(
+            lambda: self._client.uid("store", uid_set, "+FLAGS.SILENT", flags), "UID STORE"
+        )
+        if not self.box.after.startswith("move:"):
+            return
+        target = _quote(self.box.after.removeprefix("move:"))
+        if self._client.has_capability("MOVE"):
+            await self.call(lambda: self._client.uid("move", uid_set, target), "UID MOVE")
+            return
+        await self.call(lambda: self._client.uid("copy", uid_set, target), "UID COPY")
+        if self._client.has_capability("UIDPLUS"):
+            await self.call(
+                lambda: self._client.uid("store", uid_set, "+FLAGS.SILENT", "(\\Deleted)"),
+                "UID STORE",
+            )
+            await self.call(lambda: self._client.uid("expunge", uid_set), "UID EXPUNGE")
+
+    async def wait_for_news(self, stop: asyncio.Event) -> None:
+        """IDLE until the server pushes something, ``idle_renew`` passes or ``stop`` is set;
+        without IDLE, wait ``poll_interval``."""
+        if not self.has_idle:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.box.poll_interval):
+                    await stop.wait()
+            return
+        queue = self._client.protocol.idle_queue
+        while not queue.empty():  # pushes left from the last IDLE were answered by a search
+            queue.get_nowait()
+        renew = self.box.idle_renew
+        try:
+            async with asyncio.timeout(self.box.timeout):
+                idle = await self._client.idle_start(timeout=renew)
+        except _IMAP_ERRORS as exc:
+            raise TransientError(f"IDLE failed: {exc!r}") from exc
+        push = asyncio.ensure_future(self._client.wait_server_push(timeout=renew + 1))
+        stopping = asyncio.ensure_future(stop.wait())
+        lost = asyncio.ensure_future(self.lost.wait())
+        waiters = {push, stopping, lost}
+        try:
+            await asyncio.wait(waiters, timeout=renew, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+        if self.lost.is_set():
+            raise TransientError("connection lost while idle")
+        self._client.idle_done()
+        try:
+            async with asyncio.timeout(self.box.timeout):
+                await idle
+        except _IMAP_ERRORS as exc:
+            raise TransientError(f"leaving IDLE failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Log out politely within the deadline; a dead connection is simply dropped."""
+        if self._client is None:
+            return
+        if not self.lost.is_set():
+            with contextlib.suppress(*_IMAP_ERRORS, TransientError):
+                await self.call(self._client.logout, "LOGOUT", check=False)
+        self.abort()
+
+    def abort(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        for task in list(getattr(client, "tasks", ())):
+            task.cancel()
+        transport = getattr(client.protocol, "transport", None)
+        if transport is not None:
+            transport.close()
+        connecting = client._client_task
+        if not connecting.done():
+            connecting.cancel()
+        elif not connecting.cancelled():
+            connecting.exception()  # retrieved: a refused connection is reported by open()
+
+
+# --- intake -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Cursor:
+    uidvalidity: int
+    last_uid: int
+
+
+class EmailConnector:
+    """One supervised aioimaplib worker per mailbox, feeding an ``InboundSink``.
+
+    ``run(stop)`` is the daemon's loop; ``run_until_idle()`` drains every mailbox once and
+    returns how many mails it submitted (tests and ``omniroute`` one-shot use)."""
+
+    name = "email"
+
+    def __init__(
+        self,
+        settings: EmailSettings,
+        *,
+        sink: InboundSink,
+        cursors: CursorStore,
+        seen: SeenStore,
+        health: Health,
+    ) -> None:
+        self._settings = settings
+        self._sink = sink
+        self._cursors = cursors
+        self._seen = seen
+        self._health = health
+        for box in settings.mailboxes:
+            health.register(self.component(box))
+
+    @staticmethod
+    def component(box: MailboxSettings) -> str:
+        """The mailbox's name in ``Health`` (and so in ``/readyz``)."""
+        return "email." + box.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            for box in self._settings.mailboxes:
+                group.create_task(self._supervise(box, stop), name="email:" + box.name)
+
+    async def run_until_idle(self) -> int:
+        """Take what is waiting in every mailbox, then return; errors are raised."""
+        taken = 0
+        for box in self._settings.mailboxes:
+            session = await ImapSession.open(box)
+            try:
+                self._up(box)
+                taken += await self._drain(box, session)
+            finally:
+                await session.close()
+        return taken
+
+    async def _supervise(self, box: MailboxSettings, stop: asyncio.Event) -> None:
+        """Reconnect with capped exponential backoff and jitter; stop on what retrying
+        cannot fix (refused credentials, no STARTTLS) and say so once."""
+        structlog.contextvars.bind_contextvars(connector="email", mailbox=box.name)
+        delay = box.backoff_initial
+        while not stop.is_set():
+            try:
+                session = await ImapSession.open(box)
+            except (AuthError, ConfigError) as exc:
+                self._down(box, str(exc), final=True)
+                return
+            except TransientError as exc:
+                self._down(box, str(exc))
+            else:
+                delay = box.backoff_initial
+                try:
+                    await self._serve(box, session, stop)
+                except (AuthError, ConfigError) as exc:
+                    self._down(box, str(exc), final=True)
+                    return
+                except TransientError as exc:
+                    self._down(box, str(exc))
+                except Exception as exc:  # a bug must not end the mailbox: log, back off
+                    log.exception("email.worker_bug")
+                    self._down(box, f"bug: {type(exc).__name__}: {exc}")
+                finally:
+                    await session.close()
+            if stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
+                    await stop.wait()
+            delay = min(delay * 2, box.backoff_max)
+        if self._health.set(self.component(box), "stopped"):
+            log.info("email.mailbox_stopped")
+
+    async def _serve(self, box: MailboxSettings, session: ImapSession, stop: asyncio.Event) -> None:
+        self._up(box)
+        while not stop.is_set():
+            await self._drain(box, session)
+            if stop.is_set():
+                return
+            await session.wait_for_news(stop)
+
+    def _up(self, box: MailboxSettings) -> None:
+        if self._health.set(self.component(box), "up"):
+            log.info("email.mailbox_up", mailbox=box.name)
+
+    def _down(self, box: MailboxSettings, reason: str, *, final: bool = False) -> None:
+        if self._health.set(self.component(box), "down", reason):
+            log.warning("email.mailbox_down", mailbox=box.name, reason=reason, retrying=not final)
+
+    async def _load_cursor(self, box: MailboxSettings) -> _Cursor | None:
+        text = await self._cursors.get(cursor_key(box.name))
+        if not text:
+            return None
+        try:
+            data = json.loads(text)
+            return _Cursor(int(data["uidvalidity"]), int(data["last_uid"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("email.cursor_unreadable", mailbox=box.name)
+            return None
+
+    async def _save_cursor(self, box: MailboxSettings, cursor: _Cursor) -> None:
+        value = json.dumps({"uidvalidity": cursor.uidvalidity, "last_uid": cursor.last_uid})
+        await self._cursors.set(cursor_key(box.name), value)
+
+    async def _drain(self, box: MailboxSettings, session: ImapSession) -> int:
+        """Take everything new, batch by batch, until a search finds nothing more."""
+        taken = 0
+        cursor = await self._load_cursor(box)
+        if cursor is None or cursor.uidvalidity != session.uidvalidity:
+            if cursor is not None:
+                log.warning(
+                    "email.uidvalidity_changed",
+                    mailbox=box.name,
+                    was=cursor.uidvalidity,
+                    now=session.uidvalidity,
+                )
+            # rescan: rely on the keyword (or on the folder, when taken mail is moved away)
+            criteria = ("ALL",) if box.after.startswith("move:") else ("UNKEYWORD", KEYWORD)
+            uids = await session.search(*criteria)
+            cursor = _Cursor(session.uidvalidity, 0)
+            floor = max(session.uidnext - 1, 0)
+            taken += await self._take_all(box, session, uids, cursor)
+            cursor.last_uid = max(cursor.last_uid, floor)
+            await self._save_cursor(box, cursor)
+        while True:
+            found = await session.search("UID", f"{cursor.last_uid + 1}:*")
+            uids = [u for u in found if u > cursor.last_uid]  # "n:*" always names the last
+            if not uids:
+                return taken
+            taken += await self._take_all(box, session, uids, cursor)
+
+    async def _take_all(
+        self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
+    ) -> int:
+        taken = 0
+        for start in range(0, len(uids), box.batch_size):
+            batch = uids[start : start + box.batch_size]
+            taken += await self._take_batch(box, session, batch)
+            cursor.last_uid = max(cursor.last_uid, batch[-1])
+            await self._save_cursor(box, cursor)
+        return taken
+
+    async def _take_batch(self, box: MailboxSettings, session: ImapSession, uids: list[int]) -> int:
+        """Fetch one batch, submit each new mail, then flag what the broker confirmed."""
+        fetched = await session.fetch(uids)
+        done: list[int] = []
+        submitted = 0
+        try:
+            for uid, raw in fetched:
+                if await self._take_one(box, session.uidvalidity, uid, raw):
+                    submitted += 1
+                done.append(uid)
+        except Exception:
+            if done:  # best effort: what is safe is not fetched again
+                with contextlib.suppress(TransientError):
+                    await session.mark(done)
+            raise
+        if done:
+            await session.mark(done)
+        if len(fetched) < len(uids):
+            log.info("email.vanished", mailbox=box.name, missing=len(uids) - len(fetched))
+        return submitted
+
+    async def _take_one(self, box: MailboxSettings, uidvalidity: int, uid: int, raw: bytes) -> bool:
+        locator = {
+            "mailbox": box.name,
+            "folder": box.folder,
+            "uidvalidity": uidvalidity,
+            "uid": uid,
+        }
+        recipient = box.address or (box.username if "@" in box.username else None)
+        kwargs: dict[str, Any] = {
+            "mailbox": box.name,
+            "recipient": recipient,
+            "inline_max": self._settings.inline_attachment_max,
+            "locator": locator,
+        }
+        if len(raw) > THREAD_PARSE_BYTES:
+            message = await asyncio.to_thread(lambda: normalise(raw, **kwargs))
+        else:
+            message = normalise(raw, **kwargs)
+        if box.team:
+            message.meta["address_team"] = box.team
+        structlog.contextvars.bind_contextvars(message_id=message.id)
+        try:
+            return await self._submit_once(box, uidvalidity, uid, message)
+        finally:
+            structlog.contextvars.unbind_contextvars("message_id")
+
+    async def _submit_once(
+        self, box: MailboxSettings, uidvalidity: int, uid: int, message: InboundMessage
+    ) -> bool:
+        slot = f"{box.name}:{uidvalidity}:{uid}"
+        new_slot = await self._seen.first_time(SLOT_CHANNEL, slot)
+        new_id = await self._seen.first_time(SEEN_CHANNEL, message.external_id)
+        if not new_id and new_slot:
+            log.info("email.duplicate", mailbox=box.name, uid=uid)
+            return False
+        try:
+            await self._sink.submit(message)
+        except Exception:
+            with contextlib.suppress(TransientError):
+                if new_id:
+                    await self._seen.forget(SEEN_CHANNEL, message.external_id)
+                await self._seen.forget(SLOT_CHANNEL, slot)
+            raise
+        log.info(
+            "email.taken",
+            mailbox=box.name,
+            uid=uid,
+            sender=redact(message.sender.address),
+            again=not new_id,
+        )
+        return True
+
+
+# --- replies out ------------------------------------------------------------------------
+
+
+def reply_subject(subject: str | None) -> str:
+    """Exactly one ``Re:``: earlier ``Re:``/``AW:``/``Fwd:`` chains are folded into it."""
+    base = _RE_PREFIX.sub("", " ".join((subject or "").split()))
+    return "Re: " + base if base else "Re:"
+
+
+def _bracket(message_id: str) -> str:
+    return "<" + message_id.strip().strip("<>").strip() + ">"
+
+
+class SmtpSender:
+    """The outbound dispatcher's ``Sender`` for channel ``email``: answers in the thread."""
+
+    channel = "email"
+
+    def __init__(self, settings: SmtpSettings, *, message_id_domain: str | None = None) -> None:
+        self._settings = settings
+        self._domain = message_id_domain or settings.from_address.rpartition("@")[2]
+
+    def build(self, reply: ReplyRequest, context: ReplyContext) -> EmailMessage:
+        """The reply as a MIME message; a header that would need CR/LF is refused for good."""
+        original = context.original
+        thread = original.thread if original is not None else None
+        parent = thread.message_id if thread is not None else None
+        if parent is None and reply.in_reply_to and "@" in reply.in_reply_to:
+            parent = reply.in_reply_to.strip().strip("<>")
+        references = list(thread.references) if thread is not None else []
+        if parent and parent not in references:
+            references.append(parent)
+        if len(references) > 20:  # RFC 5322 3.6.4: keep the first and the most recent
+            references = [references[0], *references[-19:]]
+        subject = original.subject if original is not None and original.subject else None
+        msg = EmailMessage()
+        try:
+            msg["From"] = self._settings.from_address
+            msg["To"] = formataddr((reply.to.name or "", reply.to.address))
+            msg["Subject"] = reply_subject(subject or reply.subject)
+            msg["Date"] = formatdate(localtime=False)
+            msg["Message-ID"] = make_msgid(domain=self._domain)
+            if parent:
+                msg["In-Reply-To"] = _bracket(parent)
+            if references:
+                msg["References"] = " ".join(_bracket(r) for r in references)
+            msg.set_content(reply.text)
+        except (ValueError, TypeError) as exc:
+            raise PermanentSendError(f"reply cannot be written as a mail: {exc}") from exc
+        return msg
+
+    async def send(self, reply: ReplyRequest, context: ReplyContext) -> SendResult:
+        try:
+            recipient = normalise_email(reply.to.address)
+        except InvalidIdentity as exc:
+            raise PermanentSendError(f"not an email address: {redact(reply.to.address)}") from exc
+        msg = self.build(reply, context)
+        message_id = str(msg["Message-ID"]).strip().strip("<>")
+        started = time.monotonic()
+        async with _smtp(self._settings) as client:
+            try:
+                async with asyncio.timeout(self._settings.timeout):
+                    await client.send_message(msg, recipients=[recipient])
+            except aiosmtplib.SMTPRecipientsRefused as exc:
+                codes = [e.code for e in exc.recipients]
+                if any(code >= 500 for code in codes):
+                    raise PermanentSendError(f"recipient refused: {codes}") from exc
+                raise TransientError(f"recipient deferred: {codes}") from exc
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code >= 500:
+                    raise PermanentSendError(f"SMTP refused: {exc.code} {exc.message}") from exc
+                raise TransientError(f"SMTP deferred: {exc.code} {exc.message}") from exc
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                raise TransientError(f"SMTP send failed: {exc!r}") from exc
+        log.info(
+            "email.reply_sent",
+            to=redact(recipient),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return SendResult(external_id=message_id, thread_message_id=message_id)
+
+
+@contextlib.asynccontextmanager
+async def _smtp(settings: SmtpSettings) -> AsyncIterator[aiosmtplib.SMTP]:
+    """A connected, authenticated SMTP client; STARTTLS is required when asked for."""
+    context = _tls_context(settings.ca_file) if settings.security != "none" else None
+    client = aiosmtplib.SMTP(
+        hostname=settings.host,
+        port=settings.port,
+        use_tls=settings.security == "tls",
+        start_tls=settings.security == "starttls",
+        tls_context=context,
+        timeout=settings.timeout,
+    )
+    try:
+        async with asyncio.timeout(settings.timeout):
+            await client.connect()
+            if settings.username:
+                password = settings.password.get_secret_value() if settings.password else ""
+                await client.login(settings.username, password)
+    except aiosmtplib.SMTPAuthenticationError as exc:
+        client.close()
+        raise AuthError(f"SMTP login refused for {redact(settings.username or '')}") from exc
+    except aiosmtplib.SMTPNotSupported as exc:
+        client.close()
+        # no STARTTLS (or no AUTH): retrying cannot help and plaintext is never an option
+        raise AuthError(f"SMTP server cannot be used safely: {exc}") from exc
+    except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        client.close()
+        raise TransientError(f"SMTP connect failed: {exc!r}") from exc
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            async with asyncio.timeout(settings.timeout):
+                await client.quit()
+        client.close()
+
+
+# --- omniroute check --------------------------------------------------------------------
+
+
+async def check(
+    email: EmailSettings | None, smtp: SmtpSettings | None
+) -> list[tuple[str, bool, str]]:
+    """Log into every mailbox and the SMTP server; ``(name, ok, why)`` for each."""
+    results: list[tuple[str, bool, str]] = []
+    for box in email.mailboxes if email is not None else []:
+        name = "imap:" + box.name
+        try:
+            session = await ImapSession.open(box)
+        except (AuthError, ConfigError, TransientError) as exc:
+            results.append((name, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        await session.close()
+        results.append((name, True, f"logged in, {box.folder} selected"))
+    if smtp is not None:
+        try:
+            async with _smtp(smtp):
+                pass
+        except (AuthError, TransientError) as exc:
+            results.append(("smtp", False, f"{type(exc).__name__}: {exc}"))
+        else:
+            results.append(("smtp", True, "connected" + (", logged in" if smtp.username else "")))
+    return results
