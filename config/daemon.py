@@ -102,10 +102,7 @@ class Daemon:
     async def _run(self) -> int:
         settings = self.settings
         self._notifier.notify("STATUS=migrating the directory")
-        try:
-            await migrate(settings.directory_url)
-        except Exception as exc:  # alembic/driver errors have no common base worth naming
-            raise ConfigError(f"database_url: cannot open or migrate the directory: {exc}") from exc
+        await migrate(settings.directory_url)
         engine = create_engine(settings.directory_url, settings.directory)
         self.health.register("directory")
         self.health.set("directory", "up")

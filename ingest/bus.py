@@ -265,10 +265,18 @@ class Bus:
         )
 
     async def queue_depth(self, queue_name: str) -> tuple[int, int]:
-        """``(messages ready, consumers)`` of a queue, by a passive declare."""
-        channel = self._require_channel()
-        queue = await channel.declare_queue(queue_name, passive=True)
-        result = queue.declaration_result
+        """``(messages ready, consumers)`` of a queue, asked of the broker now.
+
+        Goes to the underlying channel: aio-pika's robust channel answers a repeated
+        ``declare_queue`` from its cache, with the counts of the first declaration.
+        """
+        channel = await self._require_channel().get_underlay_channel()
+        try:
+            result = await channel.queue_declare(
+                queue_name, passive=True, timeout=self._settings.publish_timeout
+            )
+        except (TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            raise TransientError(f"queue {queue_name}: {exc!r}") from exc
         return result.message_count or 0, result.consumer_count or 0
 
     async def consumer(self, queue_name: str, handler: Handler, *, prefetch: int) -> "Consumer":

@@ -11,10 +11,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from ingest.errors import ConfigError
+from ingest.errors import ConfigError, OmnirouteError
 from routers.settings import DirectorySettings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -41,9 +41,7 @@ def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncE
     url = normalise_url(url)
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _ensure_sqlite_directory(url)
         kwargs["connect_args"] = {"timeout": settings.statement_timeout}
     else:
         kwargs["pool_size"] = settings.pool_size
@@ -80,7 +78,26 @@ def _alembic_config(url: str) -> Config:
 
 async def migrate(url: str) -> None:
     """Apply every pending migration; Alembic drives its own loop, so it runs in a thread."""
-    await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+    _ensure_sqlite_directory(normalise_url(url))
+    try:
+        await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+    except (SQLAlchemyError, OSError) as exc:
+        shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
+        reason = getattr(exc, "orig", None) or exc
+        raise DirectoryUnavailable(
+            f"cannot open or migrate the directory at {shown}: {reason}"
+        ) from exc
+
+
+class DirectoryUnavailable(OmnirouteError):
+    """The directory database cannot be reached or brought up to date."""
+
+
+def _ensure_sqlite_directory(url: str) -> None:
+    if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 async def current_revision(url: str) -> str | None:
