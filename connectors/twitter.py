@@ -200,8 +200,8 @@ class TwitterConnector:
         self._seen = seen
         self._health = health
         self._api = _XApi(settings)
-        self._uid = settings.user_id
-        self._account = Identity(kind="twitter", address=normalise_twitter(settings.user_id))
+        self._uid = settings.user_id.removeprefix("id:")
+        self._account = Identity(kind="twitter", address=normalise_twitter(f"id:{self._uid}"))
         self._stop = asyncio.Event()
         health.register(NAME)
 
