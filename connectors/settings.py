@@ -145,6 +145,16 @@ class TwitterSettings(_Section):
     poll_interval: float = Field(default=60.0, ge=1.0)
     timeout: float = Field(default=30.0, gt=0)
     api_base_url: str | None = Field(default=None, description="override of X's API host (tests)")
+    retry_initial: float = Field(
+        default=1.0, gt=0, description="first backoff after a 5xx or network error, in seconds"
+    )
+    retry_max: float = Field(default=300.0, gt=0, description="cap of that backoff, in seconds")
+    retry_attempts: int = Field(
+        default=4, ge=1, description="tries per request before the poll pass gives up"
+    )
+    backfill_pages: int = Field(
+        default=1, ge=1, le=50, description="pages read per endpoint when no cursor is stored yet"
+    )
 
 
 class SpoolSettings(_Section):
