@@ -628,6 +628,8 @@ async def _smtp(settings: SmtpSettings) -> AsyncIterator[aiosmtplib.SMTP]:
         raise AuthError(f"SMTP server cannot be used safely: {exc}") from exc
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         client.close()
+        if settings.security == "starttls" and "STARTTLS" in str(exc):
+            raise AuthError(f"SMTP server cannot be used safely: {exc}") from exc
         raise TransientError(f"SMTP connect failed: {exc!r}") from exc
     try:
         yield client

@@ -1,0 +1,379 @@
+"""Email test servers: a real Dovecot on a loopback port with a throwaway maildir, and an
+aiosmtpd server that records what it receives. Import the fixtures into a test module."""
+
+import asyncio
+import contextlib
+import imaplib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SmtpServer
+from aiosmtpd.smtp import Envelope, Session
+
+from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.settings import BusSettings
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
+USER = "support@example.com"
+PASSWORD = "s3cret-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _config(root: Path, port: int, *, tls: bool) -> str:
+    ssl = (
+        f"ssl = yes\nssl_cert = <{root}/cert.pem\nssl_key = <{root}/key.pem\n"
+        if tls
+        else "ssl = no\n"
+    )
+    return f"""
+protocols = imap
+listen = 127.0.0.1
+base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+info_log_path = {root}/dovecot.log
+{ssl}
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+login_trusted_networks = 127.0.0.0/8
+mail_location = maildir:{root}/mail/%u
+mail_uid = nobody
+mail_gid = nogroup
+first_valid_uid = 1
+default_login_user = dovenull
+default_internal_user = dovecot
+imap_idle_notify_interval = 1 secs
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {root}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={root}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service anvil {{
+  chroot =
+}}
+service stats {{
+  chroot =
+}}
+"""
+
+
+@dataclass
+class Dovecot:
+    """One Dovecot process; ``stop()``/``start()`` take it down and bring it back on the
+    same port and maildir, for reconnect tests."""
+
+    root: Path
+    port: int
+    tls: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    conf: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.conf = self.root / "dovecot.conf"
+        for sub in ("run", "state", "mail", "home"):
+            (self.root / sub).mkdir(exist_ok=True)
+        (self.root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}\n")
+        if self.tls:
+            subprocess.run(
+                ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                 "-keyout", str(self.root / "key.pem"), "-out", str(self.root / "cert.pem")],
+                check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        self.conf.write_text(_config(self.root, self.port, tls=self.tls))
+        for sub in ("mail", "home"):
+            shutil.chown(self.root / sub, "nobody", "nogroup")
+
+    @property
+    def cert(self) -> Path:
+        return self.root / "cert.pem"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [DOVECOT, "-c", str(self.conf), "-F"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(f"dovecot exited: {err} {self.log()}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("dovecot did not listen in 15 s: " + self.log())
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+
+    def log(self) -> str:
+        path = self.root / "dovecot.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    # --- test-side mailbox access with the stdlib client (a webmail user, an MTA) -----
+
+    def imap(self) -> imaplib.IMAP4:
+        client = imaplib.IMAP4("127.0.0.1", self.port, timeout=10)
+        client.login(USER, PASSWORD)
+        return client
+
+    def append(self, raw: bytes, folder: str = "INBOX", flags: str = "") -> None:
+        client = self.imap()
+        try:
+            if folder != "INBOX":
+                client.create(folder)  # fails harmlessly when it exists
+            typ, data = client.append(folder, f"({flags})" if flags else None, None, raw)
+            assert typ == "OK", data
+        finally:
+            client.logout()
+
+    def flags(self, folder: str = "INBOX") -> dict[int, str]:
+        """UID -> FLAGS text of every message in a folder."""
+        client = self.imap()
+        try:
+            client.select(folder, readonly=True)
+            typ, data = client.uid("FETCH", "1:*", "(UID FLAGS)")
+            out: dict[int, str] = {}
+            for item in data:
+                if not isinstance(item, bytes):
+                    continue
+                text = item.decode()
+                uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
+                out[uid] = text.split("FLAGS (")[1].split(")")[0]
+            return out
+        finally:
+            client.logout()
+
+    def run(self, *commands: tuple[str, ...], folder: str = "INBOX") -> None:
+        """Run raw commands on a selected folder (mark read, delete, recreate)."""
+        client = self.imap()
+        try:
+            client.select(folder)
+            for name, *args in commands:
+                typ, data = getattr(client, name)(*args)
+                assert typ == "OK", (name, data)
+        finally:
+            client.logout()
+
+
+def make_mail(
+    message_id: str | None,
+    *,
+    sender: str = "Ayşe Yılmaz <ayse@customer.example>",
+    subject: str = "Faturam hakkında",
+    text: str = "Merhaba, faturamda bir sorun var.",
+    **headers: str,
+) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = USER
+    msg["Subject"] = subject
+    if message_id:
+        msg["Message-ID"] = f"<{message_id}>"
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(text)
+    return msg.as_bytes()
+
+
+def _start_dovecot(tls: bool) -> Iterator[Dovecot]:
+    root = Path(tempfile.mkdtemp(prefix="omniroute-dovecot-"))
+    # dovecot's unprivileged processes must reach the maildir below this directory
+    os.chmod(root, 0o755)  # noqa: S103
+    server = Dovecot(root=root, port=free_port(), tls=tls)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    """A Dovecot of this test's own (plain IMAP, no STARTTLS offered) on a loopback port."""
+    yield from _start_dovecot(tls=False)
+
+
+@pytest.fixture
+def dovecot_tls() -> Iterator[Dovecot]:
+    """A Dovecot offering STARTTLS with a self-signed certificate (``server.cert``)."""
+    yield from _start_dovecot(tls=True)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.messages: list[Envelope] = []
+
+    async def handle_RCPT(  # noqa: N802 (aiosmtpd's hook name)
+        self, server: SmtpServer, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        if address.startswith("refuse"):
+            return "550 5.1.1 no such user"
+        if address.startswith("later"):
+            return "451 4.3.0 try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(  # noqa: N802 (aiosmtpd's hook name)
+        self, server: SmtpServer, session: Session, envelope: Envelope
+    ) -> str:
+        self.messages.append(envelope)
+        return "250 Message accepted for delivery"
+
+
+@dataclass
+class SmtpSink:
+    host: str
+    port: int
+    recorder: _Recorder
+
+
+@pytest.fixture
+async def smtp_server() -> AsyncIterator[SmtpSink]:
+    """An aiosmtpd server on a loopback port that records every message it accepts."""
+    recorder = _Recorder()
+    port = free_port()
+    controller = Controller(recorder, hostname="127.0.0.1", port=port)
+    await asyncio.to_thread(controller.start)
+    try:
+        yield SmtpSink("127.0.0.1", port, recorder)
+    finally:
+        await asyncio.to_thread(controller.stop)
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a server, to cut and restore the network on purpose
+    (``cut()`` drops every connection and refuses new ones; ``restore()`` listens again)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def restore(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update({writer, up_writer})
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(dst)
+            dst.transport.abort()
+
+
+@pytest.fixture
+async def imap_proxy(dovecot: Dovecot) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test's Dovecot, listening."""
+    proxy = TcpProxy(dovecot.port)
+    await proxy.restore()
+    yield proxy
+    await proxy.cut()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+async def module_bus() -> AsyncIterator[Bus]:
+    """One vhost and bus for a whole test module: creating a vhost costs seconds."""
+    name = f"omniroute-test-email-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    bus = Bus(
+        f"amqp://guest:guest@{AMQP_HOST}/{name}",
+        BusSettings(queue_type="quorum", delivery_limit=3),
+        name="test-email",
+    )
+    await bus.open()
+    yield bus
+    await bus.close()
+    _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+async def email_bus(module_bus: Bus) -> Bus:
+    """The module's bus with ``omniroute.router`` emptied before the test."""
+    channel = await module_bus.connection.channel()
+    try:
+        queue = await channel.get_queue(ROUTER_QUEUE)
+        await queue.purge()
+    finally:
+        await channel.close()
+    return module_bus
