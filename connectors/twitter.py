@@ -181,7 +181,7 @@ class TwitterConnector:
 
     ``poll_once`` returns how many messages it published; it raises ``AuthError`` on
     refused credentials and ``TransientError`` when X, the broker or the database failed
-    after the in-place retries, with every cursor left where it was.
+    after the in-place retries, with the failing endpoint's cursor left where it was.
     """
 
     name = NAME

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -146,20 +147,26 @@ async def test_restart_resumes_from_stored_cursors_without_duplicates(
     assert mention_requests[-1].query["since_id"] == "1790000000000000106"
 
 
-async def test_own_tweets_and_dms_are_skipped_but_passed_by_the_cursor(
+async def test_own_tweets_and_dms_are_skipped_and_a_first_start_reads_one_page(
     fake_x: FakeX, bus: Bus, engine: AsyncEngine
 ) -> None:
-    """The account's own replies must never come back in as customer messages."""
-    fake_x.mentions = [tweet("1790000000000000201", ACCOUNT, "@AcmeSupport me")]
+    """The account's own replies must never come back in as customer messages; and a first
+    start must not flood the teams with the account's whole history."""
+    fake_x.mentions = [
+        tweet("1790000000000000203", ACCOUNT, "@AcmeSupport me"),
+        tweet("1790000000000000202", ALICE, "@AcmeSupport newest page"),
+        tweet("1790000000000000201", BOB, "@AcmeSupport an older page"),
+    ]
     fake_x.dm_events = [dm_event("1800000000000000201", ACCOUNT, "our answer")]
-    conn = connector(fake_x, bus, engine)
+    conn = connector(fake_x, bus, engine, backfill_pages=1)
     try:
-        assert await conn.poll_once() == 0
+        assert await conn.poll_once() == 1
     finally:
         await conn.aclose()
-    assert await published(bus) == []
+    assert [m.external_id for m in await published(bus)] == ["1790000000000000202"]
+    assert len(fake_x.hits(f"/2/users/{ACCOUNT_ID}/mentions")) == 1
     cursors = DbCursorStore(engine)
-    assert await cursors.get(MENTIONS_KEY) == "1790000000000000201"
+    assert await cursors.get(MENTIONS_KEY) == "1790000000000000203"
     assert await cursors.get(DM_KEY) == "1800000000000000201"
 
 
@@ -253,7 +260,7 @@ async def test_server_error_backs_off_marks_down_once_and_recovers(
     assert events.count("twitter.recovered") == 1
     assert len(fake_x.hits("/2/dm_events")) == 6
     assert [m.external_id for m in await published(bus)] == ["dm:1800000000000000401"]
-    assert health.components["twitter"].state == "stopped"
+    assert health.snapshot()["twitter"]["state"] == "stopped"
 
 
 async def test_refused_credentials_mark_down_and_run_returns(
@@ -347,6 +354,19 @@ async def test_sender_maps_x_errors_to_permanent_or_transient(
         await sender.aclose()
 
 
+async def test_sender_network_failure_is_transient(fake_x: FakeX) -> None:
+    """A peer that is not there must be retried by the dispatcher, not reported as refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    sender = TwitterSender(fake_x.settings(api_base_url=closed))
+    try:
+        with pytest.raises(TransientError):
+            await sender.send(_reply(), ReplyContext())
+    finally:
+        await sender.aclose()
+
+
 async def test_sender_refuses_a_dm_to_a_handle_without_user_id(fake_x: FakeX) -> None:
     """X's DM endpoint takes a user id; guessing one from a handle would message a stranger."""
     sender = TwitterSender(fake_x.settings())
@@ -384,4 +404,3 @@ async def test_bearer_token_never_reaches_the_logs(
         assert BEARER not in text
         assert "access-secret" not in text
     assert not logging.getLogger("tweepy.asynchronous.client").isEnabledFor(logging.DEBUG)
-

@@ -50,9 +50,7 @@ def tweet(
         "conversation_id": conversation or tid,
         "edit_history_tweet_ids": [tid],
         "entities": {
-            "mentions": [
-                {"start": 0, "end": 12, "username": ACCOUNT_HANDLE, "id": ACCOUNT_ID}
-            ]
+            "mentions": [{"start": 0, "end": 12, "username": ACCOUNT_HANDLE, "id": ACCOUNT_ID}]
         },
     }
     if replied_to:
