@@ -19,6 +19,7 @@ published again. A call is always answered, even when its publish fails.
 """
 
 import asyncio
+import base64
 import logging
 import time
 import uuid
@@ -419,6 +420,10 @@ class _HostRewritingClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # twil
                 )
             )
         kwargs["timeout"] = kwargs.get("timeout") or self._timeout
+        auth = kwargs.pop("auth", None)
+        if auth is not None:  # aiohttp deprecates BasicAuth objects, which twilio would build
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "Authorization": f"Basic {token}"}
         return await super().request(method, url, *args, **kwargs)
 
 

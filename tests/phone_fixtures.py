@@ -1,0 +1,385 @@
+"""Fixtures of the phone tests: a seeded directory, the real app wired like the daemon does,
+Twilio signatures computed with twilio's own validator, a fake Twilio REST API and a TCP
+proxy that takes the broker away. Everything listens on loopback only."""
+
+import asyncio
+import base64
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+from twilio.request_validator import RequestValidator
+
+from connectors.http import build_app
+from connectors.pbx import pbx_router
+from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
+from connectors.twilio import twilio_router
+from ingest.bus import QUEUES, Bus
+from ingest.health import Health
+from ingest.metrics import Metrics
+from ingest.protocols import Decider as DeciderProtocol
+from ingest.settings import BusSettings
+from ingest.sink import BusSink
+from ingest.spool import SpooledSink
+from routers.decider import Decider
+from routers.importer import import_csv
+from routers.settings import RoutingSettings
+from routers.store import DbSeenStore
+from tests.conftest import AMQP_HOST, _rabbitmqctl
+
+BUS_SETTINGS = BusSettings(queue_type="quorum", delivery_limit=3, publish_timeout=3.0)
+
+AUTH_TOKEN = "0123456789abcdef0123456789abcdef"
+ACCOUNT_SID = "AC" + "0" * 32
+PUBLIC_URL = "https://omniroute.example.test/hooks"
+API_TOKEN = "pbx-route-token-for-tests"
+REGION = "TR"
+TEAM_DIAL = "+902125550100"
+AGENT_DIAL = "client:ayse"
+DEFAULT_DIAL = "+902125550199"
+ACME_PHONE = "+905321112233"
+
+TEAMS = """id,name,dial,email
+t-istanbul,Istanbul,+902125550100,istanbul@example.test
+t-sip,SIP desk,sip:desk@pbx.example.test,
+t-queue,Queue desk,queue:support,
+t-triage,Triage,+902125550199,
+"""
+AGENTS = """id,name,team,email,phone,dial,active
+a-ayse,Ayse,t-istanbul,ayse@example.test,,client:ayse,true
+"""
+CUSTOMERS = """id,name,team,emails,phones,twitter
+c-acme,Acme,t-istanbul,ops@acme.test,+905321112233,
+c-sipco,SipCo,t-sip,,+905321112244,
+c-queue,QueueCo,t-queue,,+905321112255,
+"""
+
+
+async def seed_directory(engine: AsyncEngine, tmp_path: Path) -> None:
+    """Load the directory through the real CSV importer."""
+    for kind, text in (("teams", TEAMS), ("agents", AGENTS), ("customers", CUSTOMERS)):
+        path = tmp_path / f"{kind}.csv"
+        path.write_text(text)
+        report = await import_csv(engine, path, kind=kind, region=REGION, dry_run=False)
+        assert not report.rejects, report.rejects
+
+
+def signature(url: str, params: dict[str, str]) -> str:
+    return str(RequestValidator(AUTH_TOKEN).compute_signature(url, params))
+
+
+@dataclass
+class Phones:
+    """The app as the daemon wires it, and the handles tests look at."""
+
+    app: Any
+    client: httpx.AsyncClient
+    bus: Bus
+    metrics: Metrics
+    health: Health
+    spool: SpooledSink
+    engine: AsyncEngine
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def twilio(
+        self, path: str, params: dict[str, str], *, query: str = "", signed: bool = True
+    ) -> httpx.Response:
+        """POST a form to a Twilio webhook, signed as Twilio signs it."""
+        url = f"{PUBLIC_URL}{path}" + (f"?{query}" if query else "")
+        headers = {"X-Twilio-Signature": signature(url, params)} if signed else {}
+        return await self.client.post(
+            path + (f"?{query}" if query else ""), data=params, headers=headers
+        )
+
+    async def route(self, **params: str) -> httpx.Response:
+        return await self.client.get(
+            "/v1/route?" + urlencode(params), headers={"Authorization": f"Bearer {API_TOKEN}"}
+        )
+
+
+AppFactory = Callable[..., Awaitable[Phones]]
+
+
+@pytest.fixture(scope="module")
+def phone_vhost() -> Iterator[str]:
+    """One vhost per test module (creating one costs seconds); ``phone_bus`` empties its
+    queues before each test, so tests still start from an empty broker."""
+    name = f"omniroute-phones-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield name
+    _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def phone_amqp_url(phone_vhost: str) -> str:
+    return f"amqp://guest:guest@{AMQP_HOST}/{phone_vhost}"
+
+
+@pytest.fixture
+async def phone_bus(phone_amqp_url: str) -> AsyncIterator[Bus]:
+    """An opened bus on the module's vhost, every queue purged."""
+    bus = Bus(phone_amqp_url, BUS_SETTINGS, name="phones-test")
+    await bus.open()
+    channel = await bus.connection.channel()
+    for name in QUEUES:
+        await (await channel.get_queue(name)).purge()
+    await channel.close()
+    yield bus
+    await bus.close()
+
+
+@pytest.fixture
+async def make_phones(
+    engine: AsyncEngine, phone_bus: Bus, tmp_path: Path
+) -> AsyncIterator[AppFactory]:
+    """Builds the real app over the real broker, directory and spool."""
+    bus = phone_bus
+    await seed_directory(engine, tmp_path)
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(
+        *,
+        routing: RoutingSettings | None = None,
+        sink_bus: Bus | None = None,
+        spool_settings: SpoolSettings | None = None,
+        twilio: TwilioSettings | None = None,
+        decider: DeciderProtocol | None = None,
+    ) -> Phones:
+        metrics = Metrics()
+        health = Health()
+        routing = routing or RoutingSettings(default_region=REGION, default_team="t-triage")
+        decide = decider or Decider(engine, routing)
+        seen = DbSeenStore(engine)
+        spool = SpooledSink(
+            BusSink(sink_bus or bus),
+            tmp_path / f"spool-{len(clients)}",
+            spool_settings or SpoolSettings(publish_timeout=3.0),
+            metrics,
+        )
+        http = HttpSettings(public_url=PUBLIC_URL, port=0)
+        twilio_settings = twilio or TwilioSettings(
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            from_number="+902125550000",
+            dial_timeout=25,
+            default_dial=DEFAULT_DIAL,
+        )
+        routers = [
+            twilio_router(
+                settings=twilio_settings,
+                http=http,
+                sink=spool,
+                seen=seen,
+                decider=decide,
+                bus=bus,
+                metrics=metrics,
+                region=REGION,
+            ),
+            pbx_router(
+                settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
+                decider=decide,
+                sink=spool,
+                metrics=metrics,
+                region=REGION,
+                seen=seen,
+            ),
+        ]
+        app = build_app(health=health, metrics=metrics, http=http, routers=routers, spool=spool)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
+        clients.append(client)
+        return Phones(app, client, bus, metrics, health, spool, engine)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def take(bus: Bus, queue_name: str, count: int, timeout: float = 10.0) -> list[Any]:
+    """Take ``count`` messages off a queue (acked), waiting at most ``timeout``."""
+    channel = await bus.connection.channel()
+    try:
+        queue = await channel.get_queue(queue_name)
+        got: list[AbstractIncomingMessage] = []
+        async with asyncio.timeout(timeout):
+            while len(got) < count:
+                message = await queue.get(fail=False, no_ack=True, timeout=5)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                got.append(message)
+        return got
+    finally:
+        await channel.close()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class TcpProxy:
+    """A loopback TCP proxy to the broker that the test can cut and restore."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._links):
+            task.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._links.add(task)
+            task.add_done_callback(self._links.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            dst.close()
+            self._writers.discard(dst)
+
+
+class FakeTwilioApi:
+    """Twilio's Messages resource on loopback, answering like the documented API."""
+
+    INVALID = "+15005550001"  # Twilio's magic "invalid number" test value
+    BROKEN = "+15005550009"  # answered 503 here
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.auth: list[str | None] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _create(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.requests.append(form)
+        self.auth.append(request.headers.get("Authorization"))
+        sid = request.match_info["sid"]
+        to = form.get("To", "")
+        expected = "Basic " + base64.b64encode(f"{ACCOUNT_SID}:{AUTH_TOKEN}".encode()).decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response(
+                {
+                    "code": 20003,
+                    "message": "Authenticate",
+                    "more_info": "https://www.twilio.com/docs/errors/20003",
+                    "status": 401,
+                },
+                status=401,
+            )
+        if to == self.INVALID:
+            return web.json_response(
+                {
+                    "code": 21211,
+                    "message": f"The 'To' number {to} is not a valid phone number.",
+                    "more_info": "https://www.twilio.com/docs/errors/21211",
+                    "status": 400,
+                },
+                status=400,
+            )
+        if to == self.BROKEN:
+            return web.json_response(
+                {
+                    "code": 20500,
+                    "message": "An internal server error has occurred",
+                    "more_info": "https://www.twilio.com/docs/errors/20500",
+                    "status": 500,
+                },
+                status=503,
+            )
+        message_sid = "SM" + "a" * 32
+        now = "Thu, 24 Aug 2023 05:01:45 +0000"
+        return web.json_response(
+            {
+                "account_sid": sid,
+                "api_version": "2010-04-01",
+                "body": form.get("Body", ""),
+                "date_created": now,
+                "date_sent": None,
+                "date_updated": now,
+                "direction": "outbound-api",
+                "error_code": None,
+                "error_message": None,
+                "from": form.get("From"),
+                "messaging_service_sid": None,
+                "num_media": "0",
+                "num_segments": "1",
+                "price": None,
+                "price_unit": "USD",
+                "sid": message_sid,
+                "status": "queued",
+                "subresource_uris": {
+                    "media": f"/2010-04-01/Accounts/{sid}/Messages/{message_sid}/Media.json"
+                },
+                "to": to,
+                "uri": f"/2010-04-01/Accounts/{sid}/Messages/{message_sid}.json",
+            },
+            status=201,
+        )
+
+
+@pytest.fixture
+async def fake_twilio() -> AsyncIterator[FakeTwilioApi]:
+    api = FakeTwilioApi()
+    await api.start()
+    yield api
+    await api.stop()
