@@ -372,7 +372,11 @@ class _Applier:
         existing = {
             i for (i,) in await _select_in(session, [self.table.c.id], self.table.c.id, ids)
         }
-        for chunk in _chunks([r.values for r in good]):
+        # New rows go through one executemany INSERT (compiled once; a row created meanwhile
+        # fails the batch loudly); existing ones through the upsert, which compiles per call.
+        for chunk in _chunks([r.values for r in good if r.id not in existing]):
+            await session.execute(insert(self.table), chunk)
+        for chunk in _chunks([r.values for r in good if r.id in existing]):
             await upsert(session, self.table, chunk, ["id"])
         # After the customers: a new identity's owner must exist (foreign key).
         ident = _identities.c
