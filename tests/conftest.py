@@ -43,7 +43,7 @@ def amqp_url(vhost: str) -> str:
 
 @pytest.fixture
 async def bus(amqp_url: str) -> AsyncIterator[Bus]:
-    b = Bus(amqp_url, BusSettings(queue_type="quorum", delivery_limit=3), name="test")
+    b = Bus(amqp_url, BusSettings(), name="test")
     await b.open()
     yield b
     await b.close()

@@ -1,0 +1,190 @@
+"""The daemon as a process: it loses nothing when killed, drains on SIGTERM, and its
+command line answers a user's mistakes in one line."""
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
+from ingest.schema import Identity, InboundMessage
+from routers.db import create_engine, migrate
+from tests.daemon_fixtures import DaemonProcess, daemon  # noqa: F401 (fixture)
+from tests.seed import seed
+
+
+async def _seeded(url: str) -> None:
+    await migrate(url)
+    engine = create_engine(url)
+    try:
+        await seed(engine)
+    finally:
+        await engine.dispose()
+
+
+def _messages(n: int) -> list[InboundMessage]:
+    senders = ["ayse@acme.test", "it@globex.test", "stranger@nowhere.test", "0532 111 22 33"]
+    out = []
+    for i in range(n):
+        sender = senders[i % len(senders)]
+        kind = "phone" if sender[0].isdigit() else "email"
+        out.append(
+            InboundMessage(
+                channel="sms" if kind == "phone" else "email",
+                external_id=f"ext-{i}",
+                sender=Identity(kind=kind, address=sender),  # type: ignore[arg-type]
+                text="x" * 500,
+            )
+        )
+    return out
+
+
+async def _wait_consumers(bus: Bus, queue: str, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while (await bus.queue_depth(queue))[1] == 0:
+            await asyncio.sleep(0.1)
+
+
+async def _collect(bus: Bus, want: set[str], timeout: float) -> dict[str, int]:
+    """Drain omniroute.routed until every wanted id arrived; count each id's copies."""
+    counts: dict[str, int] = {}
+    channel = await bus.connection.channel()
+    queue = await channel.get_queue(ROUTED_QUEUE)
+    try:
+        async with asyncio.timeout(timeout):
+            while not want <= counts.keys():
+                got = await queue.get(fail=False)
+                if got is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                counts[got.message_id or ""] = counts.get(got.message_id or "", 0) + 1
+                await got.ack()
+    except TimeoutError:
+        pass
+    finally:
+        await channel.close()
+    return counts
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_flow_loses_nothing(
+    daemon: DaemonProcess, bus: Bus, sqlite_url: str, tmp_path: Path
+) -> None:
+    """A router killed between receive and ack redelivers; every message is routed."""
+    await _seeded(sqlite_url)
+    messages = _messages(1500)
+    for m in messages:
+        await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+    proc = daemon.start("router", log=tmp_path / "daemon.log")
+    await _wait_consumers(bus, ROUTER_QUEUE)
+    async with asyncio.timeout(60):
+        while (await bus.queue_depth(ROUTED_QUEUE))[0] < 300:
+            await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    left, _ = await bus.queue_depth(ROUTER_QUEUE)
+    assert left > 0, "the kill must land mid-flow for this test to mean anything"
+
+    daemon.start("router", log=tmp_path / "daemon.log")
+    counts = await _collect(bus, {m.id for m in messages}, timeout=90)
+    lost = [m.id for m in messages if m.id not in counts]
+    duplicated = sum(c - 1 for c in counts.values())
+    print(f"offered={len(messages)} routed={len(counts)} lost={len(lost)} duplicated={duplicated}")
+    assert not lost
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_and_exits_zero(
+    daemon: DaemonProcess, bus: Bus, sqlite_url: str, tmp_path: Path
+) -> None:
+    """systemd stops the unit with SIGTERM: in-flight work finishes, exit status 0."""
+    await _seeded(sqlite_url)
+    messages = _messages(600)
+    for m in messages:
+        await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+    proc = daemon.start("router", "events", log=tmp_path / "daemon.log")
+    await _wait_consumers(bus, ROUTER_QUEUE)
+    async with asyncio.timeout(60):
+        while (await bus.queue_depth(ROUTED_QUEUE))[0] < 100:
+            await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 25) == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert '"daemon.stopped"' in log
+    assert "Traceback" not in log
+    daemon.start("router", log=tmp_path / "daemon.log")
+    counts = await _collect(bus, {m.id for m in messages}, timeout=60)
+    assert {m.id for m in messages} <= counts.keys()
+
+
+def test_schema_prints_every_message_type(daemon: DaemonProcess) -> None:
+    result = daemon.cli("schema")
+    assert result.returncode == 0
+    schemas = json.loads(result.stdout)
+    assert {"omniroute.inbound.v1", "omniroute.routed.v1", "omniroute.reply.v1"} <= set(schemas)
+    assert schemas["omniroute.inbound.v1"]["properties"]["channel"]["enum"] == [
+        "email",
+        "sms",
+        "voice",
+        "twitter",
+    ]
+
+
+def test_bad_configuration_is_one_line_and_exit_2(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A typo in the config must name the key, not print a traceback."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[routing]\ndefault_region = "XX"\nsticky_fo = 3\n', encoding="utf-8")
+    result = daemon.cli("--config", str(bad), "check")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "routing.default_region" in result.stderr
+    assert "routing.sticky_fo: unknown key" in result.stderr
+    missing = daemon.cli("--config", str(tmp_path / "nope.toml"), "run")
+    assert missing.returncode == 2
+    assert "config file not found" in missing.stderr
+
+
+def test_directory_migrate(daemon: DaemonProcess) -> None:
+    result = daemon.cli("directory", "migrate")
+    assert result.returncode == 0, result.stderr
+    assert "schema revision 0001" in result.stdout
+
+
+async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None:
+    """An operator asks why a sender goes where it goes, and whether everything is reachable."""
+    await _seeded(sqlite_url)
+    result = await asyncio.to_thread(
+        daemon.cli, "route", "explain", "--channel", "sms", "--from", "0532 111 22 33"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "customer:  acme (Acme Ltd)" in result.stdout
+    assert "route:     team.billing" in result.stdout
+    assert "reason:    dedicated_team" in result.stdout
+    as_json = await asyncio.to_thread(
+        daemon.cli, "route", "explain", "--channel", "voice", "--from", "+905321112233", "--json"
+    )
+    decision = json.loads(as_json.stdout)
+    assert decision["dial"] == "+902125550100"
+    assert decision["route"]["reason"] == "dedicated_team"
+
+    check = await asyncio.to_thread(daemon.cli, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "broker" in check.stdout
+
+
+async def test_check_fails_when_the_broker_is_away(daemon: DaemonProcess, tmp_path: Path) -> None:
+    config = tmp_path / "away.toml"
+    config.write_text(
+        daemon.config.read_text().replace(
+            daemon.config.read_text().splitlines()[0],
+            'amqp_url = "amqp://guest:guest@127.0.0.1:1/"',
+        ),
+        encoding="utf-8",
+    )
+    result = await asyncio.to_thread(daemon.cli, "--config", str(config), "check")
+    assert result.returncode == 1
+    assert "FAIL" in result.stdout
+    assert "Traceback" not in result.stderr
