@@ -27,6 +27,8 @@ from ingest.schema import Attachment, Identity, InboundMessage, Thread
 
 UNKNOWN_SENDER = "unknown@invalid"
 MAX_TEXT = 512 * 1024
+#: RFC 5322 section 2.1.1 line limit; a subject is a ticket title, not a payload
+MAX_SUBJECT = 998
 MAX_ATTACHMENTS = 100
 MAX_DEPTH = 20
 _MSG_ID = re.compile(r"<([^<>\s]+)>")
@@ -74,6 +76,9 @@ def normalise(
         references=_all_ids(_header(msg, "References")),
     )
     subject = _one_line(_header(msg, "Subject"))
+    if subject is not None and len(subject) > MAX_SUBJECT:
+        subject = subject[:MAX_SUBJECT]
+        meta["subject_truncated"] = True
     date = _date(_header(msg, "Date"))
     if date:
         meta["date"] = date

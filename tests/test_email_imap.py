@@ -7,6 +7,7 @@ import email
 import json
 from collections.abc import Callable
 from email import policy
+from email.message import EmailMessage
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -343,6 +344,14 @@ def smtp_settings(server: SmtpSink, **overrides: object) -> SmtpSettings:
     return SmtpSettings.model_validate(values)
 
 
+def received(server: SmtpSink, index: int) -> EmailMessage:
+    raw = server.recorder.messages[index].original_content
+    assert raw is not None
+    mail = email.message_from_bytes(raw, policy=policy.default)
+    assert isinstance(mail, EmailMessage)
+    return mail
+
+
 def reply_to(address: str = "ayse@customer.example") -> ReplyRequest:
     return ReplyRequest(
         id="r-1",
@@ -372,7 +381,7 @@ async def test_reply_is_threaded_under_the_customer_mail(smtp_server: SmtpSink) 
     await until(lambda: len(smtp_server.recorder.messages) == 1, timeout=5)
     envelope = smtp_server.recorder.messages[0]
     assert envelope.rcpt_tos == ["ayse@customer.example"]
-    mail = email.message_from_bytes(envelope.original_content, policy=policy.default)
+    mail = received(smtp_server, 0)
     assert mail["Subject"] == "Re: Faturam hakkında"
     assert mail["In-Reply-To"] == "<orig@customer.example>"
     assert mail["References"] == "<first@omniroute.example> <orig@customer.example>"
@@ -387,9 +396,7 @@ async def test_reply_without_original_has_one_re_and_no_thread(smtp_server: Smtp
     request = reply_to().model_copy(update={"subject": "Re: re: Sipariş"})
     result = await SmtpSender(smtp_settings(smtp_server)).send(request, ReplyContext())
     await until(lambda: len(smtp_server.recorder.messages) == 1, timeout=5)
-    mail = email.message_from_bytes(
-        smtp_server.recorder.messages[0].original_content, policy=policy.default
-    )
+    mail = received(smtp_server, 0)
     assert mail["Subject"] == "Re: Sipariş"
     assert mail["In-Reply-To"] is None
     assert mail["References"] is None
