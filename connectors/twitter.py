@@ -239,6 +239,7 @@ class TwitterConnector:
                         break
                 self._health.set(NAME, "stopped")
             finally:
+                self._stop = asyncio.Event()
                 await self.aclose()
 
     async def aclose(self) -> None:
