@@ -17,6 +17,8 @@ from ingest.bus import Bus
 from ingest.settings import BusSettings
 from routers.db import create_engine, migrate
 
+pytest_plugins = ["tests.daemon_fixtures"]
+
 AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
 PG_DSN = os.environ.get("OMNIROUTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 

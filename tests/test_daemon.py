@@ -11,7 +11,7 @@ import pytest
 from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import Identity, InboundMessage
 from routers.db import create_engine, migrate
-from tests.daemon_fixtures import DaemonProcess, daemon  # noqa: F401 (fixture)
+from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seed
 
 
