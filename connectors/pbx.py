@@ -145,22 +145,6 @@ def pbx_router(
             return
         metrics.messages_in.labels("voice").inc()
 
-    @router.api_route(
-        "/v1/route",
-        methods=["GET", "POST"],
-        summary="Where to connect a caller",
-        description="Parameters in the query string, or for POST also as an "
-        "application/x-www-form-urlencoded body. JSON by default; only the dial string "
-        "(possibly empty) with `Accept: text/plain` or `format=text`.",
-        response_model=RouteAnswer,
-        responses={
-            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-            400: {"description": "missing caller"},
-            401: {"description": "missing or wrong bearer token"},
-            503: {"description": "no decision possible and no api.default_dial"},
-        },
-        dependencies=[Depends(authorised)],
-    )
     async def route(
         request: Request,
         background: BackgroundTasks,
@@ -226,6 +210,25 @@ def pbx_router(
         )
         return Response(answer.model_dump_json(), media_type="application/json")
 
+    for method in ("GET", "POST"):
+        router.add_api_route(
+            "/v1/route",
+            route,
+            methods=[method],
+            operation_id=f"route_call_{method.lower()}",
+            summary="Where to connect a caller",
+            description="Parameters in the query string, or for POST also as an "
+            "application/x-www-form-urlencoded body. JSON by default; only the dial string "
+            "(possibly empty) with `Accept: text/plain` or `format=text`.",
+            response_model=RouteAnswer,
+            responses={
+                200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                400: {"description": "missing caller"},
+                401: {"description": "missing or wrong bearer token"},
+                503: {"description": "no decision possible and no api.default_dial"},
+            },
+            dependencies=[Depends(authorised)],
+        )
     return router
 
 

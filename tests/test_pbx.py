@@ -1,0 +1,111 @@
+"""The caller-ID route API for any PBX, over HTTP, on the real directory and broker."""
+# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
+
+from sqlalchemy import update
+
+from ingest.bus import ROUTER_QUEUE
+from ingest.schema import InboundMessage
+from routers.models import Team
+from tests.phone_fixtures import (  # noqa: F401 -- fixtures
+    ACME_PHONE,
+    API_TOKEN,
+    DEFAULT_DIAL,
+    TEAM_DIAL,
+    AppFactory,
+    make_phones,
+    phone_amqp_url,
+    phone_bus,
+    phone_vhost,
+    take,
+)
+
+
+async def test_route_answers_json_and_publishes_the_call(make_phones: AppFactory) -> None:
+    """A PBX gets the customer, the route with its reason, and the dial string."""
+    phones = await make_phones()
+    response = await phones.route(caller="0532 111 22 33", called="+902125550000", call_id="c1")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["customer"]["id"] == "c-acme"
+    assert body["route"] == {"kind": "team", "target": "t-istanbul", "reason": "dedicated_team"}
+    assert body["dial"] == TEAM_DIAL
+    [delivery] = await take(phones.bus, ROUTER_QUEUE, 1)
+    message = InboundMessage.model_validate_json(delivery.body)
+    assert (message.channel, message.external_id) == ("voice", "c1")
+    assert message.sender.address == ACME_PHONE
+    # the PBX asking again for the same call does not publish it twice
+    await phones.route(caller="0532 111 22 33", call_id="c1")
+    assert await phones.bus.queue_depth(ROUTER_QUEUE) == (0, 0)
+
+
+async def test_route_answers_plain_dial_string(make_phones: AppFactory) -> None:
+    """Asterisk's Dial(${CURL(...)}) needs the bare dial string."""
+    phones = await make_phones()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    by_accept = await phones.client.get(
+        "/v1/route", params={"caller": ACME_PHONE}, headers={**auth, "Accept": "text/plain"}
+    )
+    by_format = await phones.client.get(
+        "/v1/route", params={"caller": ACME_PHONE, "format": "text"}, headers=auth
+    )
+    posted = await phones.client.post(
+        "/v1/route?format=text", data={"caller": ACME_PHONE}, headers=auth
+    )
+    for response in (by_accept, by_format, posted):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        assert response.text == TEAM_DIAL
+    withheld = await phones.route(caller="anonymous", format="text")
+    assert withheld.text == DEFAULT_DIAL
+
+
+async def test_route_requires_the_bearer_token(make_phones: AppFactory) -> None:
+    """Without api.token nobody learns which team serves which number."""
+    phones = await make_phones()
+    missing = await phones.client.get("/v1/route", params={"caller": ACME_PHONE})
+    wrong = await phones.client.get(
+        "/v1/route", params={"caller": ACME_PHONE}, headers={"Authorization": "Bearer nope"}
+    )
+    basic = await phones.client.get(
+        "/v1/route", params={"caller": ACME_PHONE}, headers={"Authorization": "Basic eDp5"}
+    )
+    assert [r.status_code for r in (missing, wrong, basic)] == [401, 401, 401]
+    no_caller = await phones.client.get(
+        "/v1/route", headers={"Authorization": f"Bearer {API_TOKEN}"}
+    )
+    assert no_caller.status_code == 400
+    assert "caller" in no_caller.json()["detail"]
+
+
+async def test_route_never_answers_an_injected_dial_string(make_phones: AppFactory) -> None:
+    """A directory entry holding dialplan syntax must not reach the PBX."""
+    phones = await make_phones()
+    async with phones.engine.begin() as conn:
+        await conn.execute(
+            update(Team)
+            .where(Team.id == "t-istanbul")
+            .values(dial="SIP/desk&Local/s@evil,${SHELL(id)}|x")
+        )
+    text = await phones.route(caller=ACME_PHONE, format="text")
+    assert text.status_code == 200
+    assert text.text == DEFAULT_DIAL
+    body = (await phones.route(caller=ACME_PHONE)).json()
+    assert body["dial"] == DEFAULT_DIAL
+    assert body["route"]["target"] == "t-istanbul"
+
+
+async def test_route_openapi_documents_the_endpoints(make_phones: AppFactory) -> None:
+    """The OpenAPI document is served and names every public endpoint."""
+    phones = await make_phones()
+    spec = (await phones.client.get("/openapi.json")).json()
+    for path in (
+        "/v1/route",
+        "/webhooks/twilio/sms",
+        "/webhooks/twilio/voice",
+        "/webhooks/twilio/status",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ):
+        assert path in spec["paths"], path
+    assert set(spec["paths"]["/v1/route"]) == {"get", "post"}
