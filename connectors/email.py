@@ -128,6 +128,16 @@ class ImapSession:
                     self.uidnext = int(m.group(1))
         if not self.uidvalidity:
             raise TransientError("SELECT answered without UIDVALIDITY")
+        permanent = next(
+            (line for line in response.lines if b"[PERMANENTFLAGS" in bytes(line)), None
+        )
+        if permanent is not None and b"\\*" not in permanent and KEYWORD.encode() not in permanent:
+            # RFC 3501 7.1: without \* the server cannot keep our keyword, and a rescan after
+            # a UIDVALIDITY change could not tell taken mail from new
+            raise ConfigError(
+                f"{box.folder} cannot keep the {KEYWORD} keyword (PERMANENTFLAGS); "
+                "use after = move:FOLDER"
+            )
 
     async def _starttls(self) -> None:
         """RFC 3501 section 6.2.1; aioimaplib has no STARTTLS, so the transport is upgraded
@@ -353,6 +363,9 @@ class EmailConnector:
                 return
             except TransientError as exc:
                 self._down(box, str(exc))
+            except Exception as exc:  # a bug must not end the mailbox: log, back off
+                log.exception("email.worker_bug")
+                self._down(box, f"bug: {type(exc).__name__}: {exc}")
             else:
                 delay = box.backoff_initial
                 try:
