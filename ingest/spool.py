@@ -39,6 +39,7 @@ log = structlog.get_logger("omniroute.spool")
 
 MAGIC = b"OMNIROUTE-SPOOL-1"
 _ENTRY = re.compile(r"^([0-9]{12})\.msg$")
+_CORRUPT = re.compile(r"^([0-9]{12})\.corrupt$")
 _TMP = re.compile(r"^\.[0-9]{12}\.tmp$")
 
 
@@ -95,12 +96,12 @@ class SpooledSink:
             if self._opened:
                 return
             try:
-                seqs = await asyncio.to_thread(_scan, self._dir)
+                seqs, highest = await asyncio.to_thread(_scan, self._dir)
             except OSError as exc:
                 raise TransientError(f"spool directory {self._dir}: {exc}") from exc
             self._ready = list(seqs)
             heapq.heapify(self._ready)
-            self._next = max(seqs, default=0) + 1
+            self._next = highest + 1
             self._opened = True
             self._gauge()
             if seqs:
@@ -234,15 +235,19 @@ async def _wait_any(*events: asyncio.Event, timeout: float | None = None) -> Non
 # --- blocking file work, run in a worker thread -----------------------------------------
 
 
-def _scan(directory: Path) -> list[int]:
+def _scan(directory: Path) -> tuple[list[int], int]:
+    """The entries to drain, and the highest number in use (set-aside ones included)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     seqs: list[int] = []
+    highest = 0
     for entry in os.scandir(directory):
         if match := _ENTRY.match(entry.name):
             seqs.append(int(match.group(1)))
+        elif match := _CORRUPT.match(entry.name):
+            highest = max(highest, int(match.group(1)))
         elif _TMP.match(entry.name):
             os.unlink(entry.path)  # a write that never reached its rename: never acknowledged
-    return sorted(seqs)
+    return sorted(seqs), max(highest, *seqs, 0)
 
 
 def _write(directory: Path, seq: int, body: bytes) -> None:

@@ -1,0 +1,151 @@
+"""The local spool: accepted input survives a broker outage, a restart and a torn file."""
+# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from connectors.settings import SpoolSettings
+from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.errors import TransientError
+from ingest.metrics import Metrics
+from ingest.schema import Identity, InboundMessage
+from ingest.sink import BusSink
+from ingest.spool import SpooledSink, SpoolFull
+from tests.conftest import AMQP_HOST
+from tests.phone_fixtures import (  # noqa: F401 -- fixtures
+    ACCOUNT_SID,
+    BUS_SETTINGS,
+    AppFactory,
+    TcpProxy,
+    closed_port,
+    make_phones,
+    phone_amqp_url,
+    phone_bus,
+    phone_vhost,
+    take,
+)
+
+
+def sms(sid: str) -> dict[str, str]:
+    return {"MessageSid": sid, "AccountSid": ACCOUNT_SID, "From": "+905321112233", "Body": sid}
+
+
+def message(n: int) -> InboundMessage:
+    return InboundMessage(
+        channel="sms", external_id=f"SM{n:032d}", sender=Identity(kind="phone", address="+1555")
+    )
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.msg"))
+
+
+async def unreachable_bus(vhost: str) -> Bus:
+    bus = Bus(f"amqp://guest:guest@127.0.0.1:{closed_port()}/{vhost}", BUS_SETTINGS)
+    with pytest.raises(TransientError):
+        await bus.open()
+    return bus
+
+
+async def test_webhooks_answer_200_while_broker_is_away_and_spool_drains_when_back(
+    make_phones: AppFactory, phone_vhost: str, tmp_path: Path
+) -> None:
+    """An outage of the broker loses no SMS and refuses none; order is kept."""
+    proxy = TcpProxy(*AMQP_HOST.split(":", 1)[0:1], int(AMQP_HOST.rsplit(":", 1)[1]))
+    await proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{phone_vhost}?reconnect_interval=0.2"
+    bus = Bus(url, BUS_SETTINGS, name="through-proxy")
+    await bus.open()
+    phones = await make_phones(
+        sink_bus=bus,
+        spool_settings=SpoolSettings(publish_timeout=2.0, retry_initial=0.1, retry_max=0.3),
+    )
+    stop = asyncio.Event()
+    drain = asyncio.create_task(phones.spool.drain(stop))
+    try:
+        ok = await phones.twilio("/webhooks/twilio/sms", sms("SM-before"))
+        assert ok.status_code == 200
+        await proxy.cut()
+        sids = [f"SM-outage-{i}" for i in range(3)]
+        for sid in sids:
+            response = await phones.twilio("/webhooks/twilio/sms", sms(sid))
+            assert response.status_code == 200, response.text
+        assert phones.spool.depth == 3
+        assert len(entries(phones.spool.directory)) == 3
+        assert b"omniroute_spool_depth 3.0" in phones.metrics.render()
+        ready = await phones.client.get("/readyz")
+        assert ready.json()["spool_depth"] == 3
+
+        await proxy.start()  # the broker is back
+        deliveries = await take(phones.bus, ROUTER_QUEUE, 4, timeout=20)
+        received = [InboundMessage.model_validate_json(d.body).external_id for d in deliveries]
+        assert received == ["SM-before", *sids]
+        async with asyncio.timeout(5):
+            while phones.spool.depth:
+                await asyncio.sleep(0.05)
+        assert entries(phones.spool.directory) == []
+    finally:
+        stop.set()
+        await drain
+        await bus.close()
+        await proxy.cut()
+
+
+async def test_spool_survives_restart_and_skips_a_torn_entry(
+    phone_bus: Bus, phone_vhost: str, tmp_path: Path
+) -> None:
+    """What was fsynced before a crash is delivered after it; a damaged entry is set aside."""
+    settings = SpoolSettings(publish_timeout=1.0)
+    down = SpooledSink(BusSink(await unreachable_bus(phone_vhost)), tmp_path, settings, Metrics())
+    for n in (1, 2, 3):
+        await down.submit(message(n))
+    assert down.depth == 3
+    second = tmp_path / "000000000002.msg"
+    second.write_bytes(second.read_bytes()[:-7])  # torn: the tail never reached the disk
+    (tmp_path / ".000000000004.tmp").write_bytes(b"half a wri")  # crashed before rename
+
+    restarted = SpooledSink(BusSink(phone_bus), tmp_path, settings, Metrics())
+    await restarted.open()
+    assert restarted.depth == 3
+    assert not (tmp_path / ".000000000004.tmp").exists()
+    assert await restarted.flush() == 2
+    deliveries = await take(phone_bus, ROUTER_QUEUE, 2)
+    assert [InboundMessage.model_validate_json(d.body).external_id for d in deliveries] == [
+        message(1).external_id,
+        message(3).external_id,
+    ]
+    assert restarted.depth == 0
+    assert (tmp_path / "000000000002.corrupt").exists()
+    assert entries(tmp_path) == []
+    # numbering goes on after what is on disk, so nothing set aside is ever overwritten
+    down_again = SpooledSink(
+        BusSink(await unreachable_bus(phone_vhost)), tmp_path, settings, Metrics()
+    )
+    await down_again.submit(message(5))
+    assert entries(tmp_path) == ["000000000003.msg"]
+
+
+async def test_full_spool_answers_503_and_is_not_ready(
+    make_phones: AppFactory, phone_vhost: str
+) -> None:
+    """A bounded spool refuses input loudly (Twilio retries) instead of filling the disk."""
+    phones = await make_phones(
+        sink_bus=await unreachable_bus(phone_vhost),
+        spool_settings=SpoolSettings(max_messages=2, publish_timeout=1.0),
+    )
+    phones.health.probes["spool"] = phones.spool.probe
+    for sid in ("SM-1", "SM-2"):
+        assert (await phones.twilio("/webhooks/twilio/sms", sms(sid))).status_code == 200
+    refused = await phones.twilio("/webhooks/twilio/sms", sms("SM-3"))
+    assert refused.status_code == 503
+    with pytest.raises(SpoolFull):
+        await phones.spool.submit(message(9))
+    ready = await phones.client.get("/readyz")
+    assert ready.status_code == 503
+    assert any(p.startswith("spool: full") for p in ready.json()["problems"])
+    # the refused MessageSid was forgotten: Twilio's retry is tried again, not taken for a
+    # duplicate (which would answer 200 for a message that was never kept)
+    retry = await phones.twilio("/webhooks/twilio/sms", sms("SM-3"))
+    assert retry.status_code == 503
