@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from ingest.errors import AuthError, ConfigError, PoisonError, TransientError, UnroutableError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.schema import schema_name
 from ingest.settings import BusSettings
 
@@ -118,9 +119,11 @@ class Bus:
         *,
         name: str = "omniroute",
         health: Health | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._url = url
         self._health = health
+        self.metrics = metrics
         self._settings = settings
         self._name = name
         self._connection: AbstractRobustConnection | None = None
@@ -358,6 +361,8 @@ class Consumer:
             message_id=message.message_id,
             reason=reason,
         )
+        if self._bus.metrics is not None:
+            self._bus.metrics.dead_lettered.labels(self._queue.name).inc()
         try:
             await self._bus.dead_letter(message, reason)
         except TransientError as exc:

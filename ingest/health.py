@@ -27,6 +27,8 @@ class Health:
     #: live checks read at every readiness question (a consumer still attached, the broker
     #: connection open): each returns a problem, or None when fine
     probes: dict[str, Callable[[], str | None]] = field(default_factory=dict)
+    #: called with (component, state) on every change, e.g. to keep a metric in step
+    listeners: list[Callable[[str, State], None]] = field(default_factory=list)
 
     def register(self, name: str, *, required: bool = True) -> None:
         self.components.setdefault(name, ComponentHealth(required=required))
@@ -37,6 +39,9 @@ class Health:
         changed = current.state != state or current.reason != reason
         current.state = state
         current.reason = reason
+        if changed:
+            for listener in self.listeners:
+                listener(name, state)
         return changed
 
     def ready(self) -> tuple[bool, list[str]]:

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
 from ingest.errors import AuthError, PermanentSendError, TransientError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, Sender, SendResult
 from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
 from routers import directory, state
@@ -51,8 +52,10 @@ class OutboundDispatcher:
         routing: RoutingSettings,
         settings: DispatchSettings,
         health: Health,
+        metrics: Metrics | None = None,
     ) -> None:
         self._bus = bus
+        self._metrics = metrics
         self._sessions = sessionmaker(engine)
         self._senders = dict(senders)
         self.routing = routing
@@ -133,6 +136,8 @@ class OutboundDispatcher:
             log.error("dispatcher.record_failed", error=str(exc))
             raise TransientError(f"directory database: {exc}") from exc
         await self._announce(reply, result)
+        if self._metrics is not None:
+            self._metrics.outbound.labels(reply.channel, "sent").inc()
         log.info("dispatcher.sent", agent_id=reply.agent_id, customer=customer_id)
 
     async def _send_with_retries(
@@ -161,6 +166,8 @@ class OutboundDispatcher:
 
     async def _fail(self, reply: ReplyRequest, reason: str) -> None:
         log.warning("dispatcher.failed", reason=reason)
+        if self._metrics is not None:
+            self._metrics.outbound.labels(reply.channel, "failed").inc()
         event = OutboundFailed(
             request_id=reply.id, channel=reply.channel, agent_id=reply.agent_id, reason=reason
         )

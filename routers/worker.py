@@ -19,6 +19,7 @@ from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
 from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
+from ingest.metrics import Metrics
 from ingest.protocols import Decider
 from ingest.schema import InboundMessage, RoutedMessage
 from routers import state
@@ -40,8 +41,10 @@ class RouterWorker:
         routing: RoutingSettings,
         settings: RouterSettings,
         health: Health,
+        metrics: Metrics | None = None,
     ) -> None:
         self._bus = bus
+        self._metrics = metrics
         self._sessions = sessionmaker(engine)
         self._decider = decider
         self.routing = routing
@@ -82,7 +85,10 @@ class RouterWorker:
             )
         except InvalidIdentity:
             message.meta.setdefault("sender_unparsed", True)
+        decided = time.perf_counter()
         decision = await self._decider(message)
+        if self._metrics is not None:
+            self._metrics.decision_seconds.observe(time.perf_counter() - decided)
         routed = RoutedMessage(message=message, customer=decision.customer, route=decision.route)
         # Claim the channel id before publishing: a copy under another omniroute id loses
         # the claim and is dropped, while a redelivery of this very message (same id, e.g.
@@ -98,6 +104,8 @@ class RouterWorker:
             return
         await self._bus.publish(ROUTED, decision.route.routing_key, routed, message_id=message.id)
         self.routed += 1
+        if self._metrics is not None:
+            self._metrics.routed.labels(decision.route.reason, decision.route.kind).inc()
         log.info(
             "router.routed",
             sender=message.sender.address,  # redacted by the logging config unless log.redact=false
