@@ -182,7 +182,7 @@ def build_app(
         GuardMiddleware,
         max_body=http.max_body,
         metrics=metrics,
-        paths=frozenset(_paths(app.routes)),
+        paths=frozenset(_paths([*app.routes, *(r for router in routers for r in router.routes)])),
     )
     return app
 
