@@ -53,7 +53,8 @@ async def test_webhooks_answer_200_while_broker_is_away_and_spool_drains_when_ba
     make_phones: AppFactory, phone_vhost: str, tmp_path: Path
 ) -> None:
     """An outage of the broker loses no SMS and refuses none; order is kept."""
-    proxy = TcpProxy(*AMQP_HOST.split(":", 1)[0:1], int(AMQP_HOST.rsplit(":", 1)[1]))
+    host, port = AMQP_HOST.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
     await proxy.start()
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{phone_vhost}?reconnect_interval=0.2"
     bus = Bus(url, BUS_SETTINGS, name="through-proxy")
