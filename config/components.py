@@ -1,100 +1,231 @@
 """The explicit table of what runs: which classes exist, what each receives, and which are
 enabled. A connector's module (and its third-party library) is imported only when that
-connector is configured and selected, never as a side effect of importing this module."""
+connector is configured and selected, never as a side effect of importing this module.
+
+| component  | runs                                   | needs                                   |
+|------------|----------------------------------------|-----------------------------------------|
+| router     | routers.worker.RouterWorker            | always                                  |
+| events     | routers.events.EventsWorker            | always                                  |
+| dispatcher | routers.dispatcher.OutboundDispatcher  | always; senders of configured channels  |
+| webhooks   | Twilio webhooks, /v1/route, the spool  | twilio.auth_token and/or api.token      |
+| email      | connectors.email.EmailConnector        | [[email.mailboxes]]                     |
+| twitter    | connectors.twitter.TwitterConnector    | [twitter]                               |
+
+Every process serves /healthz, /readyz and /metrics on ``http.host:http.port``.
+"""
 
 import asyncio
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from fastapi import APIRouter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.settings import Settings
 from ingest.bus import Bus
-from ingest.health import Health
-from ingest.protocols import Sender
+from ingest.health import Health, State
+from ingest.metrics import Metrics
+from ingest.protocols import InboundSink, Sender
+from ingest.sink import BusSink
 from routers.decider import Decider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
+from routers.store import DbCursorStore, DbSeenStore
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
     from config.daemon import Plan
 
 log = structlog.get_logger("omniroute.components")
+Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class Wiring:
     """Builds this process's components from the settings and holds them for reloads."""
 
-    def __init__(self, settings: Settings, health: Health, bus: Bus, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        health: Health,
+        bus: Bus,
+        engine: AsyncEngine,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.health = health
         self.bus = bus
         self.engine = engine
+        self.metrics = metrics
         self.decider = Decider(engine, settings.routing)
+        self.cursors = DbCursorStore(engine)
+        self.seen = DbSeenStore(engine)
+        self.sink: InboundSink = BusSink(bus)
         self.router: RouterWorker | None = None
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        health.listeners.append(self._on_health)
+
+    def _on_health(self, name: str, state: State) -> None:
+        self.metrics.connector_up.labels(name).set(1 if state == "up" else 0)
 
     def enabled(self, name: str) -> bool:
         return name in self.settings.components
 
-    def senders(self) -> Mapping[str, Sender]:
-        """The outbound senders of every configured channel."""
-        return {}
-
     def plan(self) -> "Plan":
         from config.daemon import Plan
 
+        plan = Plan()
+        self._workers(plan)
+        http_routers: list[APIRouter] = []
+        spool = None
+        if self.enabled("webhooks"):
+            spool, http_routers = self._webhooks(plan)
+        if self.enabled("email") and self.settings.email.mailboxes:
+            self._email(plan)
+        if self.enabled("twitter") and self.settings.twitter is not None:
+            self._twitter(plan)
+        self._http(plan, http_routers, spool)
+        return plan
+
+    def _workers(self, plan: "Plan") -> None:
         settings = self.settings
         drain = settings.shutdown_timeout * 0.8
-        plan = Plan()
         if self.enabled("router"):
-            self.router = RouterWorker(
+            router = self.router = RouterWorker(
                 bus=self.bus,
                 engine=self.engine,
                 decider=self.decider,
                 routing=settings.routing,
                 settings=settings.router,
                 health=self.health,
+                metrics=self.metrics,
             )
-            router = self.router
-
-            async def run_router(stop: asyncio.Event) -> None:
-                await router.run(stop, drain_timeout=drain)
-
-            plan.workers["router"] = run_router
+            plan.workers["router"] = _with_drain(router.run, drain)
         if self.enabled("events"):
-            self.events = EventsWorker(
+            events = self.events = EventsWorker(
                 bus=self.bus,
                 engine=self.engine,
                 routing=settings.routing,
                 settings=settings.router,
                 health=self.health,
             )
-            events = self.events
-
-            async def run_events(stop: asyncio.Event) -> None:
-                await events.run(stop, drain_timeout=drain)
-
-            plan.workers["events"] = run_events
+            plan.workers["events"] = _with_drain(events.run, drain)
         if self.enabled("dispatcher"):
-            self.dispatcher = OutboundDispatcher(
+            dispatcher = self.dispatcher = OutboundDispatcher(
                 bus=self.bus,
                 engine=self.engine,
-                senders=self.senders(),
+                senders=self._senders(),
                 routing=settings.routing,
                 settings=settings.dispatch,
                 health=self.health,
+                metrics=self.metrics,
             )
-            dispatcher = self.dispatcher
+            plan.workers["dispatcher"] = _with_drain(dispatcher.run, drain)
 
-            async def run_dispatcher(stop: asyncio.Event) -> None:
-                await dispatcher.run(stop, drain_timeout=drain)
+    def _senders(self) -> dict[str, Sender]:
+        """The outbound sender of every configured channel."""
+        settings = self.settings
+        senders: dict[str, Sender] = {}
+        if settings.smtp is not None:
+            from connectors.email import SmtpSender
 
-            plan.workers["dispatcher"] = run_dispatcher
-        return plan
+            senders["email"] = SmtpSender(
+                settings.smtp, message_id_domain=settings.email.message_id_domain
+            )
+        twilio = settings.twilio
+        if twilio.account_sid and twilio.auth_token and twilio.from_number:
+            from connectors.twilio import TwilioSmsSender
+
+            sms = TwilioSmsSender(
+                twilio, settings.http, self.metrics, region=settings.routing.default_region
+            )
+            senders["sms"] = sms
+            self._closers.append(sms.close)
+        if settings.twitter is not None:
+            from connectors.twitter import TwitterSender
+
+            x = TwitterSender(settings.twitter)
+            senders["twitter"] = x
+            self._closers.append(x.aclose)
+        if senders:
+            log.info("components.senders", channels=sorted(senders))
+        return senders
+
+    def _webhooks(self, plan: "Plan") -> tuple[Any, list[APIRouter]]:
+        from connectors.pbx import pbx_router
+        from ingest.spool import SpooledSink
+
+        settings = self.settings
+        spool = SpooledSink(
+            BusSink(self.bus), settings.state_dir / "spool", settings.spool, self.metrics
+        )
+        self.health.probes["spool"] = spool.probe
+        plan.intake["spool"] = spool.drain
+        routers = [
+            pbx_router(
+                settings=settings.api,
+                decider=self.decider,
+                sink=spool,
+                metrics=self.metrics,
+                region=settings.routing.default_region,
+                seen=self.seen,
+            )
+        ]
+        if settings.twilio.auth_token is not None:
+            from connectors.twilio import twilio_router
+
+            routers.append(
+                twilio_router(
+                    settings=settings.twilio,
+                    http=settings.http,
+                    sink=spool,
+                    seen=self.seen,
+                    decider=self.decider,
+                    bus=self.bus,
+                    metrics=self.metrics,
+                    region=settings.routing.default_region,
+                )
+            )
+        return spool, routers
+
+    def _email(self, plan: "Plan") -> None:
+        from connectors.email import EmailConnector
+
+        connector = EmailConnector(
+            self.settings.email,
+            sink=self.sink,
+            cursors=self.cursors,
+            seen=self.seen,
+            health=self.health,
+        )
+        plan.intake["email"] = connector.run
+
+    def _twitter(self, plan: "Plan") -> None:
+        from connectors.twitter import TwitterConnector
+
+        assert self.settings.twitter is not None
+        connector = TwitterConnector(
+            self.settings.twitter, self.sink, self.cursors, self.seen, self.health
+        )
+        plan.intake["twitter"] = connector.run
+        self._closers.append(connector.aclose)
+
+    def _http(self, plan: "Plan", routers: list[APIRouter], spool: Any) -> None:
+        from connectors.http import HttpServer, build_app
+
+        settings = self.settings
+        app = build_app(
+            health=self.health,
+            metrics=self.metrics,
+            http=settings.http,
+            routers=routers,
+            spool=spool,
+        )
+        self.http = HttpServer(app, settings.http, shutdown_timeout=settings.shutdown_timeout / 3)
+        plan.http = self.http.run
+        plan.http_started = self.http.started
 
     def reload(self, settings: Settings) -> None:
         """Apply what can change live: the routing settings (the next decision uses them)."""
@@ -103,3 +234,17 @@ class Wiring:
         for worker in (self.router, self.events, self.dispatcher):
             if worker is not None:
                 worker.routing = settings.routing
+
+    async def close(self) -> None:
+        for close in self._closers:
+            try:
+                await close()
+            except Exception:  # closing must go on for the others
+                log.exception("components.close_failed")
+
+
+def _with_drain(run: Callable[..., Coroutine[Any, Any, None]], drain: float) -> Runner:
+    async def runner(stop: asyncio.Event) -> None:
+        await run(stop, drain_timeout=drain)
+
+    return runner

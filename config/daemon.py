@@ -25,6 +25,7 @@ from config.supervise import supervise
 from ingest.bus import Bus, redact_url
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from routers.db import create_engine, migrate
 
 log = structlog.get_logger("omniroute.daemon")
@@ -47,6 +48,7 @@ class Daemon:
         self.settings = settings
         self._config_file = config_file
         self.health = Health()
+        self.metrics = Metrics()
         self._stop = asyncio.Event()
         self._stop_intake = asyncio.Event()
         self._stop_workers = asyncio.Event()
@@ -111,15 +113,18 @@ class Daemon:
             settings.bus,
             name="omniroute",
             health=self.health,
+            metrics=self.metrics,
         )
         try:
             self._notifier.notify("STATUS=connecting to the broker")
             if not await self._open_bus(bus):
                 return 0
-            self._wiring = components.Wiring(settings, self.health, bus, engine)
+            self._wiring = components.Wiring(settings, self.health, bus, engine, self.metrics)
             plan = self._wiring.plan()
             return await self._serve(plan)
         finally:
+            if self._wiring is not None:
+                await self._wiring.close()
             await bus.close()
             await engine.dispose()
 
