@@ -15,6 +15,7 @@ async def run_checks(settings: Settings) -> int:
     rows: list[Row] = [("config", True, "valid")]
     rows.append(await _check_broker(settings))
     rows.append(await _check_database(settings))
+    rows.extend(await _check_connectors(settings))
     width = max(len(name) for name, _, _ in rows)
     for name, ok, why in rows:
         print(f"{name:<{width}}  {'ok  ' if ok else 'FAIL'}  {why}")
@@ -50,3 +51,39 @@ async def _check_database(settings: Settings) -> Row:
         return ("directory", False, f"{type(exc).__name__}: {exc}")
     finally:
         await engine.dispose()
+
+
+async def _check_connectors(settings: Settings) -> list[Row]:
+    """Log into each configured mailbox and SMTP server; report what the others need."""
+    rows: list[Row] = []
+    if settings.email.mailboxes or settings.smtp is not None:
+        from connectors.email import check as check_email
+
+        rows.extend(await check_email(settings.email, settings.smtp))
+    twilio = settings.twilio
+    if twilio.auth_token is not None:
+        sms_out = bool(twilio.account_sid and twilio.from_number)
+        why = "webhook signatures checked against " + (
+            settings.http.public_url or "the request URL (set http.public_url behind a proxy)"
+        )
+        rows.append(("twilio", True, why + ("; SMS replies enabled" if sms_out else "")))
+    if settings.api.token is None:
+        rows.append(("api", True, "no api.token: /v1/route answers 401 to everyone"))
+    if settings.twitter is not None:
+        user_auth = all(
+            (
+                settings.twitter.consumer_key,
+                settings.twitter.consumer_secret,
+                settings.twitter.access_token,
+                settings.twitter.access_token_secret,
+            )
+        )
+        rows.append(
+            (
+                "twitter",
+                True,
+                "configured (credentials are verified by the first poll); "
+                + ("OAuth 1.0a user context" if user_auth else "bearer token only"),
+            )
+        )
+    return rows
