@@ -1,6 +1,6 @@
 """Settings: a TOML file (``--config`` or ``OMNIROUTE_CONFIG``), overridden by ``OMNIROUTE_*``
 environment variables (``__`` for nesting), with secrets from files in a directory
-(``$CREDENTIALS_DIRECTORY`` under systemd's ``LoadCredential=``, else ``secrets_dir``).
+(``$CREDENTIALS_DIRECTORY`` under systemd's ``LoadCredential=``, else ``$OMNIROUTE_SECRETS_DIR``).
 
 A secret file is named after its key: ``twilio.auth_token`` (or ``twilio__auth_token``),
 ``api.token``, ``amqp_url``; a mailbox password is ``mailbox.<name>.password``.
@@ -57,20 +57,32 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+        description="the broker; add ?heartbeat=N to override bus.heartbeat",
+    )
     database_url: str | None = Field(
         default=None, description="default: SQLite file directory.db in state_dir"
     )
     state_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "var")).absolute()
+        default_factory=lambda: Path(os.environ.get("STATE_DIRECTORY", "var")).absolute(),
+        description="the SQLite directory and the webhook spool live here",
     )
-    secrets_dir: Path | None = None
     components: list[Literal[COMPONENTS]] = Field(  # type: ignore[valid-type]
         default=list(COMPONENTS),
         description="components this process runs; those without configuration are skipped",
     )
-    shutdown_timeout: float = Field(default=30.0, gt=0, le=3600)
-    watchdog_interval: float | None = Field(default=None, gt=0)
+    shutdown_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds SIGTERM may take to drain before what is left is cancelled",
+    )
+    watchdog_interval: float | None = Field(
+        default=None,
+        gt=0,
+        description="seconds between WATCHDOG=1 when not set by systemd's WATCHDOG_USEC",
+    )
 
     bus: BusSettings = BusSettings()
     routing: RoutingSettings = RoutingSettings()

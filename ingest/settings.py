@@ -8,9 +8,25 @@ from pydantic import BaseModel, ConfigDict, Field
 class BusSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    queue_type: Literal["quorum", "classic"] = "quorum"
-    delivery_limit: int = Field(default=10, ge=1, le=1000)
-    prefetch: int = Field(default=256, ge=1, le=65535)
-    publish_timeout: float = Field(default=10.0, gt=0)
-    connect_timeout: float = Field(default=10.0, gt=0)
-    heartbeat: int = Field(default=15, ge=0, le=600)
+    queue_type: Literal["quorum", "classic"] = Field(
+        default="quorum",
+        description="quorum (replicated, needs RabbitMQ 3.8+) or classic queues; changing it "
+        "needs the queues deleted first",
+    )
+    delivery_limit: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="deliveries before the broker dead-letters a message that keeps failing "
+        "(quorum queues); changing it needs the queues deleted first",
+    )
+    publish_timeout: float = Field(
+        default=10.0, gt=0, description="seconds to wait for a publisher confirm"
+    )
+    connect_timeout: float = Field(default=10.0, gt=0, description="seconds to connect")
+    heartbeat: int = Field(
+        default=15,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat in seconds: a stalled connection is noticed within two",
+    )

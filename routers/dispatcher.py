@@ -34,10 +34,12 @@ log = structlog.get_logger("omniroute.dispatcher")
 class DispatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    attempts: int = Field(default=5, ge=1, le=50)
-    base_delay: float = Field(default=1.0, gt=0)
-    max_delay: float = Field(default=30.0, gt=0)
-    prefetch: int = Field(default=16, ge=1, le=1000)
+    attempts: int = Field(
+        default=5, ge=1, le=50, description="tries of a transient send failure before giving up"
+    )
+    base_delay: float = Field(default=1.0, gt=0, description="first pause between tries, s")
+    max_delay: float = Field(default=30.0, gt=0, description="longest pause between tries, s")
+    prefetch: int = Field(default=16, ge=1, le=1000, description="replies sent concurrently")
 
 
 class OutboundDispatcher:

@@ -16,7 +16,10 @@ class RoutingSettings(BaseModel):
     sticky_for: timedelta = Field(
         default=timedelta(days=14), description="how long the last agent keeps a customer"
     )
-    sticky_channels: list[Channel] = Field(default=["email", "sms", "twitter"])
+    sticky_channels: list[Channel] = Field(
+        default=["email", "sms", "twitter"],
+        description="channels on which the last agent keeps the customer (voice goes to the team)",
+    )
     default_team: str | None = Field(
         default=None, description="team for unknown senders when the address has none"
     )
@@ -24,9 +27,14 @@ class RoutingSettings(BaseModel):
         default_factory=dict,
         description="team per address a message arrived on (a mailbox, a number, an X account)",
     )
-    recent_contacts: int = Field(default=5, ge=0, le=100)
+    recent_contacts: int = Field(
+        default=5, ge=0, le=100, description="recent contacts carried in each routed message"
+    )
     routed_log_days: int = Field(
-        default=90, ge=1, description="how long the record of routed messages is kept"
+        default=90,
+        ge=1,
+        description="days the record of routed messages and sent replies is kept (it serves "
+        "recent contacts, reply threading and duplicate removal)",
     )
 
     @field_validator("default_region")
@@ -50,12 +58,17 @@ class RoutingSettings(BaseModel):
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prefetch: int = Field(default=256, ge=1, le=65535)
-    directory_cache_size: int = Field(default=100_000, ge=0)
+    prefetch: int = Field(
+        default=256, ge=1, le=65535, description="messages each worker takes in at once"
+    )
 
 
 class DirectorySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    pool_size: int = Field(default=5, ge=1, le=100)
-    statement_timeout: float = Field(default=5.0, gt=0)
+    pool_size: int = Field(
+        default=5, ge=1, le=100, description="PostgreSQL connections per process"
+    )
+    statement_timeout: float = Field(
+        default=5.0, gt=0, description="seconds a database connect or statement may take"
+    )

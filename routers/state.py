@@ -13,7 +13,14 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import InboundMessage, RecentContact, RoutedMessage
-from routers.models import AgentPresence, LastAgent, RoutedRecord, SentReply, ThreadOwner
+from routers.models import (
+    AgentPresence,
+    LastAgent,
+    RoutedRecord,
+    SeenId,
+    SentReply,
+    ThreadOwner,
+)
 from routers.sql import insert_new, upsert
 
 
@@ -215,12 +222,14 @@ async def record_sent(
 
 
 async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
-    """Drop routed records and sent-reply markers older than ``keep``; returns rows removed."""
+    """Drop routed records, sent-reply markers and seen channel ids older than ``keep``;
+    returns the rows removed. Thread owners are kept: a customer may answer a year later."""
     cutoff = now - keep
     removed = 0
     for stmt in (
         delete(RoutedRecord).where(RoutedRecord.routed_at < cutoff),
         delete(SentReply).where(SentReply.at < cutoff),
+        delete(SeenId).where(SeenId.at < cutoff),
     ):
         result = await session.execute(stmt)
         removed += int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,124 @@
+"""Writes docs/CONFIGURATION.md from the settings models, so the reference cannot drift from
+the code (a test compares the two). Usage: python scripts/config_reference.py [--check]"""
+
+import argparse
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from config.settings import Settings
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md"
+SECRETS = "a secret: give it as a file in the credentials directory, named after the key"
+
+HEADER = """# Configuration reference
+
+Generated from the settings models by `python scripts/config_reference.py`; do not edit.
+
+omniroute reads a TOML file (`--config FILE` or `OMNIROUTE_CONFIG`). Every key can be
+overridden by an environment variable `OMNIROUTE_<KEY>`, sections joined with `__`
+(`OMNIROUTE_ROUTING__DEFAULT_TEAM=billing`). Secrets are read from one file per key in
+`$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`) or `OMNIROUTE_SECRETS_DIR`: the file
+`twilio.auth_token` sets `twilio.auth_token`; a mailbox's password is
+`mailbox.<name>.password`. Unknown keys are errors; a bad value stops the start with one
+line naming the key. Durations are seconds, or ISO 8601 (`P14D`, `PT30S`) where the type
+says duration.
+"""
+
+
+def _type(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is not None and str(origin) in ("typing.Literal",):
+        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    if annotation is SecretStr:
+        return "secret string"
+    if annotation is timedelta:
+        return "duration"
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args and origin is not list and origin is not dict:
+        inner = " or ".join(_type(a) for a in args)
+        return inner + (" (optional)" if len(args) < len(get_args(annotation)) else "")
+    if origin is list:
+        return f"list of {_type(get_args(annotation)[0])}"
+    if origin is dict:
+        return "table"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        try:
+            value = info.default_factory()  # type: ignore[call-arg]
+        except TypeError:
+            return ""
+    elif info.default is PydanticUndefined:
+        return "required"
+    else:
+        value = info.default
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, SecretStr):
+        return f"`{value.get_secret_value()}`"  # a default is public, never a real secret
+    if isinstance(value, timedelta):
+        return f"{value.days} days" if value.days else f"{value.total_seconds():g} s"
+    if isinstance(value, Path):
+        return "`$STATE_DIRECTORY` or `./var`"
+    return "none" if value is None else f"`{value}`"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *get_args(annotation)]
+    for candidate in candidates:
+        if get_origin(candidate) is list:
+            candidate = get_args(candidate)[0]
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    out: list[tuple[str, str, str, str]] = []
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for name, info in model.model_fields.items():
+        key = prefix + name
+        sub = _model_of(info.annotation)
+        if sub is not None:
+            list_of = get_origin(info.annotation) is list
+            nested.append((key + ("[]" if list_of else ""), sub))
+            continue
+        text = (info.description or "").replace("\n", " ")
+        if info.annotation is SecretStr or "SecretStr" in str(info.annotation):
+            text = f"{text}; {SECRETS}" if text else SECRETS
+        out.append((key, _type(info.annotation), _default(info), text))
+    for key, sub in nested:
+        out.extend(rows(sub, key + "."))
+    return out
+
+
+def render() -> str:
+    lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, typ, default, text in rows(Settings):
+        lines.append(f"| `{key}` | {typ} | {default} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        return 0 if OUT.exists() and OUT.read_text(encoding="utf-8") == text else 1
+    OUT.parent.mkdir(exist_ok=True)
+    OUT.write_text(text, encoding="utf-8")
+    print(f"wrote {OUT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
