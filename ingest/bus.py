@@ -122,7 +122,7 @@ class Bus:
         metrics: Metrics | None = None,
     ) -> None:
         self._url = url
-        self._health = health
+        self.health = health
         self.metrics = metrics
         self._settings = settings
         self._name = name
@@ -149,8 +149,8 @@ class Bus:
     async def open(self) -> None:
         """Connect and declare the whole topology; idempotent against an existing broker."""
         self._connection = await connect(self._url, self._settings, self._name)
-        if self._health is not None:
-            self._health.probes["broker"] = self._probe
+        if self.health is not None:
+            self.health.probes["broker"] = self._probe
             self._connection.close_callbacks.add(self._on_lost)
             self._connection.reconnect_callbacks.add(self._on_back)
         self._channel = await self._connection.channel(
@@ -321,6 +321,12 @@ class Consumer:
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
+        if self._bus.health is not None:
+            # a worker whose consumer is gone (channel closed, not yet recovered) is not ready
+            self._bus.health.probes[f"consumer {self._queue.name}"] = self._probe
+
+    def _probe(self) -> str | None:
+        return None if self.active else "no consumer attached"
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -381,6 +387,8 @@ class Consumer:
 
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries, let in-flight ones finish within ``timeout``, close."""
+        if self._bus.health is not None:
+            self._bus.health.probes.pop(f"consumer {self._queue.name}", None)
         if self._tag is not None and not self._channel.is_closed:
             try:
                 await self._queue.cancel(self._tag, timeout=timeout)

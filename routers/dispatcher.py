@@ -18,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
-from ingest.errors import AuthError, PermanentSendError, TransientError
+from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, Sender, SendResult
@@ -113,7 +113,7 @@ class OutboundDispatcher:
         context = ReplyContext(original=found[0] if found else None, customer_id=customer_id)
         try:
             result = await self._send_with_retries(sender, reply, context)
-        except (PermanentSendError, AuthError) as exc:
+        except (PermanentSendError, AuthError, ConfigError) as exc:
             await self._fail(reply, f"{type(exc).__name__}: {exc}")
             return
         except TransientError as exc:
