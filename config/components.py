@@ -12,6 +12,10 @@ connector is configured and selected, never as a side effect of importing this m
 | twitter    | connectors.twitter.TwitterConnector    | [twitter]                               |
 
 Every process serves /healthz, /readyz and /metrics on ``http.host:http.port``.
+
+Pollers (email, twitter) receive a lease (``routers.lease``): an advisory lock on a
+PostgreSQL directory, a lock file in ``state_dir/leases`` on SQLite, so that each mailbox
+and X account is polled by one live instance however many run.
 """
 
 import asyncio
@@ -26,18 +30,22 @@ from config.settings import Settings
 from ingest.bus import Bus
 from ingest.health import Health, State
 from ingest.metrics import Metrics
-from ingest.protocols import InboundSink, Sender
+from ingest.protocols import InboundSink, Lease, Sender
 from ingest.sink import BusSink
 from routers.decider import Decider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
+from routers.lease import lease_for
 from routers.store import DbCursorStore, DbSeenStore
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
     from config.daemon import Plan
+    from connectors.email import EmailConnector
 
 log = structlog.get_logger("omniroute.components")
+#: seconds between a standby poller's attempts at the lease (with jitter): the takeover delay
+LEASE_RETRY = 3.0
 Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
@@ -64,6 +72,8 @@ class Wiring:
         self.router: RouterWorker | None = None
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
+        self.email: EmailConnector | None = None
+        self._lease: Lease | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         health.listeners.append(self._on_health)
 
@@ -190,15 +200,25 @@ class Wiring:
             )
         return spool, routers
 
+    def lease(self) -> Lease:
+        """One lease provider for every poller of this process, closed with it."""
+        if self._lease is None:
+            lease = lease_for(self.settings.directory_url, self.settings.state_dir)
+            self._lease = lease
+            self._closers.append(lease.close)
+        return self._lease
+
     def _email(self, plan: "Plan") -> None:
         from connectors.email import EmailConnector
 
-        connector = EmailConnector(
+        connector = self.email = EmailConnector(
             self.settings.email,
             sink=self.sink,
             cursors=self.cursors,
             seen=self.seen,
             health=self.health,
+            lease=self.lease(),
+            lease_retry=LEASE_RETRY,
         )
         plan.intake["email"] = connector.run
 
@@ -207,7 +227,13 @@ class Wiring:
 
         assert self.settings.twitter is not None
         connector = TwitterConnector(
-            self.settings.twitter, self.sink, self.cursors, self.seen, self.health
+            self.settings.twitter,
+            self.sink,
+            self.cursors,
+            self.seen,
+            self.health,
+            lease=self.lease(),
+            lease_retry=LEASE_RETRY,
         )
         plan.intake["twitter"] = connector.run
         self._closers.append(connector.aclose)
@@ -227,13 +253,24 @@ class Wiring:
         plan.http = self.http.run
         plan.http_started = self.http.started
 
-    def reload(self, settings: Settings) -> None:
-        """Apply what can change live: the routing settings (the next decision uses them)."""
+    async def reload(self, settings: Settings) -> None:
+        """Apply what can change live: the routing settings (the next decision uses them),
+        the mailboxes (added, removed, changed), and a fresh directory pool.
+
+        The directory is reopened by disposing the engine's pool, not by building a new
+        engine: every store holds this engine, and ``dispose()`` closes the idle
+        connections and starts a new pool at once, while connections in use finish their
+        transaction and are closed when returned. Leases keep their own connections.
+        """
         self.settings = settings
         self.decider.settings = settings.routing
         for worker in (self.router, self.events, self.dispatcher):
             if worker is not None:
                 worker.routing = settings.routing
+        if self.email is not None:
+            await self.email.reconcile(settings.email)
+        await self.engine.dispose()
+        log.info("components.directory_reopened")
 
     async def close(self) -> None:
         for close in self._closers:

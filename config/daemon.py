@@ -1,14 +1,20 @@
 """The daemon: opens the directory and the broker, starts every enabled component under one
 ``asyncio.TaskGroup`` in dependency order, and drains them in reverse on SIGTERM/SIGINT.
 
-Stop order (DESIGN.md "SIGTERM drains"): readiness goes 503, intake stops (HTTP, pollers),
-then the workers finish what is in flight, all within ``shutdown_timeout``; a second signal
-or the deadline cancels what is left, and the broker redelivers anything not acked.
+Stop order (DESIGN.md "SIGTERM drains"): readiness goes 503 and the pollers stop; HTTP
+keeps answering (``/readyz`` 503) for ``READINESS_GRACE`` so a load balancer sees it, then
+stops; the workers finish what is in flight; all within ``shutdown_timeout``. A second
+signal or the deadline cancels what is left, and the broker redelivers anything not acked.
+
+SIGHUP reloads what can change live (log level, routing, mailboxes) and reopens the
+directory pool; a configuration that does not load is refused and the old one kept.
 """
 
 import asyncio
+import contextlib
 import random
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +33,17 @@ from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from routers.db import create_engine, migrate
+from routers.lease import lease_for
 
 log = structlog.get_logger("omniroute.daemon")
+
+#: seconds /readyz answers 503 before the HTTP port closes (capped at shutdown_timeout / 10)
+READINESS_GRACE = 1.0
+MIGRATE_LEASE = "directory:migrate"
+#: components whose failure the watchdog reports (connectors fail alone, see _alive)
+CORE = ("directory", "router", "events", "dispatcher")
+#: settings a running process cannot take over live: a reload that changes them says so
+RESTART_ONLY = ("amqp_url", "database_url", "state_dir", "components", "http", "bus", "spool")
 
 Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -52,6 +67,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._stop_intake = asyncio.Event()
         self._stop_workers = asyncio.Event()
+        self._stop_http = asyncio.Event()
+        self._reloading = asyncio.Lock()
         self._signals = 0
         self._notifier = Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,24 +104,42 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self) -> None:
-        self._notifier.notify("RELOADING=1", "STATUS=reloading configuration")
-        try:
-            new = await asyncio.to_thread(load_settings, self._config_file)
-        except ConfigError as exc:
-            log.error("daemon.reload_refused", error=str(exc))
-            self._notifier.notify("READY=1", "STATUS=reload refused: old configuration kept")
-            return
-        configure_logging(fmt=new.log.format, level=new.log.level, redact_identities=new.log.redact)
-        if self._wiring is not None:
-            self._wiring.reload(new)
-        self.settings = new
-        log.info("daemon.reloaded")
-        self._notifier.notify("READY=1", "STATUS=running (configuration reloaded)")
+        async with self._reloading:  # two quick SIGHUPs apply one after the other
+            monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self._notifier.notify(
+                "RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading configuration"
+            )
+            try:
+                new = await asyncio.to_thread(load_settings, self._config_file)
+            except ConfigError as exc:
+                log.error("daemon.reload_refused", error=str(exc))
+                self._notifier.notify("READY=1", "STATUS=reload refused: old configuration kept")
+                return
+            old = self.settings
+            # what this process runs was chosen at start (``--component``), not by the file
+            new = new.model_copy(update={"components": old.components})
+            restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(old, key)]
+            if restart:
+                log.warning("daemon.reload_needs_restart", keys=restart)
+            configure_logging(
+                fmt=new.log.format, level=new.log.level, redact_identities=new.log.redact
+            )
+            try:
+                if self._wiring is not None:
+                    await self._wiring.reload(new)
+            except Exception:  # a half-applied reload must not end the daemon
+                log.exception("daemon.reload_failed")
+                self._notifier.notify("READY=1", "STATUS=running (reload failed, see log)")
+                return
+            self.settings = new
+            log.info("daemon.reloaded", level=new.log.level)
+            self._notifier.notify("READY=1", "STATUS=running (configuration reloaded)")
 
     async def _run(self) -> int:
         settings = self.settings
         self._notifier.notify("STATUS=migrating the directory")
-        await migrate(settings.directory_url)
+        if not await self._migrate():
+            return 0
         engine = create_engine(settings.directory_url, settings.directory)
         self.health.register("directory")
         self.health.set("directory", "up")
@@ -127,6 +162,33 @@ class Daemon:
                 await self._wiring.close()
             await bus.close()
             await engine.dispose()
+
+    async def _migrate(self) -> bool:
+        """Migrate under a lease, so that instances started together on one PostgreSQL
+        directory do not race each other's DDL; False if stopped while waiting."""
+        lease = lease_for(self.settings.directory_url, self.settings.state_dir)
+        waiting = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    held = await lease.acquire(MIGRATE_LEASE)
+                except TransientError:
+                    held = None  # migrate() below reports an unreachable directory properly
+                    break
+                if held is not None:
+                    break
+                if not waiting:
+                    log.info("daemon.migration_waiting")
+                    waiting = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._stop.wait()
+            if self._stop.is_set():
+                return False
+            await migrate(self.settings.directory_url)
+            return True
+        finally:
+            await lease.close()
 
     async def _open_bus(self, bus: Bus) -> bool:
         """Connect, retrying with backoff while the broker is away; False if stopped first."""
@@ -167,14 +229,17 @@ class Daemon:
                     )
                 )
             for name, runner in plan.intake.items():
-                self.health.register(name)
+                # intake reports its own health (email.<mailbox>, twitter, the spool's probe);
+                # the runner's entry only shows a crash, and "starting" must not block /readyz
+                self.health.register(name, required=False)
                 intake.append(
                     group.create_task(
                         supervise(name, runner, self._stop_intake, self.health), name=name
                     )
                 )
+            http: asyncio.Task[None] | None = None
             if plan.http is not None:
-                intake.append(group.create_task(plan.http(self._stop_intake), name="http"))
+                http = group.create_task(plan.http(self._stop_http), name="http")
                 assert plan.http_started is not None
                 await _first(plan.http_started.wait(), self._stop.wait())
             if not self._stop.is_set():
@@ -188,6 +253,10 @@ class Daemon:
             try:
                 async with asyncio.timeout(settings.shutdown_timeout):
                     self._stop_intake.set()
+                    if http is not None:
+                        await asyncio.sleep(min(READINESS_GRACE, settings.shutdown_timeout / 10))
+                        self._stop_http.set()
+                        intake.append(http)
                     self._notifier.notify("STATUS=draining: intake stopped")
                     await asyncio.wait(intake) if intake else None
                     self._stop_workers.set()
@@ -195,21 +264,46 @@ class Daemon:
                     await asyncio.wait(workers) if workers else None
             except TimeoutError:
                 log.warning("daemon.drain_timeout", timeout=settings.shutdown_timeout)
+                self._stop_http.set()
                 self._stop_workers.set()
-                for task in [*intake, *workers]:
+                for task in [*intake, *workers, *([http] if http is not None else [])]:
                     task.cancel()
         log.info("daemon.stopped")
         return 0
 
+    def _alive(self) -> list[str]:
+        """What would make a restart worth it: a core worker down, or a consumer gone while
+        the broker connection is up (the silent failure). A broker that is away is not on
+        this list: the bus reconnects by itself and the spool keeps webhook input, so a
+        restart would only make things worse; a mailbox or X account that fails is that
+        connector's own business (``/readyz`` shows it)."""
+        problems = [
+            f"{name}: down ({c.reason})"
+            for name in CORE
+            if (c := self.health.components.get(name)) is not None and c.state == "down"
+        ]
+        broker = self.health.probes.get("broker")
+        if broker is None or broker() is None:
+            for name, probe in sorted(self.health.probes.items()):
+                problem = probe() if name.startswith("consumer ") else None
+                if problem:
+                    problems.append(f"{name}: {problem}")
+        return problems
+
     async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 only while healthy: the loop turns, the broker is connected, and every
-        worker still has its consumer; a silent loss of consumers gets the unit restarted."""
+        """WATCHDOG=1 from the event loop while ``_alive`` finds nothing wrong: a blocked loop
+        or a silent loss of consumers gets the unit restarted by systemd."""
+        status = ""
         while not self._stop.is_set():
-            ready, problems = self.health.ready()
-            if ready:
+            problems = self._alive()
+            if not problems:
                 self._notifier.notify("WATCHDOG=1")
-            else:
-                self._notifier.notify("STATUS=unhealthy: " + "; ".join(problems)[:200])
+            now = "unhealthy: " + "; ".join(problems)[:200] if problems else "running"
+            if now != status:
+                if problems:
+                    log.warning("daemon.watchdog_withheld", problems=problems)
+                self._notifier.notify("STATUS=" + now)
+                status = now
             try:
                 async with asyncio.timeout(interval):
                     await self._stop.wait()

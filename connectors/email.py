@@ -38,7 +38,14 @@ from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise_email, redact
-from ingest.protocols import CursorStore, InboundSink, ReplyContext, SeenStore, SendResult
+from ingest.protocols import (
+    CursorStore,
+    InboundSink,
+    Lease,
+    ReplyContext,
+    SeenStore,
+    SendResult,
+)
 from ingest.schema import InboundMessage, ReplyRequest
 
 log = structlog.get_logger("omniroute.email")
@@ -307,7 +314,10 @@ class EmailConnector:
     """One supervised aioimaplib worker per mailbox, feeding an ``InboundSink``.
 
     ``run(stop)`` is the daemon's loop; ``run_until_idle()`` drains every mailbox once and
-    returns how many mails it submitted (tests and ``omniroute`` one-shot use)."""
+    returns how many mails it submitted (tests and ``omniroute`` one-shot use). With a
+    ``lease``, a worker polls its mailbox only while it holds ``imap:<name>``; otherwise it
+    is on "standby" and tries again every ``lease_retry`` seconds. ``reconcile()`` applies
+    mailboxes added, removed or changed while ``run`` goes on (SIGHUP)."""
 
     name = "email"
 
@@ -319,12 +329,18 @@ class EmailConnector:
         cursors: CursorStore,
         seen: SeenStore,
         health: Health,
+        lease: Lease | None = None,
+        lease_retry: float = 3.0,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._cursors = cursors
         self._seen = seen
         self._health = health
+        self._lease = lease
+        self._lease_retry = lease_retry
+        self._group: asyncio.TaskGroup | None = None
+        self._workers: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         for box in settings.mailboxes:
             health.register(self.component(box))
 
@@ -334,9 +350,98 @@ class EmailConnector:
         return "email." + box.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
-            for box in self._settings.mailboxes:
-                group.create_task(self._supervise(box, stop), name="email:" + box.name)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for box in self._settings.mailboxes:
+                    self._start_worker(box)
+                try:
+                    await stop.wait()
+                finally:
+                    self._group = None
+                    for _task, box_stop in self._workers.values():
+                        box_stop.set()
+        finally:
+            self._workers.clear()
+
+    def _start_worker(self, box: MailboxSettings) -> None:
+        assert self._group is not None
+        box_stop = asyncio.Event()
+        task = self._group.create_task(self._supervise(box, box_stop), name="email:" + box.name)
+        self._workers[box.name] = (task, box_stop)
+
+    async def reconcile(self, settings: EmailSettings) -> None:
+        """Start added mailboxes, stop removed ones, restart changed ones (a new password);
+        the others go on untouched. A stopped worker finishes its batch first."""
+        old = {box.name: box for box in self._settings.mailboxes}
+        new = {box.name: box for box in settings.mailboxes}
+        self._settings = settings
+        for name, box in old.items():
+            if new.get(name) == box:
+                continue
+            worker = self._workers.pop(name, None)
+            if worker is not None:
+                task, box_stop = worker
+                box_stop.set()
+                try:
+                    async with asyncio.timeout(box.timeout * 2):
+                        await asyncio.shield(task)
+                except TimeoutError:
+                    task.cancel()
+            if name not in new:
+                self._health.forget(self.component(box))
+                log.info("email.mailbox_removed", mailbox=name)
+        for name, box in new.items():
+            if old.get(name) == box:
+                continue
+            self._health.register(self.component(box))
+            event = "email.mailbox_changed" if name in old else "email.mailbox_added"
+            log.info(event, mailbox=name)
+            if self._group is not None:
+                self._start_worker(box)
+
+    async def _supervise(self, box: MailboxSettings, stop: asyncio.Event) -> None:
+        """Poll the mailbox while this process holds its lease (always, without a lease)."""
+        if self._lease is None:
+            await self._poll_loop(box, stop)
+            return
+        key = cursor_key(box.name)
+        structlog.contextvars.bind_contextvars(connector="email", mailbox=box.name)
+        try:
+            while not stop.is_set():
+                lost = await self._wait_for_lease(box, key, stop)
+                if lost is None:
+                    return
+                async with _either(stop, lost) as serving:
+                    await self._poll_loop(box, serving)
+                if not lost.is_set():
+                    return  # stopped, or an error retrying cannot fix
+                if not stop.is_set():
+                    log.warning("email.lease_lost", mailbox=box.name)
+                await self._lease.release(key)
+        finally:
+            await self._lease.release(key)
+
+    async def _wait_for_lease(
+        self, box: MailboxSettings, key: str, stop: asyncio.Event
+    ) -> asyncio.Event | None:
+        """Try the lease every ``lease_retry`` seconds (with jitter) until held or stopped."""
+        assert self._lease is not None
+        while not stop.is_set():
+            try:
+                lost = await self._lease.acquire(key)
+            except TransientError as exc:
+                self._down(box, f"lease: {exc}")
+            else:
+                if lost is not None:
+                    log.info("email.lease_acquired", mailbox=box.name)
+                    return lost
+                if self._health.set(self.component(box), "standby", "leased by another instance"):
+                    log.info("email.standby", mailbox=box.name)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._lease_retry * (0.5 + random.random())):  # noqa: S311
+                    await stop.wait()
+        return None
 
     async def run_until_idle(self) -> int:
         """Take what is waiting in every mailbox, then return; errors are raised."""
@@ -350,7 +455,7 @@ class EmailConnector:
                 await session.close()
         return taken
 
-    async def _supervise(self, box: MailboxSettings, stop: asyncio.Event) -> None:
+    async def _poll_loop(self, box: MailboxSettings, stop: asyncio.Event) -> None:
         """Reconnect with capped exponential backoff and jitter; stop on what retrying
         cannot fix (refused credentials, no STARTTLS) and say so once."""
         structlog.contextvars.bind_contextvars(connector="email", mailbox=box.name)
@@ -530,6 +635,24 @@ class EmailConnector:
             again=not new_id,
         )
         return True
+
+
+@contextlib.asynccontextmanager
+async def _either(*events: asyncio.Event) -> AsyncIterator[asyncio.Event]:
+    """An event set as soon as any of ``events`` is (stop, or the lease lost)."""
+    combined = asyncio.Event()
+
+    async def relay(event: asyncio.Event) -> None:
+        await event.wait()
+        combined.set()
+
+    relays = [asyncio.create_task(relay(event)) for event in events]
+    try:
+        yield combined
+    finally:
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
 
 # --- replies out ------------------------------------------------------------------------

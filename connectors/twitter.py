@@ -38,7 +38,14 @@ from connectors.settings import TwitterSettings
 from ingest.errors import AuthError, OmnirouteError, PermanentSendError, TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise_twitter, redact
-from ingest.protocols import CursorStore, InboundSink, ReplyContext, SeenStore, SendResult
+from ingest.protocols import (
+    CursorStore,
+    InboundSink,
+    Lease,
+    ReplyContext,
+    SeenStore,
+    SendResult,
+)
 from ingest.schema import Attachment, Identity, InboundMessage, ReplyRequest, Thread
 
 log = structlog.get_logger("omniroute.twitter")
@@ -193,12 +200,17 @@ class TwitterConnector:
         cursors: CursorStore,
         seen: SeenStore,
         health: Health,
+        lease: Lease | None = None,
+        lease_retry: float = 3.0,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._cursors = cursors
         self._seen = seen
         self._health = health
+        self._lease = lease
+        self._lease_retry = lease_retry
+        self._lost: asyncio.Event | None = None
         self._api = _XApi(settings)
         self._uid = settings.user_id.removeprefix("id:")
         self._account = Identity(kind="twitter", address=normalise_twitter(f"id:{self._uid}"))
@@ -213,6 +225,12 @@ class TwitterConnector:
         with structlog.contextvars.bound_contextvars(connector=NAME, channel=NAME):
             try:
                 while not stop.is_set():
+                    if self._lease is not None and not await self._leased():
+                        try:
+                            await self._sleep(_jitter(self._lease_retry))
+                        except _Stopping:
+                            break
+                        continue
                     try:
                         await self.poll_once()
                     except _Stopping:
@@ -240,7 +258,37 @@ class TwitterConnector:
                 self._health.set(NAME, "stopped")
             finally:
                 self._stop = asyncio.Event()
+                if self._lease is not None:
+                    self._lost = None
+                    await self._lease.release(self._lease_key)
                 await self.aclose()
+
+    @property
+    def _lease_key(self) -> str:
+        return f"twitter:{self._uid}"
+
+    async def _leased(self) -> bool:
+        """True while this process holds the account's lease; otherwise try to take it, and
+        say "standby" while another live instance polls the account."""
+        assert self._lease is not None
+        if self._lost is not None and not self._lost.is_set():
+            return True
+        if self._lost is not None:
+            log.warning("twitter.lease_lost")
+            self._lost = None
+            await self._lease.release(self._lease_key)
+        try:
+            self._lost = await self._lease.acquire(self._lease_key)
+        except TransientError as exc:
+            if self._health.set(NAME, "down", f"lease: {exc}"):
+                log.warning("twitter.unavailable", error=f"lease: {exc}")
+            return False
+        if self._lost is None:
+            if self._health.set(NAME, "standby", "leased by another instance"):
+                log.info("twitter.standby")
+            return False
+        log.info("twitter.lease_acquired")
+        return True
 
     async def aclose(self) -> None:
         """Close the HTTP session (``run`` does it on its way out)."""

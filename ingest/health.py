@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-State = Literal["starting", "up", "down", "stopped"]
+State = Literal["starting", "up", "down", "stopped", "standby"]
+#: states that do not make ``/readyz`` fail: "standby" is a poller whose source (a mailbox,
+#: an X account) is leased by another live instance, which is how scale-out should look
+READY_STATES: frozenset[State] = frozenset({"up", "standby"})
 
 
 @dataclass
@@ -44,12 +47,19 @@ class Health:
                 listener(name, state)
         return changed
 
+    def forget(self, name: str) -> None:
+        """Drop a component that no longer exists (a mailbox removed on reload)."""
+        if self.components.pop(name, None) is not None:
+            for listener in self.listeners:
+                listener(name, "stopped")
+
     def ready(self) -> tuple[bool, list[str]]:
-        """Ready when not draining and every required component is up; else the reasons."""
+        """Ready when not draining and every required component is up (or on standby); else
+        the reasons."""
         problems = [
             f"{name}: {c.state}" + (f" ({c.reason})" if c.reason else "")
             for name, c in sorted(self.components.items())
-            if c.required and c.state != "up"
+            if c.required and c.state not in READY_STATES
         ]
         for name, probe in sorted(self.probes.items()):
             problem = probe()

@@ -78,3 +78,15 @@ class Connector(Protocol):
 
     async def run(self, stop: asyncio.Event) -> None:
         """The intake loop; returns once ``stop`` is set and in-flight input is safe."""
+
+
+class Lease(Protocol):
+    """The right to poll one source (``imap:<mailbox>``, ``twitter:<user_id>``), held by at
+    most one live process; it frees itself when the holder dies, so another takes over."""
+
+    async def acquire(self, key: str) -> asyncio.Event | None:
+        """Try once without waiting: an event set if the lease is later lost, or None when
+        another process holds it. Raises ``TransientError`` when it cannot tell."""
+
+    async def release(self, key: str) -> None:
+        """Give the lease up; idempotent, never raises."""
