@@ -10,8 +10,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from ingest.errors import ConfigError, OmnirouteError
@@ -52,7 +52,34 @@ def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncE
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    else:
+        event.listen(engine.sync_engine, "do_connect", _connect_or_operational_error)
+        event.listen(engine.sync_engine, "handle_error", _network_error_is_operational)
     return engine
+
+
+def _connect_or_operational_error(
+    dialect: Any, _record: Any, cargs: tuple[Any, ...], cparams: dict[str, Any]
+) -> Any:
+    """asyncpg's connect raises bare ``OSError``/``TimeoutError`` (refused, unreachable, no
+    answer within the timeout), which SQLAlchemy passes through unwrapped; callers translate
+    ``SQLAlchemyError`` into ``TransientError``, so without this a database outage became a
+    500 on the webhooks and a "bug" dead-letter in the workers instead of a retry."""
+    dbapi = dialect.loaded_dbapi
+    try:
+        return dbapi.connect(*cargs, **cparams)
+    except OSError as exc:
+        raise dbapi.OperationalError(f"cannot connect: {exc!r}", exc) from exc
+
+
+def _network_error_is_operational(context: ExceptionContext) -> DBAPIError | None:
+    """The same for a statement: a stalled server ends in a bare ``TimeoutError``
+    (``command_timeout``), a cut one in ``OSError``; both mean "try again later"."""
+    error = context.original_exception
+    if context.sqlalchemy_exception is None and isinstance(error, OSError):
+        context.is_disconnect = True
+        return OperationalError(context.statement, context.parameters, error)
+    return None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
