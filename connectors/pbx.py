@@ -130,15 +130,24 @@ def pbx_router(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
 
+    async def first_time(call_id: str) -> bool:
+        """A broken dedup store must not lose the call: publish, the router deduplicates."""
+        try:
+            return seen is None or await seen.first_time("voice", call_id)
+        except TransientError as exc:
+            log.warning("pbx.seen_store_unavailable", error=str(exc)[:300])
+            return True
+
     async def publish(message: InboundMessage) -> None:
         try:
-            if seen is not None and not await seen.first_time("voice", message.external_id):
+            if not await first_time(message.external_id):
                 return
             try:
                 await sink.submit(message)
             except BaseException:
                 if seen is not None:
-                    await seen.forget("voice", message.external_id)
+                    with contextlib.suppress(TransientError):
+                        await seen.forget("voice", message.external_id)
                 raise
         except TransientError as exc:
             log.warning("pbx.publish_failed", call_id=message.external_id, error=str(exc)[:300])
