@@ -65,7 +65,9 @@ class Wiring:
         self.bus = bus
         self.engine = engine
         self.metrics = metrics
-        self.decider = Decider(engine, settings.routing)
+        self.decider = Decider(
+            engine, settings.routing, cache_ttl=settings.router.directory_cache_ttl
+        )
         self.cursors = DbCursorStore(engine)
         self.seen = DbSeenStore(engine)
         self.sink: InboundSink = BusSink(bus)
@@ -270,6 +272,7 @@ class Wiring:
         if self.email is not None:
             await self.email.reconcile(settings.email)
         await self.engine.dispose()
+        self.decider.directory.clear()
         log.info("components.directory_reopened")
 
     async def close(self) -> None:

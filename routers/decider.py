@@ -3,18 +3,23 @@ made, shared by the router worker, the voice webhook, the PBX route API and
 ``omniroute route explain`` (they receive it as an ``ingest.protocols.Decider``).
 
 Usage: ``decision = await Decider(engine, routing_settings)(inbound_message)``.
+
+Directory lookups (customer by identity, team, agent) go through a ``DirectoryCache`` when
+``cache_ttl`` > 0 (the daemon passes ``router.directory_cache_ttl``); routing state (last
+agent, presence, thread owner, recent contacts) is read from the database every time.
 """
 
 from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.errors import TransientError
 from ingest.protocols import Decision
-from ingest.schema import CustomerRef, InboundMessage, utcnow
+from ingest.schema import CustomerRef, InboundMessage, RecentContact, utcnow
 from routers import directory, state
+from routers.batching import Batcher
 from routers.db import sessionmaker
 from routers.policy import AgentFacts, Facts, decide
 from routers.settings import RoutingSettings
@@ -27,10 +32,16 @@ class Decider:
         settings: RoutingSettings,
         *,
         clock: Callable[[], datetime] = utcnow,
+        cache_ttl: float = 0.0,
     ) -> None:
         self._sessions = sessionmaker(engine)
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
+        self.directory = directory.DirectoryCache(self._sessions, cache_ttl)
+        self._last: Batcher[str, tuple[state.LastContact, str] | None] = Batcher(
+            self._load_last, None
+        )
+        self._recent: Batcher[tuple[str, int], list[RecentContact]] = Batcher(self._load_recent, [])
 
     async def __call__(self, message: InboundMessage) -> Decision:
         decision, _ = await self.explain(message)
@@ -39,43 +50,44 @@ class Decider:
     async def explain(self, message: InboundMessage) -> tuple[Decision, Facts]:
         settings = self.settings
         try:
-            async with self._sessions() as session:
-                facts = await self._facts(session, message, settings)
-                now = self._clock()
-                route = decide(message, facts, settings, now)
-                customer_ref = None
-                if facts.customer is not None:
-                    customer_ref = CustomerRef(
-                        id=facts.customer.id,
-                        name=facts.customer.name,
-                        team=facts.customer.team_id,
-                        recent=await state.recent_contacts(
-                            session, facts.customer.id, settings.recent_contacts
-                        ),
-                    )
-                dial, fallback = await self._dial(
-                    session, route.kind, route.target, route.fallback_team
+            facts = await self._facts(message, settings)
+            now = self._clock()
+            route = decide(message, facts, settings, now)
+            customer_ref = None
+            if facts.customer is not None:
+                customer_ref = CustomerRef(
+                    id=facts.customer.id,
+                    name=facts.customer.name,
+                    team=facts.customer.team_id,
+                    recent=list(
+                        await self._recent.get((facts.customer.id, settings.recent_contacts))
+                    ),
                 )
+            dial, fallback = await self._dial(route.kind, route.target, route.fallback_team)
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
         return Decision(
             customer=customer_ref, route=route, dial=dial, fallback_dial=fallback
         ), facts
 
-    async def _facts(
-        self, session: AsyncSession, message: InboundMessage, settings: RoutingSettings
-    ) -> Facts:
-        customer = await directory.find_customer(session, message.sender, settings.default_region)
+    async def _facts(self, message: InboundMessage, settings: RoutingSettings) -> Facts:
+        customer = await self.directory.find_customer(message.sender, settings.default_region)
         if customer is None:
             return Facts(customer=None)
         owner = None
         if message.channel == "email" and message.thread is not None:
             refs = [message.thread.in_reply_to or "", *reversed(message.thread.references)]
-            owner_id = await state.thread_owner(session, refs)
-            if owner_id is not None:
-                owner = await self._agent(session, owner_id)
-        last = await state.last_agent(session, customer.id)
-        last_facts = await self._agent(session, last.agent_id) if last else None
+            if any(refs):
+                async with self._sessions() as session:
+                    owner_id = await state.thread_owner(session, refs)
+                    presence = await state.presence(session, owner_id) if owner_id else ""
+                if owner_id is not None:
+                    owner = await self._agent(owner_id, presence)
+        found = await self._last.get(customer.id)
+        last, last_facts = None, None
+        if found is not None:
+            last, presence = found
+            last_facts = await self._agent(last.agent_id, presence)
         return Facts(
             customer=customer,
             thread_owner=owner,
@@ -83,28 +95,40 @@ class Decider:
             last_agent_at=last.at if last else None,
         )
 
-    async def _agent(self, session: AsyncSession, agent_id: str) -> AgentFacts:
-        record = await directory.get_agent(session, agent_id)
+    async def _load_last(self, ids: list[str]) -> dict[str, tuple[state.LastContact, str] | None]:
+        async with self._sessions() as session:
+            return dict(await state.last_agents_presence(session, ids))
+
+    async def _load_recent(
+        self, keys: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], list[RecentContact]]:
+        found: dict[tuple[str, int], list[RecentContact]] = {}
+        async with self._sessions() as session:
+            for limit in {limit for _, limit in keys}:
+                ids = [customer_id for customer_id, wanted in keys if wanted == limit]
+                recent = await state.recent_contacts_many(session, ids, limit)
+                found.update({(c, limit): contacts for c, contacts in recent.items()})
+        return found
+
+    async def _agent(self, agent_id: str, presence: str) -> AgentFacts:
+        record = await self.directory.get_agent(agent_id)
         if record is None:  # the agent left the directory: treat as deactivated
             return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
         return AgentFacts(
-            id=record.id,
-            team_id=record.team_id,
-            active=record.active,
-            presence=await state.presence(session, agent_id),
+            id=record.id, team_id=record.team_id, active=record.active, presence=presence
         )
 
     async def _dial(
-        self, session: AsyncSession, kind: str, target: str | None, fallback_team: str | None
+        self, kind: str, target: str | None, fallback_team: str | None
     ) -> tuple[str | None, str | None]:
         """Dial strings for voice: the agent's with the team's as fallback, or the team's."""
         if target is None:
             default = self.settings.default_team
-            team = await directory.get_team(session, default) if default else None
+            team = await self.directory.get_team(default) if default else None
             return (team.dial if team else None), None
         if kind == "agent":
-            agent = await directory.get_agent(session, target)
-            team = await directory.get_team(session, fallback_team) if fallback_team else None
+            agent = await self.directory.get_agent(target)
+            team = await self.directory.get_team(fallback_team) if fallback_team else None
             return (agent.dial if agent else None), (team.dial if team else None)
-        team = await directory.get_team(session, target)
+        team = await self.directory.get_team(target)
         return (team.dial if team else None), None

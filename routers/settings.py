@@ -61,6 +61,14 @@ class RouterSettings(BaseModel):
     prefetch: int = Field(
         default=256, ge=1, le=65535, description="messages each worker takes in at once"
     )
+    directory_cache_ttl: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="seconds a directory lookup (customer by identity, team, agent) is reused "
+        "by the decider; a directory change is seen at most this much later (0: read every "
+        "time). Routing state (last agent, presence) is always read fresh",
+    )
 
 
 class DirectorySettings(BaseModel):

@@ -8,8 +8,9 @@ overwrites it, so redelivered or reordered events cannot move a customer backwar
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import InboundMessage, RecentContact, RoutedMessage
@@ -34,6 +35,35 @@ class LastContact:
 async def last_agent(session: AsyncSession, customer_id: str) -> LastContact | None:
     row = await session.get(LastAgent, customer_id)
     return None if row is None else LastContact(row.agent_id, row.channel, _aware(row.at))
+
+
+async def last_agents_presence(
+    session: AsyncSession, customer_ids: list[str]
+) -> dict[str, tuple[LastContact, str]]:
+    """``last_agent`` and that agent's ``presence`` for many customers in one query (the
+    router's hot path); customers nobody answered are absent."""
+    if not customer_ids:
+        return {}
+    rows = (
+        await session.execute(
+            select(
+                LastAgent.customer_id,
+                LastAgent.agent_id,
+                LastAgent.channel,
+                LastAgent.at,
+                AgentPresence.status,
+            )
+            .outerjoin(AgentPresence, AgentPresence.agent_id == LastAgent.agent_id)
+            .where(LastAgent.customer_id.in_(customer_ids))
+        )
+    ).all()
+    return {
+        r.customer_id: (
+            LastContact(r.agent_id, r.channel, _aware(r.at)),
+            "available" if r.status is None else str(r.status),
+        )
+        for r in rows
+    }
 
 
 async def thread_owner(session: AsyncSession, message_ids: list[str]) -> str | None:
@@ -124,31 +154,67 @@ async def claim_routed(session: AsyncSession, routed: RoutedMessage) -> str:
     return owner or routed.message.id
 
 
+async def claim_routed_many(session: AsyncSession, batch: list[RoutedMessage]) -> list[str]:
+    """``claim_routed`` for many messages with one insert and one select: each row is
+    inserted unless its channel id is recorded (a copy later in the batch loses to an
+    earlier one, as it would one statement later), then each channel id's owner is read."""
+    if not batch:
+        return []
+    await upsert(
+        session,
+        RoutedRecord.__table__,  # type: ignore[arg-type]
+        [_routed_row(routed) for routed in batch],
+        ["channel", "external_id"],
+        update=[],
+    )
+    wanted: dict[str, set[str]] = {}
+    for routed in batch:
+        wanted.setdefault(routed.message.channel, set()).add(routed.message.external_id)
+    rows = await session.execute(
+        select(RoutedRecord.channel, RoutedRecord.external_id, RoutedRecord.id).where(
+            # one "channel = ? AND external_id IN (...)" per channel searches the unique
+            # index; a row-value IN would scan the table on SQLite
+            or_(
+                *(
+                    and_(RoutedRecord.channel == channel, RoutedRecord.external_id.in_(ids))
+                    for channel, ids in sorted(wanted.items())
+                )
+            )
+        )
+    )
+    owners = {(r.channel, r.external_id): r.id for r in rows}
+    return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
+
+
 async def record_routed(session: AsyncSession, routed: RoutedMessage) -> bool:
     """Keep a compact copy (no body, no attachment content); False if already recorded."""
+    return await insert_new(
+        session,
+        RoutedRecord.__table__,  # type: ignore[arg-type]
+        _routed_row(routed),
+        ["channel", "external_id"],
+    )
+
+
+def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
     message = routed.message
     compact = message.model_copy(
         update={"text": message.text[:2000], "attachments": []}
     ).model_dump_json()
-    return await insert_new(
-        session,
-        RoutedRecord.__table__,  # type: ignore[arg-type]
-        {
-            "id": message.id,
-            "channel": message.channel,
-            "external_id": message.external_id,
-            "thread_message_id": strip_brackets(message.thread.message_id)
-            if message.thread and message.thread.message_id
-            else None,
-            "customer_id": routed.customer.id if routed.customer else None,
-            "route_kind": routed.route.kind,
-            "route_target": routed.route.target,
-            "reason": routed.route.reason,
-            "routed_at": utc(routed.route.decided_at),
-            "message": compact,
-        },
-        ["channel", "external_id"],
-    )
+    return {
+        "id": message.id,
+        "channel": message.channel,
+        "external_id": message.external_id,
+        "thread_message_id": strip_brackets(message.thread.message_id)
+        if message.thread and message.thread.message_id
+        else None,
+        "customer_id": routed.customer.id if routed.customer else None,
+        "route_kind": routed.route.kind,
+        "route_target": routed.route.target,
+        "reason": routed.route.reason,
+        "routed_at": utc(routed.route.decided_at),
+        "message": compact,
+    }
 
 
 async def recent_contacts(
@@ -179,6 +245,52 @@ async def recent_contacts(
         )
         for r in rows
     ]
+
+
+async def recent_contacts_many(
+    session: AsyncSession, customer_ids: list[str], limit: int
+) -> dict[str, list[RecentContact]]:
+    """``recent_contacts`` for many customers in one query (a window per customer)."""
+    if limit <= 0 or not customer_ids:
+        return {}
+    rank = (
+        func.row_number()
+        .over(partition_by=RoutedRecord.customer_id, order_by=RoutedRecord.routed_at.desc())
+        .label("rank")
+    )
+    ranked = (
+        select(
+            RoutedRecord.customer_id,
+            RoutedRecord.channel,
+            RoutedRecord.routed_at,
+            RoutedRecord.id,
+            RoutedRecord.route_kind,
+            RoutedRecord.route_target,
+            rank,
+        )
+        .where(RoutedRecord.customer_id.in_(customer_ids))
+        .subquery()
+    )
+    rows = (
+        await session.execute(
+            select(ranked)
+            .where(ranked.c.rank <= limit)
+            .order_by(ranked.c.customer_id, ranked.c.rank)
+        )
+    ).all()
+    found: dict[str, list[RecentContact]] = {}
+    for r in rows:
+        found.setdefault(r.customer_id, []).append(
+            RecentContact(
+                channel=r.channel,
+                at=_aware(r.routed_at),
+                message_id=r.id,
+                route=r.route_kind
+                if r.route_target is None
+                else f"{r.route_kind}.{r.route_target}",
+            )
+        )
+    return found
 
 
 async def find_routed(

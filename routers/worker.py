@@ -5,15 +5,20 @@ channel id already routed, decide, publish the ``RoutedMessage`` with key
 ``team.<id>`` / ``agent.<id>`` / ``triage``, record it, and only then ack. A crash
 anywhere before the ack redelivers the message; one after the publish but before the
 record can route it twice, which consumers absorb by ``message_id``.
+
+Claims of messages in flight together are written in one transaction (``ClaimBatch``):
+one commit for many messages, and no two transactions of this process fighting for
+SQLite's single write lock.
 """
 
 import asyncio
 import time
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
 from ingest.errors import TransientError
@@ -27,6 +32,82 @@ from routers.db import sessionmaker
 from routers.settings import RouterSettings, RoutingSettings
 
 log = structlog.get_logger("omniroute.router")
+
+
+class ClaimBatch:
+    """Claims channel ids for the messages in flight, many per transaction.
+
+    A claim waits only while an earlier batch is being written: the first message of a
+    quiet period is written at once, alone, and whatever arrives meanwhile goes into the
+    next transaction together. If a batch fails, each of its claims is retried in a
+    transaction of its own, so one bad row only fails its own message.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[Any], max_batch: int) -> None:
+        self._sessions = sessions
+        self._max = max_batch
+        self._pending: list[tuple[RoutedMessage, asyncio.Future[str]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def claim(self, routed: RoutedMessage) -> str:
+        """The omniroute id that owns this message's channel id once committed."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending.append((routed, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._max], self._pending[self._max :]
+            outcomes: list[str | Exception]
+            try:
+                try:
+                    outcomes = list(await self._commit([routed for routed, _ in batch]))
+                except SQLAlchemyError:
+                    if len(batch) == 1:
+                        raise
+                    # one bad row fails only its own message: each alone, as before batching
+                    outcomes = [await self._alone(routed) for routed, _ in batch]
+            except asyncio.CancelledError:
+                _fail([*batch, *self._pending], TransientError("directory database: cancelled"))
+                self._pending = []
+                raise
+            except SQLAlchemyError as exc:
+                outcomes = [_transient(exc)]
+            except Exception as exc:  # a bug: each handler raises it and dead-letters, as before
+                outcomes = [exc] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
+        async with self._sessions.begin() as session:
+            return await state.claim_routed_many(session, batch)
+
+    async def _alone(self, routed: RoutedMessage) -> str | Exception:
+        try:
+            return (await self._commit([routed]))[0]
+        except SQLAlchemyError as exc:
+            return _transient(exc)
+        except Exception as exc:
+            return exc
+
+
+def _transient(exc: SQLAlchemyError) -> TransientError:
+    error = TransientError(f"directory database: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _fail(batch: list[tuple[RoutedMessage, "asyncio.Future[str]"]], exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
 
 
 class RouterWorker:
@@ -45,7 +126,7 @@ class RouterWorker:
     ) -> None:
         self._bus = bus
         self._metrics = metrics
-        self._sessions = sessionmaker(engine)
+        self._claims = ClaimBatch(sessionmaker(engine), max_batch=settings.prefetch)
         self._decider = decider
         self.routing = routing
         self._settings = settings
@@ -93,11 +174,7 @@ class RouterWorker:
         # Claim the channel id before publishing: a copy under another omniroute id loses
         # the claim and is dropped, while a redelivery of this very message (same id, e.g.
         # after a crash before the ack) finds its own claim and is published again.
-        try:
-            async with self._sessions.begin() as session:
-                claimant = await state.claim_routed(session, routed)
-        except SQLAlchemyError as exc:
-            raise TransientError(f"directory database: {exc}") from exc
+        claimant = await self._claims.claim(routed)
         if claimant != message.id:
             self.duplicates += 1
             log.info("router.duplicate", external_id=message.external_id, first=claimant)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""omniroute's own bare forwarder: the ceiling a router stage can reach on this broker.
+
+Built the way ``../shared/bench/limit_forwarder.py`` is. Phase 1 (not timed) loads N
+persistent JSON messages into a durable queue; phase 2 (timed) consumes them with manual
+acks and a prefetch window, decodes each body, publishes it on to a second exchange as a
+persistent message with publisher confirms, and acks the original only after the confirm.
+No work in between. ``bench/throughput.py`` runs it in the same run as the router, on the
+same broker, with the router's own message bodies, and divides.
+
+``--queue-type quorum`` declares both queues as quorum queues (omniroute's default
+``bus.queue_type``) instead of limit_forwarder's classic queues, to show what the queue type
+alone costs.
+
+Usage: forwarder.py [--url amqp://guest:guest@127.0.0.1/] [-n 20000] [--prefetch 256]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+
+import aio_pika
+
+
+def limit_sample(i: int) -> bytes:
+    """limit_forwarder.py's message, byte for byte the same shape and size."""
+    return json.dumps({
+        "id": str(uuid.uuid4()), "channel": "email", "received_at": "2026-11-23T07:00:00Z",
+        "sender": {"kind": "email", "value": f"customer{i % 5000}@example.com"},
+        "subject": "Modemim calismiyor", "body": "x" * 700, "thread": {"in_reply_to": None},
+    }).encode()
+
+
+async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] = limit_sample,
+                  *, queue_type: str = "classic", quiet: bool = False) -> float:
+    """Preload ``n`` bodies, then time the consume-decode-publish-confirm-ack loop; msg/s."""
+    tag = uuid.uuid4().hex[:8]
+    args = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
+    conn = await aio_pika.connect_robust(url)
+    try:
+        setup = await conn.channel(publisher_confirms=True)
+        ex_in = await setup.declare_exchange(f"fwd.in.{tag}", aio_pika.ExchangeType.TOPIC,
+                                             auto_delete=True)
+        ex_out_decl = await setup.declare_exchange(f"fwd.out.{tag}", aio_pika.ExchangeType.TOPIC,
+                                                   auto_delete=True)
+        q_in = await setup.declare_queue(f"fwd.in.q.{tag}", durable=True, arguments=args)
+        q_out = await setup.declare_queue(f"fwd.out.q.{tag}", durable=True, arguments=args)
+        await q_in.bind(ex_in, "#")
+        await q_out.bind(ex_out_decl, "#")
+        for i in range(0, n, 512):  # phase 1: preload, not timed
+            await asyncio.gather(*(
+                ex_in.publish(aio_pika.Message(body(j), delivery_mode=2),
+                              routing_key="inbound.email")
+                for j in range(i, min(i + 512, n))))
+
+        fwd = await conn.channel(publisher_confirms=True)
+        await fwd.set_qos(prefetch_count=prefetch)
+        ex_out = await fwd.get_exchange(f"fwd.out.{tag}")
+        q = await fwd.get_queue(f"fwd.in.q.{tag}")
+        done = asyncio.Event()
+        forwarded = 0
+
+        async def handle(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal forwarded
+            decoded = json.loads(msg.body)
+            await ex_out.publish(aio_pika.Message(json.dumps(decoded).encode(), delivery_mode=2),
+                                 routing_key="team.x")
+            await msg.ack()
+            forwarded += 1
+            if forwarded == n:
+                done.set()
+
+        t0 = time.perf_counter()  # phase 2: timed
+        tag_consumer = await q.consume(handle)
+        await done.wait()
+        dt = time.perf_counter() - t0
+        await q.cancel(tag_consumer)
+        await q_in.delete(if_unused=False, if_empty=False)
+        await q_out.delete(if_unused=False, if_empty=False)
+        rate = n / dt
+        if not quiet:
+            print(f"forwarder ({queue_type}): {n} messages in {dt:.2f} s = {rate:.0f} msg/s")
+        return rate
+    finally:
+        await conn.close()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"))
+    p.add_argument("-n", type=int, default=20000)
+    p.add_argument("--prefetch", type=int, default=256)
+    p.add_argument("--queue-type", choices=["classic", "quorum"], default="classic")
+    a = p.parse_args()
+    asyncio.run(forward(a.url, a.n, a.prefetch, queue_type=a.queue_type))

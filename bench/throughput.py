@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""Router throughput on the real broker, as a ratio to the bare forwarder in the same run.
+
+For each round: the bare forwarder (``bench/forwarder.py``) moves N messages of the router's
+own body size through the broker and is timed; then N ``InboundMessage`` emails (``--known``
+share from customers in the directory, the rest from strangers; every fifth known customer
+has a last agent) are preloaded into ``omniroute.router`` (not timed), ``--workers`` router
+processes are started and wait at a barrier, and the time from "go" to the N-th routed
+message confirmed in ``omniroute.routed`` is measured. Each router process runs the real
+``routers.worker.RouterWorker`` with the real ``Bus``, ``Decider`` and engine, default
+settings (quorum queues, prefetch 256), and the daemon's JSON logging to a file.
+
+A fresh vhost is created for the run and deleted at the end; every round routes into a
+fresh copy of the directory, so the duplicate-removal record starts empty each time.
+
+Usage: throughput.py [--customers 100000] [-n 20000] [--workers 1] [--rounds 3]
+       [--known 0.7] [--prefetch 256] [--database-url postgresql://...]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import benchlib
+from forwarder import forward, limit_sample
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_body(i: int, known_share: float, customers: int, run: str, size: int) -> bytes:
+    """An email from a known customer (``known_share`` of them) or a stranger, ``size`` bytes."""
+    from ingest.schema import Identity, InboundMessage, Thread
+
+    # spread known senders over the directory; the same i always maps to the same sender
+    known = (i * 7919 % 1000) < known_share * 1000
+    address = (benchlib.known_email(i * 104729 % customers) if known
+               else f"stranger{i}@nowhere{i % 13}.example")
+    external = f"<bench-{run}-{i}@mail.example>"
+    msg = InboundMessage(
+        channel="email", external_id=external,
+        sender=Identity(kind="email", address=address),
+        recipient=Identity(kind="email", address="support@example.com"),
+        subject="Modemim calismiyor", text="", thread=Thread(message_id=external),
+    )
+    pad = size - len(msg.model_dump_json())
+    msg.text = "x" * max(pad, 0)
+    return msg.model_dump_json().encode()
+
+
+async def preload(url: str, bodies: list[bytes]) -> None:
+    from ingest.bus import INBOUND, Bus
+    from ingest.settings import BusSettings
+
+    bus = Bus(url, BusSettings(), name="bench-preload")
+    await bus.open()
+    try:
+        for start in range(0, len(bodies), 512):
+            await asyncio.gather(*(
+                bus.publish_body(INBOUND, "email", body, message_id=str(uuid.uuid4()),
+                                 type_="omniroute.inbound.v1")
+                for body in bodies[start:start + 512]))
+    finally:
+        await bus.close()
+
+
+async def depth(url: str, queue: str) -> int:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(queue, passive=True)
+        return q.declaration_result.message_count or 0
+    finally:
+        await conn.close()
+
+
+async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int,
+                      logdir: Path, profile: str | None, cache_ttl: float | None) -> float:
+    """Start ``workers`` router processes, release them together, time until N are routed."""
+    import aio_pika
+
+    procs: list[subprocess.Popen[bytes]] = []
+    for w in range(workers):
+        cmd = [sys.executable, str(HERE / "throughput.py"), "--child", "--url", url,
+               "--database-url", db_url, "--prefetch", str(prefetch)]
+        if cache_ttl is not None:
+            cmd += ["--cache-ttl", str(cache_ttl)]
+        if profile and w == 0:
+            cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", profile,
+                   "-f", "raw", "-r", "200", "--", *cmd]
+        log = (logdir / f"router-{w}.log").open("wb")
+        procs.append(subprocess.Popen(  # noqa: ASYNC220 (before the clock starts)
+            cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.PIPE))
+    try:
+        for p in procs:
+            assert p.stderr is not None
+            line = await asyncio.to_thread(p.stderr.readline)
+            if line.strip() != b"ready":
+                raise SystemExit(f"router process failed: {line!r} {p.stderr.read()!r}")
+        conn = await aio_pika.connect(url)
+        ch = await conn.channel()
+        t0 = time.perf_counter()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        deadline = t0 + 600
+        while True:
+            q = await ch.declare_queue("omniroute.routed", passive=True)
+            if (q.declaration_result.message_count or 0) >= n:
+                break
+            if time.perf_counter() > deadline:
+                raise SystemExit("router did not finish within 600 s")
+            await asyncio.sleep(0.01)
+        dt = time.perf_counter() - t0
+        await conn.close()
+    finally:
+        for p in procs:
+            if p.poll() is None and p.stdin is not None:
+                p.stdin.write(b"stop\n")
+                p.stdin.flush()
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return n / dt
+
+
+async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -> None:
+    """One router process: the daemon's logging, bus, engine, decider and RouterWorker."""
+    from config.logging import configure
+    from ingest.bus import Bus
+    from ingest.health import Health
+    from ingest.metrics import Metrics
+    from ingest.settings import BusSettings
+    from routers.db import create_engine
+    from routers.decider import Decider
+    from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+    from routers.worker import RouterWorker
+
+    configure(fmt="json", level="info")
+    health, metrics = Health(), Metrics()
+    routing = RoutingSettings(default_region=benchlib.REGION)
+    bus = Bus(url, BusSettings(), name="bench-router", health=health, metrics=metrics)
+    await bus.open()
+    engine = create_engine(db_url, DirectorySettings())
+    router = RouterSettings(prefetch=prefetch)
+    if cache_ttl is not None:
+        router = router.model_copy(update={"directory_cache_ttl": cache_ttl})
+    # as config.components.Wiring builds them
+    decider = Decider(engine, routing, cache_ttl=router.directory_cache_ttl)
+    worker = RouterWorker(bus=bus, engine=engine, decider=decider,
+                          routing=routing, settings=router,
+                          health=health, metrics=metrics)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    sys.stderr.write("ready\n")
+    sys.stderr.flush()
+    if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
+        return
+    task = asyncio.create_task(worker.run(stop, drain_timeout=10))
+    await loop.run_in_executor(None, sys.stdin.readline)  # "stop" or EOF
+    stop.set()
+    await task
+    sys.stderr.write(f"routed {worker.routed} duplicates {worker.duplicates}\n")
+    await bus.close()
+    await engine.dispose()
+
+
+def fresh_db(template: Path, tag: str, database_url: str | None) -> tuple[str, Path | None]:
+    if database_url:
+        return database_url, None
+    copy = benchlib.CACHE / f"run-{tag}.sqlite"
+    shutil.copyfile(template, copy)
+    return f"sqlite:///{copy}", copy
+
+
+async def main(a: argparse.Namespace) -> None:
+    print(benchlib.machine())
+    template = benchlib.directory_db(a.customers)
+    size = len(limit_sample(0))
+    run = uuid.uuid4().hex[:6]
+    bodies = [make_body(i, a.known, a.customers, run, size) for i in range(a.n)]
+    print(f"messages: {a.n}, {len(bodies[0])} bytes each (limit_forwarder sample: {size}), "
+          f"known senders {a.known:.0%}, customers {a.customers}, prefetch {a.prefetch}, "
+          f"router processes {a.workers}")
+    logdir = benchlib.CACHE / f"logs-{run}"
+    logdir.mkdir(parents=True, exist_ok=True)
+    fwd_rates: list[float] = []
+    fwdq_rates: list[float] = []
+    router_rates: list[float] = []
+    with benchlib.fresh_vhost() as url:
+        for r in range(a.rounds):
+            fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True))
+            if a.quorum_forwarder:
+                fwdq_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i],
+                                                queue_type="quorum", quiet=True))
+            db_url, copy = fresh_db(template, f"{run}-{r}", a.database_url)
+            try:
+                round_bodies = [b.replace(f"bench-{run}-".encode(), f"bench-{run}{r}-".encode())
+                                for b in bodies]
+                await preload(url, round_bodies)
+                profile = f"{a.profile}.{r}.json" if a.profile else None
+                router_rates.append(await time_router(url, db_url, a.n, a.workers, a.prefetch,
+                                                      logdir, profile, a.cache_ttl))
+                dead = await depth(url, "omniroute.dead")
+                left = await depth(url, "omniroute.router")
+                routed = await depth(url, "omniroute.routed")
+                if dead or left or routed != a.n:
+                    raise SystemExit(f"round {r}: routed {routed}, dead {dead}, left {left}")
+                await purge(url, "omniroute.routed")
+            finally:
+                if copy is not None:
+                    for p in (copy, Path(f"{copy}-wal"), Path(f"{copy}-shm")):
+                        p.unlink(missing_ok=True)
+            line = (f"round {r + 1}: forwarder {fwd_rates[-1]:.0f} msg/s, "
+                    f"router x{a.workers} {router_rates[-1]:.0f} msg/s, "
+                    f"ratio {router_rates[-1] / fwd_rates[-1]:.2f}")
+            if fwdq_rates:
+                line += f" (forwarder on quorum queues {fwdq_rates[-1]:.0f} msg/s)"
+            print(line, flush=True)
+    shutil.rmtree(logdir, ignore_errors=True)
+    f_med, f_lo, f_hi = benchlib.median_spread(fwd_rates)
+    r_med, r_lo, r_hi = benchlib.median_spread(router_rates)
+    ratios = [r / f for r, f in zip(router_rates, fwd_rates, strict=True)]
+    q_med, q_lo, q_hi = benchlib.median_spread(ratios)
+    print(f"forwarder: median {f_med:.0f} msg/s (min {f_lo:.0f}, max {f_hi:.0f})")
+    print(f"router x{a.workers}: median {r_med:.0f} msg/s (min {r_lo:.0f}, max {r_hi:.0f})")
+    print(f"ratio router/forwarder: median {q_med:.2f} (min {q_lo:.2f}, max {q_hi:.2f})")
+    if fwdq_rates:
+        m, lo, hi = benchlib.median_spread(fwdq_rates)
+        print(f"forwarder on quorum queues: median {m:.0f} msg/s (min {lo:.0f}, max {hi:.0f}); "
+              f"router/that: {r_med / m:.2f}")
+    print(json.dumps({"forwarder": fwd_rates, "router": router_rates, "workers": a.workers,
+                      "forwarder_quorum": fwdq_rates}))
+
+
+async def purge(url: str, queue: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(queue, passive=True)
+        await q.purge()
+    finally:
+        await conn.close()
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--customers", type=int, default=100_000)
+    p.add_argument("-n", type=int, default=20_000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--known", type=float, default=0.7)
+    p.add_argument("--prefetch", type=int, default=256)
+    p.add_argument("--database-url", default=None, help="an imported directory (default: SQLite)")
+    p.add_argument("--quorum-forwarder", action="store_true",
+                   help="also time the forwarder on quorum queues")
+    p.add_argument("--profile", help="py-spy the first router process into PROFILE.<round>.json")
+    p.add_argument("--cache-ttl", type=float, default=None,
+                   help="router.directory_cache_ttl (default: the setting's default)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        asyncio.run(child(a.url, a.database_url, a.prefetch, a.cache_ttl))
+    else:
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        asyncio.run(main(a))
