@@ -36,6 +36,7 @@ from routers.decider import Decider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
 from routers.lease import lease_for
+from routers.maintenance import Pruner
 from routers.store import DbCursorStore, DbSeenStore
 from routers.worker import RouterWorker
 
@@ -72,6 +73,7 @@ class Wiring:
         self.seen = DbSeenStore(engine)
         self.sink: InboundSink = BusSink(bus)
         self.router: RouterWorker | None = None
+        self.pruner: Pruner | None = None
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
         self.email: EmailConnector | None = None
@@ -115,6 +117,9 @@ class Wiring:
                 metrics=self.metrics,
             )
             plan.workers["router"] = _with_drain(router.run, drain)
+            # the record of routed messages is the router's: it keeps it bounded too
+            self.pruner = Pruner(self.engine, settings.routing)
+            plan.intake["pruner"] = self.pruner.run
         if self.enabled("events"):
             events = self.events = EventsWorker(
                 bus=self.bus,
@@ -266,6 +271,8 @@ class Wiring:
         """
         self.settings = settings
         self.decider.settings = settings.routing
+        if self.pruner is not None:
+            self.pruner.routing = settings.routing
         for worker in (self.router, self.events, self.dispatcher):
             if worker is not None:
                 worker.routing = settings.routing

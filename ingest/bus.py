@@ -62,12 +62,26 @@ TRANSIENT_RETRY_DELAY = 1.0
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
+def amqp_heartbeat(window: int) -> int:
+    """The AMQP heartbeat to ask for so that a stalled connection is noticed within
+    ``window`` seconds (``bus.heartbeat`` is two heartbeats of the operator's clock).
+
+    aiormq declares a connection dead after ``(heartbeat + 1) * 3`` silent seconds, checked
+    every ``heartbeat / 2``; so ask for the largest heartbeat h with
+    ``3 * (h + 1) + h / 2 <= 2 * window``. 0 disables heartbeats.
+    """
+    if window <= 0:
+        return 0
+    return max(1, int((2 * window - 3) / 3.5))
+
+
 def with_heartbeat(url: str, heartbeat: int) -> str:
     """Add ``heartbeat=`` to an AMQP URL unless the operator set one: a stalled connection
-    must be noticed within two heartbeats, not after the kernel's TCP timeout."""
+    must be noticed within two ``bus.heartbeat`` periods, not after the kernel's TCP
+    timeout."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
-    query.setdefault("heartbeat", str(heartbeat))
+    query.setdefault("heartbeat", str(amqp_heartbeat(heartbeat)))
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

@@ -28,5 +28,6 @@ class BusSettings(BaseModel):
         default=15,
         ge=0,
         le=600,
-        description="AMQP heartbeat in seconds: a stalled connection is noticed within two",
+        description="seconds; a stalled broker connection is noticed within two of these (the "
+        "AMQP heartbeat asked for is shorter, to fit aiormq's dead-peer rule)",
     )

@@ -76,3 +76,16 @@ async def test_poison_goes_to_dead_with_reason_and_consumer_keeps_going(bus: Bus
         while good.id not in seen:
             await asyncio.sleep(0.05)
     await consumer.stop(timeout=5)
+
+
+def test_heartbeat_fits_two_periods_of_the_setting() -> None:
+    """A stalled broker must be noticed within two bus.heartbeat periods: aiormq gives up
+    after 3 * (h + 1) silent seconds, checked every h / 2, so h is asked for smaller."""
+    from ingest.bus import amqp_heartbeat, with_heartbeat
+
+    for window in range(5, 601):
+        h = amqp_heartbeat(window)
+        assert h >= 1
+        assert 3 * (h + 1) + h / 2 <= 2 * window
+    assert "heartbeat=7" in with_heartbeat("amqp://u:p@h/", 15)
+    assert "heartbeat=30" in with_heartbeat("amqp://u:p@h/?heartbeat=30", 15), "operator wins"
