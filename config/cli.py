@@ -85,11 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AuthError, OmnirouteError) as exc:
         print(f"omniroute: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:  # `omniroute schema | head`: the reader left, not an error
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"omniroute: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:
