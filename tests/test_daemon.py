@@ -188,3 +188,38 @@ async def test_check_fails_when_the_broker_is_away(daemon: DaemonProcess, tmp_pa
     assert result.returncode == 1
     assert "FAIL" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> None:
+    """An operator watches routing live: one line per routed message, identities redacted."""
+    import subprocess
+    import sys
+
+    from ingest.bus import ROUTED
+    from ingest.schema import Route, RoutedMessage
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"],
+        cwd=daemon.config.parent,
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    routed = RoutedMessage(
+        message=_messages(1)[0], route=Route(kind="team", target="billing", reason="dedicated_team")
+    )
+    try:
+        async with asyncio.timeout(30):
+            while proc.poll() is None:  # publish until tail's queue is bound and it has read one
+                await bus.publish(ROUTED, "team.billing", routed, message_id=routed.message.id)
+                await asyncio.sleep(0.2)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    assert "team.billing" in out
+    assert "dedicated_team" in out
+    assert "a***@acme.test" in out
