@@ -192,34 +192,38 @@ async def test_check_fails_when_the_broker_is_away(daemon: DaemonProcess, tmp_pa
 
 async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> None:
     """An operator watches routing live: one line per routed message, identities redacted."""
-    import subprocess
     import sys
 
     from ingest.bus import ROUTED
     from ingest.schema import Route, RoutedMessage
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"],
+    args = ["-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
         cwd=daemon.config.parent,
         env=daemon.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     routed = RoutedMessage(
         message=_messages(1)[0], route=Route(kind="team", target="billing", reason="dedicated_team")
     )
     try:
         async with asyncio.timeout(30):
-            while proc.poll() is None:  # publish until tail's queue is bound and it has read one
+            while proc.returncode is None:  # publish until tail is bound and has read one
                 await bus.publish(ROUTED, "team.billing", routed, message_id=routed.message.id)
-                await asyncio.sleep(0.2)
-        out, err = proc.communicate(timeout=10)
+                try:
+                    async with asyncio.timeout(0.2):
+                        await proc.wait()
+                except TimeoutError:
+                    pass
+            out, err = await proc.communicate()
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait(timeout=10)
+            await proc.wait()
     assert proc.returncode == 0, err
-    assert "team.billing" in out
-    assert "dedicated_team" in out
-    assert "a***@acme.test" in out
+    assert b"team.billing" in out
+    assert b"dedicated_team" in out
+    assert b"a***@acme.test" in out
