@@ -74,9 +74,14 @@ async def test_sigkill_mid_flow_loses_nothing(
 ) -> None:
     """A router killed between receive and ack redelivers; every message is routed."""
     await _seeded(sqlite_url)
-    messages = _messages(1500)
-    for m in messages:
-        await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+    messages = _messages(4000)
+    for start in range(0, len(messages), 250):
+        await asyncio.gather(
+            *(
+                bus.publish(INBOUND, m.channel, m, message_id=m.id)
+                for m in messages[start : start + 250]
+            )
+        )
     proc = daemon.start("router", log=tmp_path / "daemon.log")
     await _wait_consumers(bus, ROUTER_QUEUE)
     async with asyncio.timeout(60):

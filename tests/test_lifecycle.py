@@ -224,9 +224,15 @@ async def test_sigterm_mid_flow_drains_readyz_503_and_loses_nothing(
     port = free_port()
     _set_port(daemon.config, port)
     _systemd_env(daemon, path)
-    messages = [_stranger(i) for i in range(800)]
-    for m in messages:
-        await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+    # enough that the 1 s readiness grace and the drain cannot empty the queue
+    messages = [_stranger(i) for i in range(5000)]
+    for start in range(0, len(messages), 250):
+        await asyncio.gather(
+            *(
+                bus.publish(INBOUND, m.channel, m, message_id=m.id)
+                for m in messages[start : start + 250]
+            )
+        )
     log = tmp_path / "daemon.log"
     proc = daemon.start("router", log=log)
     await notes.wait("READY=1")
