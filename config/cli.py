@@ -5,8 +5,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from config.logging import configure as configure_logging
 from config.settings import COMPONENTS, Settings, config_path, load_settings
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=settings.log.level,
             redact_identities=settings.log.redact,
         )
-        return asyncio.run(_dispatch(args, settings, path))
+        return _unwrapped(asyncio.run, _dispatch(args, settings, path))
     except ConfigError as exc:
         print(f"omniroute: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -94,6 +95,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+
+
+def _unwrapped(
+    run: Callable[[Coroutine[Any, Any, int]], int], main: Coroutine[Any, Any, int]
+) -> int:
+    """Run the daemon; a component's error leaves the TaskGroup wrapped in an exception
+    group, and the user is owed the error itself, in one line."""
+    try:
+        return run(main)
+    except BaseExceptionGroup as group:
+        leaf = _first_omniroute_error(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+def _first_omniroute_error(group: BaseExceptionGroup[BaseException]) -> OmnirouteError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, OmnirouteError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_omniroute_error(exc)
+            if found is not None:
+                return found
+    return None
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:

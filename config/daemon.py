@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config import components
 from config.logging import configure as configure_logging
@@ -151,12 +150,11 @@ class Daemon:
             metrics=self.metrics,
         )
         try:
-            self._notifier.notify("STATUS=connecting to the broker")
-            if not await self._open_bus(bus):
-                return 0
+            # Built before the broker answers: HTTP, the spool and pollers start at once, so a
+            # restart during a broker outage still takes webhooks in (they spool).
             self._wiring = components.Wiring(settings, self.health, bus, engine, self.metrics)
             plan = self._wiring.plan()
-            return await self._serve(plan)
+            return await self._serve(plan, bus)
         finally:
             if self._wiring is not None:
                 await self._wiring.close()
@@ -216,18 +214,11 @@ class Daemon:
             delay = min(delay * 2, 30.0)
         return False
 
-    async def _serve(self, plan: Plan) -> int:
+    async def _serve(self, plan: Plan, bus: Bus) -> int:
         settings = self.settings
         intake: list[asyncio.Task[None]] = []
         workers: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
-            for name, runner in plan.workers.items():
-                self.health.register(name)
-                workers.append(
-                    group.create_task(
-                        supervise(name, runner, self._stop_workers, self.health), name=name
-                    )
-                )
             for name, runner in plan.intake.items():
                 # intake reports its own health (email.<mailbox>, twitter, the spool's probe);
                 # the runner's entry only shows a crash, and "starting" must not block /readyz
@@ -242,6 +233,15 @@ class Daemon:
                 http = group.create_task(plan.http(self._stop_http), name="http")
                 assert plan.http_started is not None
                 await _first(plan.http_started.wait(), self._stop.wait())
+            self._notifier.notify("STATUS=connecting to the broker")
+            if not self._stop.is_set() and await self._open_bus(bus):
+                for name, runner in plan.workers.items():
+                    self.health.register(name)
+                    workers.append(
+                        group.create_task(
+                            supervise(name, runner, self._stop_workers, self.health), name=name
+                        )
+                    )
             if not self._stop.is_set():
                 log.info("daemon.ready", components=sorted([*plan.workers, *plan.intake]))
                 self._notifier.notify("READY=1", "STATUS=running")
@@ -319,6 +319,3 @@ async def _first(*waits: Awaitable[object]) -> None:
         for task in tasks:
             task.cancel()
 
-
-def engine_for(settings: Settings) -> AsyncEngine:
-    return create_engine(settings.directory_url, settings.directory)

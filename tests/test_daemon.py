@@ -232,3 +232,35 @@ async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> N
     assert b"team.billing" in out
     assert b"dedicated_team" in out
     assert b"a***@acme.test" in out
+
+
+async def test_http_answers_while_the_broker_is_away_at_start(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """A restart during a broker outage must still take webhooks in (the spool keeps them),
+    so HTTP comes up first; readiness says what is missing."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    text = daemon.config.read_text()
+    text = text.replace(text.splitlines()[0], 'amqp_url = "amqp://guest:guest@127.0.0.1:1/"')
+    daemon.config.write_text(text.replace("port = 0", f"port = {port}"), encoding="utf-8")
+    proc = daemon.start(log=tmp_path / "daemon.log")
+    async with httpx.AsyncClient(timeout=2) as client:
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    health = await client.get(f"http://127.0.0.1:{port}/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+        assert health.status_code == 200
+        ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 503
+        assert any(p.startswith("broker") for p in ready.json()["problems"])
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 20) == 0
