@@ -6,8 +6,14 @@ Invariants (issue 4):
   that is after the broker confirmed it; the cursor (UIDVALIDITY and the last UID taken,
   per mailbox in the ``CursorStore``) moves only after that. What is new is
   ``UID SEARCH UID last+1:*``, never UNSEEN, so a person reading the mailbox in webmail
-  does not make mail vanish. A changed UIDVALIDITY rescans everything not flagged
-  ``$Omniroute`` (or, with ``after = move:…``, everything still in the folder).
+  does not make mail vanish (mail already flagged ``$Omniroute`` is left out). A changed
+  UIDVALIDITY rescans everything not flagged ``$Omniroute`` (or, with ``after = move:…``,
+  everything still in the folder).
+- Intake works per batch of ``batch_size`` mails: one seen-store transaction for the
+  batch's slots and one for its Message-IDs, the new mails published concurrently, one
+  ``UID STORE`` for what the broker confirmed, one cursor write. When a publish fails, the
+  mails confirmed are flagged anyway, the failed ones are forgotten and left unflagged,
+  and the cursor stops just before the first of them.
 - Copies are dropped by Message-ID (a content hash when there is none) in the
   ``SeenStore``. Each (mailbox, UIDVALIDITY, UID) slot is also recorded, so a mail whose
   Message-ID was recorded by a run killed before the broker confirmed it is submitted
@@ -55,6 +61,8 @@ SEEN_CHANNEL = "email"
 SLOT_CHANNEL = "email.slot"
 #: mails larger than this are parsed in a worker thread, off the event loop
 THREAD_PARSE_BYTES = 1024 * 1024
+#: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
+PUBLISH_CONCURRENCY = 100
 _FETCH_HEAD = re.compile(rb"UID (\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
@@ -310,6 +318,17 @@ class _Cursor:
     last_uid: int
 
 
+@dataclass
+class _Mail:
+    """One parsed mail of a batch and what the seen store said about it."""
+
+    uid: int
+    slot: str
+    message: InboundMessage
+    new_slot: bool = False
+    new_id: bool = False
+
+
 class EmailConnector:
     """One supervised aioimaplib worker per mailbox, feeding an ``InboundSink``.
 
@@ -545,8 +564,11 @@ class EmailConnector:
             taken += await self._take_all(box, session, uids, cursor)
             cursor.last_uid = max(cursor.last_uid, floor)
             await self._save_cursor(box, cursor)
+        # mail already flagged is taken: a batch that failed half way confirmed some mails
+        # past the one it stopped at, and those are not published again
+        unflagged = () if box.after.startswith("move:") else ("UNKEYWORD", KEYWORD)
         while True:
-            found = await session.search("UID", f"{cursor.last_uid + 1}:*")
+            found = await session.search("UID", f"{cursor.last_uid + 1}:*", *unflagged)
             uids = [u for u in found if u > cursor.last_uid]  # "n:*" always names the last
             if not uids:
                 return taken
@@ -558,83 +580,148 @@ class EmailConnector:
         taken = 0
         for start in range(0, len(uids), box.batch_size):
             batch = uids[start : start + box.batch_size]
-            taken += await self._take_batch(box, session, batch)
-            cursor.last_uid = max(cursor.last_uid, batch[-1])
-            await self._save_cursor(box, cursor)
+            taken += await self._take_batch(box, session, batch, cursor)
         return taken
 
-    async def _take_batch(self, box: MailboxSettings, session: ImapSession, uids: list[int]) -> int:
-        """Fetch one batch, submit each new mail, then flag what the broker confirmed."""
-        fetched = await session.fetch(uids)
-        done: list[int] = []
-        submitted = 0
-        try:
-            for uid, raw in fetched:
-                if await self._take_one(box, session.uidvalidity, uid, raw):
-                    submitted += 1
-                done.append(uid)
-        except Exception:
-            if done:  # best effort: what is safe is not fetched again
-                with contextlib.suppress(TransientError):
-                    await session.mark(done)
-            raise
-        if done:
-            await session.mark(done)
+    async def _take_batch(
+        self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
+    ) -> int:
+        """Fetch one batch, record its ids in one transaction, publish the new mails
+        concurrently, then flag in one ``UID STORE`` what the broker confirmed (and the
+        copies) and move the cursor once.
+
+        When a publish fails (or a mail cannot be read), the mails confirmed are still
+        flagged, the failed ones are forgotten and left unflagged, the cursor stops just
+        before the first of them, and the first error is raised."""
+        fetched = sorted(await session.fetch(uids), key=lambda item: item[0])
         if len(fetched) < len(uids):
             log.info("email.vanished", mailbox=box.name, missing=len(uids) - len(fetched))
-        return submitted
+        mails, stuck, error = await self._parse_batch(box, session.uidvalidity, fetched)
+        del fetched  # the raw bodies are not needed past parsing
+        done, submitted, failure = await self._submit_batch(box, mails)
+        if failure is not None and (stuck is None or failure[0] < stuck):
+            stuck, error = failure
+        if stuck is None:
+            if done:
+                await session.mark(done)
+            cursor.last_uid = max(cursor.last_uid, uids[-1])
+            await self._save_cursor(box, cursor)
+            return submitted
+        assert error is not None
+        log.warning("email.batch_incomplete", mailbox=box.name, uid=stuck, error=repr(error))
+        with contextlib.suppress(TransientError):  # best effort: what is safe is not taken again
+            if done:
+                await session.mark(done)
+            if stuck - 1 > cursor.last_uid:
+                cursor.last_uid = stuck - 1
+                await self._save_cursor(box, cursor)
+        raise error
 
-    async def _take_one(self, box: MailboxSettings, uidvalidity: int, uid: int, raw: bytes) -> bool:
-        locator = {
-            "mailbox": box.name,
-            "folder": box.folder,
-            "uidvalidity": uidvalidity,
-            "uid": uid,
-        }
+    async def _parse_batch(
+        self, box: MailboxSettings, uidvalidity: int, fetched: list[tuple[int, bytes]]
+    ) -> tuple[list[_Mail], int | None, Exception | None]:
+        """The batch's mails in UID order, up to the first that cannot be read (its UID and
+        error come back too); big mails are parsed in a worker thread, off the event loop."""
         recipient = box.address or (box.username if "@" in box.username else None)
-        kwargs: dict[str, Any] = {
-            "mailbox": box.name,
-            "recipient": recipient,
-            "inline_max": self._settings.inline_attachment_max,
-            "locator": locator,
-        }
-        if len(raw) > THREAD_PARSE_BYTES:
-            message = await asyncio.to_thread(lambda: normalise(raw, **kwargs))
-        else:
-            message = normalise(raw, **kwargs)
-        if box.team:
-            message.meta["address_team"] = box.team
-        structlog.contextvars.bind_contextvars(message_id=message.id)
-        try:
-            return await self._submit_once(box, uidvalidity, uid, message)
-        finally:
-            structlog.contextvars.unbind_contextvars("message_id")
+        mails: list[_Mail] = []
+        for uid, raw in fetched:
+            locator = {
+                "mailbox": box.name,
+                "folder": box.folder,
+                "uidvalidity": uidvalidity,
+                "uid": uid,
+            }
+            kwargs: dict[str, Any] = {
+                "mailbox": box.name,
+                "recipient": recipient,
+                "inline_max": self._settings.inline_attachment_max,
+                "locator": locator,
+            }
+            try:
+                if len(raw) > THREAD_PARSE_BYTES:
+                    message = await asyncio.to_thread(normalise, raw, **kwargs)
+                else:
+                    message = normalise(raw, **kwargs)
+            except Exception as exc:  # a bug in parsing: what came before still goes out
+                log.exception("email.parse_failed", mailbox=box.name, uid=uid)
+                return mails, uid, exc
+            if box.team:
+                message.meta["address_team"] = box.team
+            mails.append(_Mail(uid, f"{box.name}:{uidvalidity}:{uid}", message))
+        return mails, None, None
 
-    async def _submit_once(
-        self, box: MailboxSettings, uidvalidity: int, uid: int, message: InboundMessage
-    ) -> bool:
-        slot = f"{box.name}:{uidvalidity}:{uid}"
-        new_slot = await self._seen.first_time(SLOT_CHANNEL, slot)
-        new_id = await self._seen.first_time(SEEN_CHANNEL, message.external_id)
-        if not new_id and new_slot:
-            log.info("email.duplicate", mailbox=box.name, uid=uid)
-            return False
-        try:
-            await self._sink.submit(message)
-        except Exception:
-            with contextlib.suppress(TransientError):
-                if new_id:
-                    await self._seen.forget(SEEN_CHANNEL, message.external_id)
-                await self._seen.forget(SLOT_CHANNEL, slot)
-            raise
+    async def _submit_batch(
+        self, box: MailboxSettings, mails: list[_Mail]
+    ) -> tuple[list[int], int, tuple[int, Exception] | None]:
+        """Record the batch's slots and Message-IDs (one transaction each), publish what is
+        new concurrently, and undo the records of what could not be published.
+
+        Returns the UIDs safe to flag (confirmed, or copies of a mail already taken), how
+        many were published, and the first failed UID with its error."""
+        if not mails:
+            return [], 0, None
+        new_slots = await self._seen.first_time_many(SLOT_CHANNEL, [m.slot for m in mails])
+        new_ids = await self._seen.first_time_many(
+            SEEN_CHANNEL, [m.message.external_id for m in mails]
+        )
+        done: list[int] = []
+        outgoing: list[_Mail] = []
+        claimed: set[str] = set()  # a Message-ID twice in one batch: the first UID owns it
+        for mail in mails:
+            external_id = mail.message.external_id
+            mail.new_slot = mail.slot in new_slots
+            mail.new_id = external_id in new_ids and external_id not in claimed
+            if mail.new_id:
+                claimed.add(external_id)
+            if mail.new_slot and not mail.new_id:
+                log.info(
+                    "email.duplicate", mailbox=box.name, uid=mail.uid, message_id=mail.message.id
+                )
+                done.append(mail.uid)
+            else:
+                # new, or recorded by a run that may have died before the broker confirmed
+                outgoing.append(mail)
+        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+        results = await asyncio.gather(
+            *(self._publish(box, mail, limit) for mail in outgoing), return_exceptions=True
+        )
+        failed: list[tuple[_Mail, BaseException]] = []
+        for mail, result in zip(outgoing, results, strict=True):
+            if result is None:
+                done.append(mail.uid)
+            else:
+                failed.append((mail, result))
+        if not failed:
+            return sorted(done), len(outgoing), None
+        # forget only what this attempt recorded: a slot recorded by an earlier run stays,
+        # so the mail is submitted again rather than taken for a copy of itself
+        with contextlib.suppress(TransientError):
+            await self._seen.forget_many(
+                SEEN_CHANNEL, [m.message.external_id for m, _ in failed if m.new_id]
+            )
+            await self._seen.forget_many(SLOT_CHANNEL, [m.slot for m, _ in failed if m.new_slot])
+        mail, exc = failed[0]
+        if not isinstance(exc, Exception):  # a publish cancelled on its own, not this task
+            exc = TransientError(f"publish of UID {mail.uid} cancelled")
+        return sorted(done), len(outgoing) - len(failed), (mail.uid, exc)
+
+    async def _publish(self, box: MailboxSettings, mail: _Mail, limit: asyncio.Semaphore) -> None:
+        """One confirmed publish under the mailbox deadline (a task of its own: the log
+        context bound here stays in it)."""
+        structlog.contextvars.bind_contextvars(message_id=mail.message.id)
+        async with limit:
+            try:
+                async with asyncio.timeout(box.timeout):
+                    await self._sink.submit(mail.message)
+            except TimeoutError as exc:
+                raise TransientError(f"publish not confirmed within {box.timeout} s") from exc
         log.info(
             "email.taken",
             mailbox=box.name,
-            uid=uid,
-            sender=redact(message.sender.address),
-            again=not new_id,
+            uid=mail.uid,
+            sender=redact(mail.message.sender.address),
+            again=not mail.new_id,
         )
-        return True
 
 
 @contextlib.asynccontextmanager

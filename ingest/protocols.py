@@ -6,6 +6,7 @@ receive a ``CursorStore``, and everything that takes input in receives an ``Inbo
 """
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +72,13 @@ class SeenStore(Protocol):
 
     async def forget(self, channel: str, external_id: str) -> None:
         """Undo ``first_time`` when the message could not be made safe after all."""
+
+    async def first_time_many(self, channel: str, external_ids: Iterable[str]) -> set[str]:
+        """Record every ``(channel, external_id)`` in one transaction; the ids seen for the
+        first time (each at most once, however often it appears in ``external_ids``)."""
+
+    async def forget_many(self, channel: str, external_ids: Iterable[str]) -> None:
+        """Undo ``first_time_many`` for these ids, in one transaction."""
 
 
 class Connector(Protocol):

@@ -157,6 +157,63 @@ async def test_failed_publish_leaves_mail_unflagged_and_a_retry_takes_it(
     assert "$Omniroute" in dovecot.flags()[1]
 
 
+class FailOneSink(ProbeSink):
+    """Fails the publish of one Message-ID, once; the others go to the broker."""
+
+    def __init__(self, bus: Bus, server: Dovecot, failing: str) -> None:
+        super().__init__(bus, server)
+        self.failing: str | None = failing
+
+    async def submit(self, message: InboundMessage) -> None:
+        if message.external_id == self.failing:
+            self.flags_at_submit.append(await asyncio.to_thread(self.server.flags))
+            self.failing = None
+            raise TransientError("broker refused this one (test)")
+        await super().submit(message)
+
+
+async def test_batch_with_one_failed_publish_flags_the_confirmed_and_retries_the_failed(
+    dovecot: Dovecot, email_bus: Bus, engine: AsyncEngine
+) -> None:
+    """Mails of a batch are published together: the confirmed ones are flagged, the failed
+    one is forgotten, left unflagged and taken by the next pass, and nothing goes twice."""
+    for n in range(5):
+        dovecot.append(make_mail(f"b{n}@customer.example"))
+    box = mailbox(dovecot, batch_size=5)
+    sink = FailOneSink(email_bus, dovecot, "b2@customer.example")
+    seen = DbSeenStore(engine)
+    connector = EmailConnector(
+        EmailSettings(mailboxes=[box]),
+        sink=sink,
+        cursors=DbCursorStore(engine),
+        seen=seen,
+        health=Health(),
+    )
+    with pytest.raises(TransientError, match="refused this one"):
+        await connector.run_until_idle()
+
+    assert all("$Omniroute" not in f for at in sink.flags_at_submit for f in at.values())
+    flags = dovecot.flags()
+    assert ["$Omniroute" in flags[uid] for uid in range(1, 6)] == [True, True, False, True, True]
+    cursor = json.loads(await DbCursorStore(engine).get(cursor_key("support")) or "{}")
+    assert cursor["last_uid"] == 2  # just before the failed mail
+    ids = ["b1@customer.example", "b2@customer.example", "b3@customer.example"]
+    assert await seen.first_time_many("email", ids) == {"b2@customer.example"}
+    await seen.forget_many("email", ["b2@customer.example"])
+    first = sorted(m.external_id for m in await published(email_bus))
+    assert first == [f"b{n}@customer.example" for n in (0, 1, 3, 4)]
+
+    assert await connector.run_until_idle() == 1
+    assert [m.external_id for m in await published(email_bus)] == ["b2@customer.example"]
+    assert all("$Omniroute" in f for f in dovecot.flags().values())
+    cursor = json.loads(await DbCursorStore(engine).get(cursor_key("support")) or "{}")
+    assert cursor["last_uid"] == 3  # 4 and 5 are flagged: no search names them again
+    assert await connector.run_until_idle() == 0
+    dovecot.append(make_mail("b5@customer.example"))
+    assert await connector.run_until_idle() == 1
+    assert [m.external_id for m in await published(email_bus)] == ["b5@customer.example"]
+
+
 async def test_restart_takes_nothing_twice(
     dovecot: Dovecot, email_bus: Bus, engine: AsyncEngine
 ) -> None:
