@@ -9,7 +9,9 @@ limit for quorum queues, so ``x-delivery-limit`` is set here.
 """
 
 import asyncio
+import contextlib
 import json
+import random
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -58,6 +60,7 @@ QUEUES = {
 
 REASON_HEADER = "x-omniroute-reason"
 TRANSIENT_RETRY_DELAY = 1.0
+TRANSIENT_RETRY_MAX = 30.0
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -323,6 +326,9 @@ class Consumer:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stopping = asyncio.Event()
+        self._failing = False
+        self._retry_for = bus.settings.transient_retry_for
         self.processed = 0
 
     @property
@@ -355,24 +361,52 @@ class Consumer:
                 self._idle.set()
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await self._handler(message)
-        except (PoisonError, ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            await self._reject(message, _reason(exc))
+        """Run the handler; a transient failure (broker, directory) is retried here with
+        capped backoff for ``bus.transient_retry_for`` seconds before the message goes back
+        to the queue: requeueing at once would spend the delivery limit in seconds and
+        dead-letter good messages during a short outage."""
+        loop = asyncio.get_running_loop()
+        delay = TRANSIENT_RETRY_DELAY
+        deadline: float | None = None
+        while True:
+            try:
+                await self._handler(message)
+            except (PoisonError, ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                await self._reject(message, _reason(exc))
+                return
+            except TransientError as exc:
+                self._failing_since(exc)
+                now = loop.time()
+                deadline = deadline if deadline is not None else now + self._retry_for
+                if now >= deadline or self._stopping.is_set():
+                    await self._settle(message.nack(requeue=True))
+                    return
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
+                        await self._stopping.wait()
+                delay = min(delay * 2, TRANSIENT_RETRY_MAX)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not block the queue: dead-letter with the reason
+                log.exception("bus.handler_bug", queue=self._queue.name)
+                await self._reject(message, f"bug: {type(exc).__name__}: {exc}")
+                return
+            self._recovered()
+            await self._settle(message.ack())
+            self.processed += 1
             return
-        except TransientError as exc:
-            log.warning("bus.transient", queue=self._queue.name, error=str(exc))
-            await asyncio.sleep(TRANSIENT_RETRY_DELAY)
-            await self._settle(message.nack(requeue=True))
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not block the queue: dead-letter with the reason
-            log.exception("bus.handler_bug", queue=self._queue.name)
-            await self._reject(message, f"bug: {type(exc).__name__}: {exc}")
-            return
-        await self._settle(message.ack())
-        self.processed += 1
+
+    def _failing_since(self, exc: TransientError) -> None:
+        """Log the first transient failure only: the outage, not every retry of it."""
+        if not self._failing:
+            self._failing = True
+            log.warning("bus.transient", queue=self._queue.name, error=str(exc)[:300])
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("bus.recovered", queue=self._queue.name)
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
         log.warning(
@@ -401,6 +435,7 @@ class Consumer:
 
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries, let in-flight ones finish within ``timeout``, close."""
+        self._stopping.set()  # messages waiting out an outage go back to the queue now
         if self._bus.health is not None:
             self._bus.health.probes.pop(f"consumer {self._queue.name}", None)
         if self._tag is not None and not self._channel.is_closed:

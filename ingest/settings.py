@@ -24,6 +24,13 @@ class BusSettings(BaseModel):
         default=10.0, gt=0, description="seconds to wait for a publisher confirm"
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="seconds to connect")
+    transient_retry_for: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds a worker retries a message through a broker or directory "
+        "outage (capped backoff) before it goes back to the queue, where each return counts "
+        "against delivery_limit",
+    )
     heartbeat: int = Field(
         default=15,
         ge=0,

@@ -86,7 +86,8 @@ class RecordingSender:
 async def opened_bus(amqp_url: str) -> AsyncIterator[Bus]:
     bus = Bus(
         amqp_url,
-        BusSettings(delivery_limit=DELIVERY_LIMIT, publish_timeout=10.0),
+        # short in-process retries, so the delivery limit is what ends a doomed message
+        BusSettings(delivery_limit=DELIVERY_LIMIT, publish_timeout=10.0, transient_retry_for=0.2),
         name="poison-test",
     )
     await bus.open()

@@ -1,0 +1,77 @@
+"""A short directory outage must not cost good messages: workers hold and retry them
+instead of spending the broker's delivery limit in seconds."""
+
+import asyncio
+from urllib.parse import urlsplit
+
+from ingest.bus import DEAD_QUEUE, INBOUND, ROUTED_QUEUE, Bus
+from ingest.health import Health
+from ingest.schema import Identity, InboundMessage
+from ingest.settings import BusSettings
+from routers.db import create_engine, migrate
+from routers.decider import Decider
+from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+from routers.worker import RouterWorker
+from tests.phone_fixtures import TcpProxy
+from tests.seed import seed
+
+
+async def test_directory_outage_holds_messages_and_dead_letters_none(
+    amqp_url: str, pg_url: str
+) -> None:
+    await migrate(pg_url)
+    direct = create_engine(pg_url)
+    await seed(direct)
+    await direct.dispose()
+    target = urlsplit(pg_url)
+    proxy = TcpProxy("127.0.0.1", target.port or 5432)
+    await proxy.start()
+    proxied = pg_url.replace(f":{target.port}/", f":{proxy.port}/")
+    engine = create_engine(proxied, DirectorySettings(statement_timeout=1.0))
+    bus = Bus(amqp_url, BusSettings(delivery_limit=2, transient_retry_for=60), name="outage")
+    await bus.open()
+    routing = RoutingSettings(default_region="TR")
+    router = RouterWorker(
+        bus=bus,
+        engine=engine,
+        decider=Decider(engine, routing),
+        routing=routing,
+        settings=RouterSettings(prefetch=32),
+        health=Health(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(router.run(stop, drain_timeout=5))
+    try:
+        await proxy.cut()
+        messages = [
+            InboundMessage(
+                channel="email",
+                external_id=f"<outage-{i}@acme.test>",
+                sender=Identity(kind="email", address="ayse@acme.test"),
+            )
+            for i in range(20)
+        ]
+        for m in messages:
+            await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+        await asyncio.sleep(5)  # the outage: longer than two immediate requeues would last
+        await proxy.start()
+        channel = await bus.connection.channel()
+        routed = await channel.get_queue(ROUTED_QUEUE)
+        seen: set[str] = set()
+        async with asyncio.timeout(60):
+            while len(seen) < len(messages):
+                got = await routed.get(fail=False)
+                if got is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                seen.add(got.message_id or "")
+                await got.ack()
+        assert seen == {m.id for m in messages}
+        dead, _ = await bus.queue_depth(DEAD_QUEUE)
+        assert dead == 0
+    finally:
+        stop.set()
+        await task
+        await bus.close()
+        await engine.dispose()
+        await proxy.cut()
