@@ -50,8 +50,8 @@ class Identity(_Model):
 
 
 class Thread(_Model):
-    message_id: str | None = None
-    in_reply_to: str | None = None
+    message_id: str | None = Field(default=None, max_length=998)  # RFC 5322 line limit
+    in_reply_to: str | None = Field(default=None, max_length=998)
     references: list[str] = Field(default_factory=list)
 
 
@@ -68,7 +68,7 @@ class Attachment(_Model):
 class InboundMessage(_Model):
     """What a customer sent, on any channel, normalised."""
 
-    id: str = Field(default_factory=new_id)
+    id: str = Field(default_factory=new_id, min_length=1, max_length=64)
     channel: Channel
     external_id: str = Field(min_length=1, max_length=512)
     received_at: AwareDatetime = Field(default_factory=utcnow)
@@ -97,7 +97,7 @@ class CustomerRef(_Model):
 
 class Route(_Model):
     kind: RouteKind
-    target: str | None = None
+    target: str | None = Field(default=None, max_length=200)
     reason: Reason
     decided_at: AwareDatetime = Field(default_factory=utcnow)
     fallback_team: str | None = Field(
@@ -138,12 +138,14 @@ class ReplyRequest(_Model):
 class AgentReplied(_Model):
     type: Literal["agent.replied"] = "agent.replied"
     agent_id: str = Field(min_length=1, max_length=200)
-    customer_id: str | None = None
+    customer_id: str | None = Field(default=None, max_length=200)
     identity: Identity | None = None
-    channel: str
+    channel: str = Field(min_length=1, max_length=16)
     at: AwareDatetime = Field(default_factory=utcnow)
     message_id: str | None = Field(
-        default=None, description="the Message-ID omniroute sent, owned by the agent"
+        default=None,
+        max_length=512,
+        description="the Message-ID omniroute sent, owned by the agent",
     )
 
 

@@ -39,7 +39,9 @@ def normalise_url(url: str) -> str:
 def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncEngine:
     settings = settings or DirectorySettings()
     url = normalise_url(url)
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # hide_parameters: SQL errors reach logs and dead-letter reasons, and their bound
+    # parameters are customer identities and message text
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if url.startswith("sqlite"):
         _ensure_sqlite_directory(url)
         kwargs["connect_args"] = {"timeout": settings.statement_timeout}

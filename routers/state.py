@@ -111,7 +111,7 @@ async def record_reply(
             ThreadOwner.__table__,  # type: ignore[arg-type]
             [
                 {
-                    "message_id": strip_brackets(message_id),
+                    "message_id": strip_brackets(message_id)[:512],
                     "agent_id": agent_id,
                     "customer_id": customer_id,
                     "at": at,
@@ -205,7 +205,8 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
         "id": message.id,
         "channel": message.channel,
         "external_id": message.external_id,
-        "thread_message_id": strip_brackets(message.thread.message_id)
+        # the column holds 512: a longer (malformed) Message-ID is indexed by its start
+        "thread_message_id": strip_brackets(message.thread.message_id)[:512]
         if message.thread and message.thread.message_id
         else None,
         "customer_id": routed.customer.id if routed.customer else None,
