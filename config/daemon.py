@@ -42,7 +42,24 @@ MIGRATE_LEASE = "directory:migrate"
 #: components whose failure the watchdog reports (connectors fail alone, see _alive)
 CORE = ("directory", "router", "events", "dispatcher")
 #: settings a running process cannot take over live: a reload that changes them says so
-RESTART_ONLY = ("amqp_url", "database_url", "state_dir", "components", "http", "bus", "spool")
+#: sections a reload cannot apply to running components: a change is logged as needing a
+#: restart (credentials included: systemd fills $CREDENTIALS_DIRECTORY only at start)
+RESTART_ONLY = (
+    "amqp_url",
+    "database_url",
+    "state_dir",
+    "components",
+    "http",
+    "bus",
+    "spool",
+    "api",
+    "twilio",
+    "smtp",
+    "twitter",
+    "dispatch",
+    "router",
+    "directory",
+)
 
 Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -118,6 +135,8 @@ class Daemon:
             # what this process runs was chosen at start (``--component``), not by the file
             new = new.model_copy(update={"components": old.components})
             restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(old, key)]
+            if new.routing.default_region != old.routing.default_region:
+                restart.append("routing.default_region (webhooks keep the old one)")
             if restart:
                 log.warning("daemon.reload_needs_restart", keys=restart)
             configure_logging(
