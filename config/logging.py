@@ -4,6 +4,7 @@ console output on a terminal. Customer identities under well-known keys are reda
 """
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -32,6 +33,19 @@ QUIET_LIBRARIES = {
 }
 
 
+# Identities inside free text: third-party error messages ("The 'To' number +90… is not
+# valid", an SMTP server echoing the recipient) and exception strings.
+_EMAIL_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_PHONE_IN_TEXT = re.compile(r"\+\d[\d ()-]{6,18}\d")
+_NOT_TEXT = frozenset({"event", "timestamp", "level", "logger", "message_id", "channel"})
+
+
+def scrub(text: str) -> str:
+    """Redact email addresses and international numbers found anywhere in ``text``."""
+    text = _EMAIL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    return _PHONE_IN_TEXT.sub(lambda m: redact(re.sub(r"\D", "", m.group(0))), text)
+
+
 def _mask(redact_identities: bool) -> structlog.types.Processor:
     def processor(
         _logger: Any, _name: str, event: MutableMapping[str, Any]
@@ -40,8 +54,12 @@ def _mask(redact_identities: bool) -> structlog.types.Processor:
             lowered = key.lower()
             if any(marker in lowered for marker in SECRET_MARKERS):
                 event[key] = "***"
-            elif redact_identities and lowered in IDENTITY_KEYS and isinstance(value, str):
+            elif not redact_identities or not isinstance(value, str):
+                continue
+            elif lowered in IDENTITY_KEYS:
                 event[key] = redact(value)
+            elif lowered not in _NOT_TEXT:
+                event[key] = scrub(value)
         return event
 
     return processor
