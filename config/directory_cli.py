@@ -4,15 +4,16 @@ import argparse
 import sys
 
 from config.settings import Settings
-from routers.db import create_engine, current_revision, migrate
+from routers.db import create_engine, current_revision, migrate, require_current
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     url = settings.directory_url
-    await migrate(url)
     if args.action == "migrate":
+        await migrate(url)
         print(f"directory at schema revision {await current_revision(url)}")
         return 0
+    await require_current(url)
     from routers.importer import export_csv, import_csv
 
     engine = create_engine(url, settings.directory)

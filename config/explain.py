@@ -6,7 +6,7 @@ import json
 from config.settings import Settings
 from ingest.identities import IdentityKind
 from ingest.schema import Identity, InboundMessage, Thread
-from routers.db import create_engine, migrate
+from routers.db import create_engine, require_current
 from routers.decider import Decider
 
 KINDS: dict[str, IdentityKind] = {
@@ -26,7 +26,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         recipient=Identity(kind=kind, address=args.recipient) if args.recipient else None,
         thread=Thread(in_reply_to=args.in_reply_to) if args.in_reply_to else None,
     )
-    await migrate(settings.directory_url)
+    await require_current(settings.directory_url)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
         decision, _facts = await Decider(engine, settings.routing).explain(message)

@@ -129,6 +129,24 @@ def _ensure_sqlite_directory(url: str) -> None:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
+async def require_current(url: str) -> None:
+    """Refuse to work on a directory whose schema is not this version's: commands other
+    than ``migrate`` and the daemon never change the schema themselves."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    try:
+        current = await current_revision(url)
+    except (SQLAlchemyError, OSError) as exc:
+        shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
+        raise DirectoryUnavailable(f"cannot open the directory at {shown}: {exc}") from exc
+    if current != head:
+        raise DirectoryUnavailable(
+            f"the directory schema is at {current or 'nothing'}, this omniroute needs {head}: "
+            "run `omniroute directory migrate`"
+        )
+
+
 async def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 

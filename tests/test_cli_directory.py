@@ -9,6 +9,10 @@ EXAMPLES = ROOT / "config" / "examples"
 
 
 def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path: Path) -> None:
+    refused = daemon.cli("directory", "import", str(EXAMPLES / "teams.csv"))
+    assert refused.returncode == 1, "no schema change outside `directory migrate`"
+    assert "run `omniroute directory migrate`" in refused.stderr
+    assert daemon.cli("directory", "migrate").returncode == 0
     for kind in ("teams", "agents", "customers"):
         result = daemon.cli("directory", "import", str(EXAMPLES / f"{kind}.csv"))
         assert result.returncode == 0, result.stderr
@@ -23,6 +27,7 @@ def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path
 
 
 def test_rejected_rows_are_named_and_exit_1(daemon: DaemonProcess, tmp_path: Path) -> None:
+    assert daemon.cli("directory", "migrate").returncode == 0
     assert daemon.cli("directory", "import", str(EXAMPLES / "teams.csv")).returncode == 0
     bad = tmp_path / "customers.csv"
     bad.write_text(
@@ -49,6 +54,7 @@ def test_rejected_rows_are_named_and_exit_1(daemon: DaemonProcess, tmp_path: Pat
 
 
 def test_unreadable_file_is_one_line(daemon: DaemonProcess, tmp_path: Path) -> None:
+    assert daemon.cli("directory", "migrate").returncode == 0
     missing = daemon.cli("directory", "import", str(tmp_path / "nope.csv"))
     assert missing.returncode != 0
     assert missing.stderr.startswith("omniroute: ")
