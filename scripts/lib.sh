@@ -59,10 +59,12 @@ ensure_postgres() {
   # The main cluster wants passwords: use a private test cluster with trust auth on loopback.
   if ! as_root pg_lsclusters -h | awk '{print $2}' | grep -qx omniroute-test; then
     say "creating a private PostgreSQL test cluster on 127.0.0.1:5439 (trust auth, loopback only)"
-    as_root pg_createcluster "$version" omniroute-test -p 5439 -- --auth=trust >/dev/null
+    as_root pg_createcluster "$version" omniroute-test -p 5439 -- --auth=trust >/dev/null \
+      || die "pg_createcluster failed: cannot make a PostgreSQL test cluster"
     as_root sed -i "s/^#\?listen_addresses.*/listen_addresses = '127.0.0.1'/" "/etc/postgresql/$version/omniroute-test/postgresql.conf"
   fi
-  port_open 127.0.0.1 5439 || as_root pg_ctlcluster --skip-systemctl-redirect "$version" omniroute-test start >/dev/null
+  port_open 127.0.0.1 5439 || as_root pg_ctlcluster --skip-systemctl-redirect "$version" omniroute-test start >/dev/null \
+    || die "cannot start the PostgreSQL test cluster"
   wait_port 127.0.0.1 5439 "PostgreSQL test cluster" 60
   echo "postgresql://postgres@127.0.0.1:5439"
 }
@@ -77,8 +79,10 @@ ensure_venv() {
   command -v python3 >/dev/null || ensure_packages python3
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "omniroute needs Python 3.11 or newer (found $(python3 --version 2>&1))"
-  if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV" 2>/dev/null || { ensure_packages python3-venv; python3 -m venv "$VENV"; }
+  # a venv made without ensurepip has python but no pip: check pip, and start over if missing
+  if [ ! -x "$VENV/bin/pip" ]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV" 2>/dev/null || { rm -rf "$VENV"; ensure_packages python3-venv; python3 -m venv "$VENV"; }
   fi
   local stamp="$VENV/.installed$extras"
   if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
