@@ -1,6 +1,7 @@
 """The bus keeps DESIGN.md's reliability rules against the real RabbitMQ."""
 
 import asyncio
+import json
 
 import aio_pika
 import pytest
@@ -17,12 +18,41 @@ def _msg() -> InboundMessage:
     )
 
 
-async def test_topology_is_idempotent(amqp_url: str) -> None:
-    """Every start declares the topology again; a second declare must not fail."""
+async def test_topology_is_idempotent_and_as_designed(amqp_url: str, vhost: str) -> None:
+    """Every start declares the topology again; a second declare must not fail, and the
+    queues are quorum queues that dead-letter with a delivery limit (DESIGN.md)."""
+    import shutil
+    import subprocess
+
     for _ in range(2):
-        b = Bus(amqp_url, BusSettings())
+        b = Bus(amqp_url, BusSettings(delivery_limit=7))
         await b.open()
         await b.close()
+    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [ctl, "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    # rabbitmqctl lists each argument as [name, type, value]
+    queues = {
+        q["name"]: {a[0]: a[-1] for a in q["arguments"]} for q in json.loads(listed.stdout)
+    }
+    assert set(queues) == {
+        "omniroute.router",
+        "omniroute.routed",
+        "omniroute.outbound",
+        "omniroute.events",
+        "omniroute.dead",
+    }
+    for name, args in queues.items():
+        assert args["x-queue-type"] == "quorum"
+        if name != "omniroute.dead":
+            assert args["x-dead-letter-exchange"] == "omniroute.dead"
+            assert args["x-delivery-limit"] == 7
 
 
 async def test_published_message_is_persistent_json_with_contract_properties(bus: Bus) -> None:
