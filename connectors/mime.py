@@ -366,9 +366,12 @@ def _attachments(
     """Leaf parts other than the body and its alternatives; an attached mail is one part."""
     out: list[Attachment] = []
     index = 0
+    # inline_max bounds the inline content of the whole message, not of each part: a
+    # hundred attachments at the limit would make a message the broker refuses for ever
+    budget = inline_max
 
     def visit(part: Message, depth: int) -> None:
-        nonlocal index
+        nonlocal index, budget
         index += 1
         ctype = _content_type(part)
         payload = part.get_payload()
@@ -390,8 +393,9 @@ def _attachments(
             size=len(data),
             sha256=hashlib.sha256(data).hexdigest(),
         )
-        if len(data) <= inline_max:
+        if len(data) <= budget:
             item.content_b64 = base64.b64encode(data).decode("ascii")
+            budget -= len(data)
         else:
             item.locator = {**locator, "part": index}
         out.append(item)

@@ -86,7 +86,12 @@ class MailboxSettings(_Section):
 
 class EmailSettings(_Section):
     mailboxes: list[MailboxSettings] = Field(default_factory=list)
-    inline_attachment_max: int = Field(default=256 * 1024, ge=0)
+    inline_attachment_max: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="bytes of attachment content carried inline per message, in total; "
+        "attachments past it carry a locator (mailbox, UIDVALIDITY, UID, part) instead",
+    )
     message_id_domain: str | None = Field(
         default=None, description="domain of the Message-IDs omniroute sets on replies"
     )

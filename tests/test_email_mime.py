@@ -256,3 +256,32 @@ def test_mutated_corpus_mails_never_raise(
         raw[at : at + len(junk)] = junk
     message = parse(bytes(raw[: cut or None]))
     assert message.external_id
+
+
+def test_inline_attachment_content_is_bounded_per_message() -> None:
+    """Many attachments at the limit must not add up to a message the broker refuses."""
+    from email.message import EmailMessage
+
+    from connectors.mime import normalise
+
+    mail = EmailMessage()
+    mail["From"] = "ayse@acme.test"
+    mail["Subject"] = "logs"
+    mail["Message-ID"] = "<many@acme.test>"
+    mail.set_content("see attached")
+    for i in range(5):
+        mail.add_attachment(
+            bytes([i]) * 1000,
+            maintype="application",
+            subtype="octet-stream",
+            filename=f"log{i}.bin",
+        )
+    message = normalise(
+        mail.as_bytes(), mailbox="support", recipient=None, inline_max=2500, locator={"uid": 1}
+    )
+    inline = [a for a in message.attachments if a.content_b64]
+    located = [a for a in message.attachments if a.locator]
+    assert len(message.attachments) == 5
+    assert len(inline) == 2
+    assert len(located) == 3
+    assert all(a.sha256 and a.size == 1000 for a in message.attachments)
