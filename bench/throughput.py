@@ -156,8 +156,10 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     router = RouterSettings(prefetch=prefetch)
     if cache_ttl is not None:
         router = router.model_copy(update={"directory_cache_ttl": cache_ttl})
-    # as config.components.Wiring builds them
-    decider = Decider(engine, routing, cache_ttl=router.directory_cache_ttl)
+    # as config.components.Wiring builds them (an older tree, for before/after runs, has no
+    # directory cache)
+    ttl = getattr(router, "directory_cache_ttl", None)
+    decider = Decider(engine, routing) if ttl is None else Decider(engine, routing, cache_ttl=ttl)
     worker = RouterWorker(bus=bus, engine=engine, decider=decider,
                           routing=routing, settings=router,
                           health=health, metrics=metrics)

@@ -24,6 +24,8 @@ from routers.db import sessionmaker
 from routers.policy import AgentFacts, Facts, decide
 from routers.settings import RoutingSettings
 
+_CustomerState = tuple[tuple[state.LastContact, str] | None, list[RecentContact]]
+
 
 class Decider:
     def __init__(
@@ -38,10 +40,11 @@ class Decider:
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
         self.directory = directory.DirectoryCache(self._sessions, cache_ttl)
-        self._last: Batcher[str, tuple[state.LastContact, str] | None] = Batcher(
-            self._load_last, None
+        # the customer's last agent (with presence) and recent contacts, for all messages in
+        # flight, in one session: every session costs a pool checkout, a ping and a rollback
+        self._state: Batcher[tuple[str, int], _CustomerState] = Batcher(
+            self._load_state, (None, [])
         )
-        self._recent: Batcher[tuple[str, int], list[RecentContact]] = Batcher(self._load_recent, [])
 
     async def __call__(self, message: InboundMessage) -> Decision:
         decision, _ = await self.explain(message)
@@ -50,7 +53,7 @@ class Decider:
     async def explain(self, message: InboundMessage) -> tuple[Decision, Facts]:
         settings = self.settings
         try:
-            facts = await self._facts(message, settings)
+            facts, recent = await self._facts(message, settings)
             now = self._clock()
             route = decide(message, facts, settings, now)
             customer_ref = None
@@ -59,9 +62,7 @@ class Decider:
                     id=facts.customer.id,
                     name=facts.customer.name,
                     team=facts.customer.team_id,
-                    recent=list(
-                        await self._recent.get((facts.customer.id, settings.recent_contacts))
-                    ),
+                    recent=list(recent),
                 )
             dial, fallback = await self._dial(route.kind, route.target, route.fallback_team)
         except SQLAlchemyError as exc:
@@ -70,10 +71,13 @@ class Decider:
             customer=customer_ref, route=route, dial=dial, fallback_dial=fallback
         ), facts
 
-    async def _facts(self, message: InboundMessage, settings: RoutingSettings) -> Facts:
+    async def _facts(
+        self, message: InboundMessage, settings: RoutingSettings
+    ) -> tuple[Facts, list[RecentContact]]:
+        """The policy's facts, and the customer's recent contacts read with them."""
         customer = await self.directory.find_customer(message.sender, settings.default_region)
         if customer is None:
-            return Facts(customer=None)
+            return Facts(customer=None), []
         owner = None
         if message.channel == "email" and message.thread is not None:
             refs = [message.thread.in_reply_to or "", *reversed(message.thread.references)]
@@ -83,31 +87,34 @@ class Decider:
                     presence = await state.presence(session, owner_id) if owner_id else ""
                 if owner_id is not None:
                     owner = await self._agent(owner_id, presence)
-        found = await self._last.get(customer.id)
+        found, recent = await self._state.get((customer.id, settings.recent_contacts))
         last, last_facts = None, None
         if found is not None:
             last, presence = found
             last_facts = await self._agent(last.agent_id, presence)
-        return Facts(
+        facts = Facts(
             customer=customer,
             thread_owner=owner,
             last_agent=last_facts,
             last_agent_at=last.at if last else None,
         )
+        return facts, recent
 
-    async def _load_last(self, ids: list[str]) -> dict[str, tuple[state.LastContact, str] | None]:
-        async with self._sessions() as session:
-            return dict(await state.last_agents_presence(session, ids))
-
-    async def _load_recent(
+    async def _load_state(
         self, keys: list[tuple[str, int]]
-    ) -> dict[tuple[str, int], list[RecentContact]]:
-        found: dict[tuple[str, int], list[RecentContact]] = {}
+    ) -> dict[tuple[str, int], _CustomerState]:
+        ids = list(dict.fromkeys(customer_id for customer_id, _ in keys))
+        found: dict[tuple[str, int], _CustomerState] = {}
         async with self._sessions() as session:
+            last = await state.last_agents_presence(session, ids)
             for limit in {limit for _, limit in keys}:
-                ids = [customer_id for customer_id, wanted in keys if wanted == limit]
-                recent = await state.recent_contacts_many(session, ids, limit)
-                found.update({(c, limit): contacts for c, contacts in recent.items()})
+                wanted = [customer_id for customer_id, asked in keys if asked == limit]
+                recent = await state.recent_contacts_many(session, wanted, limit)
+                for customer_id in wanted:
+                    found[(customer_id, limit)] = (
+                        last.get(customer_id),
+                        recent.get(customer_id, []),
+                    )
         return found
 
     async def _agent(self, agent_id: str, presence: str) -> AgentFacts:
