@@ -58,6 +58,7 @@ class OutboundDispatcher:
     ) -> None:
         self._bus = bus
         self._metrics = metrics
+        self._sending: set[str] = set()  # request ids being sent by this process right now
         self._sessions = sessionmaker(engine)
         self._senders = dict(senders)
         self.routing = routing
@@ -85,6 +86,17 @@ class OutboundDispatcher:
             structlog.contextvars.unbind_contextvars("message_id", "channel")
 
     async def _dispatch(self, reply: ReplyRequest) -> None:
+        # Two copies of one request in flight at once (a ticket system that published
+        # twice) would both pass the "already sent?" check: the second waits its turn.
+        if reply.id in self._sending:
+            raise TransientError(f"request {reply.id} is being sent already")
+        self._sending.add(reply.id)
+        try:
+            await self._dispatch_once(reply)
+        finally:
+            self._sending.discard(reply.id)
+
+    async def _dispatch_once(self, reply: ReplyRequest) -> None:
         try:
             async with self._sessions() as session:
                 sent = await session.get(SentReply, reply.id)

@@ -1,0 +1,94 @@
+"""The outbound dispatcher sends each reply request once, records who answered whom, and
+reports the outcome on omniroute.events."""
+
+import asyncio
+import json
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.bus import EVENTS_QUEUE, OUTBOUND, Bus
+from ingest.errors import PermanentSendError
+from ingest.health import Health
+from ingest.protocols import ReplyContext, SendResult
+from ingest.schema import Identity, ReplyRequest
+from routers import state
+from routers.db import sessionmaker
+from routers.dispatcher import DispatchSettings, OutboundDispatcher
+from routers.settings import RoutingSettings
+from tests.seed import seed
+
+
+class SlowSms:
+    """The SMS channel as the dispatcher sees it: slow enough for copies to overlap."""
+
+    channel = "sms"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, reply: ReplyRequest, context: ReplyContext) -> SendResult:
+        await asyncio.sleep(0.5)
+        if reply.to.address == "+15005550001":
+            raise PermanentSendError("invalid number")
+        self.sent.append(reply.id)
+        return SendResult(external_id=f"SM-{reply.id}")
+
+
+async def _events(bus: Bus, n: int) -> list[dict[str, object]]:
+    channel = await bus.connection.channel()
+    queue = await channel.get_queue(EVENTS_QUEUE)
+    out: list[dict[str, object]] = []
+    async with asyncio.timeout(15):
+        while len(out) < n:
+            got = await queue.get(fail=False)
+            if got is None:
+                await asyncio.sleep(0.05)
+                continue
+            out.append(json.loads(got.body))
+            await got.ack()
+    await channel.close()
+    return out
+
+
+async def test_copies_in_flight_send_once_and_teach_last_agent(
+    bus: Bus, engine: AsyncEngine
+) -> None:
+    await seed(engine)
+    sms = SlowSms()
+    dispatcher = OutboundDispatcher(
+        bus=bus,
+        engine=engine,
+        senders={"sms": sms},
+        routing=RoutingSettings(default_region="TR"),
+        settings=DispatchSettings(),
+        health=Health(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop, drain_timeout=5))
+    try:
+        reply = ReplyRequest(
+            id="r-1",
+            channel="sms",
+            agent_id="bob",
+            to=Identity(kind="phone", address="0532 111 22 33"),
+            text="Merhaba",
+        )
+        bad = reply.model_copy(
+            update={"id": "r-2", "to": Identity(kind="phone", address="+15005550001")}
+        )
+        await asyncio.gather(
+            bus.publish(OUTBOUND, "sms", reply, message_id=reply.id),
+            bus.publish(OUTBOUND, "sms", reply, message_id=reply.id),
+            bus.publish(OUTBOUND, "sms", bad, message_id=bad.id),
+        )
+        events = await _events(bus, 3)
+    finally:
+        stop.set()
+        await task
+    assert sms.sent == ["r-1"], "a request id is sent once, however often it arrives"
+    kinds = sorted((e["type"], e["request_id"]) for e in events)
+    assert kinds == [("outbound.failed", "r-2"), ("outbound.sent", "r-1"), ("outbound.sent", "r-1")]
+    async with sessionmaker(engine)() as session:
+        last = await state.last_agent(session, "acme")
+    assert last is not None
+    assert last.agent_id == "bob"
