@@ -8,12 +8,13 @@ the ``outbound.sent`` event.
 """
 
 import asyncio
+import json
 import random
 from collections.abc import Mapping
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -78,7 +79,11 @@ class OutboundDispatcher:
             await asyncio.shield(consumer.stop(drain_timeout))
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
-        reply = ReplyRequest.model_validate_json(delivery.body)
+        try:
+            reply = ReplyRequest.model_validate_json(delivery.body)
+        except ValidationError as exc:
+            await self._refuse(delivery.body, exc)
+            raise  # dead-lettered with the reason by the consumer
         structlog.contextvars.bind_contextvars(message_id=reply.id, channel=reply.channel)
         try:
             await self._dispatch(reply)
@@ -177,6 +182,25 @@ class OutboundDispatcher:
             external_id=result.external_id,
         )
         await self._bus.publish(EVENTS, event.type, event, message_id=f"sent:{reply.id}")
+
+    async def _refuse(self, body: bytes, exc: ValidationError) -> None:
+        """Tell the ticket system its request was unreadable, when it carries an id at all:
+        otherwise it would wait for an outcome that never comes."""
+        try:
+            loose = json.loads(body)
+        except (ValueError, RecursionError):  # garbage, or nested past the parser's depth
+            return
+        if not isinstance(loose, dict) or not isinstance(loose.get("id"), str):
+            return
+        agent = loose.get("agent_id")
+        event = OutboundFailed(
+            request_id=loose["id"][:512],
+            channel=str(loose.get("channel", "?"))[:16],
+            agent_id=agent[:200] if isinstance(agent, str) else None,
+            reason=f"invalid reply request: {exc.error_count()} error(s), "
+            f"first: {exc.errors()[0]['msg'] if exc.errors() else '?'}",
+        )
+        await self._bus.publish(EVENTS, event.type, event, message_id=f"failed:{event.request_id}")
 
     async def _fail(self, reply: ReplyRequest, reason: str) -> None:
         log.warning("dispatcher.failed", reason=reason)

@@ -92,3 +92,30 @@ async def test_copies_in_flight_send_once_and_teach_last_agent(
         last = await state.last_agent(session, "acme")
     assert last is not None
     assert last.agent_id == "bob"
+
+
+async def test_an_unreadable_request_is_answered_with_outbound_failed(
+    bus: Bus, engine: AsyncEngine
+) -> None:
+    """A ticket system waiting on its request id hears back even when the request was bad."""
+    dispatcher = OutboundDispatcher(
+        bus=bus,
+        engine=engine,
+        senders={},
+        routing=RoutingSettings(),
+        settings=DispatchSettings(),
+        health=Health(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop, drain_timeout=5))
+    try:
+        body = json.dumps({"id": "r-bad", "channel": "fax", "agent_id": "ana"}).encode()
+        await bus.publish_body(OUTBOUND, "fax", body, message_id="r-bad", type_=None)
+        (event,) = await _events(bus, 1)
+    finally:
+        stop.set()
+        await task
+    assert event["type"] == "outbound.failed"
+    assert event["request_id"] == "r-bad"
+    assert "invalid reply request" in str(event["reason"])
+    assert (await bus.queue_depth("omniroute.dead"))[0] == 1
