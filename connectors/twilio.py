@@ -23,6 +23,7 @@ import base64
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -188,7 +189,8 @@ def twilio_router(
             attachments=_media(form),
             meta=_meta(form, SMS_META),
         )
-        if await first_time("sms", message.external_id):
+        fresh = await first_time("sms", message.external_id)
+        if fresh:
             try:
                 await submit(message)
             except TransientError as exc:
@@ -206,9 +208,19 @@ def twilio_router(
             log.info("twilio.duplicate", channel="sms", external_id=message.external_id)
         # A retry means Twilio missed our first answer, so the retry gets the same one.
         reply = MessagingResponse()
-        if settings.sms_ack_text and message.sender.address.startswith("+"):
+        ackable = bool(settings.sms_ack_text) and message.sender.address.startswith("+")
+        if ackable and (not fresh or await acknowledge_today(message.sender.address)):
             reply.message(settings.sms_ack_text)
         return _twiml(reply)
+
+    async def acknowledge_today(sender: str) -> bool:
+        """One acknowledgement per sender per UTC day: two auto-responders answering each
+        other must not loop (DESIGN.md, Bad input). A store that is down sends none."""
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        try:
+            return await seen.first_time("sms-ack", f"{sender}:{day}")
+        except TransientError:
+            return False
 
     async def publish_call(message: InboundMessage) -> None:
         if not await first_time("voice", message.external_id):

@@ -206,6 +206,14 @@ async def test_sms_with_media_and_ack_text(make_phones: AppFactory) -> None:
     assert message.text == "my order is late"
     assert message.meta["account_sid"] == ACCOUNT_SID
 
+    # a second text from the same sender the same day (an auto-responder?) is not answered
+    again = await phones.twilio("/webhooks/twilio/sms", sms("MM" + "8" * 32))
+    assert again.status_code == 200
+    assert [m.text for m in parse_twiml(again.text).iter("Message")] == []
+    # but Twilio's retry of the first one gets the first answer again
+    retry = await phones.twilio("/webhooks/twilio/sms", params)
+    assert [m.text for m in parse_twiml(retry.text).iter("Message")] == ["Thanks, we got it"]
+
 
 def dial_of(twiml: str) -> tuple[ElementTree.Element, list[tuple[str, str]]]:
     root = parse_twiml(twiml)
