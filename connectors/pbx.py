@@ -11,10 +11,8 @@ Invariants:
   (letters, digits and ``+ : @ . _ / -``, at most 128) are ever answered, whatever the
   directory holds. An unsafe target is replaced by ``api.default_dial`` (itself checked),
   else the dial is empty (``null`` in JSON, an empty body in text).
-- The call is recorded as a voice ``InboundMessage`` (broker-confirmed, or fsynced to the
-  spool while the broker is away) while the decision is taken, and the answer waits for
-  both, so an answered call is never a lost record. A failed record is logged and the
-  caller is still connected: the decision never needs the broker.
+- The decision never waits for the broker: the call is published as a voice
+  ``InboundMessage`` after the answer is sent, and a failed publish is logged, not answered.
 """
 
 import asyncio
@@ -27,7 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
@@ -158,6 +156,7 @@ def pbx_router(
 
     async def route(
         request: Request,
+        background: BackgroundTasks,
         caller: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
         called: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
         call_id: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
@@ -182,20 +181,13 @@ def pbx_router(
             recipient=phone_identity(params["called"], region) if params["called"] else None,
             meta={"source": "pbx", "withheld": withheld},
         )
-        recording = asyncio.create_task(publish(message), name="pbx-record")
-        try:
-            decision = await decide_call(
-                decider,
-                message,
-                withheld=withheld,
-                default_dial=default_dial,
-                timeout=settings.decide_timeout,
-            )
-        finally:
-            try:
-                await recording  # bounded by the sink's own timeouts
-            except Exception:  # a record that fails must not cost the caller the answer
-                log.exception("pbx.record_failed", call_id=message.external_id)
+        decision = await decide_call(
+            decider,
+            message,
+            withheld=withheld,
+            default_dial=default_dial,
+            timeout=settings.decide_timeout,
+        )
         if decision is None:
             raise HTTPException(503, "no routing decision can be taken now")
         metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -213,6 +205,7 @@ def pbx_router(
             reason=decision.route.reason,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
+        background.add_task(publish, message)
         accept = request.headers.get("accept", "")
         if format == "text" or (format is None and accept.startswith("text/plain")):
             return PlainTextResponse(dial or "")
