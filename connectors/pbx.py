@@ -121,7 +121,7 @@ def pbx_router(
     default_dial = safe_dial(settings.default_dial)
     token = settings.token.get_secret_value().encode() if settings.token else None
 
-    def authorised(
+    async def authorised(  # async: a sync dependency would cost a thread-pool hop per call
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         given = credentials.credentials.encode() if credentials else b""
