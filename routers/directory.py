@@ -83,11 +83,6 @@ async def customer_by_key(session: AsyncSession, kind: str, address: str) -> Cus
     return None if row is None else CustomerRecord(id=row.id, name=row.name, team_id=row.team_id)
 
 
-async def get_customer(session: AsyncSession, customer_id: str) -> CustomerRecord | None:
-    row = await session.get(Customer, customer_id)
-    return None if row is None else CustomerRecord(row.id, row.name, row.team_id)
-
-
 async def get_team(session: AsyncSession, team_id: str) -> TeamRecord | None:
     row = (
         await session.execute(

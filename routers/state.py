@@ -132,30 +132,8 @@ async def set_presence(session: AsyncSession, agent_id: str, status: str, at: da
     )
 
 
-async def already_routed(session: AsyncSession, channel: str, external_id: str) -> bool:
-    found = await session.scalar(
-        select(RoutedRecord.id).where(
-            RoutedRecord.channel == channel, RoutedRecord.external_id == external_id
-        )
-    )
-    return found is not None
-
-
-async def claim_routed(session: AsyncSession, routed: RoutedMessage) -> str:
-    """Record the message unless its channel id is recorded; returns the id that owns it."""
-    if await record_routed(session, routed):
-        return routed.message.id
-    owner: str | None = await session.scalar(
-        select(RoutedRecord.id).where(
-            RoutedRecord.channel == routed.message.channel,
-            RoutedRecord.external_id == routed.message.external_id,
-        )
-    )
-    return owner or routed.message.id
-
-
 async def claim_routed_many(session: AsyncSession, batch: list[RoutedMessage]) -> list[str]:
-    """``claim_routed`` for many messages with one insert and one select: each row is
+    """Claim many messages' channel ids with one insert and one select: each row is
     inserted unless its channel id is recorded (a copy later in the batch loses to an
     earlier one, as it would one statement later), then each channel id's owner is read."""
     if not batch:
@@ -216,36 +194,6 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
         "routed_at": utc(routed.route.decided_at),
         "message": compact,
     }
-
-
-async def recent_contacts(
-    session: AsyncSession, customer_id: str, limit: int
-) -> list[RecentContact]:
-    if limit <= 0:
-        return []
-    rows = (
-        await session.execute(
-            select(
-                RoutedRecord.channel,
-                RoutedRecord.routed_at,
-                RoutedRecord.id,
-                RoutedRecord.route_kind,
-                RoutedRecord.route_target,
-            )
-            .where(RoutedRecord.customer_id == customer_id)
-            .order_by(RoutedRecord.routed_at.desc())
-            .limit(limit)
-        )
-    ).all()
-    return [
-        RecentContact(
-            channel=r.channel,
-            at=_aware(r.routed_at),
-            message_id=r.id,
-            route=r.route_kind if r.route_target is None else f"{r.route_kind}.{r.route_target}",
-        )
-        for r in rows
-    ]
 
 
 async def recent_contacts_many(

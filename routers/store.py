@@ -5,7 +5,7 @@ receive them from ``config`` and never import this module.
 """
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -58,9 +58,8 @@ class DbCursorStore:
 
 
 class DbSeenStore:
-    def __init__(self, engine: AsyncEngine, *, keep: timedelta = timedelta(days=30)) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = sessionmaker(engine)
-        self._keep = keep
 
     async def first_time(self, channel: str, external_id: str) -> bool:
         try:
@@ -126,9 +125,3 @@ class DbSeenStore:
                     )
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
-
-    async def prune(self) -> int:
-        cutoff = datetime.now(UTC) - self._keep
-        async with self._sessions.begin() as session:
-            result = await session.execute(delete(SeenId).where(SeenId.at < cutoff))
-            return int(getattr(result, "rowcount", 0) or 0)
