@@ -299,6 +299,28 @@ class Bus:
             raise TransientError(f"queue {queue_name}: {exc!r}") from exc
         return result.message_count or 0, result.consumer_count or 0
 
+    async def consume_until(
+        self,
+        queue_name: str,
+        handler: Handler,
+        stop: asyncio.Event,
+        *,
+        prefetch: int,
+        component: str,
+        health: Health,
+        drain_timeout: float,
+    ) -> None:
+        """A worker's whole life: consume until ``stop``, report the component up while it
+        does, then let in-flight messages finish within ``drain_timeout``."""
+        consumer = await self.consumer(queue_name, handler, prefetch=prefetch)
+        await consumer.start()
+        health.set(component, "up")
+        try:
+            await stop.wait()
+        finally:
+            health.set(component, "stopped", "draining")
+            await asyncio.shield(consumer.stop(drain_timeout))
+
     async def consumer(self, queue_name: str, handler: Handler, *, prefetch: int) -> "Consumer":
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)

@@ -40,16 +40,16 @@ class EventsWorker:
         self._health = health
 
     async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
-        consumer = await self._bus.consumer(
-            EVENTS_QUEUE, self.handle, prefetch=self._settings.prefetch
+        """Consume until ``stop`` is set, then finish in-flight messages and return."""
+        await self._bus.consume_until(
+            EVENTS_QUEUE,
+            self.handle,
+            stop,
+            prefetch=self._settings.prefetch,
+            component=self.name,
+            health=self._health,
+            drain_timeout=drain_timeout,
         )
-        await consumer.start()
-        self._health.set(self.name, "up")
-        try:
-            await stop.wait()
-        finally:
-            self._health.set(self.name, "stopped", "draining")
-            await asyncio.shield(consumer.stop(drain_timeout))
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
         event = EVENTS.validate_json(delivery.body)
