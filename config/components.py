@@ -155,9 +155,7 @@ class Wiring:
         if twilio.account_sid and twilio.auth_token and twilio.from_number:
             from connectors.twilio import TwilioSmsSender
 
-            sms = TwilioSmsSender(
-                twilio, settings.http, self.metrics, region=settings.routing.default_region
-            )
+            sms = TwilioSmsSender(twilio, settings.http, region=settings.routing.default_region)
             senders["sms"] = sms
             self._closers.append(sms.close)
         if settings.twitter is not None:

@@ -450,7 +450,7 @@ class TwilioSmsSender:
     channel = "sms"
 
     def __init__(
-        self, settings: TwilioSettings, http: HttpSettings, metrics: Metrics, *, region: str
+        self, settings: TwilioSettings, http: HttpSettings, *, region: str
     ) -> None:
         if not (settings.account_sid and settings.auth_token and settings.from_number):
             raise ConfigError("twilio: account_sid, auth_token and from_number are required")
@@ -458,7 +458,6 @@ class TwilioSmsSender:
             logging.getLogger(name).setLevel(logging.WARNING)
         self._settings = settings
         self._public_url = http.public_url
-        self._metrics = metrics
         self._region = region
         self._client: Any = None
         self._http: _HostRewritingClient | None = None
@@ -479,7 +478,6 @@ class TwilioSmsSender:
     async def send(self, reply: ReplyRequest, context: ReplyContext) -> SendResult:
         to = phone_identity(reply.to.address, self._region).address
         if not to.startswith("+"):
-            self._metrics.outbound.labels("sms", "permanent_error").inc()
             raise PermanentSendError(f"not a phone number: {redact(to)}")
         options: dict[str, Any] = {
             "to": to,
@@ -493,13 +491,10 @@ class TwilioSmsSender:
             async with asyncio.timeout(self._settings.send_timeout + 1):
                 sent = await self._api().messages.create_async(**options)
         except TwilioRestException as exc:
-            result, error = _classify(exc)
-            self._metrics.outbound.labels("sms", result).inc()
+            _, error = _classify(exc)  # outcomes are counted once, by the dispatcher
             raise error from exc
         except (TimeoutError, aiohttp.ClientError, OSError, TwilioException) as exc:
-            self._metrics.outbound.labels("sms", "transient_error").inc()
             raise TransientError(f"twilio API unreachable: {type(exc).__name__}") from exc
-        self._metrics.outbound.labels("sms", "sent").inc()
         log.info("twilio.sms_sent", request_id=reply.id, external_id=sent.sid, to=redact(to))
         return SendResult(external_id=sent.sid, extra={"status": str(sent.status)})
 

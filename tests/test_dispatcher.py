@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.bus import EVENTS_QUEUE, OUTBOUND, Bus
 from ingest.errors import PermanentSendError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import Identity, ReplyRequest
 from routers import state
@@ -55,6 +56,7 @@ async def test_copies_in_flight_send_once_and_teach_last_agent(
 ) -> None:
     await seed(engine)
     sms = SlowSms()
+    metrics = Metrics()
     dispatcher = OutboundDispatcher(
         bus=bus,
         engine=engine,
@@ -62,6 +64,7 @@ async def test_copies_in_flight_send_once_and_teach_last_agent(
         routing=RoutingSettings(default_region="TR"),
         settings=DispatchSettings(),
         health=Health(),
+        metrics=metrics,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop, drain_timeout=5))
@@ -86,6 +89,9 @@ async def test_copies_in_flight_send_once_and_teach_last_agent(
         stop.set()
         await task
     assert sms.sent == ["r-1"], "a request id is sent once, however often it arrives"
+    text = metrics.render().decode()
+    assert 'omniroute_outbound_total{channel="sms",result="sent"} 1.0' in text
+    assert 'omniroute_outbound_total{channel="sms",result="failed"} 1.0' in text
     kinds = sorted((e["type"], e["request_id"]) for e in events)
     assert kinds == [("outbound.failed", "r-2"), ("outbound.sent", "r-1"), ("outbound.sent", "r-1")]
     async with sessionmaker(engine)() as session:
