@@ -39,7 +39,7 @@ import aioimaplib
 import aiosmtplib
 import structlog
 
-from connectors.mime import normalise
+from connectors.mime import normalise, unparsed
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.health import Health
@@ -590,17 +590,16 @@ class EmailConnector:
         concurrently, then flag in one ``UID STORE`` what the broker confirmed (and the
         copies) and move the cursor once.
 
-        When a publish fails (or a mail cannot be read), the mails confirmed are still
+        When a publish fails, the mails confirmed are still
         flagged, the failed ones are forgotten and left unflagged, the cursor stops just
         before the first of them, and the first error is raised."""
         fetched = sorted(await session.fetch(uids), key=lambda item: item[0])
         if len(fetched) < len(uids):
             log.info("email.vanished", mailbox=box.name, missing=len(uids) - len(fetched))
-        mails, stuck, error = await self._parse_batch(box, session.uidvalidity, fetched)
+        mails = await self._parse_batch(box, session.uidvalidity, fetched)
         del fetched  # the raw bodies are not needed past parsing
         done, submitted, failure = await self._submit_batch(box, mails)
-        if failure is not None and (stuck is None or failure[0] < stuck):
-            stuck, error = failure
+        stuck, error = failure if failure is not None else (None, None)
         if stuck is None:
             if done:
                 await session.mark(done)
@@ -619,9 +618,9 @@ class EmailConnector:
 
     async def _parse_batch(
         self, box: MailboxSettings, uidvalidity: int, fetched: list[tuple[int, bytes]]
-    ) -> tuple[list[_Mail], int | None, Exception | None]:
-        """The batch's mails in UID order, up to the first that cannot be read (its UID and
-        error come back too); big mails are parsed in a worker thread, off the event loop."""
+    ) -> list[_Mail]:
+        """The batch's mails in UID order; one the parser fails on becomes an ``unparsed``
+        stand-in; big mails are parsed in a worker thread, off the event loop."""
         recipient = box.address or (box.username if "@" in box.username else None)
         mails: list[_Mail] = []
         for uid, raw in fetched:
@@ -642,13 +641,19 @@ class EmailConnector:
                     message = await asyncio.to_thread(normalise, raw, **kwargs)
                 else:
                     message = normalise(raw, **kwargs)
-            except Exception as exc:  # a bug in parsing: what came before still goes out
+            except Exception as exc:  # a bug in parsing must not hold up the mailbox
                 log.exception("email.parse_failed", mailbox=box.name, uid=uid)
-                return mails, uid, exc
+                message = unparsed(
+                    raw,
+                    mailbox=box.name,
+                    recipient=recipient,
+                    locator=locator,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
             if box.team:
                 message.meta["address_team"] = box.team
             mails.append(_Mail(uid, f"{box.name}:{uidvalidity}:{uid}", message))
-        return mails, None, None
+        return mails
 
     async def _submit_batch(
         self, box: MailboxSettings, mails: list[_Mail]

@@ -56,6 +56,32 @@ _AUTO_SUBJECTS = (
 _BOUNCE_SENDERS = ("mailer-daemon", "postmaster")
 
 
+def unparsed(
+    raw: bytes, *, mailbox: str, recipient: str | None, locator: dict[str, Any], error: str
+) -> InboundMessage:
+    """The stand-in for a mail ``normalise`` failed on: routed like any unknown sender
+    (so a person sees it and nothing after it in the mailbox waits), with a locator to the
+    original, which stays in the mailbox untouched."""
+    return InboundMessage(
+        channel="email",
+        external_id="sha256:" + hashlib.sha256(raw).hexdigest(),
+        sender=Identity(kind="email", address=UNKNOWN_SENDER),
+        recipient=Identity(kind="email", address=recipient) if recipient else None,
+        subject=None,
+        text="",
+        attachments=[
+            Attachment(
+                filename=None,
+                content_type="message/rfc822",
+                size=len(raw),
+                sha256=hashlib.sha256(raw).hexdigest(),
+                locator=locator,
+            )
+        ],
+        meta={"unparsed": True, "error": error[:300], "mailbox": mailbox},
+    )
+
+
 def normalise(
     raw: bytes, *, mailbox: str, recipient: str | None, inline_max: int, locator: dict[str, Any]
 ) -> InboundMessage:

@@ -285,3 +285,19 @@ def test_inline_attachment_content_is_bounded_per_message() -> None:
     assert len(inline) == 2
     assert len(located) == 3
     assert all(a.sha256 and a.size == 1000 for a in message.attachments)
+
+
+def test_a_mail_the_parser_fails_on_still_reaches_a_person() -> None:
+    """A parser bug must neither drop the mail nor hold up the mailbox behind it."""
+    from connectors.mime import unparsed
+
+    raw = b"From: x\r\n\r\nbody"
+    locator = {"mailbox": "support", "uidvalidity": 7, "uid": 42}
+    message = unparsed(
+        raw, mailbox="support", recipient="support@x.test", locator=locator, error="Boom"
+    )
+    assert message.meta["unparsed"] is True
+    assert message.external_id.startswith("sha256:")
+    assert message.attachments[0].locator == locator
+    assert message.attachments[0].size == len(raw)
+    assert message.recipient is not None
