@@ -135,8 +135,8 @@ class PgLease:
             return
         if held.watch is not None:
             held.watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await held.watch
+            # wait for the watcher without swallowing a cancellation of release() itself
+            await asyncio.wait({held.watch})
         held.lost.set()
         await self._close(held.conn)  # closing the session releases its advisory locks
         log.info("lease.released", key=key)
