@@ -1,6 +1,5 @@
 """``omniroute tail``: routed messages live, from a temporary queue that vanishes on exit."""
 
-import asyncio
 
 import aio_pika
 
@@ -43,8 +42,6 @@ async def tail(settings: Settings, key: str, count: int | None) -> int:
                 seen += 1
                 if count is not None and seen >= count:
                     break
-    except asyncio.CancelledError:
-        pass
     except aio_pika.exceptions.AMQPException as exc:
         from ingest.errors import TransientError
 
