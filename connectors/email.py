@@ -64,6 +64,9 @@ THREAD_PARSE_BYTES = 1024 * 1024
 #: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
 PUBLISH_CONCURRENCY = 100
 _FETCH_HEAD = re.compile(rb"UID (\d+)")
+_FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
+#: bodies held in memory at once while a batch is parsed and published
+BATCH_BYTES = 32 * 1024 * 1024
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _RE_PREFIX = re.compile(r"^\s*((re|aw|sv|ynt|fwd?)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -225,6 +228,21 @@ class ImapSession:
             elif isinstance(line, bytearray) and uid is not None:
                 out.append((uid, bytes(line)))
                 uid = None
+        return out
+
+    async def sizes(self, uids: list[int]) -> dict[int, int]:
+        """``UID FETCH … (UID RFC822.SIZE)``: each mail's size, before fetching any body."""
+        uid_set = ",".join(str(u) for u in uids)
+        response = await self.call(
+            lambda: self._client.uid("fetch", uid_set, "(UID RFC822.SIZE)"), "UID FETCH"
+        )
+        out: dict[int, int] = {}
+        for line in response.lines:
+            if isinstance(line, bytes | bytearray):
+                uid = _FETCH_HEAD.search(line)
+                size = _FETCH_SIZE.search(line)
+                if uid and size:
+                    out[int(uid.group(1))] = int(size.group(1))
         return out
 
     async def mark(self, uids: list[int]) -> None:
@@ -577,10 +595,23 @@ class EmailConnector:
     async def _take_all(
         self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
     ) -> int:
+        """Take ``uids`` in batches of ``batch_size`` mails and at most ``BATCH_BYTES`` of
+        bodies (a single larger mail goes alone), so memory stays bounded whatever waits."""
         taken = 0
         for start in range(0, len(uids), box.batch_size):
-            batch = uids[start : start + box.batch_size]
-            taken += await self._take_batch(box, session, batch, cursor)
+            candidates = uids[start : start + box.batch_size]
+            sizes = await session.sizes(candidates)
+            batch: list[int] = []
+            held = 0
+            for uid in candidates:
+                size = sizes.get(uid, 0)
+                if batch and held + size > BATCH_BYTES:
+                    taken += await self._take_batch(box, session, batch, cursor)
+                    batch, held = [], 0
+                batch.append(uid)
+                held += size
+            if batch:
+                taken += await self._take_batch(box, session, batch, cursor)
         return taken
 
     async def _take_batch(

@@ -482,3 +482,17 @@ async def test_smtp_starttls_required_but_not_offered(smtp_server: SmtpSink) -> 
     with pytest.raises(AuthError, match="STARTTLS"):
         await sender.send(reply_to(), ReplyContext())
     assert smtp_server.recorder.messages == []
+
+
+async def test_sizes_are_read_before_bodies(dovecot: Dovecot) -> None:
+    """Batches are cut by bytes as well as by count, so the sizes must be the server's."""
+    raws = [make_mail("small@customer.example"), make_mail("big@customer.example") + b"x" * 5000]
+    for raw in raws:
+        dovecot.append(raw)
+    session = await ImapSession.open(mailbox(dovecot))
+    try:
+        sizes = await session.sizes([1, 2])
+    finally:
+        await session.close()
+    assert set(sizes) == {1, 2}
+    assert sizes[2] - sizes[1] > 4900  # the padding, give or take line endings
