@@ -138,6 +138,41 @@ async def phone_bus(phone_amqp_url: str) -> AsyncIterator[Bus]:
     await bus.close()
 
 
+def webhook_app(
+    *,
+    twilio: TwilioSettings,
+    http: HttpSettings,
+    spool: SpooledSink,
+    seen: DbSeenStore,
+    decider: DeciderProtocol,
+    bus: Bus,
+    metrics: Metrics,
+    health: Health,
+) -> Any:
+    """The HTTP app with the Twilio webhooks and /v1/route, wired as the daemon does."""
+    routers = [
+        twilio_router(
+            settings=twilio,
+            http=http,
+            sink=spool,
+            seen=seen,
+            decider=decider,
+            bus=bus,
+            metrics=metrics,
+            region=REGION,
+        ),
+        pbx_router(
+            settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
+            decider=decider,
+            sink=spool,
+            metrics=metrics,
+            region=REGION,
+            seen=seen,
+        ),
+    ]
+    return build_app(health=health, metrics=metrics, http=http, routers=routers, spool=spool)
+
+
 @pytest.fixture
 async def make_phones(
     engine: AsyncEngine, phone_bus: Bus, tmp_path: Path
@@ -174,27 +209,16 @@ async def make_phones(
             dial_timeout=25,
             default_dial=DEFAULT_DIAL,
         )
-        routers = [
-            twilio_router(
-                settings=twilio_settings,
-                http=http,
-                sink=spool,
-                seen=seen,
-                decider=decide,
-                bus=bus,
-                metrics=metrics,
-                region=REGION,
-            ),
-            pbx_router(
-                settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
-                decider=decide,
-                sink=spool,
-                metrics=metrics,
-                region=REGION,
-                seen=seen,
-            ),
-        ]
-        app = build_app(health=health, metrics=metrics, http=http, routers=routers, spool=spool)
+        app = webhook_app(
+            twilio=twilio_settings,
+            http=http,
+            spool=spool,
+            seen=seen,
+            decider=decide,
+            bus=bus,
+            metrics=metrics,
+            health=health,
+        )
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://testserver"
         )

@@ -19,14 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from connectors.email import EmailConnector, SmtpSender
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.bus import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE, Bus
-from ingest.health import Health
 from ingest.schema import ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
-from routers.decider import Decider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
-from routers.settings import RouterSettings, RoutingSettings
 from routers.store import DbCursorStore, DbSeenStore
-from routers.worker import RouterWorker
 from tests.email_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     USER,
@@ -37,20 +32,29 @@ from tests.email_fixtures import (  # noqa: F401 (fixtures)
     smtp_server,
 )
 from tests.seed import seed
+from tests.workers import Workers
 
 CORPUS = Path(__file__).parent / "data" / "email" / "flanker"
 DOMAIN = "omniroute.test"
 CUSTOMER = "Ayşe Yılmaz <ayse@acme.test>"
 
 
-class Stack:
+class Stack(Workers):
     """Email intake (the daemon's IDLE loop), router and dispatcher with the SMTP sender,
     each on the test's vhost and directory, started and stopped like the daemon does."""
 
     def __init__(self, bus: Bus, engine: AsyncEngine, server: Dovecot, smtp: SmtpSink) -> None:
-        routing = RoutingSettings(default_region="TR")
-        self.bus = bus
-        self.health = Health()
+        sender = SmtpSender(
+            SmtpSettings(
+                host=smtp.host,
+                port=smtp.port,
+                security="none",
+                from_address="support@example.com",
+                timeout=5.0,
+            ),
+            message_id_domain=DOMAIN,
+        )
+        super().__init__(bus, engine, sender)
         box = MailboxSettings(
             name="support",
             host="127.0.0.1",
@@ -74,64 +78,6 @@ class Stack:
             seen=DbSeenStore(engine),
             health=self.health,
         )
-        self.sender = SmtpSender(
-            SmtpSettings(
-                host=smtp.host,
-                port=smtp.port,
-                security="none",
-                from_address="support@example.com",
-                timeout=5.0,
-            ),
-            message_id_domain=DOMAIN,
-        )
-        self.router = RouterWorker(
-            bus=bus,
-            engine=engine,
-            decider=Decider(engine, routing),
-            routing=routing,
-            settings=RouterSettings(prefetch=8),
-            health=self.health,
-        )
-        self.dispatcher = OutboundDispatcher(
-            bus=bus,
-            engine=engine,
-            senders={self.sender.channel: self.sender},
-            routing=routing,
-            settings=DispatchSettings(attempts=2, base_delay=0.05),
-            health=self.health,
-        )
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self.tasks = [
-            asyncio.create_task(self.router.run(self.stop, drain_timeout=5)),
-            asyncio.create_task(self.dispatcher.run(self.stop, drain_timeout=5)),
-            asyncio.create_task(self.email.run(self.stop)),
-        ]
-        async with asyncio.timeout(15):
-            while not self.health.ready()[0]:
-                await asyncio.sleep(0.02)
-
-    async def close(self) -> None:
-        self.stop.set()
-        async with asyncio.timeout(15):
-            await asyncio.gather(*self.tasks)
-
-    async def next_from(self, queue_name: str, timeout: float = 15) -> tuple[str, bytes]:
-        """The next message on a queue, acked: (routing key, body); bounded."""
-        channel = await self.bus.connection.channel()
-        try:
-            queue = await channel.get_queue(queue_name)
-            async with asyncio.timeout(timeout):
-                while True:
-                    got = await queue.get(fail=False)
-                    if got is not None:
-                        await got.ack()
-                        return got.routing_key or "", got.body
-                    await asyncio.sleep(0.02)
-        finally:
-            await channel.close()
 
     async def next_routed(self) -> tuple[str, RoutedMessage]:
         key, body = await self.next_from(ROUTED_QUEUE)
@@ -153,7 +99,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     await seed(engine)
     s = Stack(bus, engine, dovecot, smtp_server)
-    await s.start()
+    await s.start(s.email.run)
     yield s
     await s.close()
 

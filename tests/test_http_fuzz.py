@@ -29,10 +29,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connectors.http import build_app
-from connectors.pbx import pbx_router
-from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
-from connectors.twilio import twilio_router
+from connectors.settings import HttpSettings, SpoolSettings, TwilioSettings
 from ingest.bus import Bus
 from ingest.health import Health
 from ingest.metrics import Metrics
@@ -50,6 +47,7 @@ from tests.phone_fixtures import (
     REGION,
     seed_directory,
     signature,
+    webhook_app,
 )
 
 MAX_BODY = 64 * 1024
@@ -93,27 +91,16 @@ async def app(engine: AsyncEngine, bus: Bus, tmp_path: Path) -> Any:
         from_number="+902125550000",
         default_dial=DEFAULT_DIAL,
     )
-    routers = [
-        twilio_router(
-            settings=twilio,
-            http=http,
-            sink=spool,
-            seen=seen,
-            decider=decider,
-            bus=bus,
-            metrics=metrics,
-            region=REGION,
-        ),
-        pbx_router(
-            settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
-            decider=decider,
-            sink=spool,
-            metrics=metrics,
-            region=REGION,
-            seen=seen,
-        ),
-    ]
-    return build_app(health=health, metrics=metrics, http=http, routers=routers, spool=spool)
+    return webhook_app(
+        twilio=twilio,
+        http=http,
+        spool=spool,
+        seen=seen,
+        decider=decider,
+        bus=bus,
+        metrics=metrics,
+        health=health,
+    )
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The X channel end to end: a loopback X API, the connector, the real router and outbound
 dispatcher on RabbitMQ, and the directory: the issue's story from mention to last agent."""
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -13,11 +12,7 @@ from ingest.bus import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, Bus
 from ingest.health import Health
 from ingest.schema import Identity, ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
-from routers.decider import Decider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
-from routers.settings import RouterSettings, RoutingSettings
 from routers.store import DbCursorStore, DbSeenStore
-from routers.worker import RouterWorker
 from tests.seed import seed
 from tests.twitter_fixtures import (
     ACCOUNT_ID,
@@ -27,67 +22,23 @@ from tests.twitter_fixtures import (
     tweet,
     user,
 )
+from tests.workers import Workers
 
 ACME = user("9876543210", "AcmeLtd", "Acme Ltd")  # the seeded customer's handle is "acmeltd"
 
 
-class Stack:
+class Stack(Workers):
     """Router and dispatcher running on the test vhost, the X sender handed to the latter."""
 
     def __init__(self, bus: Bus, engine: AsyncEngine, fake: FakeX) -> None:
-        routing = RoutingSettings(default_region="TR")
-        self.bus = bus
-        self.health = Health()
-        self.sender = TwitterSender(fake.settings())
-        self.router = RouterWorker(
-            bus=bus,
-            engine=engine,
-            decider=Decider(engine, routing),
-            routing=routing,
-            settings=RouterSettings(prefetch=8),
-            health=self.health,
-        )
-        self.dispatcher = OutboundDispatcher(
-            bus=bus,
-            engine=engine,
-            senders={self.sender.channel: self.sender},
-            routing=routing,
-            settings=DispatchSettings(attempts=2, base_delay=0.05),
-            health=self.health,
-        )
-        self.stop = asyncio.Event()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        self.tasks = [
-            asyncio.create_task(self.router.run(self.stop, drain_timeout=5)),
-            asyncio.create_task(self.dispatcher.run(self.stop, drain_timeout=5)),
-        ]
-        async with asyncio.timeout(10):
-            while self.health.ready()[1]:
-                await asyncio.sleep(0.02)
+        self.x = TwitterSender(fake.settings())
+        super().__init__(bus, engine, self.x)
 
     async def close(self) -> None:
-        self.stop.set()
         try:
-            await asyncio.wait_for(asyncio.gather(*self.tasks), 10)
+            await super().close()
         finally:
-            await self.sender.aclose()
-
-    async def next_from(self, queue_name: str, timeout: float = 10) -> tuple[str, bytes]:
-        """The next message on a queue, acked: (routing key, body); bounded."""
-        channel = await self.bus.connection.channel()
-        try:
-            queue = await channel.get_queue(queue_name)
-            async with asyncio.timeout(timeout):
-                while True:
-                    got = await queue.get(fail=False)
-                    if got is not None:
-                        await got.ack()
-                        return got.routing_key or "", got.body
-                    await asyncio.sleep(0.02)
-        finally:
-            await channel.close()
+            await self.x.aclose()
 
 
 @pytest.fixture

@@ -1,0 +1,75 @@
+"""The router and the outbound dispatcher on a test's vhost and directory, started and
+stopped the way the daemon does it, for end-to-end tests of a channel."""
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.bus import Bus
+from ingest.health import Health
+from ingest.protocols import Sender
+from routers.decider import Decider
+from routers.dispatcher import DispatchSettings, OutboundDispatcher
+from routers.settings import RouterSettings, RoutingSettings
+from routers.worker import RouterWorker
+
+Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+class Workers:
+    def __init__(self, bus: Bus, engine: AsyncEngine, sender: Sender) -> None:
+        routing = RoutingSettings(default_region="TR")
+        self.bus = bus
+        self.health = Health()
+        self.sender = sender
+        self.router = RouterWorker(
+            bus=bus,
+            engine=engine,
+            decider=Decider(engine, routing),
+            routing=routing,
+            settings=RouterSettings(prefetch=8),
+            health=self.health,
+        )
+        self.dispatcher = OutboundDispatcher(
+            bus=bus,
+            engine=engine,
+            senders={sender.channel: sender},
+            routing=routing,
+            settings=DispatchSettings(attempts=2, base_delay=0.05),
+            health=self.health,
+        )
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, *intake: Runner) -> None:
+        """Start the workers and any intake loops, and wait until all say they are up."""
+        self.tasks = [
+            asyncio.create_task(self.router.run(self.stop, drain_timeout=5)),
+            asyncio.create_task(self.dispatcher.run(self.stop, drain_timeout=5)),
+            *(asyncio.create_task(run(self.stop)) for run in intake),
+        ]
+        async with asyncio.timeout(15):
+            while not self.health.ready()[0]:
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self.stop.set()
+        async with asyncio.timeout(15):
+            await asyncio.gather(*self.tasks)
+
+    async def next_from(self, queue_name: str, timeout: float = 15) -> tuple[str, bytes]:
+        """The next message on a queue, acked: (routing key, body); bounded."""
+        channel = await self.bus.connection.channel()
+        try:
+            queue = await channel.get_queue(queue_name)
+            async with asyncio.timeout(timeout):
+                while True:
+                    got = await queue.get(fail=False)
+                    if got is not None:
+                        await got.ack()
+                        return got.routing_key or "", got.body
+                    await asyncio.sleep(0.02)
+        finally:
+            await channel.close()
