@@ -39,6 +39,7 @@ import aioimaplib
 import aiosmtplib
 import structlog
 
+from connectors.leasing import LeaseKeeper
 from connectors.mime import normalise, unparsed
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
@@ -442,43 +443,18 @@ class EmailConnector:
         if self._lease is None:
             await self._poll_loop(box, stop)
             return
-        key = cursor_key(box.name)
         structlog.contextvars.bind_contextvars(connector="email", mailbox=box.name)
-        try:
-            while not stop.is_set():
-                lost = await self._wait_for_lease(box, key, stop)
-                if lost is None:
-                    return
-                async with _either(stop, lost) as serving:
-                    await self._poll_loop(box, serving)
-                if not lost.is_set():
-                    return  # stopped, or an error retrying cannot fix
-                if not stop.is_set():
-                    log.warning("email.lease_lost", mailbox=box.name)
-                await self._lease.release(key)
-        finally:
-            await self._lease.release(key)
-
-    async def _wait_for_lease(
-        self, box: MailboxSettings, key: str, stop: asyncio.Event
-    ) -> asyncio.Event | None:
-        """Try the lease every ``lease_retry`` seconds (with jitter) until held or stopped."""
-        assert self._lease is not None
-        while not stop.is_set():
-            try:
-                lost = await self._lease.acquire(key)
-            except TransientError as exc:
-                self._down(box, f"lease: {exc}")
-            else:
-                if lost is not None:
-                    log.info("email.lease_acquired", mailbox=box.name)
-                    return lost
-                if self._health.set(self.component(box), "standby", "leased by another instance"):
-                    log.info("email.standby", mailbox=box.name)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._lease_retry * (0.5 + random.random())):  # noqa: S311
-                    await stop.wait()
-        return None
+        keeper = LeaseKeeper(
+            self._lease,
+            cursor_key(box.name),
+            health=self._health,
+            component=self.component(box),
+            down=lambda reason: self._down(box, reason),
+            log=log.bind(mailbox=box.name),
+            prefix="email",
+            retry=self._lease_retry,
+        )
+        await keeper.serve(stop, lambda serving: self._poll_loop(box, serving))
 
     async def run_until_idle(self) -> int:
         """Take what is waiting in every mailbox, then return; errors are raised."""
@@ -758,24 +734,6 @@ class EmailConnector:
             sender=redact(mail.message.sender.address),
             again=not mail.new_id,
         )
-
-
-@contextlib.asynccontextmanager
-async def _either(*events: asyncio.Event) -> AsyncIterator[asyncio.Event]:
-    """An event set as soon as any of ``events`` is (stop, or the lease lost)."""
-    combined = asyncio.Event()
-
-    async def relay(event: asyncio.Event) -> None:
-        await event.wait()
-        combined.set()
-
-    relays = [asyncio.create_task(relay(event)) for event in events]
-    try:
-        yield combined
-    finally:
-        for task in relays:
-            task.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
 
 
 # --- replies out ------------------------------------------------------------------------

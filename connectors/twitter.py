@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from tweepy.asynchronous import AsyncClient
 from yarl import URL
 
+from connectors.leasing import LeaseKeeper
 from connectors.settings import TwitterSettings
 from ingest.errors import AuthError, OmnirouteError, PermanentSendError, TransientError
 from ingest.health import Health
@@ -208,11 +209,22 @@ class TwitterConnector:
         self._cursors = cursors
         self._seen = seen
         self._health = health
-        self._lease = lease
-        self._lease_retry = lease_retry
-        self._lost: asyncio.Event | None = None
         self._api = _XApi(settings)
         self._uid = settings.user_id.removeprefix("id:")
+        self._leasing = (
+            LeaseKeeper(
+                lease,
+                f"twitter:{self._uid}",
+                health=health,
+                component=NAME,
+                down=self._down,
+                log=log,
+                prefix=NAME,
+                retry=lease_retry,
+            )
+            if lease is not None
+            else None
+        )
         self._account = Identity(kind="twitter", address=normalise_twitter(f"id:{self._uid}"))
         self._stop = asyncio.Event()
         health.register(NAME)
@@ -225,12 +237,8 @@ class TwitterConnector:
         with structlog.contextvars.bound_contextvars(connector=NAME, channel=NAME):
             try:
                 while not stop.is_set():
-                    if self._lease is not None and not await self._leased():
-                        try:
-                            await self._sleep(_jitter(self._lease_retry))
-                        except _Stopping:
-                            break
-                        continue
+                    if self._leasing is not None and await self._leasing.wait(stop) is None:
+                        break
                     try:
                         await self.poll_once()
                     except _Stopping:
@@ -240,8 +248,7 @@ class TwitterConnector:
                             log.error("twitter.auth_failed", error=str(exc))
                         return
                     except TransientError as exc:
-                        if self._health.set(NAME, "down", str(exc)):
-                            log.warning("twitter.unavailable", error=str(exc))
+                        self._down(str(exc))
                         failing = True
                         pause = _jitter(delay)
                         delay = min(delay * 2, self._settings.retry_max)
@@ -258,37 +265,13 @@ class TwitterConnector:
                 self._health.set(NAME, "stopped")
             finally:
                 self._stop = asyncio.Event()
-                if self._lease is not None:
-                    self._lost = None
-                    await self._lease.release(self._lease_key)
+                if self._leasing is not None:
+                    await self._leasing.release()
                 await self.aclose()
 
-    @property
-    def _lease_key(self) -> str:
-        return f"twitter:{self._uid}"
-
-    async def _leased(self) -> bool:
-        """True while this process holds the account's lease; otherwise try to take it, and
-        say "standby" while another live instance polls the account."""
-        assert self._lease is not None
-        if self._lost is not None and not self._lost.is_set():
-            return True
-        if self._lost is not None:
-            log.warning("twitter.lease_lost")
-            self._lost = None
-            await self._lease.release(self._lease_key)
-        try:
-            self._lost = await self._lease.acquire(self._lease_key)
-        except TransientError as exc:
-            if self._health.set(NAME, "down", f"lease: {exc}"):
-                log.warning("twitter.unavailable", error=f"lease: {exc}")
-            return False
-        if self._lost is None:
-            if self._health.set(NAME, "standby", "leased by another instance"):
-                log.info("twitter.standby")
-            return False
-        log.info("twitter.lease_acquired")
-        return True
+    def _down(self, reason: str) -> None:
+        if self._health.set(NAME, "down", reason):
+            log.warning("twitter.unavailable", error=reason)
 
     async def aclose(self) -> None:
         """Close the HTTP session (``run`` does it on its way out)."""
