@@ -159,7 +159,7 @@ class Wiring:
             senders["sms"] = sms
             self._closers.append(sms.close)
         if settings.twitter is not None:
-            from connectors.twitter import TwitterSender
+            from connectors.twitter_sender import TwitterSender
 
             x = TwitterSender(settings.twitter)
             senders["twitter"] = x

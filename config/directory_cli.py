@@ -14,7 +14,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"directory at schema revision {await current_revision(url)}")
         return 0
     await require_current(url)
-    from routers.importer import export_csv, import_csv
+    from routers.exporter import export_csv
+    from routers.importer import import_csv
 
     engine = create_engine(url, settings.directory)
     try:

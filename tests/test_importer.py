@@ -10,7 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routers.db import create_engine, migrate
-from routers.importer import ImportFileError, export_csv, import_csv
+from routers.directory_csv import ImportFileError
+from routers.exporter import export_csv
+from routers.importer import import_csv
 from routers.models import Agent, Customer, CustomerIdentity, Team
 
 EXAMPLES = Path(__file__).parent.parent / "config" / "examples"

@@ -9,7 +9,8 @@ import pytest
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connectors.twitter import TwitterConnector, TwitterSender
+from connectors.twitter import TwitterConnector
+from connectors.twitter_sender import TwitterSender
 from ingest.bus import Bus
 from ingest.errors import PermanentSendError, TransientError
 from ingest.health import Health

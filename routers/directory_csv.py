@@ -1,0 +1,240 @@
+"""The directory CSV format: its kinds and columns, and each row read and validated.
+
+Sole purpose: turn an operator's file, batch by batch, into rows the database can take
+(identities normalised: phones to E.164, emails and X handles as ``ingest.identities``
+stores them) or into a reason each row is rejected, named by its line. A bad row never
+rejects the file; only a header that fits no kind does (``ImportFileError``).
+
+``parse_batch`` is a pure function of its arguments, so it can run in a worker process.
+"""
+
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest.errors import OmnirouteError
+from ingest.identities import (
+    InvalidIdentity,
+    normalise_email,
+    normalise_phone,
+    normalise_twitter,
+)
+
+BATCH = 5_000  # rows read, parsed and written (or exported) at a time
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "teams": ("id", "name", "dial", "email"),
+    "agents": ("id", "name", "team", "email", "phone", "dial", "active"),
+    "customers": ("id", "name", "team", "emails", "phones", "twitter"),
+}
+IDENTITY_COLUMNS = (("emails", "email"), ("phones", "phone"), ("twitter", "twitter"))
+_DIAL = re.compile(r"[A-Za-z0-9+:@._/-]{1,128}")  # nothing a PBX dialplan could interpret
+_TRUE = {"", "true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+_LIMITS = {"id": 200, "name": 400, "email": 400, "phone": 100}
+_ADDRESS_LIMIT = 512
+
+Identity = tuple[str, str]  # (kind, normalised address)
+
+
+class ImportFileError(OmnirouteError):
+    """The file as a whole cannot be imported (no header, unknown columns, unknown kind)."""
+
+
+@dataclass
+class Row:
+    line: int
+    id: str | None
+    values: dict[str, Any] = field(default_factory=dict)
+    identities: frozenset[Identity] = frozenset()
+    error: str | None = None
+
+
+class _Reject(Exception):
+    pass
+
+
+def _header(reader: Iterator[list[str]], kind: str | None) -> tuple[str, list[str]]:
+    try:
+        header = [h.strip().lower() for h in next(reader)]
+    except StopIteration:
+        raise ImportFileError("the file is empty: expected a header row") from None
+    if len(set(header)) != len(header):
+        raise ImportFileError(f"duplicate column in header: {','.join(header)}")
+    if kind is None:
+        found = [k for k, cols in COLUMNS.items() if set(cols) == set(header)]
+        if not found:
+            raise ImportFileError(
+                f"header {','.join(header)!r} matches no kind; expected one of: "
+                + "; ".join(f"{k}: {','.join(c)}" for k, c in COLUMNS.items())
+            )
+        kind = found[0]
+    elif kind not in COLUMNS:
+        raise ImportFileError(f"unknown kind {kind!r}; expected one of {', '.join(COLUMNS)}")
+    missing = [c for c in COLUMNS[kind] if c not in header]
+    unknown = [c for c in header if c not in COLUMNS[kind]]
+    if missing or unknown:
+        raise ImportFileError(
+            f"{kind} header must be {','.join(COLUMNS[kind])}"
+            + (f"; missing {','.join(missing)}" if missing else "")
+            + (f"; unknown {','.join(unknown)}" if unknown else "")
+        )
+    return kind, header
+
+
+def _text(record: dict[str, str], column: str) -> str | None:
+    value = record[column].strip()
+    if not value:
+        return None
+    limit = _LIMITS.get(column)
+    if limit is not None and len(value) > limit:
+        raise _Reject(f"{column} longer than {limit} characters")
+    return value
+
+
+def _dial(value: str) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    if not _DIAL.fullmatch(value):
+        raise _Reject(
+            f"bad dial target {value[:140]!r}: only letters, digits and + : @ . _ / - "
+            "are allowed, at most 128 characters"
+        )
+    return value
+
+
+def _email(value: str) -> str:
+    try:
+        address = normalise_email(value)
+    except InvalidIdentity:
+        raise _Reject(f"bad email {value.strip()!r}") from None
+    if len(address) > _LIMITS["email"]:
+        raise _Reject(f"email longer than {_LIMITS['email']} characters")
+    return address
+
+
+def _phone(value: str, region: str) -> str:
+    try:
+        number = normalise_phone(value, region)
+    except InvalidIdentity:
+        raise _Reject(f"bad phone number {value.strip()!r}") from None
+    # A directory phone is a dialable number or a SIP/client URI, never a sender name.
+    if not number.startswith(("+", "sip:", "sips:", "client:")) or len(number) > _LIMITS["phone"]:
+        raise _Reject(f"bad phone number {value.strip()!r}")
+    return number
+
+
+def _twitter(value: str) -> str:
+    try:
+        return normalise_twitter(value)
+    except InvalidIdentity:
+        raise _Reject(f"bad X handle or user id {value.strip()!r}") from None
+
+
+def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
+    row = Row(line=0, id=_text(record, "id"))
+    name = _text(record, "name")
+    if row.id is None:
+        raise _Reject("missing id")
+    if name is None:
+        raise _Reject("missing name")
+    row.values = {"id": row.id, "name": name}
+    if kind == "teams":
+        row.values["dial"] = _dial(record["dial"])
+        row.values["email"] = _email(record["email"]) if record["email"].strip() else None
+        return row
+    row.values["team_id"] = _text(record, "team")
+    if kind == "agents":
+        active = record["active"].strip().lower()
+        if active not in _TRUE | _FALSE:
+            raise _Reject(f"bad active value {record['active'].strip()!r}: use true or false")
+        row.values["active"] = active in _TRUE
+        row.values["email"] = _email(record["email"]) if record["email"].strip() else None
+        row.values["phone"] = _phone(record["phone"], region) if record["phone"].strip() else None
+        row.values["dial"] = _dial(record["dial"])
+        return row
+    identities: set[Identity] = set()
+    for column, identity_kind in IDENTITY_COLUMNS:
+        for part in record[column].split(";"):
+            if not part.strip():
+                continue
+            if identity_kind == "email":
+                address = _email(part)
+            elif identity_kind == "phone":
+                address = _phone(part, region)
+            else:
+                address = _twitter(part)
+            if len(address) > _ADDRESS_LIMIT:
+                raise _Reject(f"{identity_kind} longer than {_ADDRESS_LIMIT} characters")
+            identities.add((identity_kind, address))
+    row.identities = frozenset(identities)
+    return row
+
+
+def _parse_row(kind: str, header: list[str], fields: list[str], line: int, region: str) -> Row:
+    if len(fields) != len(header):
+        return Row(line, None, error=f"{len(fields)} fields, expected {len(header)}")
+    record = dict(zip(header, fields, strict=True))
+    row_id = record["id"].strip() or None
+    for value in fields:
+        if "\x00" in value:
+            return Row(line, row_id, error="contains a NUL character")
+        if any("\udc80" <= c <= "\udcff" for c in value):  # surrogateescape'd bytes
+            return Row(line, row_id, error="not valid UTF-8")
+    try:
+        row = _parse_values(kind, record, region)
+    except _Reject as exc:
+        return Row(
+            line, row_id if row_id and len(row_id) <= _LIMITS["id"] else None, error=str(exc)
+        )
+    row.line = line
+    return row
+
+
+def parse_batch(
+    kind: str, header: list[str], region: str, records: list[tuple[int, list[str] | str]]
+) -> list[Row]:
+    """Normalise one batch; a pure function, so it can run in a worker process."""
+    return [
+        Row(line, None, error=r)
+        if isinstance(r, str)
+        else _parse_row(kind, header, r, line, region)
+        for line, r in records
+    ]
+
+
+class CsvSource:
+    """A CSV file read batch by batch; line numbers count physical lines, header = 1."""
+
+    def __init__(self, path: Path, kind: str | None, region: str) -> None:
+        # utf-8-sig drops a BOM; surrogateescape lets one bad line be rejected, not the file.
+        self._file = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
+        self._reader = csv.reader(self._file)
+        try:
+            self.kind, self.header = _header(self._reader, kind)
+        except (ImportFileError, csv.Error):
+            self._file.close()
+            raise
+
+    def records(self, size: int) -> list[tuple[int, list[str] | str]]:
+        """The next ``size`` non-blank records with their first line, or the csv error."""
+        out: list[tuple[int, list[str] | str]] = []
+        while len(out) < size:
+            line = self._reader.line_num + 1
+            try:
+                fields = next(self._reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                out.append((line, f"unreadable CSV: {exc}"))
+                continue
+            if fields and (len(fields) > 1 or fields[0].strip()):
+                out.append((line, fields))
+        return out
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,42 @@
+"""What a directory import did, or in a dry run would do: counts and every rejected line.
+
+Sole purpose: the import's answer to the operator (``omniroute directory import`` prints
+it), kept apart from how rows are read and written.
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from ingest.errors import OmnirouteError
+
+
+class ImportAborted(OmnirouteError):
+    """The database failed a batch; that batch was rolled back, earlier ones stay applied
+    (none in a dry run). ``report`` holds what was applied before it."""
+
+    def __init__(self, message: str, report: "ImportReport") -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class Rejected(NamedTuple):
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportReport:
+    """What an import did (or, in a dry run, would do). ``rejects`` is sorted by line."""
+
+    kind: str
+    dry_run: bool
+    inserted: int = 0
+    updated: int = 0
+    identities_added: int = 0
+    identities_removed: int = 0
+    rows: int = 0  # data rows read, blank lines excluded
+    rejects: list[Rejected] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return len(self.rejects)
