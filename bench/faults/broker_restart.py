@@ -13,11 +13,8 @@ does. Every offered message must be routed once the broker is back.
     .venv/bin/python bench/faults/broker_restart.py [--rate 40] [--outage 5]
 """
 
-import argparse
 import asyncio
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,20 +24,8 @@ from twilio.request_validator import RequestValidator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.faults.common import (  # noqa: E402
-    Collector,
-    Daemon,
-    Vhost,
-    counters,
-    inbound_messages,
-    open_bus,
-    publish_all,
-    rabbitmqctl,
-    report,
-    seed_directory,
-    wait_http,
-    wait_until,
-)
+from bench.faults.common import rabbitmqctl  # noqa: E402
+from bench.faults.harness import Result, options, run, set_up  # noqa: E402
 
 AUTH_TOKEN = "0123456789abcdef0123456789abcdef"  # noqa: S105 -- a throwaway test token
 ACCOUNT_SID = "AC" + "0" * 32
@@ -97,34 +82,25 @@ class Webhooks:
             await asyncio.sleep(1.0 * (attempt + 1))
 
 
-async def scenario(n: int, rate: float, outage: float, workdir: Path) -> dict[str, object]:
-    with Vhost("restart") as vhost:
-        db = f"sqlite:///{workdir}/directory.db"
-        await seed_directory(db)
-        bus = open_bus(vhost.url())
-        await bus.open()
-        messages = inbound_messages(n, "restart")
-        await publish_all(bus, messages)
-        await bus.close()
-        collector = Collector(vhost.url(), key=lambda r: r.message.external_id)
-        daemon = Daemon(
-            workdir,
-            vhost.url(),
-            db,
-            toml=f'[twilio]\naccount_sid = "{ACCOUNT_SID}"\nauth_token = "{AUTH_TOKEN}"\n'
-            "[spool]\npublish_timeout = 2.0\nretry_initial = 0.5\nretry_max = 2.0\n"
-            "[bus]\npublish_timeout = 5\nconnect_timeout = 3",
-        )
-        webhooks: Webhooks | None = None
+async def scenario(n: int, rate: float, outage: float, workdir: Path) -> Result:
+    async with set_up(
+        "broker_restart",
+        workdir,
+        messages=n,
+        toml=f'[twilio]\naccount_sid = "{ACCOUNT_SID}"\nauth_token = "{AUTH_TOKEN}"\n'
+        "[spool]\npublish_timeout = 2.0\nretry_initial = 0.5\nretry_max = 2.0\n"
+        "[bus]\npublish_timeout = 5\nconnect_timeout = 3",
+        key=lambda m: m.external_id,  # a webhook's MessageSid
+    ) as stage:
+        await stage.bus.close()  # the messages are queued; the broker goes away below
+        webhooks = Webhooks(stage.daemon.http_port, rate)
         stop_load = asyncio.Event()
         broker_down = False
         try:
-            await collector.start()
-            daemon.start("router", "webhooks")
-            await wait_http(daemon.http_port)
-            webhooks = Webhooks(daemon.http_port, rate)
+            stage.daemon.start("router", "webhooks")
+            await stage.daemon.wait_http()
             load = asyncio.create_task(webhooks.run(stop_load))
-            await wait_until(lambda: len(collector.counts) >= n // 4, 60, "routing to start")
+            await stage.wait_routed(n // 4, "routing to start")
             await asyncio.sleep(1.0)
             fault_start = time.monotonic()
             broker_down = True
@@ -136,46 +112,27 @@ async def scenario(n: int, rate: float, outage: float, workdir: Path) -> dict[st
             await asyncio.sleep(10.0)  # webhook load goes on after the restart
             stop_load.set()
             await load
-            offered = {m.external_id for m in messages} | webhooks.accepted
-            await wait_until(lambda: offered <= collector.counts.keys(), 90, "every message")
-            await asyncio.sleep(1.0)
-            daemon.kill(signal.SIGTERM)
+            stage.offered |= webhooks.accepted
+            await stage.wait_all_routed()
+            await stage.settle_and_stop()
         finally:
             if broker_down:
                 rabbitmqctl("start_app")
             stop_load.set()
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.kill(signal.SIGKILL)
-            await collector.close()
-        assert webhooks is not None
-        return counters(
-            "broker_restart",
-            offered,
-            collector,
-            fault_start=fault_start,
-            fault_end=fault_end,
-            extra={
-                "outage_s": outage,
-                "queued_inbound": n,
-                "webhooks_accepted": len(webhooks.accepted),
-                "webhook_answers": dict(webhooks.answers),
-                "webhook_retries": webhooks.retries,
-                "tracebacks": daemon.tracebacks(),
-            },
-        )
+    return stage.counters(
+        fault_start,
+        fault_end,
+        outage_s=outage,
+        queued_inbound=n,
+        webhooks_accepted=len(webhooks.accepted),
+        webhook_answers=dict(webhooks.answers),
+        webhook_retries=webhooks.retries,
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=40.0)
-    parser.add_argument("--outage", type=float, default=5.0)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="omniroute-fault-") as tmp:
-        result = asyncio.run(
-            asyncio.wait_for(scenario(args.messages, args.rate, args.outage, Path(tmp)), 170)
-        )
-    return report(result)
+    args = options(__doc__, messages=2000, rate=40.0, outage=5.0)
+    return run(lambda workdir: scenario(args.messages, args.rate, args.outage, workdir), 170)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Counters (as a Jepsen queue test reports them):
   unexpected  routed messages nobody offered
   recover_s   from the end of the fault (restart, reconnect, heal) to the first routed
               message after it
+
+``harness`` puts these parts together the same way for every scenario.
 """
 
 import asyncio
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,17 @@ async def seed_directory(url: str) -> None:
         await engine.dispose()
 
 
-async def create_pg_database() -> tuple[str, str]:
+async def sqlite_directory(workdir: Path) -> str:
+    """A fresh SQLite copy of the example directory in ``workdir``; returns its URL."""
+    url = f"sqlite:///{workdir}/directory.db"
+    await seed_directory(url)
+    return url
+
+
+@contextlib.asynccontextmanager
+async def pg_directory() -> AsyncIterator[str]:
+    """A fresh database of its own on the local PostgreSQL holding the example directory,
+    dropped afterwards (the server itself is shared: it is never restarted)."""
     import asyncpg
 
     name = f"omniroute_fault_{uuid.uuid4().hex[:8]}"
@@ -112,17 +124,16 @@ async def create_pg_database() -> tuple[str, str]:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    return name, f"{PG_DSN}/{name}"
-
-
-async def drop_pg_database(name: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+    url = f"{PG_DSN}/{name}"
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await seed_directory(url)
+        yield url
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
 
 def inbound_messages(n: int, prefix: str) -> list[InboundMessage]:
@@ -225,6 +236,22 @@ class Daemon:
     def tracebacks(self) -> int:
         return self.log.read_text(errors="replace").count("Traceback")
 
+    async def wait_http(self, timeout: float = 30) -> None:
+        """Until ``/healthz`` answers 200 (bounded)."""
+        import httpx
+
+        url = f"http://127.0.0.1:{self.http_port}/healthz"
+
+        async def up() -> bool:
+            try:
+                async with httpx.AsyncClient() as client:
+                    r = await client.get(url, timeout=1)
+                    return r.status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_until(up, timeout, "the daemon's HTTP port")
+
 
 async def wait_until(check: Callable[[], Any], timeout: float, what: str) -> None:
     """Poll a condition (bounded): these scenarios watch another process, no event exists."""
@@ -240,30 +267,17 @@ async def _value(x: Any) -> Any:
     return await x if asyncio.iscoroutine(x) else x
 
 
-async def wait_http(port: int, timeout: float = 30) -> None:
-    import httpx
-
-    async def up() -> bool:
-        try:
-            async with httpx.AsyncClient() as client:
-                r = await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                return r.status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    await wait_until(up, timeout, "the daemon's HTTP port")
-
-
 class Collector:
     """Consumes ``omniroute.routed`` on a robust connection of its own and remembers, per
-    message key, how often and when it arrived. A redelivery to the collector itself (its
+    message key (``key`` of the routed inbound message), how often and when it arrived;
+    messages ``ignore`` selects are only counted. A redelivery to the collector itself (its
     ack lost with the connection) is not a duplicate of omniroute's."""
 
     def __init__(
         self,
         url: str,
-        key: Callable[[RoutedMessage], str],
-        ignore: Callable[[RoutedMessage], bool] = lambda _: False,
+        key: Callable[[InboundMessage], str],
+        ignore: Callable[[InboundMessage], bool] = lambda _: False,
     ) -> None:
         self._url = url
         self._key = key
@@ -281,9 +295,9 @@ class Collector:
         await queue.consume(self._on)
 
     async def _on(self, message: AbstractIncomingMessage) -> None:
-        routed = RoutedMessage.model_validate_json(message.body)
-        key = self._key(routed)
-        if self._ignore(routed):
+        inbound = RoutedMessage.model_validate_json(message.body).message
+        key = self._key(inbound)
+        if self._ignore(inbound):
             self.ignored += 1
         elif key in self.counts and message.redelivered:
             pass  # our own ack was lost: the broker gave it to us again

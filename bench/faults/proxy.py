@@ -15,6 +15,9 @@ class Link:
 
 
 class FaultProxy:
+    """Listens on a loopback port of its own (``port``, kept across a cut) and forwards to
+    the target; as an async context manager it listens on entry and closes on exit."""
+
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
@@ -25,6 +28,13 @@ class FaultProxy:
         """Listen (again, on the same port after a cut)."""
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    async def __aenter__(self) -> "FaultProxy":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
 
     @property
     def connections(self) -> int:
