@@ -9,10 +9,6 @@ limit for quorum queues, so ``x-delivery-limit`` is set here.
 """
 
 import asyncio
-import contextlib
-import json
-import random
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -27,9 +23,10 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from ingest.errors import AuthError, ConfigError, PoisonError, TransientError, UnroutableError
+from ingest.consumers import BatchConsumer, BatchHandler, Consumer, Handler
+from ingest.errors import AuthError, ConfigError, TransientError, UnroutableError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.schema import schema_name
@@ -59,23 +56,25 @@ QUEUES = {
 }
 
 REASON_HEADER = "x-omniroute-reason"
-TRANSIENT_RETRY_DELAY = 1.0
-TRANSIENT_RETRY_MAX = 30.0
-
-Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 def amqp_heartbeat(window: int) -> int:
     """The AMQP heartbeat to ask for so that a stalled connection is noticed within
-    ``window`` seconds (``bus.heartbeat`` is two heartbeats of the operator's clock).
+    ``2 * window`` seconds (``bus.heartbeat`` is two heartbeats of the operator's clock).
 
-    aiormq declares a connection dead after ``(heartbeat + 1) * 3`` silent seconds, checked
-    every ``heartbeat / 2``; so ask for the largest heartbeat h with
-    ``3 * (h + 1) + h / 2 <= 2 * window``. 0 disables heartbeats.
+    aiormq declares a connection dead after ``3 * (h + 1)`` silent seconds, checked every
+    ``max(1, h // 2)`` seconds; so ask for the largest h with
+    ``3 * (h + 1) + max(1, h // 2) <= 2 * window``. The smallest h is 1 (7 s), so a window
+    under ``MIN_HEARTBEAT`` cannot be kept (the settings refuse it). 0 disables heartbeats.
     """
     if window <= 0:
         return 0
-    return max(1, int((2 * window - 3) / 3.5))
+    best = 1
+    for h in range(1, window + 1):
+        if 3 * (h + 1) + max(1, h // 2) <= 2 * window:
+            best = h
+    return best
 
 
 def with_heartbeat(url: str, heartbeat: int) -> str:
@@ -246,20 +245,31 @@ class Bus:
         headers: dict[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> None:
-        self._require_channel()
-        message = aio_pika.Message(
-            body,
+        channel = self._require_channel()
+        if exchange not in self._exchanges:  # the broker would close the channel on it
+            raise TransientError(f"exchange {exchange} is not declared yet")
+        # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
+        # as much CPU per message as the router's whole decision; the semantics are aiormq's
+        # (mandatory, confirms, returns raised: the channel has on_return_raises)
+        properties = aiormq.spec.Basic.Properties(
             content_type=content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=message_id,
-            type=type_,
+            message_type=type_,
             timestamp=datetime.now(UTC),
             headers=headers or {},
         )
         try:
-            await self._exchanges[exchange].publish(
-                message, routing_key, mandatory=True, timeout=self._settings.publish_timeout
-            )
+            # the whole publish, a wait for a robust reconnection included, is bounded
+            async with asyncio.timeout(self._settings.publish_timeout):
+                underlay = await channel.get_underlay_channel()
+                await underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
         except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(
                 f"no queue bound for {exchange} with key {routing_key!r}"
@@ -313,6 +323,35 @@ class Bus:
         """A worker's whole life: consume until ``stop``, report the component up while it
         does, then let in-flight messages finish within ``drain_timeout``."""
         consumer = await self.consumer(queue_name, handler, prefetch=prefetch)
+        await self._consume(consumer, stop, component, health, drain_timeout)
+
+    async def consume_batches_until(
+        self,
+        queue_name: str,
+        handler: BatchHandler,
+        stop: asyncio.Event,
+        *,
+        prefetch: int,
+        component: str,
+        health: Health,
+        drain_timeout: float,
+    ) -> None:
+        """``consume_until`` for a handler of many messages at once (``BatchConsumer``):
+        two batches of up to half the prefetch window each run at a time."""
+        channel, queue = await self._consumer_channel(queue_name, prefetch)
+        consumer = BatchConsumer(
+            self, channel, queue, handler, max_batch=max(1, prefetch // 2), concurrency=2
+        )
+        await self._consume(consumer, stop, component, health, drain_timeout)
+
+    async def _consume(
+        self,
+        consumer: Consumer | BatchConsumer,
+        stop: asyncio.Event,
+        component: str,
+        health: Health,
+        drain_timeout: float,
+    ) -> None:
         await consumer.start()
         health.set(component, "up")
         try:
@@ -321,174 +360,13 @@ class Bus:
             health.set(component, "stopped", "draining")
             await asyncio.shield(consumer.stop(drain_timeout))
 
-    async def consumer(self, queue_name: str, handler: Handler, *, prefetch: int) -> "Consumer":
-        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=prefetch)
-        queue = await channel.get_queue(queue_name, ensure=True)
+    async def consumer(self, queue_name: str, handler: Handler, *, prefetch: int) -> Consumer:
+        channel, queue = await self._consumer_channel(queue_name, prefetch)
         return Consumer(self, channel, queue, handler)
 
-
-class Consumer:
-    """Runs a handler per delivery; acks after it returns, dead-letters what is poison.
-
-    The handler must make its work safe downstream (a confirmed publish, a committed
-    transaction) before returning; an ack never precedes that. A ``TransientError`` is
-    requeued after a pause; RabbitMQ's delivery limit ends a message that keeps failing in
-    ``omniroute.dead``, so nothing loops forever.
-    """
-
-    def __init__(
-        self, bus: Bus, channel: AbstractChannel, queue: AbstractQueue, handler: Handler
-    ) -> None:
-        self._bus = bus
-        self._channel = channel
-        self._queue = queue
-        self._handler = handler
-        self._tag: str | None = None
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stopping = asyncio.Event()
-        self._failing = False
-        self._retry_for = bus.settings.transient_retry_for
-        self.processed = 0
-
-    @property
-    def active(self) -> bool:
-        return self._tag is not None and not self._channel.is_closed
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
-    async def start(self) -> None:
-        self._tag = await self._queue.consume(self._on_message)
-        if self._bus.health is not None:
-            # a worker whose consumer is gone (channel closed, not yet recovered) is not ready
-            self._bus.health.probes[f"consumer {self._queue.name}"] = self._probe
-
-    def _probe(self) -> str | None:
-        return None if self.active else "no consumer attached"
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._in_flight.add(task)
-        self._idle.clear()
-        try:
-            await self._process(message)
-        finally:
-            self._in_flight.discard(task)
-            if not self._in_flight:
-                self._idle.set()
-
-    async def _process(self, message: AbstractIncomingMessage) -> None:
-        """Run the handler; a transient failure (broker, directory) is retried here with
-        capped backoff for ``bus.transient_retry_for`` seconds before the message goes back
-        to the queue: requeueing at once would spend the delivery limit in seconds and
-        dead-letter good messages during a short outage."""
-        loop = asyncio.get_running_loop()
-        delay = TRANSIENT_RETRY_DELAY
-        deadline: float | None = None
-        while True:
-            try:
-                await self._handler(message)
-            except (PoisonError, ValidationError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                await self._reject(message, _reason(exc))
-                return
-            except TransientError as exc:
-                self._failing_since(exc)
-                now = loop.time()
-                deadline = deadline if deadline is not None else now + self._retry_for
-                if now >= deadline or self._stopping.is_set():
-                    await self._settle(message.nack(requeue=True))
-                    return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
-                        await self._stopping.wait()
-                delay = min(delay * 2, TRANSIENT_RETRY_MAX)
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug must not block the queue: dead-letter with the reason
-                log.exception("bus.handler_bug", queue=self._queue.name)
-                await self._reject(message, f"bug: {type(exc).__name__}: {exc}")
-                return
-            self._recovered()
-            await self._settle(message.ack())
-            self.processed += 1
-            return
-
-    def _failing_since(self, exc: TransientError) -> None:
-        """Log the first transient failure only: the outage, not every retry of it."""
-        if not self._failing:
-            self._failing = True
-            log.warning("bus.transient", queue=self._queue.name, error=str(exc)[:300])
-
-    def _recovered(self) -> None:
-        if self._failing:
-            self._failing = False
-            log.info("bus.recovered", queue=self._queue.name)
-
-    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
-        log.warning(
-            "bus.dead_lettered",
-            queue=self._queue.name,
-            message_id=message.message_id,
-            reason=reason,
-        )
-        if self._bus.metrics is not None:
-            self._bus.metrics.dead_lettered.labels(self._queue.name).inc()
-        try:
-            await self._bus.dead_letter(message, reason)
-        except TransientError as exc:
-            log.warning("bus.dead_letter_failed", error=str(exc))
-            await asyncio.sleep(TRANSIENT_RETRY_DELAY)
-            await self._settle(message.nack(requeue=True))
-            return
-        await self._settle(message.ack())
-
-    async def _settle(self, op: Awaitable[None]) -> None:
-        """Ack or nack; a channel already gone means the broker requeues it for us."""
-        try:
-            await op
-        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as exc:
-            log.info("bus.settle_skipped", queue=self._queue.name, error=repr(exc))
-
-    async def stop(self, timeout: float) -> None:
-        """Stop taking deliveries, let in-flight ones finish within ``timeout``, close."""
-        self._stopping.set()  # messages waiting out an outage go back to the queue now
-        if self._bus.health is not None:
-            self._bus.health.probes.pop(f"consumer {self._queue.name}", None)
-        if self._tag is not None and not self._channel.is_closed:
-            try:
-                await self._queue.cancel(self._tag, timeout=timeout)
-            except (aiormq.exceptions.AMQPError, TimeoutError, RuntimeError) as exc:
-                log.info("bus.cancel_failed", error=repr(exc))
-        self._tag = None
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            log.warning("bus.drain_timeout", queue=self._queue.name, in_flight=self.in_flight)
-            for task in list(self._in_flight):
-                task.cancel()
-        if not self._channel.is_closed:
-            await self._channel.close()
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ValidationError):
-        errors = exc.errors()
-        if not errors:
-            return "schema violation"
-        first = errors[0]
-        if first["type"] == "json_invalid":
-            return f"invalid JSON: {first['msg']}"
-        where = ".".join(str(p) for p in first["loc"]) or "?"
-        return f"schema violation: {exc.error_count()} error(s), first at {where}: {first['msg']}"
-    if isinstance(exc, json.JSONDecodeError):
-        return f"invalid JSON: {exc.msg} at {exc.pos}"
-    if isinstance(exc, UnicodeDecodeError):
-        return "invalid JSON: body is not UTF-8"
-    return str(exc)
+    async def _consumer_channel(
+        self, queue_name: str, prefetch: int
+    ) -> tuple[AbstractChannel, AbstractQueue]:
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel, await channel.get_queue(queue_name, ensure=True)

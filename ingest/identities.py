@@ -6,6 +6,7 @@ what is not a phone number (``client:alice``, ``sip:…``, alphanumeric sender i
 readable, stable identity instead of an error.
 """
 
+import functools
 import re
 from typing import Literal
 
@@ -43,12 +44,16 @@ def is_withheld_caller(address: str) -> bool:
     return address.strip().casefold() in _WITHHELD or digits in _WITHHELD or digits == ""
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise_phone(address: str, region: str) -> str:
     """Return E.164 for a dialable number, else a stable readable form.
 
     ``0532 111 22 33``, ``+90 (532) 111-2233`` and ``905321112233`` are one number in
     region TR. A SIP URI or Twilio client identity is kept, lower-cased in its scheme;
     an alphanumeric sender id is kept as written, trimmed.
+
+    Cached: ``phonenumbers.parse`` costs more than the rest of a caller-ID decision, and
+    the same callers and numbers come back (an invalid one raises each time).
     """
     text = address.strip()
     if not text:

@@ -6,7 +6,7 @@ receive a ``CursorStore``, and everything that takes input in receives an ``Inbo
 """
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +49,12 @@ class InboundSink(Protocol):
 class Decider(Protocol):
     async def __call__(self, message: InboundMessage) -> Decision:
         """Decide where a message goes, with the same policy the router applies."""
+
+    async def decide_many(
+        self, messages: Sequence[InboundMessage], *, context: bool = True
+    ) -> list[Decision]:
+        """Decisions in message order, the facts of all read together. ``context=False``:
+        only what the route needs (no recent contacts), for a caller-ID answer."""
 
 
 class Sender(Protocol):

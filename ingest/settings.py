@@ -2,7 +2,10 @@
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: the shortest bus.heartbeat whose two periods cover aiormq's 7 s minimum to notice a stall
+MIN_HEARTBEAT = 4
 
 
 class BusSettings(BaseModel):
@@ -35,6 +38,17 @@ class BusSettings(BaseModel):
         default=15,
         ge=0,
         le=600,
-        description="seconds; a stalled broker connection is noticed within two of these (the "
-        "AMQP heartbeat asked for is shorter, to fit aiormq's dead-peer rule)",
+        description="seconds, 0 (off) or at least 4; a stalled broker connection is noticed "
+        "within two of these (the AMQP heartbeat asked for is shorter, to fit aiormq's "
+        "dead-peer rule, which needs 7 s at least)",
     )
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _heartbeat(cls, value: int) -> int:
+        if 0 < value < MIN_HEARTBEAT:
+            raise ValueError(
+                f"must be 0 (off) or at least {MIN_HEARTBEAT}: the broker client notices a "
+                "stalled connection after 7 s at the soonest, two heartbeats must cover that"
+            )
+        return value

@@ -1,30 +1,62 @@
-"""Reads the facts for one message and applies the policy: the one place where a decision is
+"""Reads the facts for messages and applies the policy: the one place where a decision is
 made, shared by the router worker, the voice webhook, the PBX route API and
 ``omniroute route explain`` (they receive it as an ``ingest.protocols.Decider``).
 
-Usage: ``decision = await Decider(engine, routing_settings)(inbound_message)``.
+Usage: ``decision = await Decider(engine, routing_settings)(inbound_message)``, or
+``await decider.decide_many(messages)`` for a batch: the facts of all its messages are read
+in one session, one query per kind of fact, whatever the batch size.
 
 Directory lookups (customer by identity, team, agent) go through a ``DirectoryCache`` when
 ``cache_ttl`` > 0 (the daemon passes ``router.directory_cache_ttl``); routing state (last
 agent, presence, thread owner, recent contacts) is read from the database every time.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ingest.errors import TransientError
 from ingest.protocols import Decision
-from ingest.schema import CustomerRef, InboundMessage, RecentContact, utcnow
+from ingest.schema import CustomerRef, InboundMessage, RecentContact, Route, utcnow
 from routers import directory, state
-from routers.batching import Batcher
 from routers.db import sessionmaker
+from routers.directory import AgentRecord, CustomerRecord, SessionSource, TeamRecord
 from routers.policy import AgentFacts, Facts, decide
 from routers.settings import RoutingSettings
 
-_CustomerState = tuple[tuple[state.LastContact, str] | None, list[RecentContact]]
+
+@dataclass
+class _Read:
+    """What one session read for a batch: customers in message order, state by id."""
+
+    customers: list[CustomerRecord | None]
+    owners: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (agent, presence)
+    last: dict[str, tuple[state.LastContact, str]] = field(default_factory=dict)
+    recent: dict[str, list[RecentContact]] = field(default_factory=dict)
+    agents: dict[str, AgentRecord | None] = field(default_factory=dict)
+
+
+class _OnDemand:
+    """One session for a batch's reads, opened only if a read misses the cache."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+        self._session: AsyncSession | None = None
+
+    async def __call__(self) -> AsyncSession:
+        if self._session is None:
+            self._session = self._sessions()
+        return self._session
+
+    async def __aenter__(self) -> "_OnDemand":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 class Decider:
@@ -40,102 +72,152 @@ class Decider:
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
         self.directory = directory.DirectoryCache(self._sessions, cache_ttl)
-        # the customer's last agent (with presence) and recent contacts, for all messages in
-        # flight, in one session: every session costs a pool checkout, a ping and a rollback
-        self._state: Batcher[tuple[str, int], _CustomerState] = Batcher(
-            self._load_state, (None, [])
-        )
 
     async def __call__(self, message: InboundMessage) -> Decision:
-        decision, _ = await self.explain(message)
-        return decision
+        return (await self.decide_many([message]))[0]
 
     async def explain(self, message: InboundMessage) -> tuple[Decision, Facts]:
-        settings = self.settings
+        return (await self.explain_many([message]))[0]
+
+    async def decide_many(
+        self, messages: Sequence[InboundMessage], *, context: bool = True
+    ) -> list[Decision]:
+        """Decisions in message order. ``context=False`` skips what the route itself does
+        not need (recent contacts; the last agent on channels that are not sticky): a
+        caller-ID answer, whose caller's context travels in the routed voice message."""
+        return [decision for decision, _ in await self.explain_many(messages, context=context)]
+
+    async def explain_many(
+        self, messages: Sequence[InboundMessage], *, context: bool = True
+    ) -> list[tuple[Decision, Facts]]:
+        settings = self.settings  # one snapshot: a reload mid-batch changes nothing here
         try:
-            facts, recent = await self._facts(message, settings)
-            now = self._clock()
-            route = decide(message, facts, settings, now)
-            customer_ref = None
-            if facts.customer is not None:
-                customer_ref = CustomerRef(
-                    id=facts.customer.id,
-                    name=facts.customer.name,
-                    team=facts.customer.team_id,
-                    recent=list(recent),
-                )
-            dial, fallback = await self._dial(route.kind, route.target, route.fallback_team)
+            async with _OnDemand(self._sessions) as session:
+                read = await self._read(session, messages, settings, context)
+                now = self._clock()
+                decided: list[tuple[Route, Facts]] = []
+                for index, message in enumerate(messages):
+                    facts = self._facts(index, read)
+                    decided.append((decide(message, facts, settings, now), facts))
+                teams = await self.directory.get_teams(session, _teams_to_dial(decided, settings))
+                targets = {r.target for r, _ in decided if r.kind == "agent" and r.target}
+                agents = await self.directory.get_agents(session, targets - read.agents.keys())
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
-        return Decision(
-            customer=customer_ref, route=route, dial=dial, fallback_dial=fallback
-        ), facts
+        agents.update(read.agents)
+        answers: list[tuple[Decision, Facts]] = []
+        for route, facts in decided:
+            customer = facts.customer
+            ref = None
+            if customer is not None:
+                recent = read.recent.get(customer.id, [])
+                ref = CustomerRef(
+                    id=customer.id, name=customer.name, team=customer.team_id, recent=list(recent)
+                )
+            dial, fallback = _dials(route, teams, agents, settings)
+            answers.append(
+                (Decision(customer=ref, route=route, dial=dial, fallback_dial=fallback), facts)
+            )
+        return answers
 
-    async def _facts(
-        self, message: InboundMessage, settings: RoutingSettings
-    ) -> tuple[Facts, list[RecentContact]]:
-        """The policy's facts, and the customer's recent contacts read with them."""
-        customer = await self.directory.find_customer(message.sender, settings.default_region)
+    async def _read(
+        self,
+        session: SessionSource,
+        messages: Sequence[InboundMessage],
+        settings: RoutingSettings,
+        context: bool,
+    ) -> _Read:
+        region = settings.default_region
+        read = _Read(
+            await self.directory.find_customers(session, [m.sender for m in messages], region)
+        )
+        stateful: set[str] = set()
+        for index, (message, customer) in enumerate(zip(messages, read.customers, strict=True)):
+            if customer is None:
+                continue
+            if context or message.channel in settings.sticky_channels:
+                stateful.add(customer.id)
+            refs = _thread_refs(message)
+            if refs:  # a reply to one of ours: rare beside new messages, read one by one
+                owner = await state.thread_owner(await session(), refs)
+                if owner is not None:
+                    read.owners[index] = (owner, await state.presence(await session(), owner))
+        if stateful:
+            ids = sorted(stateful)
+            read.last = await state.last_agents_presence(await session(), ids)
+            if context:
+                read.recent = await state.recent_contacts_many(
+                    await session(), ids, settings.recent_contacts
+                )
+        wanted = {agent for agent, _ in read.owners.values()}
+        wanted |= {last.agent_id for last, _ in read.last.values()}
+        read.agents = await self.directory.get_agents(session, wanted)
+        return read
+
+    def _facts(self, index: int, read: _Read) -> Facts:
+        customer = read.customers[index]
         if customer is None:
-            return Facts(customer=None), []
+            return Facts(customer=None)
         owner = None
-        if message.channel == "email" and message.thread is not None:
-            refs = [message.thread.in_reply_to or "", *reversed(message.thread.references)]
-            if any(refs):
-                async with self._sessions() as session:
-                    owner_id = await state.thread_owner(session, refs)
-                    presence = await state.presence(session, owner_id) if owner_id else ""
-                if owner_id is not None:
-                    owner = await self._agent(owner_id, presence)
-        found, recent = await self._state.get((customer.id, settings.recent_contacts))
+        if index in read.owners:
+            owner_id, presence = read.owners[index]
+            owner = _agent_facts(owner_id, presence, read.agents.get(owner_id))
         last, last_facts = None, None
+        found = read.last.get(customer.id)
         if found is not None:
             last, presence = found
-            last_facts = await self._agent(last.agent_id, presence)
-        facts = Facts(
+            last_facts = _agent_facts(last.agent_id, presence, read.agents.get(last.agent_id))
+        return Facts(
             customer=customer,
             thread_owner=owner,
             last_agent=last_facts,
             last_agent_at=last.at if last else None,
         )
-        return facts, recent
 
-    async def _load_state(
-        self, keys: list[tuple[str, int]]
-    ) -> dict[tuple[str, int], _CustomerState]:
-        ids = list(dict.fromkeys(customer_id for customer_id, _ in keys))
-        found: dict[tuple[str, int], _CustomerState] = {}
-        async with self._sessions() as session:
-            last = await state.last_agents_presence(session, ids)
-            for limit in {limit for _, limit in keys}:
-                wanted = [customer_id for customer_id, asked in keys if asked == limit]
-                recent = await state.recent_contacts_many(session, wanted, limit)
-                for customer_id in wanted:
-                    found[(customer_id, limit)] = (
-                        last.get(customer_id),
-                        recent.get(customer_id, []),
-                    )
-        return found
 
-    async def _agent(self, agent_id: str, presence: str) -> AgentFacts:
-        record = await self.directory.get_agent(agent_id)
-        if record is None:  # the agent left the directory: treat as deactivated
-            return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
-        return AgentFacts(
-            id=record.id, team_id=record.team_id, active=record.active, presence=presence
-        )
+def _thread_refs(message: InboundMessage) -> list[str]:
+    """The Message-IDs an email answers, newest first; none for other channels."""
+    if message.channel != "email" or message.thread is None:
+        return []
+    refs = [message.thread.in_reply_to or "", *reversed(message.thread.references)]
+    return refs if any(refs) else []
 
-    async def _dial(
-        self, kind: str, target: str | None, fallback_team: str | None
-    ) -> tuple[str | None, str | None]:
-        """Dial strings for voice: the agent's with the team's as fallback, or the team's."""
-        if target is None:
-            default = self.settings.default_team
-            team = await self.directory.get_team(default) if default else None
-            return (team.dial if team else None), None
-        if kind == "agent":
-            agent = await self.directory.get_agent(target)
-            team = await self.directory.get_team(fallback_team) if fallback_team else None
-            return (agent.dial if agent else None), (team.dial if team else None)
-        team = await self.directory.get_team(target)
-        return (team.dial if team else None), None
+
+def _agent_facts(agent_id: str, presence: str, record: AgentRecord | None) -> AgentFacts:
+    if record is None:  # the agent left the directory: treat as deactivated
+        return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
+    return AgentFacts(id=record.id, team_id=record.team_id, active=record.active, presence=presence)
+
+
+def _teams_to_dial(decided: list[tuple[Route, Facts]], settings: RoutingSettings) -> set[str]:
+    teams: set[str] = set()
+    for route, _ in decided:
+        if route.target is None:
+            if settings.default_team:
+                teams.add(settings.default_team)
+        elif route.kind == "agent":
+            if route.fallback_team:
+                teams.add(route.fallback_team)
+        else:
+            teams.add(route.target)
+    return teams
+
+
+def _dials(
+    route: Route,
+    teams: dict[str, TeamRecord | None],
+    agents: dict[str, AgentRecord | None],
+    settings: RoutingSettings,
+) -> tuple[str | None, str | None]:
+    """Dial strings for voice: the agent's with the team's as fallback, or the team's."""
+
+    def team_dial(team_id: str | None) -> str | None:
+        team = teams.get(team_id) if team_id else None
+        return team.dial if team else None
+
+    if route.target is None:
+        return team_dial(settings.default_team), None
+    if route.kind == "agent":
+        agent = agents.get(route.target)
+        return (agent.dial if agent else None), team_dial(route.fallback_team)
+    return team_dial(route.target), None

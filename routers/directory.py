@@ -6,14 +6,16 @@ the importer stored them (``ingest.identities``), so any spelling of a number ma
 import, not per message, and a changed directory is seen once the entries expire.
 """
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
 from routers.batching import Batcher
@@ -127,12 +129,35 @@ async def customers_by_keys(
     return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
 
 
+async def agents_by_ids(session: AsyncSession, agent_ids: list[str]) -> dict[str, AgentRecord]:
+    rows = (
+        await session.execute(
+            select(Agent.id, Agent.name, Agent.team_id, Agent.dial, Agent.active).where(
+                Agent.id.in_(agent_ids)
+            )
+        )
+    ).all()
+    return {r.id: AgentRecord(r.id, r.name, r.team_id, r.dial, bool(r.active)) for r in rows}
+
+
+async def teams_by_ids(session: AsyncSession, team_ids: list[str]) -> dict[str, TeamRecord]:
+    rows = (
+        await session.execute(
+            select(Team.id, Team.name, Team.dial, Team.email).where(Team.id.in_(team_ids))
+        )
+    ).all()
+    return {r.id: TeamRecord(r.id, r.name, r.dial, r.email) for r in rows}
+
+
 def _of_kind(kind: str, keys: list[tuple[str, str]]) -> ColumnElement[bool]:
     # one "kind = ? AND address IN (...)" per kind: SQLite scans the whole table for a
     # row-value "(kind, address) IN (VALUES ...)", but searches the key index for this
     addresses = [address for k, address in keys if k == kind]
     return and_(CustomerIdentity.kind == kind, CustomerIdentity.address.in_(addresses))
 
+
+#: a session opened on first use: a batch answered from the cache opens none
+SessionSource = Callable[[], Awaitable[AsyncSession]]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -146,6 +171,7 @@ class _Expiring(Generic[K, V]):
         self._max = max_entries
         self._clock = clock
         self._entries: dict[K, tuple[float, V]] = {}
+        self.loading: dict[K, asyncio.Future[V]] = {}  # keys a caller is reading now
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
@@ -166,6 +192,59 @@ class _Expiring(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+async def _many(
+    cache: "_Expiring[K, V | None]",
+    keys: Iterable[K],
+    load: Callable[[list[K]], Awaitable[dict[K, V]]],
+) -> dict[K, V | None]:
+    """The cached values of ``keys``; the missing ones are loaded by one ``load`` call.
+
+    A key another caller is loading right now is awaited, not loaded again: when a hot
+    entry expires, the requests in flight wait for one query instead of each making its own
+    (a burst of calls from one number would otherwise queue up behind 30 identical reads).
+    """
+    found: dict[K, V | None] = {}
+    mine: list[K] = []
+    waiting: list[tuple[K, asyncio.Future[V | None]]] = []
+    for key in keys:
+        hit, value = cache.get(key)
+        if hit:
+            found[key] = value
+        elif (pending := cache.loading.get(key)) is not None:
+            waiting.append((key, pending))
+        else:
+            mine.append(key)
+    if mine:
+        loop = asyncio.get_running_loop()
+        futures: dict[K, asyncio.Future[V | None]] = {}
+        for key in mine:
+            future: asyncio.Future[V | None] = loop.create_future()
+            future.add_done_callback(_retrieved)
+            futures[key] = cache.loading[key] = future
+        try:
+            loaded = await load(mine)
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
+            for key, future in futures.items():
+                cache.loading.pop(key, None)
+                future.set_exception(failure)
+            raise
+        for key, future in futures.items():
+            found[key] = loaded.get(key)
+            cache.put(key, found[key])
+            cache.loading.pop(key, None)
+            future.set_result(found[key])
+    for key, pending in waiting:
+        found[key] = await asyncio.shield(pending)
+    return found
+
+
+def _retrieved(future: "asyncio.Future[Any]") -> None:
+    """Mark a failure as seen: a load nobody else waited for must not warn at exit."""
+    if not future.cancelled():
+        future.exception()
 
 
 class DirectoryCache:
@@ -212,6 +291,39 @@ class DirectoryCache:
             if found is not None:
                 return found
         return None
+
+    async def find_customers(
+        self, session: "SessionSource", identities: list[Identity], region: str
+    ) -> list[CustomerRecord | None]:
+        """``find_customer`` for many senders: every key not cached is read by one query."""
+        keyed = [lookup_keys(identity, region) for identity in identities]
+
+        async def load(keys: list[tuple[str, str]]) -> dict[tuple[str, str], CustomerRecord]:
+            return await customers_by_keys(await session(), keys)
+
+        wanted = dict.fromkeys(key for keys in keyed for key in keys)
+        known = await _many(self._customers, wanted, load)
+        return [next((c for key in keys if (c := known[key]) is not None), None) for keys in keyed]
+
+    async def get_agents(
+        self, session: "SessionSource", agent_ids: set[str]
+    ) -> dict[str, AgentRecord | None]:
+        """``get_agent`` for many ids; the ones not cached are read by one query."""
+
+        async def load(ids: list[str]) -> dict[str, AgentRecord]:
+            return await agents_by_ids(await session(), ids)
+
+        return await _many(self._agents, agent_ids, load)
+
+    async def get_teams(
+        self, session: "SessionSource", team_ids: set[str]
+    ) -> dict[str, TeamRecord | None]:
+        """``get_team`` for many ids; the ones not cached are read by one query."""
+
+        async def load(ids: list[str]) -> dict[str, TeamRecord]:
+            return await teams_by_ids(await session(), ids)
+
+        return await _many(self._teams, team_ids, load)
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
         hit, team = self._teams.get(team_id)

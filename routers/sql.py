@@ -23,10 +23,14 @@ async def upsert(
     where: Any = None,
 ) -> int:
     """Insert rows; on a key conflict update ``update`` columns (all non-key ones by default),
-    only where ``where`` holds (a condition on ``excluded``/the table). Returns rows affected."""
+    only where ``where`` holds (a condition on ``excluded``/the table). Returns the rows
+    affected where the driver counts them for many rows (SQLite does), else 0.
+
+    The rows go as parameters of one statement (executemany): compiled once and cached,
+    where a multi-row VALUES would be compiled anew for every batch size."""
     if not rows:
         return 0
-    stmt = _insert(session, table).values(list(rows))
+    stmt = _insert(session, table)
     columns = update if update is not None else [c for c in rows[0] if c not in keys]
     if columns:
         stmt = stmt.on_conflict_do_update(
@@ -36,8 +40,8 @@ async def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-    result = await session.execute(stmt)
-    return int(getattr(result, "rowcount", 0) or 0)
+    result = await session.execute(stmt, list(rows))
+    return max(0, int(getattr(result, "rowcount", 0) or 0))
 
 
 async def insert_new(

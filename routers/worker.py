@@ -1,14 +1,15 @@
 """The router worker: ``omniroute.router`` in, ``omniroute.routed`` out, acked after the confirm.
 
-Per message: validate, normalise the sender again (publishers make mistakes), drop a
-channel id already routed, decide, publish the ``RoutedMessage`` with key
-``team.<id>`` / ``agent.<id>`` / ``triage``, record it, and only then ack. A crash
-anywhere before the ack redelivers the message; one after the publish but before the
-record can route it twice, which consumers absorb by ``message_id``.
+Per message: validate, normalise the sender again (publishers make mistakes), decide,
+claim the channel id (a copy already routed under another id is dropped), publish the
+``RoutedMessage`` with key ``team.<id>`` / ``agent.<id>`` / ``triage``, and only then
+ack. A crash anywhere before the ack redelivers the message, which finds its own claim
+and is published again; consumers absorb that copy by ``message_id``.
 
-Claims of messages in flight together are written in one transaction (``ClaimBatch``):
-one commit for many messages, and no two transactions of this process fighting for
-SQLite's single write lock.
+Messages are handled in the batches the consumer hands over (``ingest.consumers.
+BatchConsumer``): their facts are read in one session, their claims written in one
+transaction (``ClaimBatch``: no two transactions of this process fight for SQLite's single
+write lock), their publishes confirmed together, and they are acked with one frame.
 """
 
 import asyncio
@@ -25,7 +26,7 @@ from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
 from ingest.metrics import Metrics
-from ingest.protocols import Decider
+from ingest.protocols import Decider, Decision
 from ingest.schema import InboundMessage, RoutedMessage
 from routers import state
 from routers.db import sessionmaker
@@ -49,13 +50,18 @@ class ClaimBatch:
         self._pending: list[tuple[RoutedMessage, asyncio.Future[str]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def claim(self, routed: RoutedMessage) -> str:
-        """The omniroute id that owns this message's channel id once committed."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._pending.append((routed, future))
+    async def claim_many(self, batch: list[RoutedMessage]) -> list[str | BaseException]:
+        """For each message, the omniroute id that owns its channel id once committed, or
+        the exception its claim failed with."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[str]] = []
+        for routed in batch:
+            future: asyncio.Future[str] = loop.create_future()
+            self._pending.append((routed, future))
+            futures.append(future)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
-        return await future
+        return list(await asyncio.gather(*futures, return_exceptions=True))
 
     async def _write(self) -> None:
         while self._pending:
@@ -136,9 +142,9 @@ class RouterWorker:
 
     async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
         """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await self._bus.consume_until(
+        await self._bus.consume_batches_until(
             ROUTER_QUEUE,
-            self.handle,
+            self.handle_batch,
             stop,
             prefetch=self._settings.prefetch,
             component=self.name,
@@ -146,47 +152,114 @@ class RouterWorker:
             drain_timeout=drain_timeout,
         )
 
-    async def handle(self, delivery: AbstractIncomingMessage) -> None:
-        message = InboundMessage.model_validate_json(delivery.body)
-        structlog.contextvars.bind_contextvars(message_id=message.id, channel=message.channel)
-        try:
-            await self._route(message)
-        finally:
-            structlog.contextvars.unbind_contextvars("message_id", "channel")
-
-    async def _route(self, message: InboundMessage) -> None:
+    async def handle_batch(
+        self, deliveries: list[AbstractIncomingMessage]
+    ) -> list[BaseException | None]:
+        """Route the deliveries that arrived together; one outcome per delivery (None: done,
+        ack it). Their facts are read in one session and their claims written in one
+        transaction; their publishes wait for their confirms together."""
         started = time.perf_counter()
-        sender = message.sender
-        try:
-            message.sender = sender.model_copy(
-                update={
-                    "address": normalise(sender.kind, sender.address, self.routing.default_region)
-                }
-            )
-        except InvalidIdentity:
-            message.meta.setdefault("sender_unparsed", True)
-        decided = time.perf_counter()
-        decision = await self._decider(message)
+        outcomes: list[BaseException | None] = [None] * len(deliveries)
+        parsed: list[tuple[int, InboundMessage]] = []
+        for index, delivery in enumerate(deliveries):
+            try:
+                parsed.append((index, self._parse(delivery.body)))
+            except Exception as exc:  # poison (or a bug): only this message is dead-lettered
+                outcomes[index] = exc
+        decided = await self._decide(parsed, outcomes)
+        if not decided:
+            return outcomes
         if self._metrics is not None:
-            self._metrics.decision_seconds.observe(time.perf_counter() - decided)
-        routed = RoutedMessage(message=message, customer=decision.customer, route=decision.route)
-        # Claim the channel id before publishing: a copy under another omniroute id loses
+            elapsed = time.perf_counter() - started
+            for _ in decided:
+                self._metrics.decision_seconds.observe(elapsed)
+        routed = [
+            RoutedMessage(message=message, customer=decision.customer, route=decision.route)
+            for _, message, decision in decided
+        ]
+        # Claim the channel ids before publishing: a copy under another omniroute id loses
         # the claim and is dropped, while a redelivery of this very message (same id, e.g.
         # after a crash before the ack) finds its own claim and is published again.
-        claimant = await self._claims.claim(routed)
-        if claimant != message.id:
-            self.duplicates += 1
-            log.info("router.duplicate", external_id=message.external_id, first=claimant)
-            return
-        await self._bus.publish(ROUTED, decision.route.routing_key, routed, message_id=message.id)
+        claims = await self._claims.claim_many(routed)
+        publishing: list[tuple[int, RoutedMessage]] = []
+        for (index, message, _), item, claim in zip(decided, routed, claims, strict=True):
+            if isinstance(claim, BaseException):
+                outcomes[index] = claim
+            elif claim != message.id:
+                self.duplicates += 1
+                log.info(
+                    "router.duplicate",
+                    message_id=message.id,
+                    channel=message.channel,
+                    external_id=message.external_id,
+                    first=claim,
+                )
+            else:
+                publishing.append((index, item))
+        results = await asyncio.gather(
+            *(
+                self._bus.publish(ROUTED, item.route.routing_key, item, message_id=item.message.id)
+                for _, item in publishing
+            ),
+            return_exceptions=True,
+        )
+        for (index, item), result in zip(publishing, results, strict=True):
+            if isinstance(result, BaseException):
+                outcomes[index] = result
+                continue
+            self._routed(item, started)
+        return outcomes
+
+    async def _decide(
+        self, parsed: list[tuple[int, InboundMessage]], outcomes: list[BaseException | None]
+    ) -> list[tuple[int, InboundMessage, Decision]]:
+        """Decide the batch at once; if that fails for a reason other than an outage, decide
+        each message alone so that one message's failure is its own."""
+        if not parsed:
+            return []
+        try:
+            decisions = await self._decider.decide_many([message for _, message in parsed])
+            return [(i, m, d) for (i, m), d in zip(parsed, decisions, strict=True)]
+        except TransientError as exc:
+            for index, _ in parsed:
+                outcomes[index] = exc
+            return []
+        except Exception:
+            if len(parsed) == 1:
+                raise
+        decided: list[tuple[int, InboundMessage, Decision]] = []
+        for index, message in parsed:
+            try:
+                decided.append((index, message, (await self._decider.decide_many([message]))[0]))
+            except Exception as exc:
+                outcomes[index] = exc
+        return decided
+
+    def _parse(self, body: bytes) -> InboundMessage:
+        """The message, its sender normalised again (publishers make mistakes)."""
+        message = InboundMessage.model_validate_json(body)
+        sender = message.sender
+        try:
+            address = normalise(sender.kind, sender.address, self.routing.default_region)
+        except InvalidIdentity:
+            message.meta.setdefault("sender_unparsed", True)
+        else:
+            if address != sender.address:
+                message.sender = sender.model_copy(update={"address": address})
+        return message
+
+    def _routed(self, item: RoutedMessage, started: float) -> None:
+        route = item.route
         self.routed += 1
         if self._metrics is not None:
-            self._metrics.routed.labels(decision.route.reason, decision.route.kind).inc()
+            self._metrics.routed.labels(route.reason, route.kind).inc()
         log.info(
             "router.routed",
-            sender=message.sender.address,  # redacted by the logging config unless log.redact=false
-            customer=decision.customer.id if decision.customer else None,
-            route=decision.route.routing_key,
-            reason=decision.route.reason,
+            message_id=item.message.id,
+            channel=item.message.channel,
+            sender=item.message.sender.address,  # redacted unless log.redact=false
+            customer=item.customer.id if item.customer else None,
+            route=route.routing_key,
+            reason=route.reason,
             ms=round((time.perf_counter() - started) * 1000, 2),
         )

@@ -110,12 +110,19 @@ async def test_poison_goes_to_dead_with_reason_and_consumer_keeps_going(bus: Bus
 
 def test_heartbeat_fits_two_periods_of_the_setting() -> None:
     """A stalled broker must be noticed within two bus.heartbeat periods: aiormq gives up
-    after 3 * (h + 1) silent seconds, checked every h / 2, so h is asked for smaller."""
+    after 3 * (h + 1) silent seconds, checked every max(1, h // 2), so h is asked for
+    smaller; below 4 s no heartbeat can keep the promise, and the setting is refused."""
+    from pydantic import ValidationError
+
     from ingest.bus import amqp_heartbeat, with_heartbeat
 
-    for window in range(5, 601):
+    for window in range(4, 601):
         h = amqp_heartbeat(window)
         assert h >= 1
-        assert 3 * (h + 1) + h / 2 <= 2 * window
+        assert 3 * (h + 1) + max(1, h // 2) <= 2 * window
+    for refused in (1, 2, 3):
+        with pytest.raises(ValidationError, match="at least 4"):
+            BusSettings(heartbeat=refused)
+    assert BusSettings(heartbeat=0).heartbeat == 0
     assert "heartbeat=7" in with_heartbeat("amqp://u:p@h/", 15)
     assert "heartbeat=30" in with_heartbeat("amqp://u:p@h/?heartbeat=30", 15), "operator wins"

@@ -1,0 +1,146 @@
+"""The batch consumer against the real RabbitMQ: every message settled exactly once, the
+outcome of each message its own, acks never ahead of the handler."""
+
+import asyncio
+import random
+from collections.abc import Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
+from ingest.consumers import BatchConsumer
+from ingest.errors import PoisonError, TransientError
+from ingest.health import Health
+from ingest.settings import BusSettings
+
+
+async def _publish(bus: Bus, bodies: list[bytes]) -> None:
+    for start in range(0, len(bodies), 200):
+        await asyncio.gather(
+            *(
+                bus.publish_body(INBOUND, "email", body, message_id=body.decode(), type_=None)
+                for body in bodies[start : start + 200]
+            )
+        )
+
+
+async def _depths(bus: Bus) -> tuple[int, int]:
+    """(ready + unacked in omniroute.router, ready in omniroute.dead), from the broker."""
+    channel = await bus.connection.channel()
+    try:
+        router = await channel.declare_queue(ROUTER_QUEUE, passive=True)
+        dead = await channel.declare_queue(DEAD_QUEUE, passive=True)
+        return (
+            router.declaration_result.message_count or 0,
+            dead.declaration_result.message_count or 0,
+        )
+    finally:
+        await channel.close()
+
+
+async def _consume(bus: Bus, handler: object, *, prefetch: int) -> BatchConsumer:
+    channel = await bus.connection.channel(publisher_confirms=True, on_return_raises=True)
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(ROUTER_QUEUE)
+    consumer = BatchConsumer(bus, channel, queue, handler, max_batch=prefetch // 2)  # type: ignore[arg-type]
+    await consumer.start()
+    return consumer
+
+
+async def test_batches_finishing_out_of_order_settle_every_message_once(bus: Bus) -> None:
+    """Two batches run at once and finish in any order; each message is handled once and
+    acked once (a second ack of a delivery tag would close the channel and redeliver)."""
+    n = 3000
+    await _publish(bus, [f"m{i}".encode() for i in range(n)])
+    seen: list[str] = []
+    sizes: list[int] = []
+    closed = asyncio.Event()
+
+    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+        sizes.append(len(batch))
+        await asyncio.sleep(random.random() * 0.02)  # noqa: S311
+        seen.extend(m.body.decode() for m in batch)
+        return [None] * len(batch)
+
+    consumer = await _consume(bus, handler, prefetch=64)
+    consumer._channel.close_callbacks.add(lambda *_: closed.set())
+    async with asyncio.timeout(60):
+        while len(seen) < n:
+            await asyncio.sleep(0.05)
+    closed_by_broker = closed.is_set()
+    await consumer.stop(timeout=10)
+    assert not closed_by_broker, "the broker closed the channel (a tag acked twice?)"
+    assert len(seen) == n, "a message was handled twice"
+    assert len(set(seen)) == n, "a message was lost"
+    assert max(sizes) > 1, "deliveries that arrive together must form one batch"
+    assert await _depths(bus) == (0, 0)
+
+
+async def test_each_message_gets_its_own_outcome(bus: Bus) -> None:
+    """In one batch: poison is dead-lettered with its reason, a transient failure is retried
+    until it succeeds, the rest is acked; nothing is left on the queue."""
+    bodies = [b"ok-1", b"poison", b"flaky", b"ok-2"]
+    await _publish(bus, bodies)
+    attempts: dict[str, int] = {}
+    done: set[str] = set()
+
+    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+        outcomes: list[BaseException | None] = []
+        for message in batch:
+            body = message.body.decode()
+            attempts[body] = attempts.get(body, 0) + 1
+            if body == "poison":
+                outcomes.append(PoisonError("cannot be routed"))
+            elif body == "flaky" and attempts[body] < 3:
+                outcomes.append(TransientError("directory away"))
+            else:
+                done.add(body)
+                outcomes.append(None)
+        return outcomes
+
+    settings = BusSettings(transient_retry_for=30)
+    retrying = Bus(bus._url, settings, health=Health())  # noqa: SLF001
+    await retrying.open()
+    try:
+        consumer = await _consume(retrying, handler, prefetch=10)
+        async with asyncio.timeout(30):
+            while done != {"ok-1", "ok-2", "flaky"}:
+                await asyncio.sleep(0.05)
+        await consumer.stop(timeout=10)
+        assert attempts["flaky"] == 3
+        assert attempts["poison"] == 1
+        channel = await retrying.connection.channel()
+        dead = await channel.get_queue(DEAD_QUEUE)
+        got = await dead.get(timeout=5)
+        assert got.body == b"poison"
+        assert got.headers[REASON_HEADER] == "cannot be routed"
+        await got.ack()
+        assert await _depths(retrying) == (0, 0)
+    finally:
+        await retrying.close()
+
+
+async def test_a_handler_that_raises_fails_the_whole_batch_as_one(bus: Bus) -> None:
+    """An exception out of the handler is every message's outcome: a bug dead-letters the
+    batch with the reason instead of stalling the queue."""
+    await _publish(bus, [b"a", b"b"])
+
+    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+        raise ValueError("boom")
+
+    consumer = await _consume(bus, handler, prefetch=10)
+    channel = await bus.connection.channel()
+    dead = await channel.get_queue(DEAD_QUEUE)
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    async with asyncio.timeout(10):
+        while len(got) < 2:
+            message = await dead.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            got.append(message)
+            await message.ack()
+    await consumer.stop(timeout=5)
+    assert sorted(m.body for m in got) == [b"a", b"b"]
+    assert all(str(m.headers[REASON_HEADER]) == "bug: ValueError: boom" for m in got)
