@@ -43,6 +43,7 @@ from routers.worker import RouterWorker
 if TYPE_CHECKING:
     from config.daemon import Plan
     from connectors.email import EmailConnector
+    from connectors.http import FastPath
 
 log = structlog.get_logger("omniroute.components")
 #: seconds between a standby poller's attempts at the lease (with jitter): the takeover delay
@@ -93,14 +94,15 @@ class Wiring:
         plan = Plan()
         self._workers(plan)
         http_routers: list[APIRouter] = []
+        fast_paths: list[FastPath] = []
         spool = None
         if self.enabled("webhooks"):
-            spool, http_routers = self._webhooks(plan)
+            spool, http_routers, fast_paths = self._webhooks(plan)
         if self.enabled("email") and self.settings.email.mailboxes:
             self._email(plan)
         if self.enabled("twitter") and self.settings.twitter is not None:
             self._twitter(plan)
-        self._http(plan, http_routers, spool)
+        self._http(plan, http_routers, fast_paths, spool)
         return plan
 
     def _workers(self, plan: "Plan") -> None:
@@ -168,8 +170,8 @@ class Wiring:
             log.info("components.senders", channels=sorted(senders))
         return senders
 
-    def _webhooks(self, plan: "Plan") -> tuple[Any, list[APIRouter]]:
-        from connectors.pbx import pbx_router
+    def _webhooks(self, plan: "Plan") -> tuple[Any, list[APIRouter], "list[FastPath]"]:
+        from connectors.pbx import PbxRoutes
         from ingest.spool import SpooledSink
 
         settings = self.settings
@@ -178,16 +180,14 @@ class Wiring:
         )
         self.health.probes["spool"] = spool.probe
         plan.intake["spool"] = spool.drain
-        routers = [
-            pbx_router(
-                settings=settings.api,
-                decider=self.decider,
-                sink=spool,
-                metrics=self.metrics,
-                region=settings.routing.default_region,
-                seen=self.seen,
-            )
-        ]
+        pbx = PbxRoutes(
+            settings=settings.api,
+            decider=self.decider,
+            sink=spool,
+            metrics=self.metrics,
+            region=settings.routing.default_region,
+        )
+        routers = [pbx.router]
         if settings.twilio.auth_token is not None:
             from connectors.twilio import twilio_router
 
@@ -203,7 +203,7 @@ class Wiring:
                     region=settings.routing.default_region,
                 )
             )
-        return spool, routers
+        return spool, routers, [pbx.fast_path]
 
     def lease(self) -> Lease:
         """One lease provider for every poller of this process, closed with it."""
@@ -243,7 +243,9 @@ class Wiring:
         plan.intake["twitter"] = connector.run
         self._closers.append(connector.aclose)
 
-    def _http(self, plan: "Plan", routers: list[APIRouter], spool: Any) -> None:
+    def _http(
+        self, plan: "Plan", routers: list[APIRouter], fast_paths: "list[FastPath]", spool: Any
+    ) -> None:
         from connectors.http import HttpServer, build_app
 
         settings = self.settings
@@ -252,6 +254,7 @@ class Wiring:
             metrics=self.metrics,
             http=settings.http,
             routers=routers,
+            fast_paths=fast_paths,
             spool=spool,
         )
         self.http = HttpServer(app, settings.http, shutdown_timeout=settings.shutdown_timeout / 3)

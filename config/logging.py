@@ -3,6 +3,7 @@ console output on a terminal. Customer identities under well-known keys are reda
 ``log.redact = false``; keys that look like secrets are always masked.
 """
 
+import functools
 import logging
 import re
 import sys
@@ -42,23 +43,40 @@ _NOT_TEXT = frozenset({"event", "timestamp", "level", "logger", "message_id", "c
 
 def scrub(text: str) -> str:
     """Redact email addresses and international numbers found anywhere in ``text``."""
-    text = _EMAIL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
-    return _PHONE_IN_TEXT.sub(lambda m: redact(re.sub(r"\D", "", m.group(0))), text)
+    if "@" in text:
+        text = _EMAIL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+    if "+" in text:
+        text = _PHONE_IN_TEXT.sub(lambda m: redact(re.sub(r"\D", "", m.group(0))), text)
+    return text
+
+
+_SECRET, _IDENTITY, _TEXT, _AS_IS = range(4)
+
+
+@functools.lru_cache(maxsize=1024)
+def _treatment(key: str) -> int:
+    """What a value under ``key`` needs (keys are few and fixed: decided once each)."""
+    lowered = key.lower()
+    if any(marker in lowered for marker in SECRET_MARKERS):
+        return _SECRET
+    if lowered in IDENTITY_KEYS:
+        return _IDENTITY
+    return _AS_IS if lowered in _NOT_TEXT else _TEXT
 
 
 def _mask(redact_identities: bool) -> structlog.types.Processor:
     def processor(
         _logger: Any, _name: str, event: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        for key, value in list(event.items()):
-            lowered = key.lower()
-            if any(marker in lowered for marker in SECRET_MARKERS):
+        for key, value in event.items():
+            treatment = _treatment(key)
+            if treatment == _SECRET:
                 event[key] = "***"
             elif not redact_identities or not isinstance(value, str):
                 continue
-            elif lowered in IDENTITY_KEYS:
+            elif treatment == _IDENTITY:
                 event[key] = redact(value)
-            elif lowered not in _NOT_TEXT:
+            elif treatment == _TEXT:
                 event[key] = scrub(value)
         return event
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import structlog
 import uvicorn
@@ -102,6 +102,26 @@ class GuardMiddleware:
         )
 
 
+#: answers a request itself (True) or leaves it to the app (False, nothing sent)
+FastPath = Callable[[Scope, Receive, Send], Awaitable[bool]]
+
+
+class FastPaths:
+    """Offers each request to the fast paths before the app: a hot endpoint can skip the
+    framework's per-request work (see ``connectors.pbx``)."""
+
+    def __init__(self, app: ASGIApp, *, paths: Sequence[FastPath]) -> None:
+        self.app = app
+        self.paths = tuple(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for path in self.paths:
+                if await path(scope, receive, send):
+                    return
+        await self.app(scope, receive, send)
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", []):
         if name == b"content-length":
@@ -134,10 +154,12 @@ def build_app(
     metrics: Metrics,
     http: HttpSettings,
     routers: Sequence[APIRouter] = (),
+    fast_paths: Sequence[FastPath] = (),
     spool: SpooledSink | None = None,
     title: str = "omniroute",
 ) -> FastAPI:
-    """The ASGI app: health, readiness and metrics, plus the channel routers handed in."""
+    """The ASGI app: health, readiness and metrics, plus the channel routers handed in (and
+    their fast paths, inside the body limit and the response counting)."""
     app = FastAPI(
         title=title,
         summary="Omnichannel ingestion and routing: webhooks, caller-ID routing, health",
@@ -178,7 +200,9 @@ def build_app(
 
     for router in routers:
         app.include_router(router)
-    app.add_middleware(
+    if fast_paths:
+        app.add_middleware(FastPaths, paths=fast_paths)
+    app.add_middleware(  # added last: outside the fast paths
         GuardMiddleware,
         max_body=http.max_body,
         metrics=metrics,

@@ -42,7 +42,7 @@ from twilio.rest import Client
 from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
-from connectors.pbx import MAX_FIELD, decide_call, phone_identity, safe_dial
+from connectors.calls import MAX_FIELD, decide_call, phone_identity, safe_dial
 from connectors.settings import HttpSettings, TwilioSettings
 from ingest.bus import EVENTS, Bus
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from twilio.request_validator import RequestValidator
 
 from connectors.http import build_app
-from connectors.pbx import pbx_router
+from connectors.pbx import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
 from connectors.twilio import twilio_router
 from ingest.bus import QUEUES, Bus
@@ -150,6 +150,13 @@ def webhook_app(
     health: Health,
 ) -> Any:
     """The HTTP app with the Twilio webhooks and /v1/route, wired as the daemon does."""
+    pbx = PbxRoutes(
+        settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
+        decider=decider,
+        sink=spool,
+        metrics=metrics,
+        region=REGION,
+    )
     routers = [
         twilio_router(
             settings=twilio,
@@ -161,16 +168,16 @@ def webhook_app(
             metrics=metrics,
             region=REGION,
         ),
-        pbx_router(
-            settings=ApiSettings(token=API_TOKEN, default_dial=DEFAULT_DIAL),
-            decider=decider,
-            sink=spool,
-            metrics=metrics,
-            region=REGION,
-            seen=seen,
-        ),
+        pbx.router,
     ]
-    return build_app(health=health, metrics=metrics, http=http, routers=routers, spool=spool)
+    return build_app(
+        health=health,
+        metrics=metrics,
+        http=http,
+        routers=routers,
+        fast_paths=[pbx.fast_path],
+        spool=spool,
+    )
 
 
 @pytest.fixture
