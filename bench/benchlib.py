@@ -7,6 +7,7 @@ deleted at the end, so runs never see each other's queues.
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -58,7 +59,9 @@ def directory_db(customers: int) -> Path:
         stale.unlink(missing_ok=True)
     t0 = time.perf_counter()
     write_directory(folder, customers)
-    asyncio.run(import_into(f"sqlite:///{tmp}", folder, customers))
+    # a thread of its own: callers may already run an event loop (throughput.py, memory.py)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, import_into(f"sqlite:///{tmp}", folder, customers)).result()
     tmp.rename(db)
     print(f"directory: {customers} customers imported in {time.perf_counter() - t0:.0f} s -> {db}",
           file=sys.stderr)

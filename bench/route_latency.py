@@ -121,17 +121,20 @@ def main(a: argparse.Namespace) -> None:
     try:
         with benchlib.fresh_vhost("omniroute-latency") as amqp_url:
             urls: dict[str, tuple[str, dict[str, str]]] = {}
+            pids: dict[str, int] = {}
             for target in targets:
                 port = free_port()
                 if target == "floor":
                     env = {**os.environ, "FLOOR_PORT": str(port)}
                     procs.append(subprocess.Popen([sys.executable, __file__, "--floor"], env=env))
+                    pids[target] = procs[-1].pid
                     urls[target] = (f"http://127.0.0.1:{port}/v1/route?caller=%2B905300000001", {})
                 else:
                     db = work / f"{target}.sqlite"
                     shutil.copyfile(template, db)
                     ttl = 0.0 if target.endswith("nocache") else None
                     procs.append(start_daemon(work, amqp_url, f"sqlite:///{db}", port, ttl))
+                    pids[target] = procs[-1].pid
                     urls[target] = (f"http://127.0.0.1:{port}/v1/route?caller={caller}&format=json",
                                     {"Authorization": f"Bearer {TOKEN}"})
             for target, (url, headers) in urls.items():
@@ -142,7 +145,10 @@ def main(a: argparse.Namespace) -> None:
                 for rate in rates:
                     for target, (url, headers) in urls.items():
                         before = decision_totals(url, headers) if target != "floor" else None
+                        cpu = cpu_seconds(pids[target])
                         res = hey(url, rate, a.duration, headers)
+                        served = sum(int(n) for n in json.loads(str(res["codes"])).values())
+                        res["cpu_ms"] = 1000 * (cpu_seconds(pids[target]) - cpu) / max(served, 1)
                         if before is not None:
                             after = decision_totals(url, headers)
                             count = after[1] - before[1]
@@ -153,7 +159,8 @@ def main(a: argparse.Namespace) -> None:
                                   if "decide_ms" in res else "")
                         print(f"round {rnd + 1} {target:18} {rate:5}/s: p50 {res['p50']:.2f} ms "
                               f"p99 {res['p99']:.2f} ms  ({res['rps']:.0f} req/s, codes "
-                              f"{res['codes']}{errors}){decide}", flush=True)
+                              f"{res['codes']}{errors}){decide}, CPU {res['cpu_ms']:.2f} ms"
+                              " per request", flush=True)
     finally:
         for p in procs:
             p.terminate()
@@ -172,9 +179,17 @@ def main(a: argparse.Namespace) -> None:
             p99 = benchlib.median_spread([float(r["p99"]) for r in runs])
             if target == "floor":
                 floor99 = p99[0]
+            cpu = benchlib.median_spread([float(r["cpu_ms"]) for r in runs])
             ratio = f"  p99/floor {p99[0] / floor99:.2f}" if floor99 and target != "floor" else ""
             print(f"{rate:5}/s {target:18} p50 {p50[0]:.2f} ms ({p50[1]:.2f}-{p50[2]:.2f})  "
-                  f"p99 {p99[0]:.2f} ms ({p99[1]:.2f}-{p99[2]:.2f}){ratio}")
+                  f"p99 {p99[0]:.2f} ms ({p99[1]:.2f}-{p99[2]:.2f})  "
+                  f"CPU {cpu[0]:.2f} ms/request{ratio}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def decision_totals(url: str, headers: dict[str, str]) -> tuple[float, float]:

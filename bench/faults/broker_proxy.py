@@ -7,7 +7,7 @@ freezes the open connections without closing them. A stalled connection must be 
 within two heartbeats (``bus.heartbeat``, set to ``--heartbeat`` here); the daemon then
 reconnects through the proxy, which lets new connections through.
 
-    .venv/bin/python bench/faults/broker_proxy.py [--messages 5000] [--heartbeat 3] [--cut 3]
+    .venv/bin/python bench/faults/broker_proxy.py [--messages 5000] [--heartbeat 5] [--cut 3]
 """
 
 import asyncio
@@ -76,7 +76,7 @@ async def scenario(n: int, heartbeat: int, cut_s: float, workdir: Path) -> Resul
 
 
 def main() -> int:
-    args = options(__doc__, messages=5000, heartbeat=3, cut=3.0)
+    args = options(__doc__, messages=5000, heartbeat=5, cut=3.0)
     return run(lambda workdir: scenario(args.messages, args.heartbeat, args.cut, workdir), 170)
 
 
