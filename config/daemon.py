@@ -12,6 +12,7 @@ directory pool; a configuration that does not load is refused and the old one ke
 
 import asyncio
 import contextlib
+import gc
 import random
 import signal
 import time
@@ -262,6 +263,10 @@ class Daemon:
                         )
                     )
             if not self._stop.is_set():
+                # what start-up built (modules, models, the app) lives as long as the process:
+                # out of the collector's way, a full collection no longer walks it and stalls
+                # the loop for tens of milliseconds under load
+                gc.freeze()
                 log.info("daemon.ready", components=sorted([*plan.workers, *plan.intake]))
                 self._notifier.notify("READY=1", "STATUS=running")
                 watchdog = watchdog_interval() or settings.watchdog_interval

@@ -12,14 +12,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import structlog
 from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
-from routers.batching import Batcher
 from routers.models import Agent, Customer, CustomerIdentity, Team
+
+log = structlog.get_logger("omniroute.directory")
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ V = TypeVar("V")
 
 
 class _Expiring(Generic[K, V]):
-    """A bounded map whose entries live ``ttl`` seconds; the oldest go first when full."""
+    """A bounded map whose entries are fresh for ``ttl`` seconds and may be served stale
+    for another ``ttl`` while one reader refreshes them; the oldest go first when full."""
 
     def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
         self._ttl = ttl
@@ -176,6 +179,13 @@ class _Expiring(Generic[K, V]):
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
         if entry is not None and entry[0] > self._clock():
+            return True, entry[1]
+        return False, None
+
+    def stale(self, key: K) -> tuple[bool, V | None]:
+        """An entry past its ``ttl`` but within the grace period after it."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] + self._ttl > self._clock():
             return True, entry[1]
         return False, None
 
@@ -198,47 +208,71 @@ async def _many(
     cache: "_Expiring[K, V | None]",
     keys: Iterable[K],
     load: Callable[[list[K]], Awaitable[dict[K, V]]],
+    refresh: Callable[[list[K]], None],
 ) -> dict[K, V | None]:
     """The cached values of ``keys``; the missing ones are loaded by one ``load`` call.
 
-    A key another caller is loading right now is awaited, not loaded again: when a hot
-    entry expires, the requests in flight wait for one query instead of each making its own
-    (a burst of calls from one number would otherwise queue up behind 30 identical reads).
+    A key another caller is loading right now is awaited, not loaded again: when an entry
+    expires, the requests in flight wait for one query instead of each making its own. A
+    key just past its time is answered from the cache and handed to ``refresh`` (one
+    background read), so a hot entry never makes a request wait for the database.
     """
     found: dict[K, V | None] = {}
     mine: list[K] = []
+    stale: list[K] = []
     waiting: list[tuple[K, asyncio.Future[V | None]]] = []
     for key in keys:
         hit, value = cache.get(key)
         if hit:
             found[key] = value
-        elif (pending := cache.loading.get(key)) is not None:
+            continue
+        pending = cache.loading.get(key)
+        old, value = cache.stale(key)
+        if old:
+            found[key] = value
+            if pending is None:
+                stale.append(key)
+        elif pending is not None:
             waiting.append((key, pending))
         else:
             mine.append(key)
+    if stale:
+        refresh(stale)
     if mine:
-        loop = asyncio.get_running_loop()
-        futures: dict[K, asyncio.Future[V | None]] = {}
-        for key in mine:
-            future: asyncio.Future[V | None] = loop.create_future()
-            future.add_done_callback(_retrieved)
-            futures[key] = cache.loading[key] = future
-        try:
-            loaded = await load(mine)
-        except BaseException as exc:
-            failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
-            for key, future in futures.items():
-                cache.loading.pop(key, None)
-                future.set_exception(failure)
-            raise
-        for key, future in futures.items():
-            found[key] = loaded.get(key)
-            cache.put(key, found[key])
-            cache.loading.pop(key, None)
-            future.set_result(found[key])
+        await _load(cache, mine, load, found)
     for key, pending in waiting:
         found[key] = await asyncio.shield(pending)
     return found
+
+
+async def _load(
+    cache: "_Expiring[K, V | None]",
+    keys: list[K],
+    load: Callable[[list[K]], Awaitable[dict[K, V]]],
+    found: dict[K, V | None] | None = None,
+) -> None:
+    """Read ``keys`` into the cache; callers asking for them meanwhile wait for this read."""
+    loop = asyncio.get_running_loop()
+    futures: dict[K, asyncio.Future[V | None]] = {}
+    for key in keys:
+        future: asyncio.Future[V | None] = loop.create_future()
+        future.add_done_callback(_retrieved)
+        futures[key] = cache.loading[key] = future
+    try:
+        loaded = await load(keys)
+    except BaseException as exc:
+        failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
+        for key, future in futures.items():
+            cache.loading.pop(key, None)
+            future.set_exception(failure)
+        raise
+    for key, future in futures.items():
+        value = loaded.get(key)
+        cache.put(key, value)
+        cache.loading.pop(key, None)
+        future.set_result(value)
+        if found is not None:
+            found[key] = value
 
 
 def _retrieved(future: "asyncio.Future[Any]") -> None:
@@ -250,10 +284,14 @@ def _retrieved(future: "asyncio.Future[Any]") -> None:
 class DirectoryCache:
     """The decider's directory reads: customer by identity, team, agent.
 
-    Each answer (a miss too) is kept ``ttl`` seconds, so a customer, identity, team or agent
-    changed in the database is seen at most ``ttl`` seconds later; ``ttl=0`` reads the
-    database every time. Customer lookups of messages in flight together are answered by one
-    query (``Batcher``). Routing state (last agent, presence, thread owners) is not kept here.
+    Each answer (a miss too) is fresh for ``ttl`` seconds. For another ``ttl`` after that
+    it is still answered, while one background read refreshes it: a customer, identity,
+    team or agent changed in the database is seen once ``ttl`` has passed and that read is
+    done (by the second lookup after the change, at the latest after ``2 * ttl``), and a
+    busy entry never makes a caller wait for the database. ``ttl=0`` reads the database
+    every time. The keys of a batch are read by one query; a key another caller is reading
+    is awaited, not read twice. Routing state (last agent, presence, thread owners) is not
+    kept here.
     """
 
     def __init__(
@@ -271,26 +309,7 @@ class DirectoryCache:
         )
         self._teams: _Expiring[str, TeamRecord | None] = _Expiring(ttl, max_entries, clock)
         self._agents: _Expiring[str, AgentRecord | None] = _Expiring(ttl, max_entries, clock)
-        self._customer_batch: Batcher[tuple[str, str], CustomerRecord | None] = Batcher(
-            self._load_customers, None
-        )
-
-    async def _load_customers(
-        self, keys: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], CustomerRecord | None]:
-        async with self._sessions() as session:
-            return dict(await customers_by_keys(session, keys))
-
-    async def find_customer(self, identity: Identity, region: str) -> CustomerRecord | None:
-        """``find_customer``: the first key (address, then aliases) that names a customer."""
-        for key in lookup_keys(identity, region):
-            hit, found = self._customers.get(key)
-            if not hit:
-                found = await self._customer_batch.get(key)
-                self._customers.put(key, found)
-            if found is not None:
-                return found
-        return None
+        self._refreshing: set[asyncio.Task[None]] = set()
 
     async def find_customers(
         self, session: "SessionSource", identities: list[Identity], region: str
@@ -302,7 +321,9 @@ class DirectoryCache:
             return await customers_by_keys(await session(), keys)
 
         wanted = dict.fromkeys(key for keys in keyed for key in keys)
-        known = await _many(self._customers, wanted, load)
+        known = await _many(
+            self._customers, wanted, load, self._refresher(self._customers, customers_by_keys)
+        )
         return [next((c for key in keys if (c := known[key]) is not None), None) for keys in keyed]
 
     async def get_agents(
@@ -313,7 +334,9 @@ class DirectoryCache:
         async def load(ids: list[str]) -> dict[str, AgentRecord]:
             return await agents_by_ids(await session(), ids)
 
-        return await _many(self._agents, agent_ids, load)
+        return await _many(
+            self._agents, agent_ids, load, self._refresher(self._agents, agents_by_ids)
+        )
 
     async def get_teams(
         self, session: "SessionSource", team_ids: set[str]
@@ -323,23 +346,34 @@ class DirectoryCache:
         async def load(ids: list[str]) -> dict[str, TeamRecord]:
             return await teams_by_ids(await session(), ids)
 
-        return await _many(self._teams, team_ids, load)
+        return await _many(
+            self._teams, team_ids, load, self._refresher(self._teams, teams_by_ids)
+        )
 
-    async def get_team(self, team_id: str) -> TeamRecord | None:
-        hit, team = self._teams.get(team_id)
-        if not hit:
-            async with self._sessions() as session:
-                team = await get_team(session, team_id)
-            self._teams.put(team_id, team)
-        return team
+    def _refresher(
+        self,
+        cache: "_Expiring[K, V | None]",
+        query: Callable[[AsyncSession, list[K]], Awaitable[dict[K, V]]],
+    ) -> Callable[[list[K]], None]:
+        """Starts one background read of stale keys, in a session of its own (the asking
+        request's session closes when it has its answer)."""
 
-    async def get_agent(self, agent_id: str) -> AgentRecord | None:
-        hit, agent = self._agents.get(agent_id)
-        if not hit:
+        async def read(keys: list[K]) -> dict[K, V]:
             async with self._sessions() as session:
-                agent = await get_agent(session, agent_id)
-            self._agents.put(agent_id, agent)
-        return agent
+                return await query(session, keys)
+
+        async def run(keys: list[K]) -> None:
+            try:
+                await _load(cache, keys, read)
+            except Exception as exc:  # the stale entries stay until their grace ends
+                log.warning("directory.refresh_failed", error=str(exc)[:300])
+
+        def start(keys: list[K]) -> None:
+            task = asyncio.create_task(run(keys), name="directory-cache-refresh")
+            self._refreshing.add(task)
+            task.add_done_callback(self._refreshing.discard)
+
+        return start
 
     def clear(self) -> None:
         """Forget everything (after an import or a reload): the next lookups read the database."""

@@ -66,8 +66,9 @@ class RouterSettings(BaseModel):
         ge=0,
         le=3600,
         description="seconds a directory lookup (customer by identity, team, agent) is reused "
-        "by the decider; a directory change is seen at most this much later (0: read every "
-        "time). Routing state (last agent, presence) is always read fresh",
+        "by the decider; for as long again it is still used while one background read "
+        "refreshes it, so a directory change is seen this much later plus that read (0: read "
+        "every time). Routing state (last agent, presence) is always read fresh",
     )
 
 

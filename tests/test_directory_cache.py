@@ -1,13 +1,17 @@
-"""The decider's directory cache and batched lookups: fast, and never stale for longer than
-``router.directory_cache_ttl``."""
+"""The decider's directory cache and batched lookups: fast, never waiting on the database for
+a busy entry, and never stale for longer than ``router.directory_cache_ttl`` plus one read."""
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import Identity
 from routers.db import sessionmaker
-from routers.directory import DirectoryCache
+from routers.directory import CustomerRecord, DirectoryCache
 from routers.models import Customer, CustomerIdentity
 from tests.seed import seed
 
@@ -20,42 +24,94 @@ class Clock:
         return self.now
 
 
-async def test_a_new_customer_is_seen_once_the_ttl_has_passed(engine: AsyncEngine) -> None:
-    """A cached miss must not hide a customer imported later for longer than the TTL."""
-    await seed(engine)
-    clock = Clock()
-    cache = DirectoryCache(sessionmaker(engine), ttl=5.0, clock=clock)
-    newcomer = Identity(kind="email", address="new@initech.test")
-    assert await cache.find_customer(newcomer, "TR") is None
+async def _find(cache: DirectoryCache, engine: AsyncEngine, identity: Identity) -> Any:
+    """One sender looked up with a session opened on demand, as the decider does."""
+    made: list[AsyncSession] = []
+
+    async def source() -> AsyncSession:
+        if not made:
+            made.append(sessionmaker(engine)())
+        return made[0]
+
+    try:
+        (found,) = await cache.find_customers(source, [identity], "TR")
+    finally:
+        for session in made:
+            await session.close()
+    return found
+
+
+@contextmanager
+def _counting_selects(engine: AsyncEngine) -> Iterator[list[str]]:
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "identities" in statement:
+            statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", count)
+
+
+async def _add_newcomer(engine: AsyncEngine) -> None:
     async with sessionmaker(engine).begin() as session:
         session.add(Customer(id="initech", name="Initech", team_id="network"))
         await session.flush()
         session.add(
             CustomerIdentity(kind="email", address="new@initech.test", customer_id="initech")
         )
+
+
+async def test_a_new_customer_is_seen_once_the_ttl_and_one_refresh_have_passed(
+    engine: AsyncEngine,
+) -> None:
+    """A cached miss hides a customer imported later only until the TTL has passed and the
+    background refresh it starts is done; past twice the TTL the read is made at once."""
+    await seed(engine)
+    clock = Clock()
+    cache = DirectoryCache(sessionmaker(engine), ttl=5.0, clock=clock)
+    newcomer = Identity(kind="email", address="new@initech.test")
+    assert await _find(cache, engine, newcomer) is None
+    await _add_newcomer(engine)
     clock.now += 4.9
-    assert await cache.find_customer(newcomer, "TR") is None, "still within the TTL"
+    assert await _find(cache, engine, newcomer) is None, "still within the TTL"
     clock.now += 0.2
-    found = await cache.find_customer(newcomer, "TR")
+    assert await _find(cache, engine, newcomer) is None, "stale: answered, refresh started"
+    await asyncio.gather(*cache._refreshing)  # noqa: SLF001
+    found = await _find(cache, engine, newcomer)
     assert found is not None
     assert found.id == "initech"
+
+    other = DirectoryCache(sessionmaker(engine), ttl=5.0, clock=clock)
+    stranger = Identity(kind="email", address="x@y.test")
+    assert await _find(other, engine, stranger) is None
+    async with sessionmaker(engine).begin() as session:
+        session.add(CustomerIdentity(kind="email", address="x@y.test", customer_id="globex"))
+    clock.now += 10.1
+    found = await _find(other, engine, stranger)
+    assert found is not None, "past the grace period the read is made, not started"
 
 
 async def test_ttl_zero_reads_the_database_every_time(engine: AsyncEngine) -> None:
     await seed(engine)
     cache = DirectoryCache(sessionmaker(engine), ttl=0)
-    assert await cache.find_customer(Identity(kind="email", address="x@y.test"), "TR") is None
+    assert await _find(cache, engine, Identity(kind="email", address="x@y.test")) is None
     async with sessionmaker(engine).begin() as session:
         session.add(CustomerIdentity(kind="email", address="x@y.test", customer_id="globex"))
-    found = await cache.find_customer(Identity(kind="email", address="x@y.test"), "TR")
+    found = await _find(cache, engine, Identity(kind="email", address="x@y.test"))
     assert found is not None
     assert found.id == "globex"
     assert len(cache) == 0
 
 
-async def test_lookups_in_flight_together_each_get_their_own_answer(engine: AsyncEngine) -> None:
-    """Batched lookups (one query for many keys) answer each caller with its own customer,
-    aliases included, and None for strangers."""
+async def test_a_batch_is_one_query_and_each_sender_gets_its_own_answer(
+    engine: AsyncEngine,
+) -> None:
+    """One query for the whole batch answers each sender with its own customer, aliases
+    included, and None for strangers."""
     await seed(engine)
     cache = DirectoryCache(sessionmaker(engine), ttl=0)
     identities = [
@@ -65,5 +121,46 @@ async def test_lookups_in_flight_together_each_get_their_own_answer(engine: Asyn
         Identity(kind="email", address="nobody@nowhere.test"),
         Identity(kind="twitter", address="@nobody", aliases=["@AcmeLtd"]),
     ]
-    found = await asyncio.gather(*(cache.find_customer(i, "TR") for i in identities))
+    with _counting_selects(engine) as selects:
+        async with sessionmaker(engine)() as session:
+
+            async def source() -> AsyncSession:
+                return session
+
+            found = await cache.find_customers(source, identities, "TR")
     assert [c.id if c else None for c in found] == ["acme", "acme", "globex", None, "acme"]
+    assert len(selects) == 1
+
+
+async def test_callers_missing_the_same_key_together_wait_for_one_query(
+    engine: AsyncEngine,
+) -> None:
+    """When a busy entry is missing, the callers in flight do not each read it: a burst of
+    calls from one number would otherwise queue behind as many identical queries."""
+    await seed(engine)
+    cache = DirectoryCache(sessionmaker(engine), ttl=5.0)
+    caller = Identity(kind="phone", address="0532 111 22 33")
+    with _counting_selects(engine) as selects:
+        found = await asyncio.gather(*(_find(cache, engine, caller) for _ in range(30)))
+    assert all(isinstance(c, CustomerRecord) and c.id == "acme" for c in found)
+    assert len(selects) == 1
+
+
+async def test_a_failed_read_fails_every_caller_waiting_for_it(engine: AsyncEngine) -> None:
+    """The callers waiting on another's read get its error (a directory outage is then a
+    TransientError for each of them), and the key is read again by the next caller."""
+    await seed(engine)
+    cache = DirectoryCache(sessionmaker(engine), ttl=5.0)
+    caller = Identity(kind="phone", address="0532 111 22 33")
+    async def broken() -> AsyncSession:
+        await asyncio.sleep(0.01)
+        raise OSError("directory away")
+
+    results = await asyncio.gather(
+        *(cache.find_customers(broken, [caller], "TR") for _ in range(5)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, OSError) for r in results)
+    found = await _find(cache, engine, caller)
+    assert found is not None
+    assert found.id == "acme"
