@@ -18,6 +18,7 @@ Invariants:
 """
 
 import hmac
+import json
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
@@ -85,21 +86,15 @@ class PbxRoutes:
         message = self._calls.message(caller, params.get("called"), params.get("call_id"))
         try:
             answer = await self._calls.answer(message)
-        except NoDecision:
-            return False  # rare: FastAPI gives its 503 answer
+        except NoDecision as exc:  # FastAPI's answer to HTTPException(503), byte for byte
+            body = json.dumps({"detail": str(exc)}, ensure_ascii=False, separators=(",", ":"))
+            await _send(send, 503, body.encode(), JSON)
+            return True
         text = fmt == "text" or (fmt is None and (accept or b"").startswith(b"text/plain"))
         if text:
-            body, media = (answer.dial or "").encode(), TEXT
+            await _send(send, 200, (answer.dial or "").encode(), TEXT)
         else:
-            body, media = answer.model_dump_json().encode(), JSON
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", media)],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+            await _send(send, 200, answer.model_dump_json().encode(), JSON)
         await self._recorder.record(message)
         return True
 
@@ -166,6 +161,12 @@ class PbxRoutes:
                 dependencies=[Depends(authorised)],
             )
         return router
+
+
+async def _send(send: Send, status: int, body: bytes, media: bytes) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", media)]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _query(raw: bytes) -> dict[str, str] | None:

@@ -49,6 +49,14 @@ class ApiSettings(_Section):
     )
     decide_timeout: float = Field(default=2.0, gt=0, description="deadline of one decision")
 
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value() if value is not None else ""
+        if value is not None and not (text.isascii() and text.isprintable() and " " not in text):
+            raise ValueError("must be printable ASCII without spaces (it travels in a header)")
+        return value
+
 
 class MailboxSettings(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")

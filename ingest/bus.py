@@ -278,6 +278,13 @@ class Bus:
             raise TransientError(f"broker refused the publish on {exchange}: {exc!r}") from exc
         except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise TransientError(f"publish to {exchange} failed: {exc!r}") from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled: let it end
+            # aiormq fails the confirms it still waits for with CancelledError when it
+            # declares a stalled connection dead: an outage, not a reason to stop
+            raise TransientError(f"publish to {exchange} failed: connection lost") from exc
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Send the original body, with its properties and the reason, to ``omniroute.dead``."""

@@ -281,8 +281,9 @@ class BatchConsumer(_Settling):
         except Exception:  # a bug of ours: nothing may stay unsettled, the broker retries
             log.exception("bus.batch_failed", queue=self._queue.name)
             for message in batch:
-                with contextlib.suppress(Exception):
-                    await self._nack(message)
+                if self._is_unsettled(message):  # a settled tag nacked closes the channel
+                    with contextlib.suppress(Exception):
+                        await self._nack(message)
         finally:
             self._held -= len(batch)
 
@@ -299,7 +300,9 @@ class BatchConsumer(_Settling):
             for message, outcome in zip(pending, outcomes, strict=True):
                 if outcome is None:
                     done.append(message)
-                elif isinstance(outcome, TransientError):
+                elif isinstance(outcome, TransientError) or not isinstance(outcome, Exception):
+                    # a CancelledError that reached a message (a confirm failed by a dying
+                    # connection) is an outage too, never a reason to dead-letter it
                     retry.append(message)
                     transient = outcome
                 else:
@@ -345,6 +348,12 @@ class BatchConsumer(_Settling):
     async def _nack(self, message: AbstractIncomingMessage) -> None:
         await self._finish(message, ack=False)
 
+    def _is_unsettled(self, message: AbstractIncomingMessage) -> bool:
+        try:
+            return (message.delivery_tag or 0) in self._unsettled.get(message.channel, set())
+        except (RuntimeError, aiormq.exceptions.AMQPError):
+            return False  # its channel is gone: the broker has requeued it
+
     async def _finish(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
         # its tag leaves the unsettled set only once the frame is sent: until then no
         # ``multiple`` ack of another batch may cover it
@@ -379,7 +388,8 @@ class BatchConsumer(_Settling):
                     for message in acked:
                         await self._settle(message.ack())
                 unsettled.difference_update(tags)
-            for channel in [c for c, left in self._unsettled.items() if not left and c.is_closed]:
+            # a closed channel's deliveries went back to the queue: nothing left to settle
+            for channel in [c for c in self._unsettled if c.is_closed]:
                 del self._unsettled[channel]
 
 

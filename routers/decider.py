@@ -23,7 +23,7 @@ from ingest.protocols import Decision
 from ingest.schema import CustomerRef, InboundMessage, RecentContact, Route, utcnow
 from routers import directory, state
 from routers.db import sessionmaker
-from routers.directory import AgentRecord, CustomerRecord, SessionSource, TeamRecord
+from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import AgentFacts, Facts, decide
 from routers.settings import RoutingSettings
 
@@ -99,9 +99,9 @@ class Decider:
                 for index, message in enumerate(messages):
                     facts = self._facts(index, read)
                     decided.append((decide(message, facts, settings, now), facts))
-                teams = await self.directory.get_teams(session, _teams_to_dial(decided, settings))
+                teams = await self.directory.get_teams(_teams_to_dial(decided, settings))
                 targets = {r.target for r, _ in decided if r.kind == "agent" and r.target}
-                agents = await self.directory.get_agents(session, targets - read.agents.keys())
+                agents = await self.directory.get_agents(targets - read.agents.keys())
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
         agents.update(read.agents)
@@ -122,14 +122,14 @@ class Decider:
 
     async def _read(
         self,
-        session: SessionSource,
+        session: "_OnDemand",
         messages: Sequence[InboundMessage],
         settings: RoutingSettings,
         context: bool,
     ) -> _Read:
         region = settings.default_region
         read = _Read(
-            await self.directory.find_customers(session, [m.sender for m in messages], region)
+            await self.directory.find_customers([m.sender for m in messages], region)
         )
         stateful: set[str] = set()
         for index, (message, customer) in enumerate(zip(messages, read.customers, strict=True)):
@@ -151,7 +151,7 @@ class Decider:
                 )
         wanted = {agent for agent, _ in read.owners.values()}
         wanted |= {last.agent_id for last, _ in read.last.values()}
-        read.agents = await self.directory.get_agents(session, wanted)
+        read.agents = await self.directory.get_agents(wanted)
         return read
 
     def _facts(self, index: int, read: _Read) -> Facts:

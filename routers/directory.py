@@ -8,7 +8,7 @@ import, not per message, and a changed directory is seen once the entries expire
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -158,9 +158,6 @@ def _of_kind(kind: str, keys: list[tuple[str, str]]) -> ColumnElement[bool]:
     return and_(CustomerIdentity.kind == kind, CustomerIdentity.address.in_(addresses))
 
 
-#: a session opened on first use: a batch answered from the cache opens none
-SessionSource = Callable[[], Awaitable[AsyncSession]]
-
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -207,20 +204,22 @@ class _Expiring(Generic[K, V]):
 async def _many(
     cache: "_Expiring[K, V | None]",
     keys: Iterable[K],
-    load: Callable[[list[K]], Awaitable[dict[K, V]]],
-    refresh: Callable[[list[K]], None],
+    read: Callable[[list[K]], Awaitable[dict[K, V]]],
+    spawn: Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"],
 ) -> dict[K, V | None]:
-    """The cached values of ``keys``; the missing ones are loaded by one ``load`` call.
+    """The cached values of ``keys``; the missing ones are read by one ``read`` call.
 
-    A key another caller is loading right now is awaited, not loaded again: when an entry
-    expires, the requests in flight wait for one query instead of each making its own. A
-    key just past its time is answered from the cache and handed to ``refresh`` (one
-    background read), so a hot entry never makes a request wait for the database.
+    Every read runs in a task of its own (``spawn``), so a caller that gives up (a PBX
+    answer's deadline) does not fail the others waiting for the same keys. A key another
+    caller is reading right now is awaited, not read again: when an entry expires, the
+    requests in flight wait for one query instead of each making its own. A key just past
+    its time is answered from the cache while one background read refreshes it, so a busy
+    entry never makes a request wait for the database.
     """
     found: dict[K, V | None] = {}
+    waiting: dict[K, asyncio.Future[V | None]] = {}
     mine: list[K] = []
     stale: list[K] = []
-    waiting: list[tuple[K, asyncio.Future[V | None]]] = []
     for key in keys:
         hit, value = cache.get(key)
         if hit:
@@ -233,46 +232,60 @@ async def _many(
             if pending is None:
                 stale.append(key)
         elif pending is not None:
-            waiting.append((key, pending))
+            waiting[key] = pending
         else:
             mine.append(key)
     if stale:
-        refresh(stale)
+        spawn(_load(cache, _reading(cache, stale), read, quiet=True))
     if mine:
-        await _load(cache, mine, load, found)
-    for key, pending in waiting:
-        found[key] = await asyncio.shield(pending)
+        reading = _reading(cache, mine)
+        waiting.update(reading)
+        spawn(_load(cache, reading, read))
+    for key, future in waiting.items():
+        found[key] = await asyncio.shield(future)
     return found
 
 
-async def _load(
-    cache: "_Expiring[K, V | None]",
-    keys: list[K],
-    load: Callable[[list[K]], Awaitable[dict[K, V]]],
-    found: dict[K, V | None] | None = None,
-) -> None:
-    """Read ``keys`` into the cache; callers asking for them meanwhile wait for this read."""
+def _reading(
+    cache: "_Expiring[K, V | None]", keys: list[K]
+) -> dict[K, "asyncio.Future[V | None]"]:
+    """Mark ``keys`` as being read (before the read starts): later callers wait for it."""
     loop = asyncio.get_running_loop()
     futures: dict[K, asyncio.Future[V | None]] = {}
     for key in keys:
         future: asyncio.Future[V | None] = loop.create_future()
         future.add_done_callback(_retrieved)
         futures[key] = cache.loading[key] = future
+    return futures
+
+
+async def _load(
+    cache: "_Expiring[K, V | None]",
+    futures: dict[K, "asyncio.Future[V | None]"],
+    read: Callable[[list[K]], Awaitable[dict[K, V]]],
+    *,
+    quiet: bool = False,
+) -> None:
+    """Read the keys of ``futures`` into the cache and resolve them; the callers waiting
+    get its error. ``quiet``: a background refresh, whose failure is only logged."""
     try:
-        loaded = await load(keys)
+        loaded = await read(list(futures))
     except BaseException as exc:
         failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
         for key, future in futures.items():
             cache.loading.pop(key, None)
             future.set_exception(failure)
+        if quiet and isinstance(exc, Exception):
+            log.warning("directory.refresh_failed", error=str(exc)[:300])
+            return
+        if isinstance(exc, Exception):
+            return  # the waiting callers have it
         raise
     for key, future in futures.items():
         value = loaded.get(key)
         cache.put(key, value)
         cache.loading.pop(key, None)
         future.set_result(value)
-        if found is not None:
-            found[key] = value
 
 
 def _retrieved(future: "asyncio.Future[Any]") -> None:
@@ -309,71 +322,43 @@ class DirectoryCache:
         )
         self._teams: _Expiring[str, TeamRecord | None] = _Expiring(ttl, max_entries, clock)
         self._agents: _Expiring[str, AgentRecord | None] = _Expiring(ttl, max_entries, clock)
-        self._refreshing: set[asyncio.Task[None]] = set()
+        self._reads: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
 
     async def find_customers(
-        self, session: "SessionSource", identities: list[Identity], region: str
+        self, identities: list[Identity], region: str
     ) -> list[CustomerRecord | None]:
-        """``find_customer`` for many senders: every key not cached is read by one query."""
+        """The customer of each sender (address first, then aliases); every key not cached
+        is read by one query."""
         keyed = [lookup_keys(identity, region) for identity in identities]
-
-        async def load(keys: list[tuple[str, str]]) -> dict[tuple[str, str], CustomerRecord]:
-            return await customers_by_keys(await session(), keys)
-
         wanted = dict.fromkeys(key for keys in keyed for key in keys)
-        known = await _many(
-            self._customers, wanted, load, self._refresher(self._customers, customers_by_keys)
-        )
+        known = await _many(self._customers, wanted, self._reader(customers_by_keys), self._spawn)
         return [next((c for key in keys if (c := known[key]) is not None), None) for keys in keyed]
 
-    async def get_agents(
-        self, session: "SessionSource", agent_ids: set[str]
-    ) -> dict[str, AgentRecord | None]:
-        """``get_agent`` for many ids; the ones not cached are read by one query."""
+    async def get_agents(self, agent_ids: set[str]) -> dict[str, AgentRecord | None]:
+        """Agents by id; the ones not cached are read by one query."""
+        return await _many(self._agents, agent_ids, self._reader(agents_by_ids), self._spawn)
 
-        async def load(ids: list[str]) -> dict[str, AgentRecord]:
-            return await agents_by_ids(await session(), ids)
+    async def get_teams(self, team_ids: set[str]) -> dict[str, TeamRecord | None]:
+        """Teams by id; the ones not cached are read by one query."""
+        return await _many(self._teams, team_ids, self._reader(teams_by_ids), self._spawn)
 
-        return await _many(
-            self._agents, agent_ids, load, self._refresher(self._agents, agents_by_ids)
-        )
-
-    async def get_teams(
-        self, session: "SessionSource", team_ids: set[str]
-    ) -> dict[str, TeamRecord | None]:
-        """``get_team`` for many ids; the ones not cached are read by one query."""
-
-        async def load(ids: list[str]) -> dict[str, TeamRecord]:
-            return await teams_by_ids(await session(), ids)
-
-        return await _many(
-            self._teams, team_ids, load, self._refresher(self._teams, teams_by_ids)
-        )
-
-    def _refresher(
-        self,
-        cache: "_Expiring[K, V | None]",
-        query: Callable[[AsyncSession, list[K]], Awaitable[dict[K, V]]],
-    ) -> Callable[[list[K]], None]:
-        """Starts one background read of stale keys, in a session of its own (the asking
-        request's session closes when it has its answer)."""
+    def _reader(
+        self, query: Callable[[AsyncSession, list[K]], Awaitable[dict[K, V]]]
+    ) -> Callable[[list[K]], Awaitable[dict[K, V]]]:
+        """``query`` in a short session of its own: a read shared by several callers must
+        not hold any one caller's session (or pool connection) while they wait."""
 
         async def read(keys: list[K]) -> dict[K, V]:
             async with self._sessions() as session:
                 return await query(session, keys)
 
-        async def run(keys: list[K]) -> None:
-            try:
-                await _load(cache, keys, read)
-            except Exception as exc:  # the stale entries stay until their grace ends
-                log.warning("directory.refresh_failed", error=str(exc)[:300])
+        return read
 
-        def start(keys: list[K]) -> None:
-            task = asyncio.create_task(run(keys), name="directory-cache-refresh")
-            self._refreshing.add(task)
-            task.add_done_callback(self._refreshing.discard)
-
-        return start
+    def _spawn(self, read: Coroutine[Any, Any, None]) -> "asyncio.Task[None]":
+        task = asyncio.create_task(read, name="directory-read")
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+        return task
 
     def clear(self) -> None:
         """Forget everything (after an import or a reload): the next lookups read the database."""

@@ -70,7 +70,7 @@ class ClaimBatch:
             try:
                 try:
                     outcomes = list(await self._commit([routed for routed, _ in batch]))
-                except SQLAlchemyError:
+                except Exception:
                     if len(batch) == 1:
                         raise
                     # one bad row fails only its own message: each alone, as before batching

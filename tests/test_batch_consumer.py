@@ -144,3 +144,27 @@ async def test_a_handler_that_raises_fails_the_whole_batch_as_one(bus: Bus) -> N
     await consumer.stop(timeout=5)
     assert sorted(m.body for m in got) == [b"a", b"b"]
     assert all(str(m.headers[REASON_HEADER]) == "bug: ValueError: boom" for m in got)
+
+
+async def test_a_cancelled_confirm_is_an_outage_not_poison(bus: Bus) -> None:
+    """When the broker client declares a stalled connection dead it fails the confirms it
+    waits for with CancelledError; the message must be retried, never dead-lettered."""
+    await _publish(bus, [b"stalled"])
+    attempts = 0
+
+    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+        nonlocal attempts
+        attempts += 1
+        return [asyncio.CancelledError() if attempts == 1 else None for _ in batch]
+
+    retrying = Bus(bus._url, BusSettings(transient_retry_for=30), health=Health())  # noqa: SLF001
+    await retrying.open()
+    try:
+        consumer = await _consume(retrying, handler, prefetch=10)
+        async with asyncio.timeout(20):
+            while attempts < 2:
+                await asyncio.sleep(0.05)
+        await consumer.stop(timeout=10)
+        assert await _depths(retrying) == (0, 0), "handled, acked, nothing dead-lettered"
+    finally:
+        await retrying.close()

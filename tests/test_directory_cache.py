@@ -24,20 +24,8 @@ class Clock:
         return self.now
 
 
-async def _find(cache: DirectoryCache, engine: AsyncEngine, identity: Identity) -> Any:
-    """One sender looked up with a session opened on demand, as the decider does."""
-    made: list[AsyncSession] = []
-
-    async def source() -> AsyncSession:
-        if not made:
-            made.append(sessionmaker(engine)())
-        return made[0]
-
-    try:
-        (found,) = await cache.find_customers(source, [identity], "TR")
-    finally:
-        for session in made:
-            await session.close()
+async def _find(cache: DirectoryCache, identity: Identity) -> Any:
+    (found,) = await cache.find_customers([identity], "TR")
     return found
 
 
@@ -74,34 +62,34 @@ async def test_a_new_customer_is_seen_once_the_ttl_and_one_refresh_have_passed(
     clock = Clock()
     cache = DirectoryCache(sessionmaker(engine), ttl=5.0, clock=clock)
     newcomer = Identity(kind="email", address="new@initech.test")
-    assert await _find(cache, engine, newcomer) is None
+    assert await _find(cache, newcomer) is None
     await _add_newcomer(engine)
     clock.now += 4.9
-    assert await _find(cache, engine, newcomer) is None, "still within the TTL"
+    assert await _find(cache, newcomer) is None, "still within the TTL"
     clock.now += 0.2
-    assert await _find(cache, engine, newcomer) is None, "stale: answered, refresh started"
-    await asyncio.gather(*cache._refreshing)  # noqa: SLF001
-    found = await _find(cache, engine, newcomer)
+    assert await _find(cache, newcomer) is None, "stale: answered, refresh started"
+    await asyncio.gather(*cache._reads)  # noqa: SLF001
+    found = await _find(cache, newcomer)
     assert found is not None
     assert found.id == "initech"
 
     other = DirectoryCache(sessionmaker(engine), ttl=5.0, clock=clock)
     stranger = Identity(kind="email", address="x@y.test")
-    assert await _find(other, engine, stranger) is None
+    assert await _find(other, stranger) is None
     async with sessionmaker(engine).begin() as session:
         session.add(CustomerIdentity(kind="email", address="x@y.test", customer_id="globex"))
     clock.now += 10.1
-    found = await _find(other, engine, stranger)
+    found = await _find(other, stranger)
     assert found is not None, "past the grace period the read is made, not started"
 
 
 async def test_ttl_zero_reads_the_database_every_time(engine: AsyncEngine) -> None:
     await seed(engine)
     cache = DirectoryCache(sessionmaker(engine), ttl=0)
-    assert await _find(cache, engine, Identity(kind="email", address="x@y.test")) is None
+    assert await _find(cache, Identity(kind="email", address="x@y.test")) is None
     async with sessionmaker(engine).begin() as session:
         session.add(CustomerIdentity(kind="email", address="x@y.test", customer_id="globex"))
-    found = await _find(cache, engine, Identity(kind="email", address="x@y.test"))
+    found = await _find(cache, Identity(kind="email", address="x@y.test"))
     assert found is not None
     assert found.id == "globex"
     assert len(cache) == 0
@@ -122,12 +110,7 @@ async def test_a_batch_is_one_query_and_each_sender_gets_its_own_answer(
         Identity(kind="twitter", address="@nobody", aliases=["@AcmeLtd"]),
     ]
     with _counting_selects(engine) as selects:
-        async with sessionmaker(engine)() as session:
-
-            async def source() -> AsyncSession:
-                return session
-
-            found = await cache.find_customers(source, identities, "TR")
+        found = await cache.find_customers(identities, "TR")
     assert [c.id if c else None for c in found] == ["acme", "acme", "globex", None, "acme"]
     assert len(selects) == 1
 
@@ -141,26 +124,50 @@ async def test_callers_missing_the_same_key_together_wait_for_one_query(
     cache = DirectoryCache(sessionmaker(engine), ttl=5.0)
     caller = Identity(kind="phone", address="0532 111 22 33")
     with _counting_selects(engine) as selects:
-        found = await asyncio.gather(*(_find(cache, engine, caller) for _ in range(30)))
+        found = await asyncio.gather(*(_find(cache, caller) for _ in range(30)))
     assert all(isinstance(c, CustomerRecord) and c.id == "acme" for c in found)
     assert len(selects) == 1
 
 
 async def test_a_failed_read_fails_every_caller_waiting_for_it(engine: AsyncEngine) -> None:
-    """The callers waiting on another's read get its error (a directory outage is then a
+    """The callers waiting on one read get its error (a directory outage is then a
     TransientError for each of them), and the key is read again by the next caller."""
+    await seed(engine)
+    working = sessionmaker(engine)
+    broken = True
+
+    class Sessions:
+        def __call__(self) -> Any:
+            return working() if not broken else self
+
+        async def __aenter__(self) -> AsyncSession:
+            await asyncio.sleep(0.01)
+            raise OSError("directory away")
+
+        async def __aexit__(self, *_: object) -> None:
+            return None
+
+    cache = DirectoryCache(Sessions(), ttl=5.0)  # type: ignore[arg-type]
+    caller = Identity(kind="phone", address="0532 111 22 33")
+    results = await asyncio.gather(
+        *(cache.find_customers([caller], "TR") for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, OSError) for r in results)
+    broken = False
+    found = await _find(cache, caller)
+    assert found is not None
+    assert found.id == "acme"
+
+
+async def test_a_caller_giving_up_does_not_fail_the_others(engine: AsyncEngine) -> None:
+    """A PBX answer's deadline cancels its own wait, not the read other callers share."""
     await seed(engine)
     cache = DirectoryCache(sessionmaker(engine), ttl=5.0)
     caller = Identity(kind="phone", address="0532 111 22 33")
-    async def broken() -> AsyncSession:
-        await asyncio.sleep(0.01)
-        raise OSError("directory away")
-
-    results = await asyncio.gather(
-        *(cache.find_customers(broken, [caller], "TR") for _ in range(5)),
-        return_exceptions=True,
-    )
-    assert all(isinstance(r, OSError) for r in results)
-    found = await _find(cache, engine, caller)
+    impatient = asyncio.create_task(cache.find_customers([caller], "TR"))
+    patient = asyncio.create_task(cache.find_customers([caller], "TR"))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    (found,) = await patient
     assert found is not None
     assert found.id == "acme"

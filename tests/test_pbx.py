@@ -1,9 +1,19 @@
 """The caller-ID route API for any PBX, over HTTP, on the real directory and broker."""
 # ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
+from collections.abc import Sequence
+
+import httpx
 from sqlalchemy import update
 
+from connectors.http import build_app
+from connectors.pbx import PbxRoutes
+from connectors.settings import ApiSettings, HttpSettings
 from ingest.bus import ROUTER_QUEUE
+from ingest.errors import TransientError
+from ingest.health import Health
+from ingest.metrics import Metrics
+from ingest.protocols import Decision
 from ingest.schema import InboundMessage
 from routers.models import Team
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
@@ -109,3 +119,59 @@ async def test_route_openapi_documents_the_endpoints(make_phones: AppFactory) ->
     ):
         assert path in spec["paths"], path
     assert set(spec["paths"]["/v1/route"]) == {"get", "post"}
+
+
+class _Unavailable:
+    """A decider whose directory is away: every decision fails as an outage."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, message: InboundMessage) -> Decision:
+        return (await self.decide_many([message]))[0]
+
+    async def decide_many(
+        self, messages: Sequence[InboundMessage], *, context: bool = True
+    ) -> list[Decision]:
+        self.calls += 1
+        raise TransientError("directory database: away")
+
+
+async def test_both_ways_in_answer_alike_when_no_decision_can_be_taken() -> None:
+    """The fast path (GET) and the FastAPI route (POST, another spelling of the scheme)
+    give the same 503 without a default dial, and each asks the decider once."""
+    decider = _Unavailable()
+    metrics = Metrics()
+    pbx = PbxRoutes(
+        settings=ApiSettings(token=API_TOKEN),
+        decider=decider,
+        sink=_Nowhere(),
+        metrics=metrics,
+        region="TR",
+    )
+    app = build_app(
+        health=Health(),
+        metrics=metrics,
+        http=HttpSettings(port=0),
+        routers=[pbx.router],
+        fast_paths=[pbx.fast_path],
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+    ) as client:
+        query = {"caller": ACME_PHONE}
+        fast = await client.get(
+            "/v1/route", params=query, headers={"Authorization": f"Bearer {API_TOKEN}"}
+        )
+        framework = await client.get(  # another spelling of the scheme: FastAPI's route
+            "/v1/route", params=query, headers={"Authorization": f"bearer {API_TOKEN}"}
+        )
+    assert fast.status_code == framework.status_code == 503
+    assert fast.content == framework.content == b'{"detail":"no routing decision can be taken now"}'
+    assert fast.headers["content-type"] == framework.headers["content-type"]
+    assert decider.calls == 2
+
+
+class _Nowhere:
+    async def submit(self, message: InboundMessage) -> None:
+        raise AssertionError("a call without a decision is not recorded")
