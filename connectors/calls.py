@@ -129,7 +129,8 @@ class CallRouter:
             meta={"source": "pbx", "withheld": is_withheld_caller(caller)},
         )
 
-    async def answer(self, message: InboundMessage) -> RouteAnswer:
+    async def answer(self, message: InboundMessage) -> tuple[RouteAnswer, float]:
+        """The answer, and how long the decision took (ms) for ``log``."""
         started = time.perf_counter()
         decision = await decide_call(
             self._decider,
@@ -140,25 +141,30 @@ class CallRouter:
         )
         if decision is None:
             raise NoDecision("no routing decision can be taken now")
-        self._metrics.decision_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._metrics.decision_seconds.observe(elapsed)
         route = decision.route
         dial = safe_dial(decision.dial)
         if decision.dial is not None and dial is None:
             log.warning("pbx.unsafe_dial", kind=route.kind, target=route.target)
-        dial = dial or self.default_dial
+        answer = RouteAnswer(
+            customer=decision.customer,
+            route=RouteOut(kind=route.kind, target=route.target, reason=route.reason),
+            dial=dial or self.default_dial,
+            fallback_dial=safe_dial(decision.fallback_dial),
+        )
+        return answer, round(elapsed * 1000, 2)
+
+    @staticmethod
+    def log(message: InboundMessage, answer: RouteAnswer, ms: float) -> None:
+        """The answer's log line; written after the answer is sent (see ``PbxRoutes``)."""
         log.info(
             "pbx.route",
             caller=redact(message.sender.address),
-            kind=route.kind,
-            target=route.target,
-            reason=route.reason,
-            ms=round((time.perf_counter() - started) * 1000, 2),
-        )
-        return RouteAnswer(
-            customer=decision.customer,
-            route=RouteOut(kind=route.kind, target=route.target, reason=route.reason),
-            dial=dial,
-            fallback_dial=safe_dial(decision.fallback_dial),
+            kind=answer.route.kind,
+            target=answer.route.target,
+            reason=answer.route.reason,
+            ms=ms,
         )
 
 

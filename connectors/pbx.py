@@ -30,6 +30,7 @@ from connectors.calls import MAX_FIELD, CallRecorder, CallRouter, NoDecision, Ro
 from connectors.settings import ApiSettings
 from ingest.metrics import Metrics
 from ingest.protocols import Decider, InboundSink
+from ingest.schema import InboundMessage
 
 PATH = "/v1/route"
 PARAMS = ("caller", "called", "call_id", "format")
@@ -85,7 +86,7 @@ class PbxRoutes:
             return False
         message = self._calls.message(caller, params.get("called"), params.get("call_id"))
         try:
-            answer = await self._calls.answer(message)
+            answer, ms = await self._calls.answer(message)
         except NoDecision as exc:  # FastAPI's answer to HTTPException(503), byte for byte
             body = json.dumps({"detail": str(exc)}, ensure_ascii=False, separators=(",", ":"))
             await _send(send, 503, body.encode(), JSON)
@@ -95,13 +96,22 @@ class PbxRoutes:
             await _send(send, 200, (answer.dial or "").encode(), TEXT)
         else:
             await _send(send, 200, answer.model_dump_json().encode(), JSON)
-        await self._recorder.record(message)
+        await self._after(message, answer, ms)
         return True
+
+    async def _after(self, message: InboundMessage, answer: RouteAnswer, ms: float) -> None:
+        """After the answer is sent: record the call, then log the answer. The log line
+        waits for the record so that a burst of calls is answered before any of them is
+        logged: a PBX waits on the answer, nobody waits on the log."""
+        try:
+            await self._recorder.record(message)
+        finally:
+            self._calls.log(message, answer, ms)
 
     def _api_router(self) -> APIRouter:
         router = APIRouter(tags=["pbx"])
         token = self._token
-        calls, recorder = self._calls, self._recorder
+        calls, after = self._calls, self._after
 
         async def authorised(  # async: a sync dependency would cost a thread-pool hop per call
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -132,10 +142,10 @@ class PbxRoutes:
                 raise HTTPException(400, "missing caller")
             message = calls.message(caller_text, params["called"], params["call_id"])
             try:
-                answer = await calls.answer(message)
+                answer, ms = await calls.answer(message)
             except NoDecision as exc:
                 raise HTTPException(503, str(exc)) from exc
-            background.add_task(recorder.record, message)
+            background.add_task(after, message, answer, ms)
             accept = request.headers.get("accept", "")
             if format == "text" or (format is None and accept.startswith("text/plain")):
                 return Response(answer.dial or "", media_type="text/plain")

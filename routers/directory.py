@@ -8,7 +8,7 @@ import, not per message, and a changed directory is seen once the entries expire
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -203,7 +203,7 @@ class _Expiring(Generic[K, V]):
 
 async def _many(
     cache: "_Expiring[K, V | None]",
-    keys: Iterable[K],
+    keys: Collection[K],
     read: Callable[[list[K]], Awaitable[dict[K, V]]],
     spawn: Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"],
 ) -> dict[K, V | None]:
@@ -217,6 +217,8 @@ async def _many(
     entry never makes a request wait for the database.
     """
     found: dict[K, V | None] = {}
+    if not keys:
+        return found
     waiting: dict[K, asyncio.Future[V | None]] = {}
     mine: list[K] = []
     stale: list[K] = []
