@@ -2,6 +2,7 @@
 learning from events, dead-lettering garbage, and never losing a message."""
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -59,7 +60,8 @@ class Routing:
 
     async def close(self) -> None:
         self.stop.set()
-        await asyncio.gather(*self.tasks)
+        async with asyncio.timeout(15):
+            await asyncio.gather(*self.tasks)
 
     async def send(self, message: InboundMessage) -> None:
         await self.bus.publish(INBOUND, message.channel, message, message_id=message.id)
@@ -68,18 +70,27 @@ class Routing:
         await self.bus.publish(EVENTS, event.type, event, message_id=f"ev-{id(event)}")
 
     async def routed(self, timeout: float = 10) -> tuple[str, RoutedMessage]:
+        """The next routed message; TimeoutError when none comes within ``timeout``.
+
+        The deadline is checked between polls, never by cancelling one: a ``basic.get``
+        cancelled while its answer is on the way can leave the channel unable to close."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         channel = await self.bus.connection.channel()
         queue = await channel.get_queue(ROUTED_QUEUE)
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    got = await queue.get(fail=False)
-                    if got is not None:
-                        await got.ack()
-                        return got.routing_key or "", RoutedMessage.model_validate_json(got.body)
-                    await asyncio.sleep(0.02)
+            while True:
+                got = await queue.get(fail=False, timeout=10)
+                if got is not None:
+                    await got.ack()
+                    return got.routing_key or "", RoutedMessage.model_validate_json(got.body)
+                if loop.time() >= deadline:
+                    raise TimeoutError
+                await asyncio.sleep(0.02)
         finally:
-            await channel.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await channel.close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 stopped the way the daemon does it, for end-to-end tests of a channel."""
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -61,15 +62,20 @@ class Workers:
 
     async def next_from(self, queue_name: str, timeout: float = 15) -> tuple[str, bytes]:
         """The next message on a queue, acked: (routing key, body); bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         channel = await self.bus.connection.channel()
         try:
             queue = await channel.get_queue(queue_name)
-            async with asyncio.timeout(timeout):
-                while True:
-                    got = await queue.get(fail=False)
-                    if got is not None:
-                        await got.ack()
-                        return got.routing_key or "", got.body
-                    await asyncio.sleep(0.02)
+            while True:  # the deadline is checked between polls, never by cancelling one
+                got = await queue.get(fail=False, timeout=10)
+                if got is not None:
+                    await got.ack()
+                    return got.routing_key or "", got.body
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"nothing on {queue_name} within {timeout}s")
+                await asyncio.sleep(0.02)
         finally:
-            await channel.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await channel.close()
