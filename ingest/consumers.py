@@ -12,6 +12,7 @@ during a short outage; poison (an invalid body, a ``PoisonError``) and handler b
 dead-lettered with the reason; a message is acked only after its handler returned.
 """
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -42,7 +43,7 @@ BatchHandler = Callable[
 ]
 
 
-class _Settling:
+class _Settling(abc.ABC):
     """What both consumers share: start, readiness, dead-lettering, settling, draining."""
 
     def __init__(self, bus: "Bus", channel: AbstractChannel, queue: AbstractQueue) -> None:
@@ -62,14 +63,17 @@ class _Settling:
         return self._tag is not None and not self._channel.is_closed
 
     @property
+    @abc.abstractmethod
     def in_flight(self) -> int:
-        raise NotImplementedError
+        """Messages taken from the broker and not settled yet."""
 
+    @abc.abstractmethod
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        raise NotImplementedError
+        """Take one delivery (aio-pika runs this in a task of its own)."""
 
+    @abc.abstractmethod
     def _cancel_in_flight(self) -> None:
-        raise NotImplementedError
+        """Give up on what is still running at the drain deadline."""
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
