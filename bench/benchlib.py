@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -117,6 +118,13 @@ def machine() -> str:
         f"python: {sys.version.split()[0]}",
         run("rabbitmqctl -q version 2>/dev/null | sed 's/^/rabbitmq: /'"),
     ])
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,12 +36,6 @@ ROOT = HERE.parent
 TOKEN = "bench-token-" + uuid.uuid4().hex[:8]
 #: hey workers per rate; -q is per worker
 WORKERS = {100: 10, 300: 30, 1000: 50}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def floor_app() -> None:
@@ -123,7 +116,7 @@ def main(a: argparse.Namespace) -> None:
             urls: dict[str, tuple[str, dict[str, str]]] = {}
             pids: dict[str, int] = {}
             for target in targets:
-                port = free_port()
+                port = benchlib.free_port()
                 if target == "floor":
                     env = {**os.environ, "FLOOR_PORT": str(port)}
                     procs.append(subprocess.Popen([sys.executable, __file__, "--floor"], env=env))

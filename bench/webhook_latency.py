@@ -38,12 +38,6 @@ ACCOUNT = "AC" + "0" * 32
 PATH = "/webhooks/twilio/sms"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def known_phones(db: Path, n: int) -> list[str]:
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
@@ -174,7 +168,7 @@ async def main(a: argparse.Namespace) -> None:
         work.mkdir(parents=True)
         db = work / "directory.sqlite"
         shutil.copyfile(template, db)
-        port = free_port()
+        port = benchlib.free_port()
         try:
             with benchlib.fresh_vhost("omniroute-webhook") as amqp_url:
                 proc = start_daemon(work, amqp_url, db, port)

@@ -87,28 +87,6 @@ async def customer_by_key(session: AsyncSession, kind: str, address: str) -> Cus
     return None if row is None else CustomerRecord(id=row.id, name=row.name, team_id=row.team_id)
 
 
-async def get_team(session: AsyncSession, team_id: str) -> TeamRecord | None:
-    row = (
-        await session.execute(
-            select(Team.id, Team.name, Team.dial, Team.email).where(Team.id == team_id)
-        )
-    ).first()
-    return None if row is None else TeamRecord(row.id, row.name, row.dial, row.email)
-
-
-async def get_agent(session: AsyncSession, agent_id: str) -> AgentRecord | None:
-    row = (
-        await session.execute(
-            select(Agent.id, Agent.name, Agent.team_id, Agent.dial, Agent.active).where(
-                Agent.id == agent_id
-            )
-        )
-    ).first()
-    if row is None:
-        return None
-    return AgentRecord(row.id, row.name, row.team_id, row.dial, bool(row.active))
-
-
 async def customers_by_keys(
     session: AsyncSession, keys: list[tuple[str, str]]
 ) -> dict[tuple[str, str], CustomerRecord]:
