@@ -36,8 +36,12 @@ def limit_sample(i: int) -> bytes:
 
 
 async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] = limit_sample,
-                  *, queue_type: str = "classic", quiet: bool = False) -> float:
-    """Preload ``n`` bodies, then time the consume-decode-publish-confirm-ack loop; msg/s."""
+                  *, queue_type: str = "classic", quiet: bool = False,
+                  cpu: list[float] | None = None) -> float:
+    """Preload ``n`` bodies, then time the consume-decode-publish-confirm-ack loop; msg/s.
+
+    ``cpu`` gets the CPU seconds this process spent in the timed loop (all its threads).
+    """
     tag = uuid.uuid4().hex[:8]
     args = {"x-queue-type": "quorum"} if queue_type == "quorum" else None
     conn = await aio_pika.connect_robust(url)
@@ -74,10 +78,12 @@ async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] 
             if forwarded == n:
                 done.set()
 
-        t0 = time.perf_counter()  # phase 2: timed
+        t0, c0 = time.perf_counter(), time.process_time()  # phase 2: timed
         tag_consumer = await q.consume(handle)
         await done.wait()
         dt = time.perf_counter() - t0
+        if cpu is not None:
+            cpu.append(time.process_time() - c0)
         await q.cancel(tag_consumer)
         await q_in.delete(if_unused=False, if_empty=False)
         await q_out.delete(if_unused=False, if_empty=False)

@@ -83,8 +83,12 @@ async def depth(url: str, queue: str) -> int:
 
 
 async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int,
-                      logdir: Path, profile: str | None, cache_ttl: float | None) -> float:
-    """Start ``workers`` router processes, release them together, time until N are routed."""
+                      logdir: Path, profile: str | None, cache_ttl: float | None,
+                      cpu: list[float] | None = None) -> float:
+    """Start ``workers`` router processes, release them together, time until N are routed.
+
+    ``cpu`` gets the CPU seconds the router processes spent from "go" to "stop" (summed).
+    """
     import aio_pika
 
     procs: list[subprocess.Popen[bytes]] = []
@@ -127,11 +131,18 @@ async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int
             if p.poll() is None and p.stdin is not None:
                 p.stdin.write(b"stop\n")
                 p.stdin.flush()
+        spent = 0.0
         for p in procs:
             try:
-                p.wait(timeout=60)
+                _, err = p.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
+                continue
+            for line in err.decode(errors="replace").splitlines():
+                if line.startswith("cpu "):
+                    spent += float(line.split()[1])
+        if cpu is not None:
+            cpu.append(spent)
     return n / dt
 
 
@@ -169,10 +180,12 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     sys.stderr.flush()
     if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
         return
+    c0 = time.process_time()
     task = asyncio.create_task(worker.run(stop, drain_timeout=10))
     await loop.run_in_executor(None, sys.stdin.readline)  # "stop" or EOF
     stop.set()
     await task
+    sys.stderr.write(f"cpu {time.process_time() - c0:.3f}\n")
     sys.stderr.write(f"routed {worker.routed} duplicates {worker.duplicates}\n")
     await bus.close()
     await engine.dispose()
@@ -200,9 +213,12 @@ async def main(a: argparse.Namespace) -> None:
     fwd_rates: list[float] = []
     fwdq_rates: list[float] = []
     router_rates: list[float] = []
+    fwd_cpu: list[float] = []
+    router_cpu: list[float] = []
     with benchlib.fresh_vhost() as url:
         for r in range(a.rounds):
-            fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True))
+            fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True,
+                                           cpu=fwd_cpu))
             if a.quorum_forwarder:
                 fwdq_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i],
                                                 queue_type="quorum", quiet=True))
@@ -213,7 +229,8 @@ async def main(a: argparse.Namespace) -> None:
                 await preload(url, round_bodies)
                 profile = f"{a.profile}.{r}.json" if a.profile else None
                 router_rates.append(await time_router(url, db_url, a.n, a.workers, a.prefetch,
-                                                      logdir, profile, a.cache_ttl))
+                                                      logdir, profile, a.cache_ttl,
+                                                      router_cpu))
                 dead = await depth(url, "omniroute.dead")
                 left = await depth(url, "omniroute.router")
                 routed = await depth(url, "omniroute.routed")
@@ -226,7 +243,9 @@ async def main(a: argparse.Namespace) -> None:
                         p.unlink(missing_ok=True)
             line = (f"round {r + 1}: forwarder {fwd_rates[-1]:.0f} msg/s, "
                     f"router x{a.workers} {router_rates[-1]:.0f} msg/s, "
-                    f"ratio {router_rates[-1] / fwd_rates[-1]:.2f}")
+                    f"ratio {router_rates[-1] / fwd_rates[-1]:.2f}; CPU per message: "
+                    f"forwarder {fwd_cpu[-1] / a.n * 1000:.3f} ms, "
+                    f"router {router_cpu[-1] / a.n * 1000:.3f} ms")
             if fwdq_rates:
                 line += f" (forwarder on quorum queues {fwdq_rates[-1]:.0f} msg/s)"
             print(line, flush=True)
@@ -238,12 +257,17 @@ async def main(a: argparse.Namespace) -> None:
     print(f"forwarder: median {f_med:.0f} msg/s (min {f_lo:.0f}, max {f_hi:.0f})")
     print(f"router x{a.workers}: median {r_med:.0f} msg/s (min {r_lo:.0f}, max {r_hi:.0f})")
     print(f"ratio router/forwarder: median {q_med:.2f} (min {q_lo:.2f}, max {q_hi:.2f})")
+    c_med, c_lo, c_hi = benchlib.median_spread(
+        [r / f for r, f in zip(router_cpu, fwd_cpu, strict=True)])
+    print(f"CPU per message, router/forwarder: median {c_med:.2f} (min {c_lo:.2f}, "
+          f"max {c_hi:.2f}); the forwarder's CPU is its process's, the router's its processes'")
     if fwdq_rates:
         m, lo, hi = benchlib.median_spread(fwdq_rates)
         print(f"forwarder on quorum queues: median {m:.0f} msg/s (min {lo:.0f}, max {hi:.0f}); "
               f"router/that: {r_med / m:.2f}")
     print(json.dumps({"forwarder": fwd_rates, "router": router_rates, "workers": a.workers,
-                      "forwarder_quorum": fwdq_rates}))
+                      "forwarder_quorum": fwdq_rates, "forwarder_cpu": fwd_cpu,
+                      "router_cpu": router_cpu}))
 
 
 async def purge(url: str, queue: str) -> None:

@@ -19,13 +19,14 @@ import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
 from pydantic import BaseModel
 
-from ingest.consumers import BatchConsumer, BatchHandler, Consumer, Handler
+from ingest.batch_consumer import BatchConsumer, BatchHandler
+from ingest.consumers import Consumer, Handler
+from ingest.delivery import Received
 from ingest.errors import AuthError, ConfigError, TransientError, UnroutableError
 from ingest.health import Health
 from ingest.metrics import Metrics
@@ -286,7 +287,7 @@ class Bus:
             # declares a stalled connection dead: an outage, not a reason to stop
             raise TransientError(f"publish to {exchange} failed: connection lost") from exc
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def dead_letter(self, message: Received, reason: str) -> None:
         """Send the original body, with its properties and the reason, to ``omniroute.dead``."""
         headers = dict(message.headers or {})
         headers[REASON_HEADER] = reason[:1000]

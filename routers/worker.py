@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
+from ingest.delivery import Delivery
 from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
@@ -152,9 +152,7 @@ class RouterWorker:
             drain_timeout=drain_timeout,
         )
 
-    async def handle_batch(
-        self, deliveries: list[AbstractIncomingMessage]
-    ) -> list[BaseException | None]:
+    async def handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:
         """Route the deliveries that arrived together; one outcome per delivery (None: done,
         ack it). Their facts are read in one session and their claims written in one
         transaction; their publishes wait for their confirms together."""

@@ -6,13 +6,14 @@ import random
 from collections.abc import Sequence
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 
+from ingest.batch_consumer import BatchConsumer
 from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
-from ingest.consumers import BatchConsumer
+from ingest.delivery import Delivery
 from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
 from ingest.settings import BusSettings
+from tests.conftest import _rabbitmqctl
 
 
 async def _publish(bus: Bus, bodies: list[bytes]) -> None:
@@ -57,7 +58,7 @@ async def test_batches_finishing_out_of_order_settle_every_message_once(bus: Bus
     sizes: list[int] = []
     closed = asyncio.Event()
 
-    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
         sizes.append(len(batch))
         await asyncio.sleep(random.random() * 0.02)  # noqa: S311
         seen.extend(m.body.decode() for m in batch)
@@ -85,7 +86,7 @@ async def test_each_message_gets_its_own_outcome(bus: Bus) -> None:
     attempts: dict[str, int] = {}
     done: set[str] = set()
 
-    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
         outcomes: list[BaseException | None] = []
         for message in batch:
             body = message.body.decode()
@@ -126,7 +127,7 @@ async def test_a_handler_that_raises_fails_the_whole_batch_as_one(bus: Bus) -> N
     batch with the reason instead of stalling the queue."""
     await _publish(bus, [b"a", b"b"])
 
-    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
         raise ValueError("boom")
 
     consumer = await _consume(bus, handler, prefetch=10)
@@ -152,7 +153,7 @@ async def test_a_cancelled_confirm_is_an_outage_not_poison(bus: Bus) -> None:
     await _publish(bus, [b"stalled"])
     attempts = 0
 
-    async def handler(batch: list[AbstractIncomingMessage]) -> Sequence[BaseException | None]:
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
         nonlocal attempts
         attempts += 1
         return [asyncio.CancelledError() if attempts == 1 else None for _ in batch]
@@ -168,3 +169,60 @@ async def test_a_cancelled_confirm_is_an_outage_not_poison(bus: Bus) -> None:
         assert await _depths(retrying) == (0, 0), "handled, acked, nothing dead-lettered"
     finally:
         await retrying.close()
+
+
+async def _until(condition: object, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.05)
+
+
+async def test_consumes_again_after_the_broker_closes_the_connection(bus: Bus, vhost: str) -> None:
+    """The consumer reads from aiormq, past aio-pika's own consumer recovery: after a
+    reconnection it must consume again by itself, and what it held unacked on the dead
+    connection comes back and is handled."""
+    await _publish(bus, [f"before{i}".encode() for i in range(5)])
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
+        if not release.is_set():
+            seen.extend(m.body.decode() for m in batch)
+            await release.wait()  # held, unacked, while the connection is closed
+            return [None] * len(batch)
+        seen.extend(m.body.decode() for m in batch)
+        return [None] * len(batch)
+
+    consumer = await _consume(bus, handler, prefetch=10)
+    await _until(lambda: len(seen) >= 1, 10)
+    _rabbitmqctl("close_all_connections", "-p", vhost, "test: connection closed")
+    await _until(lambda: not consumer.active, 10)
+    release.set()
+    await _until(lambda: consumer.active, 30)
+    await _publish(bus, [f"after{i}".encode() for i in range(5)])
+    wanted = {f"before{i}" for i in range(5)} | {f"after{i}" for i in range(5)}
+    await _until(lambda: wanted <= set(seen) and seen.count("before0") >= 1, 30)
+    await _until(lambda: consumer.in_flight == 0, 10)
+    await consumer.stop(timeout=10)
+    assert await _depths(bus) == (0, 0), "everything handled and acked on the new channel"
+
+
+async def test_consumes_again_after_the_broker_cancels_the_consumer(bus: Bus) -> None:
+    """A queue deleted under the consumer cancels it (basic.cancel); once the queue is back,
+    the consumer resumes by itself, and reports itself inactive meanwhile."""
+    seen: list[str] = []
+
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
+        seen.extend(m.body.decode() for m in batch)
+        return [None] * len(batch)
+
+    consumer = await _consume(bus, handler, prefetch=10)
+    admin = await bus.connection.channel()
+    await admin.queue_delete(ROUTER_QUEUE)
+    await _until(lambda: not consumer.active, 10)
+    await bus.declare_topology()  # the queue is declared again, as a restarted daemon would
+    await _until(lambda: consumer.active, 30)
+    await _publish(bus, [b"back"])
+    await _until(lambda: seen == ["back"], 10)
+    await consumer.stop(timeout=10)
+    await admin.close()
