@@ -41,11 +41,14 @@ def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncE
     url = normalise_url(url)
     # hide_parameters: SQL errors reach logs and dead-letter reasons, and their bound
     # parameters are customer identities and message text
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     if url.startswith("sqlite"):
+        # no pre-ping: a file cannot drop a connection, and the ping cost a round trip
+        # through aiosqlite's thread on every checkout (several per routed batch)
         _ensure_sqlite_directory(url)
         kwargs["connect_args"] = {"timeout": settings.statement_timeout}
     else:
+        kwargs["pool_pre_ping"] = True  # a restarted server leaves dead pooled connections
         kwargs["pool_size"] = settings.pool_size
         kwargs["connect_args"] = {
             "timeout": settings.statement_timeout,

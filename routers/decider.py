@@ -128,9 +128,7 @@ class Decider:
         context: bool,
     ) -> _Read:
         region = settings.default_region
-        read = _Read(
-            await self.directory.find_customers([m.sender for m in messages], region)
-        )
+        read = _Read(await self.directory.find_customers([m.sender for m in messages], region))
         stateful: set[str] = set()
         for index, (message, customer) in enumerate(zip(messages, read.customers, strict=True)):
             if customer is None:

@@ -20,6 +20,7 @@ from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
 from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.sql import fetch
 
 log = structlog.get_logger("omniroute.directory")
 
@@ -93,39 +94,34 @@ async def customers_by_keys(
     """``customer_by_key`` for many normalised (kind, address) pairs in one query."""
     if not keys:
         return {}
-    rows = (
-        await session.execute(
-            select(
-                CustomerIdentity.kind,
-                CustomerIdentity.address,
-                Customer.id,
-                Customer.name,
-                Customer.team_id,
-            )
-            .join(Customer, CustomerIdentity.customer_id == Customer.id)
-            .where(or_(*(_of_kind(kind, keys) for kind in sorted({k for k, _ in keys}))))
+    identity, customer = CustomerIdentity.__table__.c, Customer.__table__.c
+    rows = await fetch(
+        session,
+        select(identity.kind, identity.address, customer.id, customer.name, customer.team_id)
+        .join_from(
+            CustomerIdentity.__table__, Customer.__table__, identity.customer_id == customer.id
         )
-    ).all()
+        .where(or_(*(_of_kind(kind, keys) for kind in sorted({k for k, _ in keys})))),
+    )
     return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
 
 
 async def agents_by_ids(session: AsyncSession, agent_ids: list[str]) -> dict[str, AgentRecord]:
-    rows = (
-        await session.execute(
-            select(Agent.id, Agent.name, Agent.team_id, Agent.dial, Agent.active).where(
-                Agent.id.in_(agent_ids)
-            )
-        )
-    ).all()
+    agent = Agent.__table__.c
+    rows = await fetch(
+        session,
+        select(agent.id, agent.name, agent.team_id, agent.dial, agent.active).where(
+            agent.id.in_(agent_ids)
+        ),
+    )
     return {r.id: AgentRecord(r.id, r.name, r.team_id, r.dial, bool(r.active)) for r in rows}
 
 
 async def teams_by_ids(session: AsyncSession, team_ids: list[str]) -> dict[str, TeamRecord]:
-    rows = (
-        await session.execute(
-            select(Team.id, Team.name, Team.dial, Team.email).where(Team.id.in_(team_ids))
-        )
-    ).all()
+    team = Team.__table__.c
+    rows = await fetch(
+        session, select(team.id, team.name, team.dial, team.email).where(team.id.in_(team_ids))
+    )
     return {r.id: TeamRecord(r.id, r.name, r.dial, r.email) for r in rows}
 
 
@@ -133,7 +129,8 @@ def _of_kind(kind: str, keys: list[tuple[str, str]]) -> ColumnElement[bool]:
     # one "kind = ? AND address IN (...)" per kind: SQLite scans the whole table for a
     # row-value "(kind, address) IN (VALUES ...)", but searches the key index for this
     addresses = [address for k, address in keys if k == kind]
-    return and_(CustomerIdentity.kind == kind, CustomerIdentity.address.in_(addresses))
+    identity = CustomerIdentity.__table__.c
+    return and_(identity.kind == kind, identity.address.in_(addresses))
 
 
 K = TypeVar("K")
@@ -226,9 +223,7 @@ async def _many(
     return found
 
 
-def _reading(
-    cache: "_Expiring[K, V | None]", keys: list[K]
-) -> dict[K, "asyncio.Future[V | None]"]:
+def _reading(cache: "_Expiring[K, V | None]", keys: list[K]) -> dict[K, "asyncio.Future[V | None]"]:
     """Mark ``keys`` as being read (before the read starts): later callers wait for it."""
     loop = asyncio.get_running_loop()
     futures: dict[K, asyncio.Future[V | None]] = {}

@@ -1,9 +1,16 @@
-"""Portable upserts for SQLite and PostgreSQL (both speak ``ON CONFLICT``)."""
+"""Portable upserts for SQLite and PostgreSQL (both speak ``ON CONFLICT``), and Core
+execution for the hot paths.
+
+The router's batch reads and claims run as Core statements on the session's connection
+(``fetch``, ``upsert``): ``Session.execute`` adds ORM work per statement (compile state,
+result processing) that cost as much as the query itself on SQLite. They name columns
+through ``Model.__table__.c``, since ORM attributes would bring that work back.
+"""
 
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Executable, Row, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -40,8 +47,15 @@ async def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
-    result = await session.execute(stmt, list(rows))
+    connection = await session.connection()
+    result = await connection.execute(stmt, list(rows))
     return max(0, int(getattr(result, "rowcount", 0) or 0))
+
+
+async def fetch(session: AsyncSession, stmt: Executable) -> Sequence[Row[Any]]:
+    """Every row of a Core statement, run on the session's connection (and transaction)."""
+    connection = await session.connection()
+    return (await connection.execute(stmt)).all()
 
 
 async def insert_new(

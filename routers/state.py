@@ -22,7 +22,7 @@ from routers.models import (
     SentReply,
     ThreadOwner,
 )
-from routers.sql import insert_new, upsert
+from routers.sql import fetch, insert_new, upsert
 
 
 @dataclass(frozen=True)
@@ -44,19 +44,18 @@ async def last_agents_presence(
     router's hot path); customers nobody answered are absent."""
     if not customer_ids:
         return {}
-    rows = (
-        await session.execute(
-            select(
-                LastAgent.customer_id,
-                LastAgent.agent_id,
-                LastAgent.channel,
-                LastAgent.at,
-                AgentPresence.status,
-            )
-            .outerjoin(AgentPresence, AgentPresence.agent_id == LastAgent.agent_id)
-            .where(LastAgent.customer_id.in_(customer_ids))
+    last, presence_ = LastAgent.__table__.c, AgentPresence.__table__.c
+    rows = await fetch(
+        session,
+        select(last.customer_id, last.agent_id, last.channel, last.at, presence_.status)
+        .join_from(
+            LastAgent.__table__,
+            AgentPresence.__table__,
+            presence_.agent_id == last.agent_id,
+            isouter=True,
         )
-    ).all()
+        .where(last.customer_id.in_(customer_ids)),
+    )
     return {
         r.customer_id: (
             LastContact(r.agent_id, r.channel, _aware(r.at)),
@@ -148,17 +147,19 @@ async def claim_routed_many(session: AsyncSession, batch: list[RoutedMessage]) -
     wanted: dict[str, set[str]] = {}
     for routed in batch:
         wanted.setdefault(routed.message.channel, set()).add(routed.message.external_id)
-    rows = await session.execute(
-        select(RoutedRecord.channel, RoutedRecord.external_id, RoutedRecord.id).where(
+    record = RoutedRecord.__table__.c
+    rows = await fetch(
+        session,
+        select(record.channel, record.external_id, record.id).where(
             # one "channel = ? AND external_id IN (...)" per channel searches the unique
             # index; a row-value IN would scan the table on SQLite
             or_(
                 *(
-                    and_(RoutedRecord.channel == channel, RoutedRecord.external_id.in_(ids))
+                    and_(record.channel == channel, record.external_id.in_(ids))
                     for channel, ids in sorted(wanted.items())
                 )
             )
-        )
+        ),
     )
     owners = {(r.channel, r.external_id): r.id for r in rows}
     return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
@@ -202,31 +203,29 @@ async def recent_contacts_many(
     """``recent_contacts`` for many customers in one query (a window per customer)."""
     if limit <= 0 or not customer_ids:
         return {}
+    record = RoutedRecord.__table__.c
     rank = (
         func.row_number()
-        .over(partition_by=RoutedRecord.customer_id, order_by=RoutedRecord.routed_at.desc())
+        .over(partition_by=record.customer_id, order_by=record.routed_at.desc())
         .label("rank")
     )
     ranked = (
         select(
-            RoutedRecord.customer_id,
-            RoutedRecord.channel,
-            RoutedRecord.routed_at,
-            RoutedRecord.id,
-            RoutedRecord.route_kind,
-            RoutedRecord.route_target,
+            record.customer_id,
+            record.channel,
+            record.routed_at,
+            record.id,
+            record.route_kind,
+            record.route_target,
             rank,
         )
-        .where(RoutedRecord.customer_id.in_(customer_ids))
+        .where(record.customer_id.in_(customer_ids))
         .subquery()
     )
-    rows = (
-        await session.execute(
-            select(ranked)
-            .where(ranked.c.rank <= limit)
-            .order_by(ranked.c.customer_id, ranked.c.rank)
-        )
-    ).all()
+    rows = await fetch(
+        session,
+        select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.customer_id, ranked.c.rank),
+    )
     found: dict[str, list[RecentContact]] = {}
     for r in rows:
         found.setdefault(r.customer_id, []).append(

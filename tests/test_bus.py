@@ -38,9 +38,7 @@ async def test_topology_is_idempotent_and_as_designed(amqp_url: str, vhost: str)
         timeout=60,
     )
     # rabbitmqctl lists each argument as [name, type, value]
-    queues = {
-        q["name"]: {a[0]: a[-1] for a in q["arguments"]} for q in json.loads(listed.stdout)
-    }
+    queues = {q["name"]: {a[0]: a[-1] for a in q["arguments"]} for q in json.loads(listed.stdout)}
     assert set(queues) == {
         "omniroute.router",
         "omniroute.routed",
