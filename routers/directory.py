@@ -7,13 +7,14 @@ import, not per message, and a changed directory is seen once the entries expire
 """
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
-from sqlalchemy import ColumnElement, and_, or_, select
+from sqlalchemy import Select, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ingest.errors import TransientError
@@ -94,44 +95,56 @@ async def customers_by_keys(
     """``customer_by_key`` for many normalised (kind, address) pairs in one query."""
     if not keys:
         return {}
+    kinds = tuple(sorted({kind for kind, _ in keys}))
+    params: dict[str, Any] = {}
+    for i, kind in enumerate(kinds):
+        params[f"kind{i}"] = kind
+        params[f"addresses{i}"] = [address for k, address in keys if k == kind]
+    rows = await fetch(session, _customers_of_kinds(len(kinds)), params)
+    return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
+
+
+@functools.cache
+def _customers_of_kinds(kinds: int) -> Select[Any]:
+    # one "kind = ? AND address IN (...)" per kind: SQLite scans the whole table for a
+    # row-value "(kind, address) IN (VALUES ...)", but searches the key index for this
     identity, customer = CustomerIdentity.__table__.c, Customer.__table__.c
-    rows = await fetch(
-        session,
+    return (
         select(identity.kind, identity.address, customer.id, customer.name, customer.team_id)
         .join_from(
             CustomerIdentity.__table__, Customer.__table__, identity.customer_id == customer.id
         )
-        .where(or_(*(_of_kind(kind, keys) for kind in sorted({k for k, _ in keys})))),
+        .where(
+            or_(
+                *(
+                    and_(
+                        identity.kind == bindparam(f"kind{i}"),
+                        identity.address.in_(bindparam(f"addresses{i}", expanding=True)),
+                    )
+                    for i in range(kinds)
+                )
+            )
+        )
     )
-    return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
 
 
 async def agents_by_ids(session: AsyncSession, agent_ids: list[str]) -> dict[str, AgentRecord]:
-    agent = Agent.__table__.c
-    rows = await fetch(
-        session,
-        select(agent.id, agent.name, agent.team_id, agent.dial, agent.active).where(
-            agent.id.in_(agent_ids)
-        ),
-    )
+    rows = await fetch(session, _AGENTS, {"ids": agent_ids})
     return {r.id: AgentRecord(r.id, r.name, r.team_id, r.dial, bool(r.active)) for r in rows}
 
 
 async def teams_by_ids(session: AsyncSession, team_ids: list[str]) -> dict[str, TeamRecord]:
-    team = Team.__table__.c
-    rows = await fetch(
-        session, select(team.id, team.name, team.dial, team.email).where(team.id.in_(team_ids))
-    )
+    rows = await fetch(session, _TEAMS, {"ids": team_ids})
     return {r.id: TeamRecord(r.id, r.name, r.dial, r.email) for r in rows}
 
 
-def _of_kind(kind: str, keys: list[tuple[str, str]]) -> ColumnElement[bool]:
-    # one "kind = ? AND address IN (...)" per kind: SQLite scans the whole table for a
-    # row-value "(kind, address) IN (VALUES ...)", but searches the key index for this
-    addresses = [address for k, address in keys if k == kind]
-    identity = CustomerIdentity.__table__.c
-    return and_(identity.kind == kind, identity.address.in_(addresses))
-
+_agent, _team = Agent.__table__.c, Team.__table__.c
+_AGENTS = select(_agent.id, _agent.name, _agent.team_id, _agent.dial, _agent.active).where(
+    _agent.id.in_(bindparam("ids", expanding=True))
+)
+_TEAMS = select(_team.id, _team.name, _team.dial, _team.email).where(
+    _team.id.in_(bindparam("ids", expanding=True))
+)
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -16,7 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 
 def _insert(session: AsyncSession, table: Table) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    return insert_for(dialect_of(session), table)
+
+
+def dialect_of(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
+
+
+def insert_for(dialect: str, table: Table) -> Any:
+    """An ``INSERT`` of ``dialect`` (both have ``ON CONFLICT``, each its own construct)."""
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
@@ -47,15 +55,29 @@ async def upsert(
         )
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    return await execute_many(session, stmt, rows)
+
+
+async def execute_many(
+    session: AsyncSession, stmt: Executable, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Run ``stmt`` once per row (executemany); the rows affected where the driver counts
+    them."""
     connection = await session.connection()
     result = await connection.execute(stmt, list(rows))
     return max(0, int(getattr(result, "rowcount", 0) or 0))
 
 
-async def fetch(session: AsyncSession, stmt: Executable) -> Sequence[Row[Any]]:
-    """Every row of a Core statement, run on the session's connection (and transaction)."""
+async def fetch(
+    session: AsyncSession, stmt: Executable, params: dict[str, Any] | None = None
+) -> Sequence[Row[Any]]:
+    """Every row of a Core statement, run on the session's connection (and transaction).
+
+    The hot statements are built once, with bound (``expanding``) parameters, and passed
+    their values here: building a statement and its cache key anew for every batch cost
+    more than running it."""
     connection = await session.connection()
-    return (await connection.execute(stmt)).all()
+    return (await connection.execute(stmt, params)).all()
 
 
 async def insert_new(

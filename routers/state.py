@@ -6,11 +6,12 @@ Writes are idempotent and order-safe: an event older than what is stored never
 overwrites it, so redelivered or reordered events cannot move a customer backwards.
 """
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy import Insert, Select, and_, bindparam, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import InboundMessage, RecentContact, RoutedMessage
@@ -22,7 +23,7 @@ from routers.models import (
     SentReply,
     ThreadOwner,
 )
-from routers.sql import fetch, insert_new, upsert
+from routers.sql import dialect_of, execute_many, fetch, insert_for, insert_new, upsert
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,7 @@ async def last_agents_presence(
     router's hot path); customers nobody answered are absent."""
     if not customer_ids:
         return {}
-    last, presence_ = LastAgent.__table__.c, AgentPresence.__table__.c
-    rows = await fetch(
-        session,
-        select(last.customer_id, last.agent_id, last.channel, last.at, presence_.status)
-        .join_from(
-            LastAgent.__table__,
-            AgentPresence.__table__,
-            presence_.agent_id == last.agent_id,
-            isouter=True,
-        )
-        .where(last.customer_id.in_(customer_ids)),
-    )
+    rows = await fetch(session, _LAST_AGENTS, {"ids": customer_ids})
     return {
         r.customer_id: (
             LastContact(r.agent_id, r.channel, _aware(r.at)),
@@ -137,30 +127,14 @@ async def claim_routed_many(session: AsyncSession, batch: list[RoutedMessage]) -
     earlier one, as it would one statement later), then each channel id's owner is read."""
     if not batch:
         return []
-    await upsert(
-        session,
-        RoutedRecord.__table__,  # type: ignore[arg-type]
-        [_routed_row(routed) for routed in batch],
-        ["channel", "external_id"],
-        update=[],
-    )
-    wanted: dict[str, set[str]] = {}
+    await execute_many(session, _claim_insert(dialect_of(session)), [_routed_row(r) for r in batch])
+    wanted: dict[str, list[str]] = {}
     for routed in batch:
-        wanted.setdefault(routed.message.channel, set()).add(routed.message.external_id)
-    record = RoutedRecord.__table__.c
-    rows = await fetch(
-        session,
-        select(record.channel, record.external_id, record.id).where(
-            # one "channel = ? AND external_id IN (...)" per channel searches the unique
-            # index; a row-value IN would scan the table on SQLite
-            or_(
-                *(
-                    and_(record.channel == channel, record.external_id.in_(ids))
-                    for channel, ids in sorted(wanted.items())
-                )
-            )
-        ),
-    )
+        wanted.setdefault(routed.message.channel, []).append(routed.message.external_id)
+    params: dict[str, Any] = {}
+    for i, (channel, ids) in enumerate(sorted(wanted.items())):
+        params[f"channel{i}"], params[f"ids{i}"] = channel, ids
+    rows = await fetch(session, _claims_of_channels(len(wanted)), params)
     owners = {(r.channel, r.external_id): r.id for r in rows}
     return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
 
@@ -203,29 +177,7 @@ async def recent_contacts_many(
     """``recent_contacts`` for many customers in one query (a window per customer)."""
     if limit <= 0 or not customer_ids:
         return {}
-    record = RoutedRecord.__table__.c
-    rank = (
-        func.row_number()
-        .over(partition_by=record.customer_id, order_by=record.routed_at.desc())
-        .label("rank")
-    )
-    ranked = (
-        select(
-            record.customer_id,
-            record.channel,
-            record.routed_at,
-            record.id,
-            record.route_kind,
-            record.route_target,
-            rank,
-        )
-        .where(record.customer_id.in_(customer_ids))
-        .subquery()
-    )
-    rows = await fetch(
-        session,
-        select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.customer_id, ranked.c.rank),
-    )
+    rows = await fetch(session, _RECENT, {"ids": customer_ids, "limit": limit})
     found: dict[str, list[RecentContact]] = {}
     for r in rows:
         found.setdefault(r.customer_id, []).append(
@@ -311,3 +263,63 @@ def utc(value: datetime) -> datetime:
 def _aware(value: datetime) -> datetime:
     # SQLite hands back naive datetimes even for timezone=True columns; they are UTC.
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# The router's statements, built once (see ``routers.sql.fetch``).
+_last, _presence = LastAgent.__table__.c, AgentPresence.__table__.c
+_LAST_AGENTS = (
+    select(_last.customer_id, _last.agent_id, _last.channel, _last.at, _presence.status)
+    .join_from(
+        LastAgent.__table__,
+        AgentPresence.__table__,
+        _presence.agent_id == _last.agent_id,
+        isouter=True,
+    )
+    .where(_last.customer_id.in_(bindparam("ids", expanding=True)))
+)
+
+_record = RoutedRecord.__table__.c
+_ranked = (
+    select(
+        _record.customer_id,
+        _record.channel,
+        _record.routed_at,
+        _record.id,
+        _record.route_kind,
+        _record.route_target,
+        func.row_number()
+        .over(partition_by=_record.customer_id, order_by=_record.routed_at.desc())
+        .label("rank"),
+    )
+    .where(_record.customer_id.in_(bindparam("ids", expanding=True)))
+    .subquery()
+)
+_RECENT = (
+    select(_ranked)
+    .where(_ranked.c.rank <= bindparam("limit"))
+    .order_by(_ranked.c.customer_id, _ranked.c.rank)
+)
+
+
+@functools.cache
+def _claims_of_channels(channels: int) -> Select[Any]:
+    # one "channel = ? AND external_id IN (...)" per channel searches the unique index; a
+    # row-value IN would scan the table on SQLite
+    return select(_record.channel, _record.external_id, _record.id).where(
+        or_(
+            *(
+                and_(
+                    _record.channel == bindparam(f"channel{i}"),
+                    _record.external_id.in_(bindparam(f"ids{i}", expanding=True)),
+                )
+                for i in range(channels)
+            )
+        )
+    )
+
+
+@functools.cache
+def _claim_insert(dialect: str) -> Insert:
+    """Insert a routed record unless its channel id is recorded."""
+    stmt: Insert = insert_for(dialect, RoutedRecord.__table__)  # type: ignore[arg-type]
+    return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"])  # type: ignore[attr-defined, no-any-return]
