@@ -9,6 +9,7 @@ limit for quorum queues, so ``x-delivery-limit`` is set here.
 """
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -120,6 +121,47 @@ def queue_arguments(name: str, settings: BusSettings) -> dict[str, Any]:
         if settings.queue_type == "quorum":
             args["x-delivery-limit"] = settings.delivery_limit
     return args
+
+
+def _properties(
+    message_id: str | None,
+    type_: str | None,
+    headers: dict[str, Any] | None,
+    content_type: str = "application/json",
+) -> aiormq.spec.Basic.Properties:
+    # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
+    # as much CPU per message as the router's whole decision; the semantics are aiormq's
+    # (mandatory, confirms, returns raised: the channel has on_return_raises)
+    return aiormq.spec.Basic.Properties(
+        content_type=content_type,
+        delivery_mode=PERSISTENT,
+        message_id=message_id,
+        message_type=type_,
+        timestamp=datetime.now(UTC),
+        headers=headers or {},
+    )
+
+
+def _publish_failure(exc: BaseException, exchange: str, routing_key: str) -> Exception:
+    """What a failed publish means to its caller: unroutable, or an outage to retry.
+
+    Raises ``exc`` again when it is a cancellation of the task itself."""
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return UnroutableError(f"no queue bound for {exchange} with key {routing_key!r}")
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return TransientError(f"broker refused the publish on {exchange}: {exc!r}")
+    if isinstance(exc, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise exc  # this task is being cancelled: let it end
+        # aiormq fails the confirms it still waits for with CancelledError when it
+        # declares a stalled connection dead: an outage, not a reason to stop
+        return TransientError(f"publish to {exchange} failed: connection lost")
+    if isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)):
+        return TransientError(f"publish to {exchange} failed: {exc!r}")
+    if isinstance(exc, Exception):
+        return exc  # a bug of ours (a body that cannot be serialised): not an outage
+    raise exc
 
 
 class Bus:
@@ -252,14 +294,7 @@ class Bus:
         # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
         # as much CPU per message as the router's whole decision; the semantics are aiormq's
         # (mandatory, confirms, returns raised: the channel has on_return_raises)
-        properties = aiormq.spec.Basic.Properties(
-            content_type=content_type,
-            delivery_mode=PERSISTENT,
-            message_id=message_id,
-            message_type=type_,
-            timestamp=datetime.now(UTC),
-            headers=headers or {},
-        )
+        properties = _properties(message_id, type_, headers, content_type)
         try:
             # the whole publish, a wait for a robust reconnection included, is bounded
             async with asyncio.timeout(self._settings.publish_timeout):
@@ -271,21 +306,45 @@ class Bus:
                     properties=properties,
                     mandatory=True,
                 )
-        except aiormq.exceptions.PublishError as exc:
-            raise UnroutableError(
-                f"no queue bound for {exchange} with key {routing_key!r}"
-            ) from exc
-        except aiormq.exceptions.DeliveryError as exc:
-            raise TransientError(f"broker refused the publish on {exchange}: {exc!r}") from exc
-        except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            raise TransientError(f"publish to {exchange} failed: {exc!r}") from exc
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # this task is being cancelled: let it end
-            # aiormq fails the confirms it still waits for with CancelledError when it
-            # declares a stalled connection dead: an outage, not a reason to stop
-            raise TransientError(f"publish to {exchange} failed: connection lost") from exc
+        except (asyncio.CancelledError, Exception) as exc:
+            failure = _publish_failure(exc, exchange, routing_key)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    async def publish_many(
+        self, exchange: str, models: Sequence[tuple[str, BaseModel, str]]
+    ) -> list[Exception | None]:
+        """Publish ``(routing_key, model, message_id)`` items as ``publish`` does, their
+        confirms awaited together under one ``publish_timeout``; one outcome per item (None:
+        confirmed)."""
+        if not models:
+            return []
+        channel = self._require_channel()
+        if exchange not in self._exchanges:
+            return [TransientError(f"exchange {exchange} is not declared yet")] * len(models)
+        try:
+            async with asyncio.timeout(self._settings.publish_timeout):
+                underlay = await channel.get_underlay_channel()
+                results = await asyncio.gather(
+                    *(
+                        underlay.basic_publish(
+                            model.model_dump_json().encode(),
+                            exchange=exchange,
+                            routing_key=key,
+                            properties=_properties(message_id, schema_name(model), None),
+                            mandatory=True,
+                        )
+                        for key, model, message_id in models
+                    ),
+                    return_exceptions=True,
+                )
+        except (asyncio.CancelledError, Exception) as exc:
+            return [_publish_failure(exc, exchange, "")] * len(models)
+        return [
+            _publish_failure(result, exchange, key) if isinstance(result, BaseException) else None
+            for (key, _, _), result in zip(models, results, strict=True)
+        ]
 
     async def dead_letter(self, message: Received, reason: str) -> None:
         """Send the original body, with its properties and the reason, to ``omniroute.dead``."""

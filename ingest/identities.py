@@ -14,6 +14,7 @@ import phonenumbers
 
 IdentityKind = Literal["email", "phone", "twitter"]
 
+_SPACE = re.compile(r"\s")
 _HANDLE = re.compile(r"^@?([A-Za-z0-9_]{1,15})$")
 _USER_ID = re.compile(r"^id:([0-9]{1,20})$")
 _WITHHELD = frozenset(
@@ -25,12 +26,16 @@ class InvalidIdentity(ValueError):
     """The text cannot be read as an identity of the asked kind."""
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise_email(address: str) -> str:
-    """Case-fold the whole address: mailbox local parts are case-insensitive in practice."""
+    """Case-fold the whole address: mailbox local parts are case-insensitive in practice.
+
+    Cached: the router normalises each sender twice (the message, then the directory
+    lookup), and the same senders come back."""
     text = address.strip().strip("<>").strip()
     if text.lower().startswith("mailto:"):
         text = text[7:]
-    if text.count("@") != 1 or any(c.isspace() for c in text):
+    if text.count("@") != 1 or _SPACE.search(text):
         raise InvalidIdentity(f"not an email address: {address!r}")
     local, domain = text.split("@")
     if not local or not domain:

@@ -151,9 +151,9 @@ async def record_routed(session: AsyncSession, routed: RoutedMessage) -> bool:
 
 def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
     message = routed.message
-    compact = message.model_copy(
-        update={"text": message.text[:2000], "attachments": []}
-    ).model_dump_json()
+    kept = message  # a compact copy: no attachment content, the text's start
+    if len(message.text) > 2000 or message.attachments:
+        kept = message.model_copy(update={"text": message.text[:2000], "attachments": []})
     return {
         "id": message.id,
         "channel": message.channel,
@@ -167,7 +167,7 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
         "route_target": routed.route.target,
         "reason": routed.route.reason,
         "routed_at": utc(routed.route.decided_at),
-        "message": compact,
+        "message": kept.model_dump_json(),
     }
 
 

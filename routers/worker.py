@@ -34,68 +34,76 @@ from routers.settings import RouterSettings, RoutingSettings
 
 log = structlog.get_logger("omniroute.router")
 
+#: a message's claim: the id owning its channel id, or what the claim failed with
+Claim = str | BaseException
+
 
 class ClaimBatch:
     """Claims channel ids for the messages in flight, many per transaction.
 
-    A claim waits only while an earlier batch is being written: the first message of a
-    quiet period is written at once, alone, and whatever arrives meanwhile goes into the
-    next transaction together. If a batch fails, each of its claims is retried in a
+    A claim waits only while an earlier batch is being written: the first batch of a
+    quiet period is written at once, and whatever arrives meanwhile goes into the next
+    transaction together. If a transaction fails, each of its claims is retried in a
     transaction of its own, so one bad row only fails its own message.
     """
 
     def __init__(self, sessions: async_sessionmaker[Any], max_batch: int) -> None:
         self._sessions = sessions
         self._max = max_batch
-        self._pending: list[tuple[RoutedMessage, asyncio.Future[str]]] = []
+        self._pending: list[tuple[list[RoutedMessage], asyncio.Future[list[Claim]]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def claim_many(self, batch: list[RoutedMessage]) -> list[str | BaseException]:
+    async def claim_many(self, batch: list[RoutedMessage]) -> list[Claim]:
         """For each message, the omniroute id that owns its channel id once committed, or
         the exception its claim failed with."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[str]] = []
-        for routed in batch:
-            future: asyncio.Future[str] = loop.create_future()
-            self._pending.append((routed, future))
-            futures.append(future)
+        future: asyncio.Future[list[Claim]] = asyncio.get_running_loop().create_future()
+        self._pending.append((batch, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write())
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+        return await future
 
     async def _write(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending[: self._max], self._pending[self._max :]
-            outcomes: list[str | Exception]
+            taken, size = 0, 0
+            while taken < len(self._pending) and (taken == 0 or size < self._max):
+                size += len(self._pending[taken][0])
+                taken += 1
+            group, self._pending = self._pending[:taken], self._pending[taken:]
+            rows = [routed for batch, _ in group for routed in batch]
             try:
-                try:
-                    outcomes = list(await self._commit([routed for routed, _ in batch]))
-                except Exception:
-                    if len(batch) == 1:
-                        raise
-                    # one bad row fails only its own message: each alone, as before batching
-                    outcomes = [await self._alone(routed) for routed, _ in batch]
+                outcomes = await self._outcomes(rows)
             except asyncio.CancelledError:
-                _fail([*batch, *self._pending], TransientError("directory database: cancelled"))
+                failure = TransientError("directory database: cancelled")
+                for batch, future in [*group, *self._pending]:
+                    if not future.done():
+                        future.set_result([failure] * len(batch))
                 self._pending = []
                 raise
-            except SQLAlchemyError as exc:
-                outcomes = [_transient(exc)]
-            except Exception as exc:  # a bug: each handler raises it and dead-letters, as before
-                outcomes = [exc] * len(batch)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+            at = 0
+            for batch, future in group:
+                if not future.done():
+                    future.set_result(outcomes[at : at + len(batch)])
+                at += len(batch)
+
+    async def _outcomes(self, rows: list[RoutedMessage]) -> list[Claim]:
+        try:
+            try:
+                return list(await self._commit(rows))
+            except Exception:
+                if len(rows) == 1:
+                    raise
+                # one bad row fails only its own message: each alone, as before batching
+                return [await self._alone(routed) for routed in rows]
+        except SQLAlchemyError as exc:
+            return [_transient(exc)] * len(rows)
+        except Exception as exc:  # a bug: each handler raises it and dead-letters, as before
+            return [exc] * len(rows)
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
         async with self._sessions.begin() as session:
             return await state.claim_routed_many(session, batch)
 
-    async def _alone(self, routed: RoutedMessage) -> str | Exception:
+    async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
             return (await self._commit([routed]))[0]
         except SQLAlchemyError as exc:
@@ -108,12 +116,6 @@ def _transient(exc: SQLAlchemyError) -> TransientError:
     error = TransientError(f"directory database: {exc}")
     error.__cause__ = exc
     return error
-
-
-def _fail(batch: list[tuple[RoutedMessage, "asyncio.Future[str]"]], exc: Exception) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(exc)
 
 
 class RouterWorker:
@@ -194,15 +196,12 @@ class RouterWorker:
                 )
             else:
                 publishing.append((index, item))
-        results = await asyncio.gather(
-            *(
-                self._bus.publish(ROUTED, item.route.routing_key, item, message_id=item.message.id)
-                for _, item in publishing
-            ),
-            return_exceptions=True,
+        results = await self._bus.publish_many(
+            ROUTED,
+            [(item.route.routing_key, item, item.message.id) for _, item in publishing],
         )
         for (index, item), result in zip(publishing, results, strict=True):
-            if isinstance(result, BaseException):
+            if result is not None:
                 outcomes[index] = result
                 continue
             self._routed(item, started)
