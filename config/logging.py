@@ -106,7 +106,7 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),  # PrintLogger, minus print()
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stdout)

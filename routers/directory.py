@@ -159,7 +159,8 @@ class _Expiring(Generic[K, V]):
         self._max = max_entries
         self._clock = clock
         self._entries: dict[K, tuple[float, V]] = {}
-        self.loading: dict[K, asyncio.Future[V]] = {}  # keys a caller is reading now
+        # keys a caller is reading now -> that read's answer (every key it found)
+        self.loading: dict[K, asyncio.Future[dict[K, Any]]] = {}
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
@@ -207,7 +208,7 @@ async def _many(
     found: dict[K, V | None] = {}
     if not keys:
         return found
-    waiting: dict[K, asyncio.Future[V | None]] = {}
+    waiting: dict[K, asyncio.Future[dict[K, V]]] = {}
     mine: list[K] = []
     stale: list[K] = []
     for key in keys:
@@ -226,54 +227,56 @@ async def _many(
         else:
             mine.append(key)
     if stale:
-        spawn(_load(cache, _reading(cache, stale), read, quiet=True))
+        spawn(_load(cache, stale, _reading(cache, stale), read, quiet=True))
     if mine:
         reading = _reading(cache, mine)
-        waiting.update(reading)
-        spawn(_load(cache, reading, read))
+        waiting.update(dict.fromkeys(mine, reading))
+        spawn(_load(cache, mine, reading, read))
+    answers: dict[asyncio.Future[dict[K, V]], dict[K, V]] = {}
     for key, future in waiting.items():
-        found[key] = await asyncio.shield(future)
+        if future not in answers:
+            answers[future] = await asyncio.shield(future)
+        found[key] = answers[future].get(key)
     return found
 
 
-def _reading(cache: "_Expiring[K, V | None]", keys: list[K]) -> dict[K, "asyncio.Future[V | None]"]:
+def _reading(cache: "_Expiring[K, V | None]", keys: list[K]) -> "asyncio.Future[dict[K, V]]":
     """Mark ``keys`` as being read (before the read starts): later callers wait for it."""
-    loop = asyncio.get_running_loop()
-    futures: dict[K, asyncio.Future[V | None]] = {}
+    future: asyncio.Future[dict[K, V]] = asyncio.get_running_loop().create_future()
+    future.add_done_callback(_retrieved)
     for key in keys:
-        future: asyncio.Future[V | None] = loop.create_future()
-        future.add_done_callback(_retrieved)
-        futures[key] = cache.loading[key] = future
-    return futures
+        cache.loading[key] = future
+    return future
 
 
 async def _load(
     cache: "_Expiring[K, V | None]",
-    futures: dict[K, "asyncio.Future[V | None]"],
+    keys: list[K],
+    future: "asyncio.Future[dict[K, V]]",
     read: Callable[[list[K]], Awaitable[dict[K, V]]],
     *,
     quiet: bool = False,
 ) -> None:
-    """Read the keys of ``futures`` into the cache and resolve them; the callers waiting
-    get its error. ``quiet``: a background refresh, whose failure is only logged."""
+    """Read ``keys`` into the cache and resolve ``future`` with what was found; the
+    callers waiting get its error. ``quiet``: a background refresh, whose failure is only
+    logged."""
     try:
-        loaded = await read(list(futures))
+        loaded = await read(keys)
     except BaseException as exc:
         failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
-        for key, future in futures.items():
+        for key in keys:
             cache.loading.pop(key, None)
-            future.set_exception(failure)
+        future.set_exception(failure)
         if quiet and isinstance(exc, Exception):
             log.warning("directory.refresh_failed", error=str(exc)[:300])
             return
         if isinstance(exc, Exception):
             return  # the waiting callers have it
         raise
-    for key, future in futures.items():
-        value = loaded.get(key)
-        cache.put(key, value)
+    for key in keys:
+        cache.put(key, loaded.get(key))
         cache.loading.pop(key, None)
-        future.set_result(value)
+    future.set_result(loaded)
 
 
 def _retrieved(future: "asyncio.Future[Any]") -> None:
