@@ -43,7 +43,11 @@ class BatchConsumer(Settling[Delivery]):
     Up to ``concurrency`` batches run at once, each of at most ``max_batch`` messages, so
     one batch is read and decided while the previous one waits for its confirms. Whatever
     arrives while the batches run forms the next one: a quiet queue gets batches of one and
-    waits for nothing, a busy one gets large batches.
+    waits for nothing, a busy one gets large batches. While a batch is being handled, the
+    next starts only once half of ``max_batch`` has arrived (or when the batch ends):
+    started at once, it would take the first few deliveries that the broker sends after
+    an ack, and a batch's fixed cost (queries, a transaction) would be paid for a handful.
+    A batch waiting out an outage does not hold the others back.
 
     The messages a batch finished are acked with one ``multiple`` ack when no earlier
     delivery of the channel is still unsettled (otherwise one ack each); a message never
@@ -66,6 +70,7 @@ class BatchConsumer(Settling[Delivery]):
         self._concurrency = max(1, concurrency)
         self._buffer: list[Delivery] = []
         self._running: set[asyncio.Task[None]] = set()
+        self._pausing = 0  # running batches waiting out an outage
         self._held = 0  # messages in the running batches
         self._settling = asyncio.Lock()
         # delivery tags handed to us and not yet settled, per underlying AMQP channel
@@ -178,6 +183,9 @@ class BatchConsumer(Settling[Delivery]):
 
     def _kick(self) -> None:
         while self._buffer and len(self._running) < self._concurrency:
+            busy = len(self._running) - self._pausing
+            if busy and len(self._buffer) < max(1, self._max // 2):
+                return  # a batch is being handled: let the next one fill up meanwhile
             batch = self._buffer[: self._max]
             del self._buffer[: self._max]
             task = asyncio.create_task(self._run(batch), name=f"batch {self._queue.name}")
@@ -235,7 +243,12 @@ class BatchConsumer(Settling[Delivery]):
                 for message in retry:
                     await self._nack(message)
                 return
-            await self._pause(delay)
+            self._pausing += 1
+            self._kick()
+            try:
+                await self._pause(delay)
+            finally:
+                self._pausing -= 1
             delay = min(delay * 2, TRANSIENT_RETRY_MAX)
             pending = retry
 
