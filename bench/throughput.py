@@ -19,6 +19,7 @@ Usage: throughput.py [--customers 100000] [-n 20000] [--workers 1] [--rounds 3]
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -176,6 +177,7 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
                           health=health, metrics=metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    gc.freeze()  # as the daemon does once started (config/daemon.py)
     sys.stderr.write("ready\n")
     sys.stderr.flush()
     if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
