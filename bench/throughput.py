@@ -226,8 +226,10 @@ async def main(a: argparse.Namespace) -> None:
                                                 queue_type="quorum", quiet=True))
             db_url, copy = fresh_db(template, f"{run}-{r}", a.database_url)
             try:
-                round_bodies = [b.replace(f"bench-{run}-".encode(), f"bench-{run}{r}-".encode())
-                                for b in bodies]
+                # new message and channel ids each round: a --database-url directory keeps
+                # the routed records of the rounds before
+                round_bodies = [make_body(i, a.known, a.customers, f"{run}{r}", size)
+                                for i in range(a.n)]
                 await preload(url, round_bodies)
                 profile = f"{a.profile}.{r}.json" if a.profile else None
                 router_rates.append(await time_router(url, db_url, a.n, a.workers, a.prefetch,

@@ -17,12 +17,18 @@ import time
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import (
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
 from ingest.delivery import Delivery
-from ingest.errors import TransientError
+from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
 from ingest.metrics import Metrics
@@ -87,17 +93,14 @@ class ClaimBatch:
 
     async def _outcomes(self, rows: list[RoutedMessage]) -> list[Claim]:
         try:
-            try:
-                return list(await self._commit(rows))
-            except Exception:
-                if len(rows) == 1:
-                    raise
-                # one bad row fails only its own message: each alone, as before batching
-                return [await self._alone(routed) for routed in rows]
-        except SQLAlchemyError as exc:
+            return list(await self._commit(rows))
+        except (OperationalError, InterfaceError) as exc:  # the database is away: all wait
             return [_transient(exc)] * len(rows)
-        except Exception as exc:  # a bug: each handler raises it and dead-letters, as before
-            return [exc] * len(rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [_claim_failure(exc)]
+        # one bad row fails only its own message: each alone, as before batching
+        return [await self._alone(routed) for routed in rows]
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
         async with self._sessions.begin() as session:
@@ -106,10 +109,17 @@ class ClaimBatch:
     async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
             return (await self._commit([routed]))[0]
-        except SQLAlchemyError as exc:
-            return _transient(exc)
         except Exception as exc:
-            return exc
+            return _claim_failure(exc)
+
+
+def _claim_failure(exc: Exception) -> Exception:
+    """What a claim that raised ``exc`` means for its message."""
+    if isinstance(exc, (IntegrityError, DataError)):  # retrying cannot help this row
+        return PoisonError(f"claim refused by the directory database: {exc.orig}")
+    if isinstance(exc, SQLAlchemyError):
+        return _transient(exc)
+    return exc  # a bug: the handler's outcome dead-letters it with the reason
 
 
 def _transient(exc: SQLAlchemyError) -> TransientError:

@@ -223,6 +223,27 @@ async def test_duplicate_channel_id_is_routed_once(routing: Routing) -> None:
     assert routing.router.duplicates == 1
 
 
+async def test_a_claim_the_database_refuses_is_dead_lettered_not_retried(routing: Routing) -> None:
+    """An omniroute id already recorded for another channel id can never be claimed: that
+    message is dead-lettered with the reason, the others of its batch are routed."""
+    first = email("ayse@acme.test")
+    await routing.send(first)
+    await routing.routed()
+    clash = email("ayse@acme.test").model_copy(update={"id": first.id})  # new channel id
+    fine = email("ayse@acme.test")
+    await routing.send(clash)
+    await routing.send(fine)
+    _, routed = await routing.routed()
+    assert routed.message.id == fine.id
+    channel = await routing.bus.connection.channel()
+    dead = await channel.get_queue(DEAD_QUEUE)
+    async with asyncio.timeout(10):
+        while (got := await dead.get(fail=False)) is None:
+            await asyncio.sleep(0.05)
+    assert got.message_id == first.id
+    assert str(got.headers[REASON_HEADER]).startswith("claim refused by the directory database")
+
+
 async def test_sender_is_normalised_again_by_the_router(routing: Routing) -> None:
     """Publishers make mistakes: a national-format number still finds its customer."""
     sms = InboundMessage(
