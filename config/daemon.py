@@ -28,7 +28,8 @@ from config.logging import configure as configure_logging
 from config.notify import Notifier, watchdog_interval
 from config.settings import Settings, load_settings
 from config.supervise import supervise
-from ingest.bus import Bus, redact_url
+from ingest.amqp import redact_url
+from ingest.bus import Bus
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
@@ -342,4 +343,3 @@ async def _first(*waits: Awaitable[object]) -> None:
     finally:
         for task in tasks:
             task.cancel()
-

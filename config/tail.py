@@ -1,10 +1,10 @@
 """``omniroute tail``: routed messages live, from a temporary queue that vanishes on exit."""
 
-
 import aio_pika
 
 from config.settings import Settings
-from ingest.bus import ROUTED, connect
+from ingest.amqp import connect
+from ingest.bus import ROUTED
 from ingest.schema import RoutedMessage
 
 

@@ -112,7 +112,7 @@ def test_heartbeat_fits_two_periods_of_the_setting() -> None:
     smaller; below 4 s no heartbeat can keep the promise, and the setting is refused."""
     from pydantic import ValidationError
 
-    from ingest.bus import amqp_heartbeat, with_heartbeat
+    from ingest.amqp import amqp_heartbeat, with_heartbeat
 
     for window in range(4, 601):
         h = amqp_heartbeat(window)
