@@ -4,14 +4,12 @@ console output on a terminal. Customer identities under well-known keys are reda
 """
 
 import functools
-import json
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-import pydantic_core
 import structlog
 
 from ingest.identities import redact
@@ -85,15 +83,6 @@ def _mask(redact_identities: bool) -> structlog.types.Processor:
     return processor
 
 
-def _json_line(event: Any, **_: Any) -> str:
-    """pydantic-core's JSON encoder (pydantic's own): a third of the stdlib's time per line,
-    which counts on the router's one line per routed message."""
-    try:
-        return pydantic_core.to_json(event, fallback=repr).decode()
-    except (pydantic_core.PydanticSerializationError, UnicodeDecodeError):
-        return json.dumps(event, default=repr)
-
-
 def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool = True) -> None:
     """Configure structlog and route the standard library's logging through it."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
@@ -104,7 +93,7 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
         _mask(redact_identities),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer(serializer=_json_line)
+        structlog.processors.JSONRenderer()
         if as_json
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )

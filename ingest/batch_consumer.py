@@ -79,6 +79,7 @@ class BatchConsumer(Settling[Delivery]):
         self._tag = f"omniroute.{queue.name}.{uuid.uuid4().hex[:12]}"
         self._underlay: aiormq.Channel | None = None
         self._resuming: asyncio.Task[None] | None = None
+        self._backing_off = False  # the resuming task waits out a backoff
 
     @property
     def in_flight(self) -> int:
@@ -100,7 +101,15 @@ class BatchConsumer(Settling[Delivery]):
         robust channel reopens, and when the broker cancels it (queue deleted, failover)."""
         if isinstance(self._channel, AbstractRobustChannel):
             self._channel.reopen_callbacks.add(self._on_reopen)
-        await self._consume()
+        try:
+            await self._consume()
+        except BaseException:
+            # not started: nothing may consume again on this channel once it reopens
+            if isinstance(self._channel, AbstractRobustChannel):
+                self._channel.reopen_callbacks.discard(self._on_reopen)
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+            raise
 
     async def _consume(self) -> None:
         underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
@@ -116,6 +125,9 @@ class BatchConsumer(Settling[Delivery]):
         )
 
     def _on_reopen(self, *_: Any) -> None:
+        # a new channel: consume now, not when a retry waiting out its backoff wakes up
+        if self._resuming is not None and not self._resuming.done() and self._backing_off:
+            self._resuming.cancel()
         self._resume()
 
     def _on_cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
@@ -130,16 +142,23 @@ class BatchConsumer(Settling[Delivery]):
 
     async def _resume_consuming(self) -> None:
         delay = TRANSIENT_RETRY_DELAY
+        failed = False
         while not self._stopping.is_set():
             try:
                 await self._probe_queue()
                 await self._consume()
             except (aiormq.exceptions.AMQPError, TimeoutError, RuntimeError, OSError) as exc:
-                log.info("bus.consume_retry", queue=self._queue.name, error=repr(exc)[:300])
+                if not failed:  # the first failure, not every retry of it
+                    log.info("bus.consume_retry", queue=self._queue.name, error=repr(exc)[:300])
+                failed = True
             else:
                 log.info("bus.consumer_resumed", queue=self._queue.name)
                 return
-            await self._pause(delay)
+            self._backing_off = True
+            try:
+                await self._pause(delay)
+            finally:
+                self._backing_off = False
             delay = min(delay * 2, TRANSIENT_RETRY_MAX)
 
     async def _probe_queue(self) -> None:
@@ -157,10 +176,9 @@ class BatchConsumer(Settling[Delivery]):
     async def _detach(self, timeout: float) -> None:
         if isinstance(self._channel, AbstractRobustChannel):
             self._channel.reopen_callbacks.discard(self._on_reopen)
-        if self._resuming is not None:
+        if self._resuming is not None and not self._resuming.done():
             self._resuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._resuming
+            await asyncio.wait([self._resuming])  # unlike awaiting it, keeps our own cancel
         underlay = self._underlay
         if underlay is None or underlay.is_closed or self._tag not in underlay.consumers:
             return

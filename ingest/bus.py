@@ -10,7 +10,6 @@ limit for quorum queues, so ``x-delivery-limit`` is set here.
 
 import asyncio
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import aio_pika
@@ -24,11 +23,11 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel
 
-from ingest.amqp import connect
+from ingest.amqp import cancelled_here, connect, message_properties, publish_failure
 from ingest.batch_consumer import BatchConsumer, BatchHandler
 from ingest.consumers import Consumer, Handler
 from ingest.delivery import Received
-from ingest.errors import ConfigError, TransientError, UnroutableError
+from ingest.errors import ConfigError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.schema import schema_name
@@ -58,7 +57,6 @@ QUEUES = {
 }
 
 REASON_HEADER = "x-omniroute-reason"
-PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 def queue_arguments(name: str, settings: BusSettings) -> dict[str, Any]:
@@ -70,50 +68,6 @@ def queue_arguments(name: str, settings: BusSettings) -> dict[str, Any]:
         if settings.queue_type == "quorum":
             args["x-delivery-limit"] = settings.delivery_limit
     return args
-
-
-def _properties(
-    message_id: str | None,
-    type_: str | None,
-    headers: dict[str, Any] | None,
-    content_type: str = "application/json",
-) -> aiormq.spec.Basic.Properties:
-    # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
-    # as much CPU per message as the router's whole decision; the semantics are aiormq's
-    # (mandatory, confirms, returns raised: the channel has on_return_raises). Publishes
-    # pass wait=False: basic_publish still returns only once the broker confirmed the
-    # message; it just does not also wait for the frame to be written to the socket, a
-    # wait that cost the router 5% of its instructions.
-    return aiormq.spec.Basic.Properties(
-        content_type=content_type,
-        delivery_mode=PERSISTENT,
-        message_id=message_id,
-        message_type=type_,
-        timestamp=datetime.now(UTC),
-        headers=headers or {},
-    )
-
-
-def _publish_failure(exc: BaseException, exchange: str, routing_key: str) -> Exception:
-    """What a failed publish means to its caller: unroutable, or an outage to retry.
-
-    Raises ``exc`` again when it is a cancellation of the task itself."""
-    if isinstance(exc, aiormq.exceptions.PublishError):
-        return UnroutableError(f"no queue bound for {exchange} with key {routing_key!r}")
-    if isinstance(exc, aiormq.exceptions.DeliveryError):
-        return TransientError(f"broker refused the publish on {exchange}: {exc!r}")
-    if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise exc  # this task is being cancelled: let it end
-        # aiormq fails the confirms it still waits for with CancelledError when it
-        # declares a stalled connection dead: an outage, not a reason to stop
-        return TransientError(f"publish to {exchange} failed: connection lost")
-    if isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)):
-        return TransientError(f"publish to {exchange} failed: {exc!r}")
-    if isinstance(exc, Exception):
-        return exc  # a bug of ours (a body that cannot be serialised): not an outage
-    raise exc
 
 
 class Bus:
@@ -246,7 +200,7 @@ class Bus:
         # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
         # as much CPU per message as the router's whole decision; the semantics are aiormq's
         # (mandatory, confirms, returns raised: the channel has on_return_raises)
-        properties = _properties(message_id, type_, headers, content_type)
+        properties = message_properties(message_id, type_, headers, content_type)
         try:
             # the whole publish, a wait for a robust reconnection included, is bounded
             async with asyncio.timeout(self._settings.publish_timeout):
@@ -257,10 +211,17 @@ class Bus:
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=True,
+                    # still returns only once the broker confirmed the message; it just
+                    # does not also wait for the frame to reach the socket first (5 % of
+                    # the router's instructions)
                     wait=False,
                 )
-        except (asyncio.CancelledError, Exception) as exc:
-            failure = _publish_failure(exc, exchange, routing_key)
+        except asyncio.CancelledError as exc:
+            if cancelled_here():
+                raise
+            raise publish_failure(exc, exchange, routing_key) from exc
+        except Exception as exc:
+            failure = publish_failure(exc, exchange, routing_key)
             if failure is exc:
                 raise
             raise failure from exc
@@ -269,36 +230,68 @@ class Bus:
         self, exchange: str, models: Sequence[tuple[str, BaseModel, str]]
     ) -> list[Exception | None]:
         """Publish ``(routing_key, model, message_id)`` items as ``publish`` does, their
-        confirms awaited together under one ``publish_timeout``; one outcome per item (None:
-        confirmed)."""
-        if not models:
-            return []
+        confirms awaited together within one ``publish_timeout``; one outcome per item (None:
+        confirmed). A confirm that came in time counts even if others did not."""
+        outcomes: list[Exception | None] = [None] * len(models)
+        ready: list[tuple[int, str, bytes, aiormq.spec.Basic.Properties]] = []
+        for index, (key, model, message_id) in enumerate(models):
+            try:
+                body = model.model_dump_json().encode()
+            except Exception as exc:  # a bug of ours, for this item alone
+                outcomes[index] = exc
+                continue
+            ready.append(
+                (index, key, body, message_properties(message_id, schema_name(model), None))
+            )
+        if not ready:
+            return outcomes
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.publish_timeout
         channel = self._require_channel()
-        if exchange not in self._exchanges:
-            return [TransientError(f"exchange {exchange} is not declared yet")] * len(models)
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
+            if exchange not in self._exchanges:
+                raise TransientError(f"exchange {exchange} is not declared yet")
+            async with asyncio.timeout_at(deadline):  # a robust reconnection in progress
                 underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-                results = await asyncio.gather(
-                    *(
-                        underlay.basic_publish(
-                            model.model_dump_json().encode(),
-                            exchange=exchange,
-                            routing_key=key,
-                            properties=_properties(message_id, schema_name(model), None),
-                            mandatory=True,
-                            wait=False,
-                        )
-                        for key, model, message_id in models
-                    ),
-                    return_exceptions=True,
-                )
         except (asyncio.CancelledError, Exception) as exc:
-            return [_publish_failure(exc, exchange, "")] * len(models)
-        return [
-            _publish_failure(result, exchange, key) if isinstance(result, BaseException) else None
-            for (key, _, _), result in zip(models, results, strict=True)
-        ]
+            if isinstance(exc, asyncio.CancelledError) and cancelled_here():
+                raise
+            for index, *_ in ready:
+                outcomes[index] = publish_failure(exc, exchange, "")
+            return outcomes
+        tasks = {
+            index: asyncio.ensure_future(
+                underlay.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=key,
+                    properties=properties,
+                    mandatory=True,
+                    wait=False,  # as in publish_body
+                )
+            )
+            for index, key, body, properties in ready
+        }
+        try:
+            _, late = await asyncio.wait(tasks.values(), timeout=deadline - loop.time())
+        finally:  # late ones, or all when this task is cancelled: not confirmed, not retried
+            unfinished = [task for task in tasks.values() if not task.done()]
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                await asyncio.wait(unfinished)
+        for index, task in tasks.items():
+            key = models[index][0]
+            if task in late:
+                outcomes[index] = TransientError(
+                    f"publish to {exchange} failed: no confirm within "
+                    f"{self._settings.publish_timeout} s"
+                )
+            elif task.cancelled():  # aiormq cancels the confirms of a connection it drops
+                outcomes[index] = TransientError(f"publish to {exchange} failed: connection lost")
+            elif (error := task.exception()) is not None:
+                outcomes[index] = publish_failure(error, exchange, key)
+        return outcomes
 
     async def dead_letter(self, message: Received, reason: str) -> None:
         """Send the original body, with its properties and the reason, to ``omniroute.dead``."""

@@ -6,7 +6,7 @@ claim the channel id (a copy already routed under another id is dropped), publis
 ack. A crash anywhere before the ack redelivers the message, which finds its own claim
 and is published again; consumers absorb that copy by ``message_id``.
 
-Messages are handled in the batches the consumer hands over (``ingest.consumers.
+Messages are handled in the batches the consumer hands over (``ingest.batch_consumer.
 BatchConsumer``): their facts are read in one session, their claims written in one
 transaction (``ClaimBatch``: no two transactions of this process fight for SQLite's single
 write lock), their publishes confirmed together, and they are acked with one frame.
@@ -17,13 +17,7 @@ import time
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import (
-    DataError,
-    IntegrityError,
-    InterfaceError,
-    OperationalError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
@@ -92,14 +86,19 @@ class ClaimBatch:
                 at += len(batch)
 
     async def _outcomes(self, rows: list[RoutedMessage]) -> list[Claim]:
+        """Each row's claim. A row the database refuses (a constraint, a value) or a bug
+        fails only its own message: the rows are then claimed one by one. Any other
+        database error is an outage, and the whole batch waits it out together."""
         try:
             return list(await self._commit(rows))
-        except (OperationalError, InterfaceError) as exc:  # the database is away: all wait
+        except (IntegrityError, DataError) as exc:
+            refused: Exception = exc
+        except SQLAlchemyError as exc:
             return [_transient(exc)] * len(rows)
         except Exception as exc:
-            if len(rows) == 1:
-                return [_claim_failure(exc)]
-        # one bad row fails only its own message: each alone, as before batching
+            refused = exc
+        if len(rows) == 1:
+            return [_claim_failure(refused)]
         return [await self._alone(routed) for routed in rows]
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
