@@ -6,6 +6,8 @@ import random
 from collections.abc import Sequence
 
 import aio_pika
+import aiormq
+import pytest
 
 from ingest.batch_consumer import BatchConsumer
 from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
@@ -225,4 +227,29 @@ async def test_consumes_again_after_the_broker_cancels_the_consumer(bus: Bus) ->
     await _publish(bus, [b"back"])
     await _until(lambda: seen == ["back"], 10)
     await consumer.stop(timeout=10)
+    await admin.close()
+
+
+async def test_a_start_that_fails_leaves_no_consumer_behind(bus: Bus) -> None:
+    """A consume the broker refuses (its queue is gone) fails the start; the channel is
+    closed, so nothing consumes on it once the queue is back and aio-pika could reopen it."""
+    seen: list[bytes] = []
+
+    async def handler(batch: list[Delivery]) -> Sequence[BaseException | None]:
+        seen.extend(m.body for m in batch)
+        return [None] * len(batch)
+
+    channel = await bus.connection.channel(publisher_confirms=True, on_return_raises=True)
+    queue = await channel.get_queue(ROUTER_QUEUE)
+    admin = await bus.connection.channel()
+    await admin.queue_delete(ROUTER_QUEUE)
+    consumer = BatchConsumer(bus, channel, queue, handler, max_batch=8)
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        await consumer.start()
+    await bus.declare_topology()
+    await _publish(bus, [b"after"])
+    await asyncio.sleep(2)
+    assert not consumer.active
+    assert seen == []
+    assert await _depths(bus) == (1, 0), "the message waits for a real consumer"
     await admin.close()

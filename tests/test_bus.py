@@ -5,6 +5,7 @@ import json
 
 import aio_pika
 import pytest
+from pydantic import BaseModel, field_serializer
 
 from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
 from ingest.errors import UnroutableError
@@ -124,3 +125,30 @@ def test_heartbeat_fits_two_periods_of_the_setting() -> None:
     assert BusSettings(heartbeat=0).heartbeat == 0
     assert "heartbeat=7" in with_heartbeat("amqp://u:p@h/", 15)
     assert "heartbeat=30" in with_heartbeat("amqp://u:p@h/?heartbeat=30", 15), "operator wins"
+
+
+async def test_publish_many_fails_only_the_item_that_cannot_be_serialised(bus: Bus) -> None:
+    """One bad model in a batch is that item's error (a bug of ours), never its
+    neighbours': they are published and confirmed."""
+
+    class Broken(BaseModel):
+        value: str
+
+        @field_serializer("value")
+        def _explode(self, value: str) -> str:
+            raise ValueError("cannot serialise")
+
+    good = _msg()
+    outcomes = await bus.publish_many(
+        INBOUND, [("email", good, good.id), ("email", Broken(value="x"), "broken")]
+    )
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], Exception)
+    channel = await bus.connection.channel()
+    queue = await channel.get_queue(ROUTER_QUEUE)
+    got = await queue.get(timeout=5)
+    assert got is not None
+    assert got.message_id == good.id
+    await got.ack()
+    assert await queue.get(fail=False) is None
+    await channel.close()
