@@ -76,9 +76,7 @@ def message_properties(
     headers: dict[str, Any] | None,
     content_type: str = "application/json",
 ) -> aiormq.spec.Basic.Properties:
-    # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
-    # as much CPU per message as the router's whole decision; the semantics are aiormq's
-    # (mandatory, confirms, returns raised: the channel has on_return_raises)
+    # aiormq's own properties, as the Bus publishes with aiormq itself (see Bus.publish_body)
     return aiormq.spec.Basic.Properties(
         content_type=content_type,
         delivery_mode=PERSISTENT,
