@@ -108,7 +108,8 @@ class BatchConsumer(Settling[Delivery]):
             if isinstance(self._channel, AbstractRobustChannel):
                 self._channel.reopen_callbacks.discard(self._on_reopen)
             with contextlib.suppress(Exception):
-                await self._channel.close()
+                async with asyncio.timeout(self._bus.settings.publish_timeout):
+                    await self._channel.close()
             raise
 
     async def _consume(self) -> None:
@@ -145,8 +146,10 @@ class BatchConsumer(Settling[Delivery]):
         failed = False
         while not self._stopping.is_set():
             try:
-                await self._probe_queue()
-                await self._consume()
+                # bounded: a reconnection still under way is waited out by the next try
+                async with asyncio.timeout(2 * self._bus.settings.publish_timeout):
+                    await self._probe_queue()
+                    await self._consume()
             except (aiormq.exceptions.AMQPError, TimeoutError, RuntimeError, OSError) as exc:
                 if not failed:  # the first failure, not every retry of it
                     log.info("bus.consume_retry", queue=self._queue.name, error=repr(exc)[:300])
