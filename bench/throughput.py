@@ -22,6 +22,7 @@ import asyncio
 import gc
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -85,10 +86,12 @@ async def depth(url: str, queue: str) -> int:
 
 async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int,
                       logdir: Path, profile: str | None, cache_ttl: float | None,
-                      cpu: list[float] | None = None) -> float:
+                      cpu: list[float] | None = None,
+                      usage: list[dict[str, float]] | None = None) -> float:
     """Start ``workers`` router processes, release them together, time until N are routed.
 
-    ``cpu`` gets the CPU seconds the router processes spent from "go" to "stop" (summed).
+    ``cpu`` gets the CPU seconds the router processes spent from "go" to "stop" (summed);
+    ``usage`` their kernel seconds and context switches over the same span (summed).
     """
     import aio_pika
 
@@ -133,6 +136,7 @@ async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int
                 p.stdin.write(b"stop\n")
                 p.stdin.flush()
         spent = 0.0
+        used = {"sys": 0.0, "voluntary": 0.0, "involuntary": 0.0}
         for p in procs:
             try:
                 _, err = p.communicate(timeout=60)
@@ -142,8 +146,14 @@ async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int
             for line in err.decode(errors="replace").splitlines():
                 if line.startswith("cpu "):
                     spent += float(line.split()[1])
+                elif line.startswith("rusage "):
+                    for part in line.split()[1:]:
+                        key, value = part.split("=")
+                        used[key] += float(value)
         if cpu is not None:
             cpu.append(spent)
+        if usage is not None:
+            usage.append(used)
     return n / dt
 
 
@@ -182,12 +192,16 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     sys.stderr.flush()
     if (await loop.run_in_executor(None, sys.stdin.readline)).strip() != "go":
         return
-    c0 = time.process_time()
+    c0, r0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     task = asyncio.create_task(worker.run(stop, drain_timeout=10))
     await loop.run_in_executor(None, sys.stdin.readline)  # "stop" or EOF
     stop.set()
     await task
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
     sys.stderr.write(f"cpu {time.process_time() - c0:.3f}\n")
+    sys.stderr.write(f"rusage sys={r1.ru_stime - r0.ru_stime:.3f} "
+                     f"voluntary={r1.ru_nvcsw - r0.ru_nvcsw} "
+                     f"involuntary={r1.ru_nivcsw - r0.ru_nivcsw}\n")
     sys.stderr.write(f"routed {worker.routed} duplicates {worker.duplicates}\n")
     await bus.close()
     await engine.dispose()
@@ -217,6 +231,7 @@ async def main(a: argparse.Namespace) -> None:
     router_rates: list[float] = []
     fwd_cpu: list[float] = []
     router_cpu: list[float] = []
+    router_usage: list[dict[str, float]] = []
     with benchlib.fresh_vhost() as url:
         for r in range(a.rounds):
             fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True,
@@ -234,7 +249,7 @@ async def main(a: argparse.Namespace) -> None:
                 profile = f"{a.profile}.{r}.json" if a.profile else None
                 router_rates.append(await time_router(url, db_url, a.n, a.workers, a.prefetch,
                                                       logdir, profile, a.cache_ttl,
-                                                      router_cpu))
+                                                      router_cpu, router_usage))
                 dead = await depth(url, "omniroute.dead")
                 left = await depth(url, "omniroute.router")
                 routed = await depth(url, "omniroute.routed")
@@ -249,7 +264,9 @@ async def main(a: argparse.Namespace) -> None:
                     f"router x{a.workers} {router_rates[-1]:.0f} msg/s, "
                     f"ratio {router_rates[-1] / fwd_rates[-1]:.2f}; CPU per message: "
                     f"forwarder {fwd_cpu[-1] / a.n * 1000:.3f} ms, "
-                    f"router {router_cpu[-1] / a.n * 1000:.3f} ms")
+                    f"router {router_cpu[-1] / a.n * 1000:.3f} ms "
+                    f"({router_usage[-1]['sys'] / a.n * 1000:.3f} in the kernel, "
+                    f"{router_usage[-1]['voluntary'] / a.n:.2f} voluntary context switches)")
             if fwdq_rates:
                 line += f" (forwarder on quorum queues {fwdq_rates[-1]:.0f} msg/s)"
             print(line, flush=True)

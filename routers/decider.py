@@ -4,7 +4,8 @@ made, shared by the router worker, the voice webhook, the PBX route API and
 
 Usage: ``decision = await Decider(engine, routing_settings)(inbound_message)``, or
 ``await decider.decide_many(messages)`` for a batch: the facts of all its messages are read
-in one session, one query per kind of fact, whatever the batch size.
+with one query per kind of fact, whatever the batch size, and the routing state of the
+whole batch in one unit of work (``routers.runner``).
 
 Directory lookups (customer by identity, team, agent) go through a ``DirectoryCache`` when
 ``cache_ttl`` > 0 (the daemon passes ``router.directory_cache_ttl``); routing state (last
@@ -16,47 +17,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.errors import TransientError
 from ingest.protocols import Decision
-from ingest.schema import CustomerRef, InboundMessage, RecentContact, Route, utcnow
+from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, state
-from routers.db import sessionmaker
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import AgentFacts, Facts, decide
+from routers.runner import runner_of
 from routers.settings import RoutingSettings
 
 
 @dataclass
 class _Read:
-    """What one session read for a batch: customers in message order, state by id."""
+    """What a batch's decisions read: customers in message order, state, agents by id."""
 
     customers: list[CustomerRecord | None]
-    owners: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (agent, presence)
-    last: dict[str, tuple[state.LastContact, str]] = field(default_factory=dict)
-    recent: dict[str, list[RecentContact]] = field(default_factory=dict)
+    routing: state.RoutingState = field(default_factory=state.RoutingState)
     agents: dict[str, AgentRecord | None] = field(default_factory=dict)
-
-
-class _OnDemand:
-    """One session for a batch's reads, opened only if a read misses the cache."""
-
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
-        self._sessions = sessions
-        self._session: AsyncSession | None = None
-
-    async def __call__(self) -> AsyncSession:
-        if self._session is None:
-            self._session = self._sessions()
-        return self._session
-
-    async def __aenter__(self) -> "_OnDemand":
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 class Decider:
@@ -68,10 +47,10 @@ class Decider:
         clock: Callable[[], datetime] = utcnow,
         cache_ttl: float = 0.0,
     ) -> None:
-        self._sessions = sessionmaker(engine)
+        self._run = runner_of(engine)
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
-        self.directory = directory.DirectoryCache(self._sessions, cache_ttl)
+        self.directory = directory.DirectoryCache(self._run, cache_ttl)
 
     async def __call__(self, message: InboundMessage) -> Decision:
         return (await self.decide_many([message]))[0]
@@ -92,16 +71,15 @@ class Decider:
     ) -> list[tuple[Decision, Facts]]:
         settings = self.settings  # one snapshot: a reload mid-batch changes nothing here
         try:
-            async with _OnDemand(self._sessions) as session:
-                read = await self._read(session, messages, settings, context)
-                now = self._clock()
-                decided: list[tuple[Route, Facts]] = []
-                for index, message in enumerate(messages):
-                    facts = self._facts(index, read)
-                    decided.append((decide(message, facts, settings, now), facts))
-                teams = await self.directory.get_teams(_teams_to_dial(decided, settings))
-                targets = {r.target for r, _ in decided if r.kind == "agent" and r.target}
-                agents = await self.directory.get_agents(targets - read.agents.keys())
+            read = await self._read(messages, settings, context)
+            now = self._clock()
+            decided: list[tuple[Route, Facts]] = []
+            for index, message in enumerate(messages):
+                facts = self._facts(index, read)
+                decided.append((decide(message, facts, settings, now), facts))
+            teams = await self.directory.get_teams(_teams_to_dial(decided, settings))
+            targets = {r.target for r, _ in decided if r.kind == "agent" and r.target}
+            agents = await self.directory.get_agents(targets - read.agents.keys())
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
         agents.update(read.agents)
@@ -110,7 +88,7 @@ class Decider:
             customer = facts.customer
             ref = None
             if customer is not None:
-                recent = read.recent.get(customer.id, [])
+                recent = read.routing.recent.get(customer.id, [])
                 ref = CustomerRef(
                     id=customer.id, name=customer.name, team=customer.team_id, recent=list(recent)
                 )
@@ -121,34 +99,27 @@ class Decider:
         return answers
 
     async def _read(
-        self,
-        session: "_OnDemand",
-        messages: Sequence[InboundMessage],
-        settings: RoutingSettings,
-        context: bool,
+        self, messages: Sequence[InboundMessage], settings: RoutingSettings, context: bool
     ) -> _Read:
         region = settings.default_region
         read = _Read(await self.directory.find_customers([m.sender for m in messages], region))
         stateful: set[str] = set()
+        threads: dict[int, list[str]] = {}
         for index, (message, customer) in enumerate(zip(messages, read.customers, strict=True)):
             if customer is None:
                 continue
             if context or message.channel in settings.sticky_channels:
                 stateful.add(customer.id)
             refs = _thread_refs(message)
-            if refs:  # a reply to one of ours: rare beside new messages, read one by one
-                owner = await state.thread_owner(await session(), refs)
-                if owner is not None:
-                    read.owners[index] = (owner, await state.presence(await session(), owner))
-        if stateful:
-            ids = sorted(stateful)
-            read.last = await state.last_agents_presence(await session(), ids)
-            if context:
-                read.recent = await state.recent_contacts_many(
-                    await session(), ids, settings.recent_contacts
-                )
-        wanted = {agent for agent, _ in read.owners.values()}
-        wanted |= {last.agent_id for last, _ in read.last.values()}
+            if refs:
+                threads[index] = refs
+        if stateful or threads:
+            ids, limit = sorted(stateful), settings.recent_contacts if context else 0
+            read.routing = await self._run(
+                lambda connection: state.read_routing_state(connection, ids, limit, threads)
+            )
+        wanted = {agent for agent, _ in read.routing.owners.values()}
+        wanted |= {last.agent_id for last, _ in read.routing.last.values()}
         read.agents = await self.directory.get_agents(wanted)
         return read
 
@@ -157,11 +128,11 @@ class Decider:
         if customer is None:
             return Facts(customer=None)
         owner = None
-        if index in read.owners:
-            owner_id, presence = read.owners[index]
+        if index in read.routing.owners:
+            owner_id, presence = read.routing.owners[index]
             owner = _agent_facts(owner_id, presence, read.agents.get(owner_id))
         last, last_facts = None, None
-        found = read.last.get(customer.id)
+        found = read.routing.last.get(customer.id)
         if found is not None:
             last, presence = found
             last_facts = _agent_facts(last.agent_id, presence, read.agents.get(last.agent_id))

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import structlog
-from sqlalchemy import Select, and_, bindparam, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Connection, Select, and_, bindparam, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
 from routers.models import Agent, Customer, CustomerIdentity, Team
-from routers.sql import fetch
+from routers.runner import Runner
 
 log = structlog.get_logger("omniroute.directory")
 
@@ -89,8 +89,8 @@ async def customer_by_key(session: AsyncSession, kind: str, address: str) -> Cus
     return None if row is None else CustomerRecord(id=row.id, name=row.name, team_id=row.team_id)
 
 
-async def customers_by_keys(
-    session: AsyncSession, keys: list[tuple[str, str]]
+def customers_by_keys(
+    connection: Connection, keys: list[tuple[str, str]]
 ) -> dict[tuple[str, str], CustomerRecord]:
     """``customer_by_key`` for many normalised (kind, address) pairs in one query."""
     if not keys:
@@ -100,7 +100,7 @@ async def customers_by_keys(
     for i, kind in enumerate(kinds):
         params[f"kind{i}"] = kind
         params[f"addresses{i}"] = [address for k, address in keys if k == kind]
-    rows = await fetch(session, _customers_of_kinds(len(kinds)), params)
+    rows = connection.execute(_customers_of_kinds(len(kinds)), params).all()
     return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
 
 
@@ -128,13 +128,13 @@ def _customers_of_kinds(kinds: int) -> Select[Any]:
     )
 
 
-async def agents_by_ids(session: AsyncSession, agent_ids: list[str]) -> dict[str, AgentRecord]:
-    rows = await fetch(session, _AGENTS, {"ids": agent_ids})
+def agents_by_ids(connection: Connection, agent_ids: list[str]) -> dict[str, AgentRecord]:
+    rows = connection.execute(_AGENTS, {"ids": agent_ids}).all()
     return {r.id: AgentRecord(r.id, r.name, r.team_id, r.dial, bool(r.active)) for r in rows}
 
 
-async def teams_by_ids(session: AsyncSession, team_ids: list[str]) -> dict[str, TeamRecord]:
-    rows = await fetch(session, _TEAMS, {"ids": team_ids})
+def teams_by_ids(connection: Connection, team_ids: list[str]) -> dict[str, TeamRecord]:
+    rows = connection.execute(_TEAMS, {"ids": team_ids}).all()
     return {r.id: TeamRecord(r.id, r.name, r.dial, r.email) for r in rows}
 
 
@@ -300,14 +300,14 @@ class DirectoryCache:
 
     def __init__(
         self,
-        sessions: async_sessionmaker[Any],
+        run: Runner,
         ttl: float,
         *,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ttl = ttl
-        self._sessions = sessions
+        self._run = run
         self._customers: _Expiring[tuple[str, str], CustomerRecord | None] = _Expiring(
             ttl, max_entries, clock
         )
@@ -334,14 +334,13 @@ class DirectoryCache:
         return await _many(self._teams, team_ids, self._reader(teams_by_ids), self._spawn)
 
     def _reader(
-        self, query: Callable[[AsyncSession, list[K]], Awaitable[dict[K, V]]]
+        self, query: Callable[[Connection, list[K]], dict[K, V]]
     ) -> Callable[[list[K]], Awaitable[dict[K, V]]]:
-        """``query`` in a short session of its own: a read shared by several callers must
-        not hold any one caller's session (or pool connection) while they wait."""
+        """``query`` on a connection of its own: a read shared by several callers must not
+        hold any one caller's connection while they wait."""
 
         async def read(keys: list[K]) -> dict[K, V]:
-            async with self._sessions() as session:
-                return await query(session, keys)
+            return await self._run(lambda connection: query(connection, keys))
 
         return read
 

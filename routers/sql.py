@@ -1,16 +1,15 @@
-"""Portable upserts for SQLite and PostgreSQL (both speak ``ON CONFLICT``), and Core
-execution for the hot paths.
+"""Portable upserts for SQLite and PostgreSQL (both speak ``ON CONFLICT``).
 
-The router's batch reads and claims run as Core statements on the session's connection
-(``fetch``, ``upsert``): ``Session.execute`` adds ORM work per statement (compile state,
-result processing) that cost as much as the query itself on SQLite. They name columns
-through ``Model.__table__.c``, since ORM attributes would bring that work back.
+The rows of a batch go as the parameters of one statement (executemany) on the session's
+connection: ``Session.execute`` adds ORM work per statement (compile state, result
+processing) that cost as much as the query itself on SQLite. The router's own hot path
+runs as plain functions of a ``Connection`` instead (``routers.runner``).
 """
 
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Executable, Row, Table
+from sqlalchemy import Executable, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,18 +65,6 @@ async def execute_many(
     connection = await session.connection()
     result = await connection.execute(stmt, list(rows))
     return max(0, int(getattr(result, "rowcount", 0) or 0))
-
-
-async def fetch(
-    session: AsyncSession, stmt: Executable, params: dict[str, Any] | None = None
-) -> Sequence[Row[Any]]:
-    """Every row of a Core statement, run on the session's connection (and transaction).
-
-    The hot statements are built once, with bound (``expanding``) parameters, and passed
-    their values here: building a statement and its cache key anew for every batch cost
-    more than running it."""
-    connection = await session.connection()
-    return (await connection.execute(stmt, params)).all()
 
 
 async def insert_new(

@@ -7,11 +7,11 @@ overwrites it, so redelivered or reordered events cannot move a customer backwar
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Insert, Select, and_, bindparam, delete, func, or_, select
+from sqlalchemy import Connection, Insert, Select, and_, bindparam, delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import InboundMessage, RecentContact, RoutedMessage
@@ -23,7 +23,7 @@ from routers.models import (
     SentReply,
     ThreadOwner,
 )
-from routers.sql import dialect_of, execute_many, fetch, insert_for, insert_new, upsert
+from routers.sql import insert_for, insert_new, upsert
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,43 @@ async def last_agent(session: AsyncSession, customer_id: str) -> LastContact | N
     return None if row is None else LastContact(row.agent_id, row.channel, _aware(row.at))
 
 
-async def last_agents_presence(
-    session: AsyncSession, customer_ids: list[str]
+@dataclass
+class RoutingState:
+    """The state a batch's decisions read besides the directory."""
+
+    #: customer id -> their last agent and that agent's presence (absent: nobody answered)
+    last: dict[str, tuple[LastContact, str]] = field(default_factory=dict)
+    #: customer id -> their recent contacts, newest first
+    recent: dict[str, list[RecentContact]] = field(default_factory=dict)
+    #: message index -> (the agent owning the thread it answers, their presence)
+    owners: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+
+def read_routing_state(
+    connection: Connection,
+    customer_ids: list[str],
+    recent_limit: int,
+    threads: dict[int, list[str]],
+) -> RoutingState:
+    """All of a batch's routing state in one unit of work (``routers.runner``): the last
+    agents of ``customer_ids``, their ``recent_limit`` recent contacts, and the owner of
+    each thread in ``threads`` (message index -> the Message-IDs it answers)."""
+    found = RoutingState()
+    for index, refs in threads.items():  # replies to ours: rare beside new messages
+        owner = _thread_owner(connection, refs)
+        if owner is not None:
+            found.owners[index] = (owner, _presence_of(connection, owner))
+    if customer_ids:
+        found.last = _last_agents_presence(connection, customer_ids)
+        if recent_limit > 0:
+            found.recent = _recent_contacts(connection, customer_ids, recent_limit)
+    return found
+
+
+def _last_agents_presence(
+    connection: Connection, customer_ids: list[str]
 ) -> dict[str, tuple[LastContact, str]]:
-    """``last_agent`` and that agent's ``presence`` for many customers in one query (the
-    router's hot path); customers nobody answered are absent."""
-    if not customer_ids:
-        return {}
-    rows = await fetch(session, _LAST_AGENTS, {"ids": customer_ids})
+    rows = connection.execute(_LAST_AGENTS, {"ids": customer_ids})
     return {
         r.customer_id: (
             LastContact(r.agent_id, r.channel, _aware(r.at)),
@@ -55,24 +84,19 @@ async def last_agents_presence(
     }
 
 
-async def thread_owner(session: AsyncSession, message_ids: list[str]) -> str | None:
+def _thread_owner(connection: Connection, message_ids: list[str]) -> str | None:
     """The agent who sent the newest of these Message-IDs, if omniroute sent any of them."""
     ids = [m for m in dict.fromkeys(strip_brackets(i) for i in message_ids) if m]
     if not ids:
         return None
-    owner: str | None = await session.scalar(
-        select(ThreadOwner.agent_id)
-        .where(ThreadOwner.message_id.in_(ids[:100]))
-        .order_by(ThreadOwner.at.desc())
-        .limit(1)
-    )
+    owner: str | None = connection.scalar(_THREAD_OWNER, {"ids": ids[:100]})
     return owner
 
 
-async def presence(session: AsyncSession, agent_id: str) -> str:
+def _presence_of(connection: Connection, agent_id: str) -> str:
     """An agent with no status event yet counts as available: presence is opt-in."""
-    row = await session.get(AgentPresence, agent_id)
-    return "available" if row is None else row.status
+    status: str | None = connection.scalar(_PRESENCE, {"agent": agent_id})
+    return "available" if status is None else status
 
 
 async def record_reply(
@@ -121,20 +145,21 @@ async def set_presence(session: AsyncSession, agent_id: str, status: str, at: da
     )
 
 
-async def claim_routed_many(session: AsyncSession, batch: list[RoutedMessage]) -> list[str]:
+def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> list[str]:
     """Claim many messages' channel ids with one insert and one select: each row is
     inserted unless its channel id is recorded (a copy later in the batch loses to an
-    earlier one, as it would one statement later), then each channel id's owner is read."""
+    earlier one, as it would one statement later), then each channel id's owner is read.
+    One unit of work (``routers.runner``), committed by the caller."""
     if not batch:
         return []
-    await execute_many(session, _claim_insert(dialect_of(session)), [_routed_row(r) for r in batch])
+    connection.execute(_claim_insert(connection.dialect.name), [_routed_row(r) for r in batch])
     wanted: dict[str, list[str]] = {}
     for routed in batch:
         wanted.setdefault(routed.message.channel, []).append(routed.message.external_id)
     params: dict[str, Any] = {}
     for i, (channel, ids) in enumerate(sorted(wanted.items())):
         params[f"channel{i}"], params[f"ids{i}"] = channel, ids
-    rows = await fetch(session, _claims_of_channels(len(wanted)), params)
+    rows = connection.execute(_claims_of_channels(len(wanted)), params)
     owners = {(r.channel, r.external_id): r.id for r in rows}
     return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
 
@@ -171,13 +196,11 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
     }
 
 
-async def recent_contacts_many(
-    session: AsyncSession, customer_ids: list[str], limit: int
+def _recent_contacts(
+    connection: Connection, customer_ids: list[str], limit: int
 ) -> dict[str, list[RecentContact]]:
-    """``recent_contacts`` for many customers in one query (a window per customer)."""
-    if limit <= 0 or not customer_ids:
-        return {}
-    rows = await fetch(session, _RECENT, {"ids": customer_ids, "limit": limit})
+    """The recent contacts of many customers in one query (a window per customer)."""
+    rows = connection.execute(_RECENT, {"ids": customer_ids, "limit": limit})
     found: dict[str, list[RecentContact]] = {}
     for r in rows:
         found.setdefault(r.customer_id, []).append(
@@ -277,6 +300,14 @@ _LAST_AGENTS = (
     )
     .where(_last.customer_id.in_(bindparam("ids", expanding=True)))
 )
+
+_THREAD_OWNER = (
+    select(ThreadOwner.__table__.c.agent_id)
+    .where(ThreadOwner.__table__.c.message_id.in_(bindparam("ids", expanding=True)))
+    .order_by(ThreadOwner.__table__.c.at.desc())
+    .limit(1)
+)
+_PRESENCE = select(_presence.status).where(_presence.agent_id == bindparam("agent"))
 
 _record = RoutedRecord.__table__.c
 _ranked = (

@@ -7,18 +7,17 @@ ack. A crash anywhere before the ack redelivers the message, which finds its own
 and is published again; consumers absorb that copy by ``message_id``.
 
 Messages are handled in the batches the consumer hands over (``ingest.batch_consumer.
-BatchConsumer``): their facts are read in one session, their claims written in one
+BatchConsumer``): their facts are read together, their claims written in one
 transaction (``ClaimBatch``: no two transactions of this process fight for SQLite's single
 write lock), their publishes confirmed together, and they are acked with one frame.
 """
 
 import asyncio
 import time
-from typing import Any
 
 import structlog
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
 from ingest.delivery import Delivery
@@ -29,7 +28,7 @@ from ingest.metrics import Metrics
 from ingest.protocols import Decider, Decision
 from ingest.schema import InboundMessage, RoutedMessage
 from routers import state
-from routers.db import sessionmaker
+from routers.runner import Runner, runner_of
 from routers.settings import RouterSettings, RoutingSettings
 
 log = structlog.get_logger("omniroute.router")
@@ -47,8 +46,8 @@ class ClaimBatch:
     transaction of its own, so one bad row only fails its own message.
     """
 
-    def __init__(self, sessions: async_sessionmaker[Any], max_batch: int) -> None:
-        self._sessions = sessions
+    def __init__(self, run: Runner, max_batch: int) -> None:
+        self._run = run
         self._max = max_batch
         self._pending: list[tuple[list[RoutedMessage], asyncio.Future[list[Claim]]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -102,8 +101,7 @@ class ClaimBatch:
         return [await self._alone(routed) for routed in rows]
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
-        async with self._sessions.begin() as session:
-            return await state.claim_routed_many(session, batch)
+        return await self._run(lambda connection: state.claim_routed_many(connection, batch))
 
     async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
@@ -143,7 +141,7 @@ class RouterWorker:
     ) -> None:
         self._bus = bus
         self._metrics = metrics
-        self._claims = ClaimBatch(sessionmaker(engine), max_batch=settings.prefetch)
+        self._claims = ClaimBatch(runner_of(engine), max_batch=settings.prefetch)
         self._decider = decider
         self.routing = routing
         self._settings = settings
@@ -165,7 +163,7 @@ class RouterWorker:
 
     async def handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:
         """Route the deliveries that arrived together; one outcome per delivery (None: done,
-        ack it). Their facts are read in one session and their claims written in one
+        ack it). Their facts are read together and their claims written in one
         transaction; their publishes wait for their confirms together."""
         started = time.perf_counter()
         outcomes: list[BaseException | None] = [None] * len(deliveries)

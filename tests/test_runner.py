@@ -1,0 +1,82 @@
+"""The router's units of database work (``routers.runner``): all or nothing, on SQLite and
+PostgreSQL, off the event loop for SQLite, and still working after the directory is
+reopened (a reload disposes the engine while the router runs)."""
+
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import Connection, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
+from routers import state
+from routers.db import create_engine, migrate
+from routers.models import RoutedRecord
+from routers.runner import runner_of
+
+
+@pytest.fixture
+async def directory(database_url: str) -> AsyncIterator[AsyncEngine]:
+    await migrate(database_url)
+    engine = create_engine(database_url)
+    yield engine
+    await engine.dispose()
+
+
+def _routed(external_id: str) -> RoutedMessage:
+    message = InboundMessage(
+        channel="sms",
+        external_id=external_id,
+        sender=Identity(kind="phone", address="+905321112233"),
+        text="Modemim calismiyor",
+    )
+    return RoutedMessage(message=message, route=Route(kind="triage", reason="unknown_sender"))
+
+
+def _recorded(connection: Connection) -> int:
+    return int(connection.scalar(select(func.count()).select_from(RoutedRecord)) or 0)
+
+
+async def test_a_unit_of_work_is_committed_whole_or_not_at_all(directory: AsyncEngine) -> None:
+    """A claim whose unit fails after writing leaves nothing behind, so the redelivered
+    message claims again; a claim that commits keeps its channel id against a copy."""
+    run = runner_of(directory)
+    first, copy = _routed("SM1"), _routed("SM1")
+
+    def claim_then_fail(connection: Connection) -> None:
+        state.claim_routed_many(connection, [first])
+        raise RuntimeError("the batch failed after its insert")
+
+    with pytest.raises(RuntimeError):
+        await run(claim_then_fail)
+    assert await run(_recorded) == 0
+
+    assert await run(lambda c: state.claim_routed_many(c, [first])) == [first.message.id]
+    owners = await run(lambda c: state.claim_routed_many(c, [copy, _routed("SM2")]))
+    assert owners[0] == first.message.id, "the copy under another id loses the claim"
+    assert await run(_recorded) == 2
+
+
+async def test_sqlite_work_runs_on_the_runner_thread(sqlite_url: str) -> None:
+    """The point of the runner: a unit's statements leave the event loop once, together."""
+    await migrate(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        name = await runner_of(engine)(lambda _c: threading.current_thread().name)
+    finally:
+        await engine.dispose()
+    assert name != threading.current_thread().name
+    assert name.startswith("omniroute-db")
+
+
+async def test_the_runner_works_on_after_the_directory_is_reopened(
+    directory: AsyncEngine,
+) -> None:
+    """A reload disposes the engine's pool while the router runs; claims go on."""
+    run = runner_of(directory)
+    await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
+    await directory.dispose()
+    await run(lambda c: state.claim_routed_many(c, [_routed("SM2")]))
+    assert await run(_recorded) == 2
+    assert runner_of(directory) is run
