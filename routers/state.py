@@ -146,21 +146,28 @@ async def set_presence(session: AsyncSession, agent_id: str, status: str, at: da
 
 
 def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> list[str]:
-    """Claim many messages' channel ids with one insert and one select: each row is
-    inserted unless its channel id is recorded (a copy later in the batch loses to an
-    earlier one, as it would one statement later), then each channel id's owner is read.
-    One unit of work (``routers.runner``), committed by the caller."""
+    """Claim many messages' channel ids: each row is inserted unless its channel id is
+    recorded (a copy later in the batch loses to an earlier one, as it would one statement
+    later). The insert returns the rows it wrote; only the channel ids it did not write (a
+    copy, a redelivery) are looked up. One unit of work (``routers.runner``), committed by
+    the caller."""
     if not batch:
         return []
-    connection.execute(_claim_insert(connection.dialect.name), [_routed_row(r) for r in batch])
+    written = connection.execute(
+        _claim_insert(connection.dialect.name), [_routed_row(r) for r in batch]
+    )
+    owners = {(r.channel, r.external_id): r.id for r in written}
     wanted: dict[str, list[str]] = {}
     for routed in batch:
-        wanted.setdefault(routed.message.channel, []).append(routed.message.external_id)
-    params: dict[str, Any] = {}
-    for i, (channel, ids) in enumerate(sorted(wanted.items())):
-        params[f"channel{i}"], params[f"ids{i}"] = channel, ids
-    rows = connection.execute(_claims_of_channels(len(wanted)), params)
-    owners = {(r.channel, r.external_id): r.id for r in rows}
+        message = routed.message
+        if (message.channel, message.external_id) not in owners:
+            wanted.setdefault(message.channel, []).append(message.external_id)
+    if wanted:
+        params: dict[str, Any] = {}
+        for i, (channel, ids) in enumerate(sorted(wanted.items())):
+            params[f"channel{i}"], params[f"ids{i}"] = channel, ids
+        rows = connection.execute(_claims_of_channels(len(wanted)), params)
+        owners.update({(r.channel, r.external_id): r.id for r in rows})
     return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
 
 
@@ -351,6 +358,9 @@ def _claims_of_channels(channels: int) -> Select[Any]:
 
 @functools.cache
 def _claim_insert(dialect: str) -> Insert:
-    """Insert a routed record unless its channel id is recorded."""
+    """Insert a routed record unless its channel id is recorded; returns what it wrote
+    (SQLAlchemy sends the rows as multi-row VALUES pages for that)."""
     stmt: Insert = insert_for(dialect, RoutedRecord.__table__)  # type: ignore[arg-type]
-    return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"])  # type: ignore[attr-defined, no-any-return]
+    return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"]).returning(  # type: ignore[attr-defined, no-any-return]
+        _record.channel, _record.external_id, _record.id
+    )

@@ -57,6 +57,12 @@ async def test_a_unit_of_work_is_committed_whole_or_not_at_all(directory: AsyncE
     assert owners[0] == first.message.id, "the copy under another id loses the claim"
     assert await run(_recorded) == 2
 
+    twins = [_routed("SM3"), _routed("SM3")]
+    owners = await run(lambda c: state.claim_routed_many(c, twins))
+    assert owners == [twins[0].message.id] * 2, "within one batch, the first copy wins"
+    assert await run(lambda c: state.claim_routed_many(c, twins)) == owners, "a redelivery"
+    assert await run(_recorded) == 3
+
 
 async def test_sqlite_work_runs_on_the_runner_thread(sqlite_url: str) -> None:
     """The point of the runner: a unit's statements leave the event loop once, together."""
