@@ -38,7 +38,12 @@ _runners: "weakref.WeakKeyDictionary[AsyncEngine, Runner]" = weakref.WeakKeyDict
 
 class Runner:
     """Runs ``fn(connection)`` in one transaction, committed when ``fn`` returns and
-    rolled back when it raises (with the database's errors as SQLAlchemy raises them)."""
+    rolled back when it raises (with the database's errors as SQLAlchemy raises them).
+
+    ``sqlite_connect`` (the async engine's ``connect_args``) and ``on_connect`` (its
+    pragmas) give a SQLite file its own threads and pysqlite engine; without them, or for
+    another database, the function runs on the async engine through ``run_sync``.
+    """
 
     def __init__(
         self,
@@ -47,40 +52,42 @@ class Runner:
         sqlite_connect: dict[str, Any] | None = None,
         on_connect: Callable[[Any, Any], None] | None = None,
     ) -> None:
-        # weak: the engine holds this runner (its dispose listener), not the other way
-        self._async = weakref.ref(engine)
+        # a proxy of its own: the registry is keyed by the caller's proxy, which this
+        # runner (a value of that registry) must not keep alive
+        self._async = AsyncEngine(engine.sync_engine)
         self._sync: Engine | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._used = False
         url = make_url(engine.url)
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            # a file: a second engine on it is the same database (an in-memory one would
-            # not be, so it stays on the async engine)
+        in_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+        if in_file and sqlite_connect is not None:
+            # a second engine on a file is the same database (on ":memory:" it would not be)
             self._sync = create_sync_engine(
                 url.set(drivername="sqlite+pysqlite"),
                 hide_parameters=True,
-                connect_args=sqlite_connect or {},
+                connect_args=sqlite_connect,
                 pool_size=_THREADS,
             )
             if on_connect is not None:
                 event.listen(self._sync, "connect", on_connect)
             self._threads = ThreadPoolExecutor(_THREADS, thread_name_prefix="omniroute-db")
+            # the threads end with the runner (they would otherwise wait for a collection)
+            weakref.finalize(self, self._threads.shutdown, wait=False)
         event.listen(engine.sync_engine, "engine_disposed", self._disposed)
 
     @property
     def engine(self) -> Engine:
         """The engine the functions run on (for its events: instrumentation, tests)."""
-        if self._sync is not None:
-            return self._sync
-        engine = self._async()
-        assert engine is not None, "the engine was disposed of while in use"
-        return engine.sync_engine
+        return self._sync if self._sync is not None else self._async.sync_engine
 
     async def __call__(self, fn: Callable[[Connection], T]) -> T:
         if self._sync is None or self._threads is None:
-            engine = self._async()
-            assert engine is not None, "the engine was disposed of while in use"
-            async with engine.begin() as connection:
+            async with self._async.begin() as connection:
                 return await connection.run_sync(fn)
+        self._used = True
+        # A unit that has started runs to its end even if this await is cancelled (a
+        # thread cannot be interrupted): its commit may land after the caller gave up.
+        # Claims are idempotent (a redelivered message finds its own), so that is safe.
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._threads, self._in_transaction, fn)
 
@@ -90,10 +97,15 @@ class Runner:
             return fn(connection)
 
     def _disposed(self, _engine: Engine) -> None:
-        """The async engine was disposed (reopened on reload, or closed): so is this pool.
-        Connections in use finish their transaction first, as the async engine's do."""
-        if self._sync is not None and self._threads is not None:
-            self._threads.submit(self._sync.dispose)
+        """The async engine was disposed (reopened on reload, or closed): so is this pool,
+        before ``dispose()`` returns. Connections in use finish their unit on the old pool;
+        its idle ones are closed on a runner thread (closing may checkpoint the WAL)."""
+        if self._sync is None or self._threads is None:
+            return
+        old = self._sync.pool
+        self._sync.dispose(close=False)  # new units take new connections from now on
+        if self._used:
+            self._threads.submit(old.dispose)
 
 
 def attach(engine: AsyncEngine, **kwargs: Any) -> Runner:
@@ -103,7 +115,7 @@ def attach(engine: AsyncEngine, **kwargs: Any) -> Runner:
 
 
 def runner_of(engine: AsyncEngine) -> Runner:
-    """``engine``'s runner; an engine not made by ``routers.db.create_engine`` gets a
-    runner with pysqlite's defaults."""
+    """``engine``'s runner; an engine not made by ``routers.db.create_engine`` gets one
+    that runs on the engine itself (``run_sync``)."""
     runner = _runners.get(engine)
     return runner if runner is not None else attach(engine)

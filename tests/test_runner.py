@@ -2,11 +2,14 @@
 PostgreSQL, off the event loop for SQLite, and still working after the directory is
 reopened (a reload disposes the engine while the router runs)."""
 
+import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
@@ -14,6 +17,7 @@ from routers import state
 from routers.db import create_engine, migrate
 from routers.models import RoutedRecord
 from routers.runner import runner_of
+from routers.settings import DirectorySettings
 
 
 @pytest.fixture
@@ -82,7 +86,30 @@ async def test_the_runner_works_on_after_the_directory_is_reopened(
     """A reload disposes the engine's pool while the router runs; claims go on."""
     run = runner_of(directory)
     await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
+    before = run.engine.pool
     await directory.dispose()
+    assert run.engine.pool is not before, "reopened by the time dispose() returns"
     await run(lambda c: state.claim_routed_many(c, [_routed("SM2")]))
     assert await run(_recorded) == 2
     assert runner_of(directory) is run
+
+
+async def test_a_locked_sqlite_directory_fails_a_unit_after_the_statement_timeout(
+    sqlite_url: str,
+) -> None:
+    """``directory.statement_timeout`` bounds the wait for SQLite's write lock, so a stuck
+    writer elsewhere makes a claim an outage (retried), not a hang."""
+    await migrate(sqlite_url)
+    engine = create_engine(sqlite_url, DirectorySettings(statement_timeout=0.3))
+    run = runner_of(engine)
+    await run(_recorded)  # connected: the pragmas (WAL) are set
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="locked"):
+            await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
+        assert 0.25 < time.monotonic() - started < 3
+    finally:
+        holder.close()
+        await engine.dispose()
