@@ -10,6 +10,10 @@ message confirmed in ``omniroute.routed`` is measured. Each router process runs 
 ``routers.worker.RouterWorker`` with the real ``Bus``, ``Decider`` and engine, default
 settings (quorum queues, prefetch 256), and the daemon's JSON logging to a file.
 
+After the last round the forwarder is timed once more, so that every router round lies
+between two forwarder runs, and its ratio is to their mean: this machine's speed drifts by
+10-40 % within minutes, and a ratio to the run before alone carries that drift.
+
 A fresh vhost is created for the run and deleted at the end; every round routes into a
 fresh copy of the directory, so the duplicate-removal record starts empty each time.
 
@@ -262,7 +266,8 @@ async def main(a: argparse.Namespace) -> None:
                         p.unlink(missing_ok=True)
             line = (f"round {r + 1}: forwarder {fwd_rates[-1]:.0f} msg/s, "
                     f"router x{a.workers} {router_rates[-1]:.0f} msg/s, "
-                    f"ratio {router_rates[-1] / fwd_rates[-1]:.2f}; CPU per message: "
+                    f"ratio to the forwarder before {router_rates[-1] / fwd_rates[-1]:.2f}; "
+                    "CPU per message: "
                     f"forwarder {fwd_cpu[-1] / a.n * 1000:.3f} ms, "
                     f"router {router_cpu[-1] / a.n * 1000:.3f} ms "
                     f"({router_usage[-1]['sys'] / a.n * 1000:.3f} in the kernel, "
@@ -270,16 +275,25 @@ async def main(a: argparse.Namespace) -> None:
             if fwdq_rates:
                 line += f" (forwarder on quorum queues {fwdq_rates[-1]:.0f} msg/s)"
             print(line, flush=True)
+        fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True,
+                                       cpu=fwd_cpu))
+        print(f"closing forwarder run: {fwd_rates[-1]:.0f} msg/s, "
+              f"CPU per message {fwd_cpu[-1] / a.n * 1000:.3f} ms", flush=True)
     shutil.rmtree(logdir, ignore_errors=True)
     f_med, f_lo, f_hi = benchlib.median_spread(fwd_rates)
     r_med, r_lo, r_hi = benchlib.median_spread(router_rates)
-    ratios = [r / f for r, f in zip(router_rates, fwd_rates, strict=True)]
+    around = [(fwd_rates[r] + fwd_rates[r + 1]) / 2 for r in range(a.rounds)]
+    around_cpu = [(fwd_cpu[r] + fwd_cpu[r + 1]) / 2 for r in range(a.rounds)]
+    ratios = [r / f for r, f in zip(router_rates, around, strict=True)]
+    print("ratio of each round to the mean of the forwarder runs before and after it: "
+          + ", ".join(f"{q:.2f}" for q in ratios))
     q_med, q_lo, q_hi = benchlib.median_spread(ratios)
     print(f"forwarder: median {f_med:.0f} msg/s (min {f_lo:.0f}, max {f_hi:.0f})")
     print(f"router x{a.workers}: median {r_med:.0f} msg/s (min {r_lo:.0f}, max {r_hi:.0f})")
-    print(f"ratio router/forwarder: median {q_med:.2f} (min {q_lo:.2f}, max {q_hi:.2f})")
+    print(f"ratio router/forwarder (the mean of the runs around it): median {q_med:.2f} "
+          f"(min {q_lo:.2f}, max {q_hi:.2f})")
     c_med, c_lo, c_hi = benchlib.median_spread(
-        [r / f for r, f in zip(router_cpu, fwd_cpu, strict=True)])
+        [r / f for r, f in zip(router_cpu, around_cpu, strict=True)])
     print(f"CPU per message, router/forwarder: median {c_med:.2f} (min {c_lo:.2f}, "
           f"max {c_hi:.2f}); the forwarder's CPU is its process's, the router's its processes'")
     if fwdq_rates:
