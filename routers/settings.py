@@ -79,5 +79,8 @@ class DirectorySettings(BaseModel):
         default=5, ge=1, le=100, description="PostgreSQL connections per process"
     )
     statement_timeout: float = Field(
-        default=5.0, gt=0, description="seconds a database connect or statement may take"
+        default=5.0,
+        gt=0,
+        description="seconds a database connect or statement may take (SQLite: how long a "
+        "statement waits for another writer's lock before it fails and is retried)",
     )
