@@ -2,6 +2,7 @@
 # ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -121,3 +122,29 @@ async def test_real_uvicorn_server_on_loopback(make_phones: AppFactory) -> None:
         async with asyncio.timeout(10):
             await task
     assert task.exception() is None
+
+
+async def test_connections_to_the_http_port_send_without_nagle_delay() -> None:
+    """A response goes out as headers then body; with Nagle's algorithm on, the body waited
+    for the client's delayed ACK: 40 ms on every keep-alive webhook and PBX request. asyncio
+    turns it off only for sockets that say they are TCP, so the listening socket must."""
+    listening = HttpServer(
+        lambda *_: None,  # type: ignore[arg-type, return-value]
+        HttpSettings(host="127.0.0.1", port=0),
+    )._bind()
+    nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def accepted(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = writer.get_extra_info("socket")
+        nodelay.set_result(connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(accepted, sock=listening)
+    try:
+        _, client = await asyncio.open_connection("127.0.0.1", listening.getsockname()[1])
+        async with asyncio.timeout(5):
+            assert await nodelay == 1
+        client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
