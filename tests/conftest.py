@@ -2,6 +2,7 @@
 or a PostgreSQL database created for the test), and the opened bus on that vhost."""
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -93,13 +94,28 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await conn.close()
 
 
+@contextlib.asynccontextmanager
+async def _migrated(url: str) -> AsyncIterator[AsyncEngine]:
+    await migrate(url)
+    eng = create_engine(url)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """A migrated directory, once on SQLite and once on PostgreSQL."""
+    async with _migrated(database_url) as eng:
+        yield eng
+
+
 @pytest.fixture
 async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated SQLite directory for tests that do not care about the backend."""
-    await migrate(sqlite_url)
-    eng = create_engine(sqlite_url)
-    yield eng
-    await eng.dispose()
+    async with _migrated(sqlite_url) as eng:
+        yield eng
 
 
 async def wait_for(predicate: "asyncio.Future[object] | object", timeout: float = 10.0) -> None:

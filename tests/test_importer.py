@@ -2,7 +2,6 @@
 
 import importlib.util
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from routers.models import Agent, Customer, CustomerIdentity, Team
 
 EXAMPLES = Path(__file__).parent.parent / "config" / "examples"
 CUSTOMERS_HEADER = "id,name,team,emails,phones,twitter\n"
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate(database_url)
-    engine = create_engine(database_url)
-    yield engine
-    await engine.dispose()
 
 
 def write(tmp_path: Path, name: str, text: str, *, bom: bool = False) -> Path:

@@ -5,7 +5,6 @@ reopened (a reload disposes the engine while the router runs)."""
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import Connection, func, select
@@ -18,14 +17,6 @@ from routers.db import create_engine, migrate
 from routers.models import RoutedRecord
 from routers.runner import runner_of
 from routers.settings import DirectorySettings
-
-
-@pytest.fixture
-async def directory(database_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate(database_url)
-    engine = create_engine(database_url)
-    yield engine
-    await engine.dispose()
 
 
 def _routed(external_id: str) -> RoutedMessage:
@@ -42,10 +33,10 @@ def _recorded(connection: Connection) -> int:
     return int(connection.scalar(select(func.count()).select_from(RoutedRecord)) or 0)
 
 
-async def test_a_unit_of_work_is_committed_whole_or_not_at_all(directory: AsyncEngine) -> None:
+async def test_a_unit_of_work_is_committed_whole_or_not_at_all(db: AsyncEngine) -> None:
     """A claim whose unit fails after writing leaves nothing behind, so the redelivered
     message claims again; a claim that commits keeps its channel id against a copy."""
-    run = runner_of(directory)
+    run = runner_of(db)
     first, copy = _routed("SM1"), _routed("SM1")
 
     def claim_then_fail(connection: Connection) -> None:
@@ -81,17 +72,17 @@ async def test_sqlite_work_runs_on_the_runner_thread(sqlite_url: str) -> None:
 
 
 async def test_the_runner_works_on_after_the_directory_is_reopened(
-    directory: AsyncEngine,
+    db: AsyncEngine,
 ) -> None:
     """A reload disposes the engine's pool while the router runs; claims go on."""
-    run = runner_of(directory)
+    run = runner_of(db)
     await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
     before = run.engine.pool
-    await directory.dispose()
+    await db.dispose()
     assert run.engine.pool is not before, "reopened by the time dispose() returns"
     await run(lambda c: state.claim_routed_many(c, [_routed("SM2")]))
     assert await run(_recorded) == 2
-    assert runner_of(directory) is run
+    assert runner_of(db) is run
 
 
 async def test_a_locked_sqlite_directory_fails_a_unit_after_the_statement_timeout(
