@@ -6,10 +6,7 @@ started again, and every Message-ID must reach ``omniroute.routed`` at least onc
 
 import asyncio
 import contextlib
-import os
-import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,36 +15,16 @@ from ingest.bus import ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import RoutedMessage
 from routers.db import create_engine, migrate
 from tests.daemon_fixtures import DaemonProcess
-from tests.email_fixtures import PASSWORD, USER, Dovecot, dovecot, make_mail  # noqa: F401
+from tests.email_fixtures import (  # noqa: F401
+    PASSWORD,
+    USER,
+    Dovecot,
+    dovecot,
+    fill_maildir,
+)
 from tests.seed import seed
 
 MAILS = 2000
-SENDERS = ("ayse@acme.test", "it@globex.test", "stranger@nowhere.test")
-
-
-def fill_maildir(server: Dovecot, n: int) -> list[str]:
-    """Deliver ``n`` mails straight into the user's maildir ``new/`` (as a local delivery
-    agent would) before the daemon starts: far faster than 2,000 IMAP APPENDs."""
-    home = server.root / "mail" / USER
-    for sub in ("cur", "new", "tmp"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
-    ids = []
-    stamp = int(time.time())
-    for i in range(n):
-        message_id = f"kill-{i:05d}@customer.example"
-        raw = make_mail(
-            message_id,
-            sender=SENDERS[i % len(SENDERS)],
-            subject=f"Sipariş {i}",
-            text=f"Mail {i}: " + "x" * 400,
-        )
-        (home / "new" / f"{stamp}.M{i}P{os.getpid()}.omniroute-test").write_bytes(raw)
-        ids.append(message_id)
-    for path in (server.root / "mail", home, *home.iterdir()):
-        shutil.chown(path, "nobody", "nogroup")
-    for path in (home / "new").iterdir():
-        shutil.chown(path, "nobody", "nogroup")
-    return ids
 
 
 def email_config(daemon: DaemonProcess, server: Dovecot) -> None:
