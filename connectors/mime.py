@@ -255,7 +255,7 @@ def _safe_walk(msg: Message) -> list[Message]:
         out.append(part)
         if depth >= MAX_DEPTH or len(out) > 10 * MAX_ATTACHMENTS:
             return
-        payload = part.get_payload()
+        payload = _raw_payload(part)
         if isinstance(payload, list):
             for child in payload:
                 if isinstance(child, Message):
@@ -316,7 +316,16 @@ def _payload(part: Message) -> bytes:
     try:
         return part.as_bytes()
     except Exception:
-        return str(part.get_payload()).encode("utf-8", "replace")
+        return str(_raw_payload(part) or "").encode("utf-8", "replace")
+
+
+def _raw_payload(part: Message) -> Any:
+    """The undecoded payload, or None: the stdlib decodes a part's bytes with its declared
+    charset even here, and a charset with a NUL in it raises ValueError."""
+    try:
+        return part.get_payload()
+    except Exception:
+        return None
 
 
 def _decode(data: bytes, charset: str | None) -> str:
@@ -328,7 +337,7 @@ def _decode(data: bytes, charset: str | None) -> str:
         label = _CHARSET_ALIASES.get(label, label)
         try:
             codec = codecs.lookup(label).name
-        except LookupError:
+        except (LookupError, ValueError):  # unknown, or not even a name (a NUL in it)
             codec = None
     for candidate in (codec, "utf-8"):
         if candidate is None:

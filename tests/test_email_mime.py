@@ -301,3 +301,19 @@ def test_a_mail_the_parser_fails_on_still_reaches_a_person() -> None:
     assert message.attachments[0].locator == locator
     assert message.attachments[0].size == len(raw)
     assert message.recipient is not None
+
+
+def test_a_charset_with_a_nul_in_it_is_not_a_crash() -> None:
+    """Found by the mutation test above: the stdlib raises ValueError (not LookupError)
+    for a charset label with a NUL in it, in its own payload decoding and in
+    ``codecs.lookup``; the text is still read, as UTF-8."""
+    single = (
+        b'From: a@b.example\r\nContent-Type: text/plain; charset="ut\x00f-8"\r\n\r\nMerhaba\r\n'
+    )
+    assert parse(single).text == "Merhaba"
+    multipart = (
+        b"From: a@b.example\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b'--b\r\nContent-Type: text/plain; charset="iso\x00-8859-9"\r\n\r\nSelam\r\n--b--\r\n'
+    )
+    assert parse(multipart).text == "Selam"
