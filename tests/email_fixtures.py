@@ -226,6 +226,22 @@ def make_mail(
     return msg.as_bytes()
 
 
+def mailbox_toml(port: int, **settings: object) -> str:
+    """A daemon config's ``[[email.mailboxes]]`` entry "support" on the test Dovecot at
+    ``port``, plain IMAP, with further mailbox settings (numbers and strings)."""
+    lines = [
+        "[[email.mailboxes]]",
+        'name = "support"',
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        'security = "none"',
+        f'username = "{USER}"',
+        f'password = "{PASSWORD}"',
+    ]
+    lines += [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in settings.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 _SENDERS = ("ayse@acme.test", "it@globex.test", "stranger@nowhere.test")
 
 

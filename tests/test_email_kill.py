@@ -16,11 +16,10 @@ from ingest.schema import RoutedMessage
 from routers.db import create_engine, migrate
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import (  # noqa: F401
-    PASSWORD,
-    USER,
     Dovecot,
     dovecot,
     fill_maildir,
+    mailbox_toml,
 )
 from tests.seed import seed
 
@@ -30,21 +29,15 @@ MAILS = 2000
 def email_config(daemon: DaemonProcess, server: Dovecot) -> None:
     """The shared daemon config plus one mailbox on the test's Dovecot."""
     text = daemon.config.read_text(encoding="utf-8")
-    text += f"""
-[[email.mailboxes]]
-name = "support"
-host = "127.0.0.1"
-port = {server.port}
-security = "none"
-username = "{USER}"
-password = "{PASSWORD}"
-team = "billing"
-batch_size = 50
-timeout = 10
-idle_renew = 60
-backoff_initial = 0.2
-backoff_max = 1
-"""
+    text += mailbox_toml(
+        server.port,
+        team="billing",
+        batch_size=50,
+        timeout=10,
+        idle_renew=60,
+        backoff_initial=0.2,
+        backoff_max=1,
+    )
     daemon.config.write_text(text, encoding="utf-8")
 
 

@@ -17,7 +17,7 @@ import pytest
 from ingest.bus import ROUTER_QUEUE, Bus
 from routers.lease import FileLease, PgLease
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
-from tests.email_fixtures import PASSWORD, USER, Dovecot, dovecot, free_port, make_mail
+from tests.email_fixtures import Dovecot, dovecot, free_port, mailbox_toml, make_mail
 
 __all__ = ["dovecot"]
 
@@ -25,20 +25,14 @@ __all__ = ["dovecot"]
 def _config(root: Path, amqp_url: str, pg_url: str, imap_port: int, http_port: int) -> Path:
     root.mkdir()
     path = write_config(root / "omniroute.toml", amqp_url, pg_url, port=str(http_port))
-    mailbox = f"""
-[[email.mailboxes]]
-name = "support"
-host = "127.0.0.1"
-port = {imap_port}
-security = "none"
-username = "{USER}"
-password = "{PASSWORD}"
-poll_interval = 1
-idle_renew = 5
-timeout = 5
-backoff_initial = 0.5
-backoff_max = 2
-"""
+    mailbox = mailbox_toml(
+        imap_port,
+        poll_interval=1,
+        idle_renew=5,
+        timeout=5,
+        backoff_initial=0.5,
+        backoff_max=2,
+    )
     with path.open("a", encoding="utf-8") as fh:
         fh.write(mailbox)
     return path

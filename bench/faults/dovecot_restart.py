@@ -23,22 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.faults.common import wait_until  # noqa: E402
 from bench.faults.harness import Result, options, run, set_up  # noqa: E402
-from tests.email_fixtures import PASSWORD, USER, Dovecot, fill_maildir, free_port  # noqa: E402
-
-
-def mailbox_toml(port: int) -> str:
-    return f"""
-[[email.mailboxes]]
-name = "support"
-host = "127.0.0.1"
-port = {port}
-security = "none"
-username = "{USER}"
-password = "{PASSWORD}"
-timeout = 10
-backoff_initial = 0.5
-backoff_max = 2
-"""
+from tests.email_fixtures import Dovecot, fill_maildir, free_port, mailbox_toml  # noqa: E402
 
 
 def taken(server: Dovecot) -> int:
@@ -63,7 +48,7 @@ async def scenario(mails: int, outage: float, workdir: Path) -> Result:
             "dovecot_restart",
             workdir,
             messages=0,
-            toml=mailbox_toml(server.port),
+            toml=mailbox_toml(server.port, timeout=10, backoff_initial=0.5, backoff_max=2),
             key=lambda m: m.external_id,
         ) as stage:
             stage.offered.update(ids)
