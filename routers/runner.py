@@ -55,57 +55,60 @@ class Runner:
         # a proxy of its own: the registry is keyed by the caller's proxy, which this
         # runner (a value of that registry) must not keep alive
         self._async = AsyncEngine(engine.sync_engine)
-        self._sync: Engine | None = None
-        self._threads: ThreadPoolExecutor | None = None
+        #: a SQLite file's own engine and threads; None: run on the async engine
+        self._local: tuple[Engine, ThreadPoolExecutor] | None = None
         self._used = False
         url = make_url(engine.url)
         in_file = url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
         if in_file and sqlite_connect is not None:
             # a second engine on a file is the same database (on ":memory:" it would not be)
-            self._sync = create_sync_engine(
+            sync = create_sync_engine(
                 url.set(drivername="sqlite+pysqlite"),
                 hide_parameters=True,
                 connect_args=sqlite_connect,
                 pool_size=_THREADS,
             )
             if on_connect is not None:
-                event.listen(self._sync, "connect", on_connect)
-            self._threads = ThreadPoolExecutor(_THREADS, thread_name_prefix="omniroute-db")
+                event.listen(sync, "connect", on_connect)
+            threads = ThreadPoolExecutor(_THREADS, thread_name_prefix="omniroute-db")
             # the threads end with the runner (they would otherwise wait for a collection)
-            weakref.finalize(self, self._threads.shutdown, wait=False)
+            weakref.finalize(self, threads.shutdown, wait=False)
+            self._local = (sync, threads)
         event.listen(engine.sync_engine, "engine_disposed", self._disposed)
 
     @property
     def engine(self) -> Engine:
         """The engine the functions run on (for its events: instrumentation, tests)."""
-        return self._sync if self._sync is not None else self._async.sync_engine
+        return self._local[0] if self._local is not None else self._async.sync_engine
 
     async def __call__(self, fn: Callable[[Connection], T]) -> T:
-        if self._sync is None or self._threads is None:
+        if self._local is None:
             async with self._async.begin() as connection:
                 return await connection.run_sync(fn)
+        sync, threads = self._local
         self._used = True
         # A unit that has started runs to its end even if this await is cancelled (a
         # thread cannot be interrupted): its commit may land after the caller gave up.
         # Claims are idempotent (a redelivered message finds its own), so that is safe.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, self._in_transaction, fn)
-
-    def _in_transaction(self, fn: Callable[[Connection], T]) -> T:
-        assert self._sync is not None
-        with self._sync.begin() as connection:
-            return fn(connection)
+        return await loop.run_in_executor(threads, _in_transaction, sync, fn)
 
     def _disposed(self, _engine: Engine) -> None:
         """The async engine was disposed (reopened on reload, or closed): so is this pool,
         before ``dispose()`` returns. Connections in use finish their unit on the old pool;
         its idle ones are closed on a runner thread (closing may checkpoint the WAL)."""
-        if self._sync is None or self._threads is None:
+        if self._local is None:
             return
-        old = self._sync.pool
-        self._sync.dispose(close=False)  # new units take new connections from now on
+        sync, threads = self._local
+        old = sync.pool
+        sync.dispose(close=False)  # new units take new connections from now on
         if self._used:
-            self._threads.submit(old.dispose)
+            threads.submit(old.dispose)
+
+
+def _in_transaction(engine: Engine, fn: Callable[[Connection], T]) -> T:
+    with engine.begin() as connection:
+        return fn(connection)
 
 
 def attach(engine: AsyncEngine, **kwargs: Any) -> Runner:
