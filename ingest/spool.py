@@ -155,18 +155,24 @@ class SpooledSink:
         await self.open()
         delay = self._settings.retry_initial
         while not stop.is_set():
+            # cleared before looking, so a write that ends while we look is not missed
+            self._wake.clear()
             if not self._ready:
-                self._wake.clear()
                 await _wait_any(stop, self._wake)
                 continue
+            waiting = len(self._ready)
             try:
                 await self.flush()
             except TransientError as exc:
                 self._enter_degraded(exc)
                 await _wait_any(stop, timeout=delay * random.uniform(0.8, 1.2))  # noqa: S311 -- jitter
                 delay = min(delay * 2, self._settings.retry_max)
-            else:
-                delay = self._settings.retry_initial
+                continue
+            delay = self._settings.retry_initial
+            if self._ready and len(self._ready) == waiting:
+                # no progress: an earlier entry is still being written (issue 13). Wait for
+                # that write to end; flushing again at once would spin the event loop
+                await _wait_any(stop, self._wake)
 
     async def _publish(self, message: InboundMessage) -> None:
         try:

@@ -2,7 +2,12 @@
 # ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
+import itertools
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -150,3 +155,101 @@ async def test_full_spool_answers_503_and_is_not_ready(
     # duplicate (which would answer 200 for a message that was never kept)
     retry = await phones.twilio("/webhooks/twilio/sms", sms("SM-3"))
     assert retry.status_code == 503
+
+
+class _HeldWriteExecutor(ThreadPoolExecutor):
+    """The loop's default executor, holding back the spool's write of entry 1 until
+    released: the order in which threads finish, made deterministic."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.release = threading.Event()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        inner = getattr(fn, "args", ())  # asyncio.to_thread: partial(ctx.run, func, *args)
+        if len(inner) >= 3 and getattr(inner[0], "__name__", "") == "_write" and inner[2] == 1:
+            held = fn
+
+            def fn() -> Any:
+                self.release.wait(timeout=30)
+                return held()
+
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_drain_waits_for_an_earlier_write_in_flight_instead_of_spinning(
+    phone_vhost: str, tmp_path: Path
+) -> None:
+    """Entry 2 on disk while entry 1 is still being written: the drain must wait for the
+    write, not call flush again at once (which starved HTTP, IMAP and the router)."""
+    loop = asyncio.get_running_loop()
+    executor = _HeldWriteExecutor()
+    loop.set_default_executor(executor)
+    host, port = AMQP_HOST.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    bus = Bus(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}/{phone_vhost}?reconnect_interval=0.2",
+        BUS_SETTINGS,
+        name="through-proxy",
+    )
+    await bus.open()
+    spool = SpooledSink(
+        BusSink(bus),
+        tmp_path,
+        SpoolSettings(publish_timeout=1.0, retry_initial=0.05, retry_max=0.1),
+        Metrics(),
+    )
+    await spool.open()
+    stop = asyncio.Event()
+    ticks: list[float] = []
+    stuck = threading.Event()
+
+    async def heartbeat() -> None:
+        while not stop.is_set():
+            ticks.append(loop.time())
+            await asyncio.sleep(0.01)
+
+    def watchdog() -> None:
+        # on the old code the loop never runs again: end the drain from here, so the test
+        # fails with a reason instead of hanging (nothing else runs on the loop meanwhile)
+        for _ in range(40):
+            time.sleep(0.1)
+            if ticks and time.monotonic() - ticks[-1] > 1.5:
+                stuck.set()
+                stop.set()
+                return
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        await proxy.cut()
+        first = asyncio.create_task(spool.submit(message(1)))  # its write is held
+        async with asyncio.timeout(10):
+            while not spool.depth:
+                await asyncio.sleep(0.01)
+        await spool.submit(message(2))  # spooled behind it, and on disk
+        assert entries(tmp_path) == ["000000000002.msg"]
+        await proxy.start()
+        guard = threading.Thread(target=watchdog, daemon=True)
+        guard.start()
+        drain = asyncio.create_task(spool.drain(stop))
+        await asyncio.sleep(0.5)
+        assert not stuck.is_set(), "the event loop was starved by the drain"
+        assert spool.depth == 2  # entry 2 waits for entry 1: the order is kept
+        executor.release.set()
+        await first
+        deliveries = await take(bus, ROUTER_QUEUE, 2, timeout=10)
+        assert [InboundMessage.model_validate_json(d.body).external_id for d in deliveries] == [
+            message(1).external_id,
+            message(2).external_id,
+        ]
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f} s"
+    finally:
+        executor.release.set()
+        stop.set()
+        await beat
+        if "drain" in locals():
+            await drain
+        await bus.close()
+        await proxy.cut()
