@@ -40,7 +40,9 @@ import aiosmtplib
 import structlog
 
 from connectors.leasing import LeaseKeeper
-from connectors.mime import normalise, unparsed
+from connectors.mail_scan import Limits
+from connectors.mime import stand_in
+from connectors.parse_pool import ParseFailed, ParsePool, PoolSettings
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.health import Health
@@ -60,8 +62,6 @@ log = structlog.get_logger("omniroute.email")
 KEYWORD = "$Omniroute"
 SEEN_CHANNEL = "email"
 SLOT_CHANNEL = "email.slot"
-#: mails larger than this are parsed in a worker thread, off the event loop
-THREAD_PARSE_BYTES = 1024 * 1024
 #: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
 PUBLISH_CONCURRENCY = 100
 _FETCH_HEAD = re.compile(rb"UID (\d+)")
@@ -72,6 +72,20 @@ _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _RE_PREFIX = re.compile(r"^\s*((re|aw|sv|ynt|fwd?)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 _IMAP_ERRORS = (OSError, TimeoutError, aioimaplib.AioImapException)
+
+
+def pool_settings(settings: EmailSettings) -> PoolSettings:
+    return PoolSettings(
+        workers=settings.parse_workers,
+        memory=settings.parse_memory,
+        timeout=settings.parse_timeout,
+        limits=Limits(
+            max_header_bytes=settings.max_header_bytes,
+            max_encoded_words=settings.max_encoded_words,
+            max_mime_depth=settings.max_mime_depth,
+            max_parts=settings.max_parts,
+        ),
+    )
 
 
 def cursor_key(mailbox: str) -> str:
@@ -377,6 +391,7 @@ class EmailConnector:
         self._health = health
         self._lease = lease
         self._lease_retry = lease_retry
+        self._pool = ParsePool(pool_settings(settings))
         self._group: asyncio.TaskGroup | None = None
         self._workers: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         for box in settings.mailboxes:
@@ -401,6 +416,7 @@ class EmailConnector:
                         box_stop.set()
         finally:
             self._workers.clear()
+            await self._pool.close()
 
     def _start_worker(self, box: MailboxSettings) -> None:
         assert self._group is not None
@@ -413,6 +429,10 @@ class EmailConnector:
         the others go on untouched. A stopped worker finishes its batch first."""
         old = {box.name: box for box in self._settings.mailboxes}
         new = {box.name: box for box in settings.mailboxes}
+        if pool_settings(settings) != pool_settings(self._settings):
+            retired, self._pool = self._pool, ParsePool(pool_settings(settings))
+            await retired.close(drain=settings.parse_timeout * 2 + 1)
+            log.info("email.parse_pool_replaced", workers=settings.parse_workers)
         self._settings = settings
         for name, box in old.items():
             if new.get(name) == box:
@@ -459,13 +479,17 @@ class EmailConnector:
     async def run_until_idle(self) -> int:
         """Take what is waiting in every mailbox, then return; errors are raised."""
         taken = 0
-        for box in self._settings.mailboxes:
-            session = await ImapSession.open(box)
-            try:
-                self._up(box)
-                taken += await self._drain(box, session)
-            finally:
-                await session.close()
+        try:
+            for box in self._settings.mailboxes:
+                session = await ImapSession.open(box)
+                try:
+                    self._up(box)
+                    taken += await self._drain(box, session)
+                finally:
+                    await session.close()
+        finally:
+            await self._pool.close()
+            self._pool = ParsePool(pool_settings(self._settings))
         return taken
 
     async def _poll_loop(self, box: MailboxSettings, stop: asyncio.Event) -> None:
@@ -626,40 +650,55 @@ class EmailConnector:
     async def _parse_batch(
         self, box: MailboxSettings, uidvalidity: int, fetched: list[tuple[int, bytes]]
     ) -> list[_Mail]:
-        """The batch's mails in UID order; one the parser fails on becomes an ``unparsed``
-        stand-in; big mails are parsed in a worker thread, off the event loop."""
+        """The batch's mails in UID order, parsed concurrently in the parse pool; a mail
+        that trips a limit or fails the parser becomes a ``stand_in`` that keeps what a
+        bounded header scan reads (issue 13), and is taken like any other."""
         recipient = box.address or (box.username if "@" in box.username else None)
-        mails: list[_Mail] = []
-        for uid, raw in fetched:
+
+        async def one(uid: int, raw: bytes) -> _Mail:
             locator = {
                 "mailbox": box.name,
                 "folder": box.folder,
                 "uidvalidity": uidvalidity,
                 "uid": uid,
             }
-            kwargs: dict[str, Any] = {
-                "mailbox": box.name,
-                "recipient": recipient,
-                "inline_max": self._settings.inline_attachment_max,
-                "locator": locator,
-            }
             try:
-                if len(raw) > THREAD_PARSE_BYTES:
-                    message = await asyncio.to_thread(normalise, raw, **kwargs)
-                else:
-                    message = normalise(raw, **kwargs)
-            except Exception as exc:  # a bug in parsing must not hold up the mailbox
-                log.exception("email.parse_failed", mailbox=box.name, uid=uid)
-                message = unparsed(
+                message = await self._pool.parse(
+                    raw,
+                    mailbox=box.name,
+                    recipient=recipient,
+                    inline_max=self._settings.inline_attachment_max,
+                    locator=locator,
+                )
+            except ParseFailed as exc:
+                log.warning(
+                    "email.parse_failed",
+                    mailbox=box.name,
+                    uid=uid,
+                    reason=exc.reason,
+                    size=len(raw),
+                    error=exc.detail[:300],
+                )
+                message = stand_in(
                     raw,
                     mailbox=box.name,
                     recipient=recipient,
                     locator=locator,
-                    error=f"{type(exc).__name__}: {exc}",
+                    reason=exc.reason,
+                    detail=exc.detail,
                 )
             if box.team:
                 message.meta["address_team"] = box.team
-            mails.append(_Mail(uid, f"{box.name}:{uidvalidity}:{uid}", message))
+            return _Mail(uid, f"{box.name}:{uidvalidity}:{uid}", message)
+
+        results = await asyncio.gather(
+            *(one(uid, raw) for uid, raw in fetched), return_exceptions=True
+        )
+        mails: list[_Mail] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the pool could not start a worker: the batch waits
+            mails.append(result)
         return mails
 
     async def _submit_batch(

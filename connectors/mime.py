@@ -1,7 +1,10 @@
-"""Turning one raw RFC 5322 mail into an ``InboundMessage``; never raises, never drops a sender.
+"""Turning one raw RFC 5322 mail into an ``InboundMessage``, never dropping a sender.
 
 Sole purpose: whatever a stranger sends (malformed MIME, unknown charsets, no ``From``)
 becomes a message the router can route, with what it could not read said in ``meta``.
+``normalise`` raises only ``MemoryError`` and ``RecursionError``: it runs in a parse
+worker (``connectors.parse_pool``) whose limits make those, and the pool routes a
+``stand_in`` instead, as it does for a mail the pre-checks refuse.
 
 Message-IDs are kept in one canonical form everywhere (``thread.message_id``,
 ``in_reply_to``, ``references`` and ``external_id``): without the angle brackets of RFC 5322
@@ -22,6 +25,7 @@ from email.message import EmailMessage, Message
 from html.parser import HTMLParser
 from typing import Any
 
+from connectors.mail_scan import scan_head
 from ingest.identities import InvalidIdentity, normalise_email
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
 
@@ -31,7 +35,9 @@ MAX_TEXT = 512 * 1024
 MAX_SUBJECT = 998
 MAX_ATTACHMENTS = 100
 MAX_DEPTH = 20
-_MSG_ID = re.compile(r"<([^<>\s]+)>")
+#: RFC 5322 line limit: a longer id is not an id (and ``Thread`` refuses it)
+MAX_ID = 998
+_MSG_ID = re.compile(r"<([^<>\s]{1,998})>")
 _ADDRESS = re.compile(r"[^\s<>()\"',;:@]+@[^\s<>()\"',;:@]+\.[^\s<>()\"',;:@]+")
 #: charset labels mail clients write that Python's codecs do not know under that name
 _CHARSET_ALIASES = {
@@ -42,6 +48,11 @@ _CHARSET_ALIASES = {
     "unknown-8bit": "utf-8",
     "x-unknown": "utf-8",
 }
+#: codecs that decode text but are no mail charset, some slow on purpose-built input
+#: (punycode is quadratic: a 200 KB body took 5 s); such a label is read as unknown
+_NOT_CHARSETS = frozenset(
+    {"punycode", "idna", "unicode-escape", "raw-unicode-escape", "undefined"}
+)
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-vacation")
 _AUTO_SUBJECTS = (
     "auto:",
@@ -56,29 +67,47 @@ _AUTO_SUBJECTS = (
 _BOUNCE_SENDERS = ("mailer-daemon", "postmaster")
 
 
-def unparsed(
-    raw: bytes, *, mailbox: str, recipient: str | None, locator: dict[str, Any], error: str
+def stand_in(
+    raw: bytes,
+    *,
+    mailbox: str,
+    recipient: str | None,
+    locator: dict[str, Any],
+    reason: str,
+    detail: str,
 ) -> InboundMessage:
-    """The stand-in for a mail ``normalise`` failed on: routed like any unknown sender
-    (so a person sees it and nothing after it in the mailbox waits), with a locator to the
-    original, which stays in the mailbox untouched."""
+    """The message for a mail that was not parsed (a limit tripped, the parser failed):
+    routed like any other, with what a bounded header scan could read of its sender,
+    Message-ID and Subject, and a locator to the original, which stays in the mailbox."""
+    head = scan_head(raw)
+    meta: dict[str, Any] = {
+        "unparsed": True,
+        "unparsed_reason": reason,
+        "error": detail[:300],
+        "mailbox": mailbox,
+    }
+    if head.sender is None:
+        meta["sender_missing"] = True
+    digest = hashlib.sha256(raw).hexdigest()
+    message_id = head.message_id if head.message_id and len(head.message_id) <= 500 else None
     return InboundMessage(
         channel="email",
-        external_id="sha256:" + hashlib.sha256(raw).hexdigest(),
-        sender=Identity(kind="email", address=UNKNOWN_SENDER),
-        recipient=Identity(kind="email", address=recipient) if recipient else None,
-        subject=None,
+        external_id=message_id or "sha256:" + digest,
+        sender=Identity(kind="email", address=head.sender or UNKNOWN_SENDER, name=head.sender_name),
+        recipient=_recipient(recipient),
+        subject=head.subject,
         text="",
+        thread=Thread(message_id=message_id, in_reply_to=head.in_reply_to),
         attachments=[
             Attachment(
                 filename=None,
                 content_type="message/rfc822",
                 size=len(raw),
-                sha256=hashlib.sha256(raw).hexdigest(),
+                sha256=digest,
                 locator=locator,
             )
         ],
-        meta={"unparsed": True, "error": error[:300], "mailbox": mailbox},
+        meta=meta,
     )
 
 
@@ -89,9 +118,18 @@ def normalise(
     meta: dict[str, Any] = {"mailbox": mailbox}
     try:
         msg: Message = email.message_from_bytes(raw, policy=policy.default)
-    except Exception:  # the parser is lenient; this is a last resort for a library bug
-        msg = EmailMessage(policy=policy.default)
-        meta["unparsed"] = True
+    except (MemoryError, RecursionError):
+        raise  # the parse pool's limits: it routes a stand-in
+    except Exception as exc:  # the parser is lenient; this is a last resort for a library bug
+        detail = f"parser_error: {type(exc).__name__}: {exc}"
+        return stand_in(
+            raw,
+            mailbox=mailbox,
+            recipient=recipient,
+            locator=locator,
+            reason="parser_error",
+            detail=detail,
+        )
     sender = _sender(msg, meta)
     reply_to = _addresses(_header(msg, "Reply-To"))
     if reply_to:
@@ -223,7 +261,7 @@ def _all_ids(value: str | None) -> list[str]:
         return []
     found = _MSG_ID.findall(value)
     if not found:
-        found = [w.strip("<>") for w in value.split() if w.strip("<>")]
+        found = [w.strip("<>") for w in value.split()[:100] if 0 < len(w.strip("<>")) <= MAX_ID]
     return list(dict.fromkeys(found))[:100]
 
 
@@ -337,6 +375,7 @@ def _decode(data: bytes, charset: str | None) -> str:
         label = _CHARSET_ALIASES.get(label, label)
         try:
             codec = codecs.lookup(label).name
+            codec = None if codec in _NOT_CHARSETS else codec
         except (LookupError, ValueError):  # unknown, or not even a name (a NUL in it)
             codec = None
     for candidate in (codec, "utf-8"):

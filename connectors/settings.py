@@ -29,6 +29,37 @@ class HttpSettings(_Section):
         "signatures are checked against it",
     )
     max_body: int = Field(default=64 * 1024, ge=1024)
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds a connection gets to deliver a whole request head, from its "
+        "opening or from the previous response (however slowly the bytes come); then it is "
+        "closed, with a 408 if part of a head arrived",
+    )
+    body_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="seconds a request gets to deliver its whole body once the head is in; "
+        "then it is answered 408 and the connection closed",
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        le=100_000,
+        description="open HTTP connections served for every path; a new one past it closes "
+        "the connection that has waited longest for a request head. Lowered at start (with "
+        "a warning) when it and the reserve do not fit the descriptor limit (LimitNOFILE=)",
+    )
+    reserved_connections: int = Field(
+        default=16,
+        ge=0,
+        le=1000,
+        description="connections accepted beyond max_connections when all of those are busy, "
+        "served only for /healthz, /readyz and /v1/route (others get 503); past both, a new "
+        "connection is closed at once",
+    )
 
     @field_validator("public_url")
     @classmethod
@@ -103,6 +134,52 @@ class EmailSettings(_Section):
     message_id_domain: str | None = Field(
         default=None, description="domain of the Message-IDs omniroute sets on replies"
     )
+    parse_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="processes that parse mail, so a hostile mail costs one of them, never "
+        "the daemon (restarted with new limits on reload once their mails are done)",
+    )
+    parse_memory: int = Field(
+        default=256 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="address space of one parse process, in bytes (RLIMIT_AS); a mail "
+        "that needs more is routed unparsed",
+    )
+    parse_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="CPU seconds one mail may take to parse (RLIMIT_CPU; the process is "
+        "killed after twice that plus one second of wall clock); past it the mail is "
+        "routed unparsed",
+    )
+    max_header_bytes: int = Field(
+        default=256 * 1024,
+        ge=8 * 1024,
+        description="size of a mail's header block past which it is routed unparsed",
+    )
+    max_encoded_words: int = Field(
+        default=2000,
+        ge=10,
+        description="RFC 2047 encoded words in a mail past which it is routed unparsed "
+        "(the stdlib header parser is quadratic in them)",
+    )
+    max_mime_depth: int = Field(
+        default=20, ge=1, le=200, description="MIME nesting past which a mail is routed unparsed"
+    )
+    max_parts: int = Field(
+        default=1000, ge=1, description="MIME parts past which a mail is routed unparsed"
+    )
+    trusted_authserv_ids: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="authserv-ids of the receiving mail servers whose Authentication-Results "
+        "headers are believed (RFC 8601; compared case-insensitively); the server must delete "
+        "incoming headers carrying its own id. Others' headers are ignored: anyone can write "
+        "one. Setting it turns routing.require_authenticated_email on unless that is set",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> "EmailSettings":
@@ -110,6 +187,16 @@ class EmailSettings(_Section):
         if len(names) != len(set(names)):
             raise ValueError("mailbox names must be unique")
         return self
+
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _authserv_ids(cls, value: list[str]) -> list[str]:
+        """An id that no header can carry (blank, spaces, ``;``, ``=``) is a typo, not trust."""
+        for name in value:
+            text = name.strip()
+            if not text or len(text) > 255 or any(c.isspace() or c in ';=()"' for c in text):
+                raise ValueError(f"not an authserv-id: {name[:40]!r}")
+        return [name.strip() for name in value]
 
 
 class SmtpSettings(_Section):

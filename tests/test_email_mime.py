@@ -4,6 +4,7 @@ random or mangled bytes that must never raise."""
 import base64
 import hashlib
 import re
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -287,20 +288,63 @@ def test_inline_attachment_content_is_bounded_per_message() -> None:
     assert all(a.sha256 and a.size == 1000 for a in message.attachments)
 
 
-def test_a_mail_the_parser_fails_on_still_reaches_a_person() -> None:
-    """A parser bug must neither drop the mail nor hold up the mailbox behind it."""
-    from connectors.mime import unparsed
+def test_a_mail_the_parser_fails_on_still_reaches_a_person_with_its_sender() -> None:
+    """A mail that was not parsed keeps what a header scan reads (issue 13): routed as
+    ``unknown@invalid`` it would reach nobody who knows the customer."""
+    from connectors.mime import stand_in
 
-    raw = b"From: x\r\n\r\nbody"
+    raw = (
+        b"From: =?utf-8?b?QXnFn2U=?= <Ayse@Acme.test>\r\nSubject: =?utf-8?q?fatura_sorunu?=\r\n"
+        b"Message-ID: <m1@acme.test>\r\nIn-Reply-To: <r1@omniroute.test>\r\n\r\nbody"
+    )
     locator = {"mailbox": "support", "uidvalidity": 7, "uid": 42}
-    message = unparsed(
-        raw, mailbox="support", recipient="support@x.test", locator=locator, error="Boom"
+    message = stand_in(
+        raw,
+        mailbox="support",
+        recipient="support@x.test",
+        locator=locator,
+        reason="parse_timeout",
+        detail="parse_timeout: over 5 s of CPU",
     )
     assert message.meta["unparsed"] is True
-    assert message.external_id.startswith("sha256:")
+    assert message.meta["unparsed_reason"] == "parse_timeout"
+    assert message.sender.address == "ayse@acme.test"
+    assert message.sender.name == "Ayşe"
+    assert message.subject == "fatura sorunu"
+    assert message.external_id == "m1@acme.test"
+    assert message.thread is not None
+    assert message.thread.in_reply_to == "r1@omniroute.test"
     assert message.attachments[0].locator == locator
     assert message.attachments[0].size == len(raw)
     assert message.recipient is not None
+    nameless = stand_in(
+        b"Subject: x\r\n\r\n", mailbox="s", recipient=None, locator={}, reason="r", detail="d"
+    )
+    assert nameless.sender.address == UNKNOWN_SENDER
+    assert nameless.external_id.startswith("sha256:")
+
+
+def test_over_long_message_ids_keep_the_sender() -> None:
+    """An id past RFC 5322's line limit made ``Thread`` refuse the message, and the old
+    stand-in routed the customer's mail as ``unknown@invalid``."""
+    from tests.hostile_mail import SENDER, huge_ids
+
+    message = parse(huge_ids("long", 5000))
+    assert message.sender.address == SENDER
+    assert message.external_id.startswith("sha256:") or len(message.external_id) <= 500
+    assert message.thread is not None
+    ids = [*message.thread.references, message.thread.in_reply_to or ""]
+    assert all(len(i) <= 998 for i in ids)
+
+
+def test_a_punycode_body_is_read_as_unknown_charset_not_decoded() -> None:
+    """punycode is a codec, not a mail charset, and quadratic: 200 KB took 5 s."""
+    from tests.hostile_mail import punycode_body
+
+    started = time.process_time()
+    message = parse(punycode_body("p", 200_000))
+    assert time.process_time() - started < 1.0
+    assert message.text.startswith("aaaa")
 
 
 def test_a_charset_with_a_nul_in_it_is_not_a_crash() -> None:

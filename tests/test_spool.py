@@ -166,7 +166,8 @@ class _HeldWriteExecutor(ThreadPoolExecutor):
         self.release = threading.Event()
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        inner: tuple[Any, ...] = getattr(fn, "args", ())  # asyncio.to_thread: partial(ctx.run, func, *args)
+        # asyncio.to_thread submits partial(ctx.run, func, *args)
+        inner: tuple[Any, ...] = getattr(fn, "args", ())
         if len(inner) >= 3 and getattr(inner[0], "__name__", "") == "_write" and inner[2] == 1:
             held = fn
 

@@ -1,0 +1,169 @@
+"""Bounded parsing (issue 13): every hostile class is refused cheaply or contained in a
+worker process; the daemon's own memory and loop are never what pays."""
+
+import asyncio
+import os
+import resource
+import time
+
+import pytest
+
+from connectors.email import pool_settings
+from connectors.mail_scan import Limits, precheck, scan_head
+from connectors.mime import stand_in
+from connectors.parse_pool import ParseFailed, ParsePool
+from connectors.settings import EmailSettings
+from tests import hostile_mail
+from tests.hostile_mail import SENDER, every_class, good
+
+KWARGS = {
+    "mailbox": "support",
+    "recipient": "support@omniroute.test",
+    "inline_max": 64 * 1024,
+    "locator": {"uid": 1},
+}
+DEFAULT_LIMITS = pool_settings(EmailSettings()).limits
+REASONS = {
+    "header_too_large",
+    "too_many_encoded_words",
+    "too_deep",
+    "too_many_parts",
+    "parse_timeout",
+    "parse_memory",
+    "parser_error",
+    "parser_crashed",
+}
+
+
+async def _outcome(pool: ParsePool, raw: bytes) -> str:
+    """The parsed message's sender, or the reason the pool gave."""
+    try:
+        message = await pool.parse(raw, **KWARGS)
+    except ParseFailed as exc:
+        return exc.reason
+    return message.sender.address
+
+
+def test_default_prechecks_refuse_the_floods_and_pass_real_mail() -> None:
+    """The issue's attacks are refused before the stdlib parser sees them."""
+    expected = {
+        "ew-85k": "too_many_encoded_words",
+        "ew-986k": "header_too_large",
+        "nest-900": "too_deep",
+        "nest-5000": "too_deep",
+        "parts-5000": "too_many_parts",
+        "addresses-20k": "header_too_large",
+        "header-600k": "header_too_large",
+    }
+    for tag, raw in every_class():
+        found = precheck(raw, DEFAULT_LIMITS)
+        assert (found or "").split(":")[0] == expected.get(tag, ""), tag
+    assert precheck(good("g"), DEFAULT_LIMITS) is None
+
+
+def test_prechecks_count_structure_not_text() -> None:
+    """Body lines that merely start with ``--`` and sibling parts are not nesting."""
+    signature = good("sig").replace(b"gelmedi.", b"gelmedi.\r\n-- \r\n--b0\r\n--\r\n" * 50)
+    assert precheck(signature, DEFAULT_LIMITS) is None
+    siblings = hostile_mail.many_parts("siblings", 900)
+    assert precheck(siblings, DEFAULT_LIMITS) is None
+    assert precheck(hostile_mail.nested_multipart("n", 20), DEFAULT_LIMITS) is None
+    assert precheck(hostile_mail.nested_multipart("n", 21), DEFAULT_LIMITS) is not None
+
+
+@pytest.mark.parametrize(("tag", "raw"), every_class(), ids=[t for t, _ in every_class()])
+def test_the_header_scan_keeps_sender_id_and_subject_of_every_hostile_class(
+    tag: str, raw: bytes
+) -> None:
+    """What a stand-in keeps is read in bounded time, whatever the mail."""
+    started = time.process_time()
+    head = scan_head(raw)
+    assert time.process_time() - started < 0.5
+    assert head.sender == SENDER
+    assert head.message_id is None or len(head.message_id) <= 998
+    if tag != "huge-ids":
+        assert head.message_id == f"{tag}@attacker.example"
+    assert head.subject
+    assert len(head.subject) <= 998
+
+
+async def test_every_hostile_class_ends_as_a_message_or_a_reason_within_its_limits() -> None:
+    """No mail makes ``parse`` hang or raise anything but ``ParseFailed``, and the daemon
+    side's memory does not grow with what the workers are made to parse."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with ParsePool(pool_settings(EmailSettings(parse_timeout=2))) as pool:
+        for tag, raw in every_class():
+            started = time.monotonic()
+            outcome = await _outcome(pool, raw)
+            assert outcome in REASONS | {SENDER}, (tag, outcome)
+            assert time.monotonic() - started < 6, tag
+        ok = await pool.parse(good("after"), **KWARGS)
+        assert ok.subject == "after"
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown < 100 * 1024, f"the test process grew {grown // 1024} MiB"
+
+
+async def test_a_mail_past_the_cpu_limit_is_cut_off_and_the_worker_replaced() -> None:
+    """With the pre-checks opened wide, the worker's CPU limit is what ends the parse."""
+    wide = EmailSettings(max_parts=10**6, parse_timeout=1, parse_workers=1)
+    async with ParsePool(pool_settings(wide)) as pool:
+        started = time.monotonic()
+        with pytest.raises(ParseFailed) as failed:
+            await pool.parse(hostile_mail.many_parts("slow", 30_000), **KWARGS)
+        assert failed.value.reason == "parse_timeout"
+        assert time.monotonic() - started < 4
+        assert pool.replaced == 1
+        assert (await pool.parse(good("next"), **KWARGS)).subject == "next"
+
+
+async def test_a_mail_past_the_memory_limit_does_not_reach_the_daemon() -> None:
+    """A worker's address space is capped: the encoded-word flood that took 23 GB is
+    parsed within 64 MiB (the header falls back to a plain decode) or refused."""
+    wide = Limits(
+        max_header_bytes=4 * 1024 * 1024,
+        max_encoded_words=10**7,
+        max_mime_depth=20,
+        max_parts=1000,
+    )
+    settings = pool_settings(EmailSettings(parse_memory=64 * 1024 * 1024, parse_timeout=3))
+    settings = type(settings)(workers=1, memory=settings.memory, timeout=3, limits=wide)
+    async with ParsePool(settings) as pool:
+        outcome = await _outcome(pool, hostile_mail.encoded_word_flood("m", 986_000))
+        assert outcome in {"parse_memory", "parse_timeout", "parser_crashed", SENDER}
+        assert (await pool.parse(good("next"), **KWARGS)).subject == "next"
+
+
+async def test_a_killed_worker_is_a_crash_of_that_mail_only() -> None:
+    """A worker that dies mid-mail (the kernel's OOM killer, a segfault) costs that mail
+    a stand-in, and the next mail gets a fresh worker."""
+    async with ParsePool(pool_settings(EmailSettings(parse_workers=1, max_parts=10**6))) as pool:
+        slow = asyncio.create_task(pool.parse(hostile_mail.many_parts("k", 30_000), **KWARGS))
+        async with asyncio.timeout(10):
+            while not pool._all:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        (worker,) = pool._all
+        os.kill(worker.process.pid, 9)
+        with pytest.raises(ParseFailed) as failed:
+            await slow
+        assert failed.value.reason == "parser_crashed"
+        assert (await pool.parse(good("after-kill"), **KWARGS)).subject == "after-kill"
+
+
+async def test_a_cancelled_parse_leaves_no_worker_in_an_unknown_state() -> None:
+    async with ParsePool(pool_settings(EmailSettings(parse_workers=1, max_parts=10**6))) as pool:
+        slow = asyncio.create_task(pool.parse(hostile_mail.many_parts("c", 30_000), **KWARGS))
+        await asyncio.sleep(0.5)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert pool.replaced == 1
+        assert (await pool.parse(good("after-cancel"), **KWARGS)).subject == "after-cancel"
+
+
+def test_a_stand_in_for_every_hostile_class_validates() -> None:
+    for tag, raw in every_class():
+        message = stand_in(
+            raw, mailbox="s", recipient=None, locator={}, reason="too_deep", detail="d"
+        )
+        assert message.sender.address == SENDER, tag
