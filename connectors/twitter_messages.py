@@ -17,6 +17,11 @@ from ingest.identities import InvalidIdentity, normalise_twitter
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
 
 log = structlog.get_logger("omniroute.twitter")
+#: X's own limits (a long post is 25,000 characters, a name 50, four photos or one video),
+#: with room to spare: a field past them is cut, whatever a response says (issue 13)
+MAX_TEXT = 25_000
+MAX_NAME = 200
+MAX_MEDIA = 10
 
 
 class XNormaliser:
@@ -96,16 +101,18 @@ class XNormaliser:
                 kind="twitter",
                 address=normalise_twitter(f"id:{author}"),
                 aliases=[str(username).casefold()] if username else [],
-                name=user.get("name"),
+                name=str(user.get("name") or "")[:MAX_NAME] or None,
             )
             return InboundMessage(
                 channel="twitter",
                 external_id=external_id,
                 sender=sender,
                 recipient=self._account,
-                text=item.get("text") or "",
+                text=str(item.get("text") or "")[:MAX_TEXT],
                 thread=thread,
-                attachments=[_attachment(media[k]) for k in media_keys if k in media],
+                attachments=[
+                    _attachment(media[k]) for k in list(media_keys)[:MAX_MEDIA] if k in media
+                ],
                 meta=meta,
             )
         except (InvalidIdentity, ValidationError) as exc:

@@ -405,3 +405,26 @@ async def test_bearer_token_never_reaches_the_logs(
         assert BEARER not in text
         assert "access-secret" not in text
     assert not logging.getLogger("tweepy.asynchronous.client").isEnabledFor(logging.DEBUG)
+
+
+def test_a_huge_field_in_an_x_item_is_cut_not_carried() -> None:
+    """Whatever a response holds, a message carries at most X's own limits (issue 13)."""
+    from connectors.twitter_messages import MAX_MEDIA, MAX_NAME, MAX_TEXT, XNormaliser
+
+    media = {
+        f"m{n}": {"media_key": f"m{n}", "type": "photo", "url": "https://x/p.jpg"}
+        for n in range(50)
+    }
+    tweet = {
+        "id": "1800000000000000001",
+        "author_id": "42",
+        "text": "a" * 1_000_000,
+        "attachments": {"media_keys": list(media)},
+    }
+    users = {"42": {"id": "42", "username": "ayse", "name": "N" * 100_000}}
+    message = XNormaliser("999").mention(tweet, users, media)
+    assert message is not None
+    assert len(message.text) == MAX_TEXT
+    assert message.sender.name is not None
+    assert len(message.sender.name) == MAX_NAME
+    assert len(message.attachments) == MAX_MEDIA
