@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--from", dest="sender", required=True, help="sender address")
     explain.add_argument("--to", dest="recipient", help="address it arrived on")
     explain.add_argument("--in-reply-to", help="email Message-ID this message answers")
+    explain.add_argument(
+        "--auth",
+        metavar="RESULTS",
+        help="email: the sender's authentication as a trusted server reported it, e.g. "
+        "dmarc=fail,spf=pass,dkim=none, or none (no trusted Authentication-Results); "
+        "default: dmarc=pass",
+    )
+    explain.add_argument(
+        "--verstat", help="voice: the caller ID's STIR/SHAKEN verdict, e.g. TN-Validation-Failed-A"
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     tail = sub.add_parser("tail", help="print routed messages live")

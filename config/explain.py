@@ -1,11 +1,19 @@
-"""``omniroute route explain``: the decision for a sender, with every policy step shown."""
+"""``omniroute route explain``: the decision for a sender, with every policy step shown.
+
+An email is taken as authenticated (``dmarc=pass``) unless ``--auth`` says otherwise, so the
+usual path of a customer's mail is what shows by default; ``--auth dmarc=fail`` or
+``--auth none`` shows what a spoofed mail gets. A call carries ``--verstat`` if given.
+"""
 
 import argparse
 import json
+from typing import Any
 
 from config.settings import Settings
+from ingest.errors import ConfigError
 from ingest.identities import IdentityKind
 from ingest.schema import Identity, InboundMessage, Thread
+from ingest.sender_auth import METHODS
 from routers.db import create_engine, require_current
 from routers.decider import Decider
 
@@ -17,19 +25,50 @@ KINDS: dict[str, IdentityKind] = {
 }
 
 
+def sender_meta(
+    channel: str, auth: str | None, verstat: str | None, trusted: list[str]
+) -> dict[str, Any]:
+    """The message meta that ``--auth`` and ``--verstat`` stand for, as the connectors write
+    it (``meta.auth`` as if from the first trusted server, ``meta.stir_verstat``)."""
+    if auth is not None and channel != "email":
+        raise ConfigError("--auth is for --channel email")
+    if verstat is not None and channel != "voice":
+        raise ConfigError("--verstat is for --channel voice")
+    meta: dict[str, Any] = {}
+    if verstat:
+        meta["stir_verstat"] = verstat
+    if channel != "email" or (auth or "").strip().lower() == "none":
+        return meta
+    results = dict.fromkeys(METHODS, "none")
+    for part in (auth or "dmarc=pass").split(","):
+        method, sep, result = part.strip().partition("=")
+        if not sep or method.strip().lower() not in METHODS or not result.strip().isalpha():
+            raise ConfigError(f"--auth: {part.strip()!r} is not spf=, dkim= or dmarc=<result>")
+        results[method.strip().lower()] = result.strip().lower()
+    meta["auth"] = {**results, "authserv_id": trusted[0] if trusted else "route-explain"}
+    return meta
+
+
 async def explain(args: argparse.Namespace, settings: Settings) -> int:
     kind = KINDS[args.channel]
+    meta = sender_meta(
+        args.channel,
+        args.auth,
+        args.verstat,
+        settings.email.trusted_authserv_ids,
+    )
     message = InboundMessage(
         channel=args.channel,
         external_id="explain",
         sender=Identity(kind=kind, address=args.sender),
         recipient=Identity(kind=kind, address=args.recipient) if args.recipient else None,
         thread=Thread(in_reply_to=args.in_reply_to) if args.in_reply_to else None,
+        meta=meta,
     )
     await require_current(settings.directory_url)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
-        decision, _facts = await Decider(engine, settings.routing).explain(message)
+        decision, facts = await Decider(engine, settings.routing).explain(message)
     finally:
         await engine.dispose()
     route = decision.route
@@ -41,6 +80,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
                     if decision.customer
                     else None,
                     "route": route.model_dump(mode="json"),
+                    "meta": meta,
                     "routing_key": route.routing_key,
                     "dial": decision.dial,
                     "fallback_dial": decision.fallback_dial,
@@ -51,7 +91,16 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     customer = decision.customer
     print(f"sender:    {args.channel} {message.sender.address}")
-    print(f"customer:  {customer.id + ' (' + customer.name + ')' if customer else 'unknown'}")
+    if customer is None and facts.customer is not None:  # matched, but the sender is unproven
+        print(f"customer:  {facts.customer.id} by address only, no context (unverified sender)")
+    else:
+        print(f"customer:  {customer.id + ' (' + customer.name + ')' if customer else 'unknown'}")
+    if args.channel == "email":
+        auth = meta.get("auth")
+        shown = " ".join(f"{m}={auth[m]}" for m in METHODS) if auth else "none"
+        assumed = " (assumed; --auth to change)" if args.auth is None else ""
+        required = "required" if settings.routing.require_authenticated_email else "not required"
+        print(f"auth:      {shown}{assumed}, {required}")
     for number, step in enumerate(route.steps, 1):
         print(f"  {number}. {step}")
     print(f"route:     {route.routing_key}")

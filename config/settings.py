@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -97,6 +97,14 @@ class Settings(BaseSettings):
     twitter: TwitterSettings | None = None
     spool: SpoolSettings = SpoolSettings()
     log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _resolve_require_authenticated_email(self) -> "Settings":
+        """The router gets a plain bool: unset means "on once trusted servers are named"."""
+        if self.routing.require_authenticated_email is None:
+            required = bool(self.email.trusted_authserv_ids)
+            self.routing = self.routing.model_copy(update={"require_authenticated_email": required})
+        return self
 
     @property
     def directory_url(self) -> str:

@@ -119,14 +119,21 @@ class CallRouter:
         self.default_dial = safe_dial(default_dial)
         self._timeout = decide_timeout
 
-    def message(self, caller: str, called: str | None, call_id: str | None) -> InboundMessage:
-        """The voice message a call becomes (``caller`` non-blank)."""
+    def message(
+        self, caller: str, called: str | None, call_id: str | None, verstat: str | None = None
+    ) -> InboundMessage:
+        """The voice message a call becomes (``caller`` non-blank). ``verstat`` is the
+        carrier's STIR/SHAKEN verdict, kept as ``meta.stir_verstat`` like Twilio's."""
+        meta: dict[str, object] = {"source": "pbx", "withheld": is_withheld_caller(caller)}
+        verdict = "".join(c for c in (verstat or "")[:MAX_FIELD] if c.isprintable()).strip()
+        if verdict:
+            meta["stir_verstat"] = verdict
         return InboundMessage(
             channel="voice",
             external_id=call_id or f"pbx:{uuid.uuid4()}",
             sender=phone_identity(caller, self._region),
             recipient=phone_identity(called, self._region) if called else None,
-            meta={"source": "pbx", "withheld": is_withheld_caller(caller)},
+            meta=meta,
         )
 
     async def answer(self, message: InboundMessage) -> tuple[RouteAnswer, float]:

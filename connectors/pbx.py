@@ -1,6 +1,7 @@
 """Caller-ID routing for any PBX: ``GET|POST /v1/route?caller=&called=&call_id=``.
 
-Sole purpose: Asterisk, FreeSWITCH, Kamailio and others ask where to connect a caller and
+Sole purpose: Asterisk, FreeSWITCH, Kamailio and others ask where to connect a caller (with
+``verstat``, the carrier's STIR/SHAKEN verdict on the caller ID, when they have it) and
 get the router's decision in milliseconds, as JSON or as a bare dial string
 (``Accept: text/plain`` or ``format=text``) fit for ``Dial(${CURL(...)})``. What is
 decided and how a dial is made safe is in ``connectors.calls``.
@@ -33,7 +34,7 @@ from ingest.protocols import Decider, InboundSink
 from ingest.schema import InboundMessage
 
 PATH = "/v1/route"
-PARAMS = ("caller", "called", "call_id", "format")
+PARAMS = ("caller", "called", "call_id", "verstat", "format")
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
 
@@ -84,7 +85,9 @@ class PbxRoutes:
         fmt = params.get("format")
         if not caller or fmt not in (None, "json", "text"):
             return False
-        message = self._calls.message(caller, params.get("called"), params.get("call_id"))
+        message = self._calls.message(
+            caller, params.get("called"), params.get("call_id"), params.get("verstat")
+        )
         try:
             answer, ms = await self._calls.answer(message)
         except NoDecision as exc:  # FastAPI's answer to HTTPException(503), byte for byte
@@ -128,9 +131,22 @@ class PbxRoutes:
             caller: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
             called: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
             call_id: Annotated[str | None, Query(max_length=MAX_FIELD)] = None,
+            verstat: Annotated[
+                str | None,
+                Query(
+                    max_length=MAX_FIELD,
+                    description="the carrier's STIR/SHAKEN verdict (SIP Identity verstat, "
+                    "e.g. TN-Validation-Passed-A); TN-Validation-Failed-* never reaches an agent",
+                ),
+            ] = None,
             format: Annotated[Literal["json", "text"] | None, Query()] = None,
         ) -> Response:
-            params: dict[str, Any] = {"caller": caller, "called": called, "call_id": call_id}
+            params: dict[str, Any] = {
+                "caller": caller,
+                "called": called,
+                "call_id": call_id,
+                "verstat": verstat,
+            }
             if request.method == "POST" and _is_form(request):
                 form = await request.form()
                 for key in params:
@@ -140,7 +156,9 @@ class PbxRoutes:
             caller_text = (params["caller"] or "").strip()
             if not caller_text:
                 raise HTTPException(400, "missing caller")
-            message = calls.message(caller_text, params["called"], params["call_id"])
+            message = calls.message(
+                caller_text, params["called"], params["call_id"], params["verstat"]
+            )
             try:
                 answer, ms = await calls.answer(message)
             except NoDecision as exc:

@@ -24,7 +24,7 @@ from ingest.protocols import Decision
 from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, state
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
-from routers.policy import AgentFacts, Facts, decide
+from routers.policy import UNVERIFIED, AgentFacts, Facts, decide
 from routers.runner import runner_of
 from routers.settings import RoutingSettings
 
@@ -87,7 +87,9 @@ class Decider:
         for route, facts in decided:
             customer = facts.customer
             ref = None
-            if customer is not None:
+            # An unproven sender (issue 13) gets the customer's team, never their context:
+            # no name, no recent contacts, no customer id in the routed message or record.
+            if customer is not None and route.reason != UNVERIFIED:
                 recent = read.routing.recent.get(customer.id, [])
                 ref = CustomerRef(
                     id=customer.id, name=customer.name, team=customer.team_id, recent=list(recent)

@@ -6,6 +6,11 @@ Order, first match wins: thread owner (email), last agent (sticky channels, with
 ``sticky_for``), the customer's dedicated team, then the team of the address the message
 arrived on, ``routing.default_team``, else triage. An unavailable agent never receives a
 message: the policy goes on to the team and names the step it fell back from.
+
+A sender that is not proven (issue 13: an email that fails DMARC or has no pass, when
+``require_authenticated_email``; a call whose caller ID failed STIR/SHAKEN) is matched to
+the customer only to find their team: no thread owner, no last agent, reason
+``unverified_sender``; the decider then leaves the customer's context out of the route.
 """
 
 from collections.abc import Callable
@@ -13,8 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ingest.schema import InboundMessage, Route
+from ingest.sender_auth import describe, failed_verstat, verified
 from routers.directory import CustomerRecord
 from routers.settings import RoutingSettings
+
+UNVERIFIED = "unverified_sender"
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,16 @@ def decide(
         return _by_address(message, settings, steps, route, "unknown_sender")
     steps.append(f"customer: {customer.id}")
 
+    doubt = _unproven(message, settings, steps)
+    if doubt is not None:
+        steps.append(f"sender: {doubt}, not taken as customer {customer.id}'s own")
+        steps.append("thread_owner, last_agent: not used for an unproven sender")
+        if customer.team_id:
+            steps.append(f"dedicated_team: {customer.team_id}")
+            return route("team", customer.team_id, UNVERIFIED)
+        steps.append("dedicated_team: the customer has no team")
+        return _by_address(message, settings, steps, route, UNVERIFIED)
+
     owner = facts.thread_owner
     if message.channel == "email" and owner is not None:
         if owner.available:
@@ -107,6 +125,22 @@ def decide(
         return route("team", customer.team_id, reason)
     steps.append("dedicated_team: the customer has no team")
     return _by_address(message, settings, steps, route, "no_team")
+
+
+def _unproven(message: InboundMessage, settings: RoutingSettings, steps: list[str]) -> str | None:
+    """Why the sender is not proven to be who the message names, or None. Email counts only
+    with ``require_authenticated_email`` (a verified mail adds a step saying so); a failed
+    caller-ID verification always counts, as the carrier checked and said no."""
+    if message.channel == "email" and settings.require_authenticated_email:
+        auth = message.meta.get("auth")
+        if not verified(auth):
+            return describe(auth)
+        steps.append(f"sender: {describe(auth)}")
+    elif message.channel == "voice":
+        failed = failed_verstat(message.meta)
+        if failed is not None:
+            return f"caller ID failed STIR/SHAKEN verification ({failed})"
+    return None
 
 
 def _by_address(

@@ -36,6 +36,14 @@ class RoutingSettings(BaseModel):
         description="days the record of routed messages and sent replies is kept (it serves "
         "recent contacts, reply threading and duplicate removal)",
     )
+    require_authenticated_email: bool | None = Field(
+        default=None,
+        description="a mail whose sender is not proven (DMARC fail, or no SPF, DKIM or DMARC "
+        "pass from a server in email.trusted_authserv_ids) never goes to a thread owner or "
+        "last agent and carries no customer context: it goes to the customer's team (or the "
+        "address, default team or triage) with the reason unverified_sender. Unset: true "
+        "when email.trusted_authserv_ids is set",
+    )
 
     @field_validator("default_region")
     @classmethod

@@ -4,6 +4,7 @@ command line answers a user's mistakes in one line."""
 import asyncio
 import json
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,55 @@ async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None
     check = await asyncio.to_thread(daemon.cli, "check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "broker" in check.stdout
+
+
+async def test_explain_shows_why_an_unproven_sender_is_not_the_customer(
+    daemon: DaemonProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    """Issue 13: an operator sees what a spoofed mail or call gets, and why."""
+    await _seeded(sqlite_url)
+    config = tmp_path / "trusting.toml"
+    config.write_text(
+        daemon.config.read_text() + '[email]\ntrusted_authserv_ids = ["mx.support.test"]\n',
+        encoding="utf-8",
+    )
+
+    def explain(*args: str) -> subprocess.CompletedProcess[str]:
+        return daemon.cli("--config", str(config), "route", "explain", *args)
+
+    spoofed = await asyncio.to_thread(
+        explain, "--channel", "email", "--from", "ayse@acme.test", "--auth", "dmarc=fail,spf=fail"
+    )
+    assert spoofed.returncode == 0, spoofed.stderr
+    assert "customer:  acme by address only, no context" in spoofed.stdout
+    assert "auth:      spf=fail dkim=none dmarc=fail, required" in spoofed.stdout
+    assert (
+        "sender: DMARC fail at mx.support.test (spf=fail dkim=none), "
+        "not taken as customer acme's own"
+    ) in spoofed.stdout
+    assert "route:     team.billing" in spoofed.stdout
+    assert "reason:    unverified_sender" in spoofed.stdout
+    usual = await asyncio.to_thread(explain, "--channel", "email", "--from", "ayse@acme.test")
+    assert "(assumed; --auth to change), required" in usual.stdout
+    assert "reason:    dedicated_team" in usual.stdout
+    call = await asyncio.to_thread(
+        explain,
+        "--channel",
+        "voice",
+        "--from",
+        "+905321112233",
+        "--verstat",
+        "TN-Validation-Failed-A",
+        "--json",
+    )
+    decision = json.loads(call.stdout)
+    assert (decision["route"]["reason"], decision["customer"]) == ("unverified_sender", None)
+    assert decision["dial"] == "+902125550100"
+    wrong = await asyncio.to_thread(
+        explain, "--channel", "email", "--from", "ayse@acme.test", "--auth", "dmarc"
+    )
+    assert wrong.returncode == 2
+    assert wrong.stderr.startswith("omniroute: --auth:")
 
 
 async def test_check_fails_when_the_broker_is_away(daemon: DaemonProcess, tmp_path: Path) -> None:

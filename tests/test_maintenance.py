@@ -21,7 +21,8 @@ def routed(external_id: str, at: datetime) -> RoutedMessage:
     message = InboundMessage(
         channel="sms", external_id=external_id, sender=Identity(kind="phone", address="+1")
     )
-    return RoutedMessage(message=message, route=Route(kind="triage", reason="x", decided_at=at))
+    route = Route(kind="triage", reason="unknown_sender", decided_at=at)
+    return RoutedMessage(message=message, route=route)
 
 
 async def count(engine: AsyncEngine, table: type) -> int:

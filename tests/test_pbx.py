@@ -2,6 +2,7 @@
 # ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import httpx
 from sqlalchemy import update
@@ -15,11 +16,16 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import Decision
 from ingest.schema import InboundMessage
+from routers import state
+from routers.db import sessionmaker
 from routers.models import Team
+from routers.settings import RoutingSettings
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     ACME_PHONE,
+    AGENT_DIAL,
     API_TOKEN,
     DEFAULT_DIAL,
+    REGION,
     TEAM_DIAL,
     AppFactory,
     make_phones,
@@ -102,6 +108,47 @@ async def test_route_never_answers_an_injected_dial_string(make_phones: AppFacto
     body = (await phones.route(caller=ACME_PHONE)).json()
     assert body["dial"] == DEFAULT_DIAL
     assert body["route"]["target"] == "t-istanbul"
+
+
+async def test_route_with_failed_verstat_never_dials_an_agent(make_phones: AppFactory) -> None:
+    """Issue 13: a caller ID the carrier could not verify gets the team, without the
+    customer's context, by the fast path (GET) and by FastAPI's route (POST form) alike."""
+    phones = await make_phones(
+        routing=RoutingSettings(
+            default_region=REGION, sticky_channels=["email", "sms", "twitter", "voice"]
+        )
+    )
+    async with sessionmaker(phones.engine).begin() as session:
+        await state.record_reply(
+            session, agent_id="a-ayse", customer_id="c-acme", channel="sms", at=datetime.now(UTC)
+        )
+    verified = (await phones.route(caller=ACME_PHONE, verstat="TN-Validation-Passed-A")).json()
+    assert (verified["route"]["reason"], verified["dial"]) == ("last_agent", AGENT_DIAL)
+
+    failed = "TN-Validation-Failed-B"
+    fast = await phones.route(caller=ACME_PHONE, call_id="v1", verstat=failed)
+    posted = await phones.client.post(
+        "/v1/route",
+        data={"caller": ACME_PHONE, "call_id": "v2", "verstat": failed},
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+    )
+    for response in (fast, posted):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["route"] == {
+            "kind": "team",
+            "target": "t-istanbul",
+            "reason": "unverified_sender",
+        }
+        assert (body["dial"], body["fallback_dial"]) == (TEAM_DIAL, None)
+        assert body["customer"] is None, "a spoofer learns nothing of the customer"
+    deliveries = await take(phones.bus, ROUTER_QUEUE, 3)
+    metas = {m.external_id: m.meta for m in map(_inbound, deliveries)}
+    assert metas["v1"]["stir_verstat"] == metas["v2"]["stir_verstat"] == failed
+
+
+def _inbound(delivery: object) -> InboundMessage:
+    return InboundMessage.model_validate_json(delivery.body)  # type: ignore[attr-defined]
 
 
 async def test_route_openapi_documents_the_endpoints(make_phones: AppFactory) -> None:

@@ -21,6 +21,8 @@ from ingest.schema import (
     RoutedMessage,
     Thread,
 )
+from routers import state
+from routers.db import sessionmaker
 from routers.decider import Decider
 from routers.events import EventsWorker
 from routers.settings import RouterSettings, RoutingSettings
@@ -285,5 +287,45 @@ async def test_sticky_for_expires(bus: Bus, engine: AsyncEngine) -> None:
         await r.send(email("ayse@acme.test"))
         key, routed = await r.routed()
         assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
+    finally:
+        await r.close()
+
+
+SPOOF = {"spf": "fail", "dkim": "none", "dmarc": "fail", "authserv_id": "mx.support.test"}
+PASS = {"spf": "pass", "dkim": "pass", "dmarc": "pass", "authserv_id": "mx.support.test"}
+
+
+async def test_spoofed_mail_from_a_customer_goes_to_the_team_without_context(
+    bus: Bus, engine: AsyncEngine
+) -> None:
+    """Issue 13: a mail failing DMARC names a customer in From, but neither their agent nor
+    their history is handed to whoever wrote it."""
+    await seed(engine)
+    r = Routing(bus, engine, RoutingSettings(default_region="TR", require_authenticated_email=True))
+    await r.start()
+    try:
+        await r.event(
+            AgentReplied(agent_id="ana", customer_id="acme", channel="email", message_id="<r9@o>")
+        )
+        await r.event(AgentStatus(agent_id="ana", status="available"))
+        await asyncio.sleep(0.3)
+        await r.send(email("ayse@acme.test", meta={"auth": PASS}))
+        key, routed = await r.routed()
+        assert (key, routed.route.reason) == ("agent.ana", "last_agent")
+        assert routed.customer is not None
+
+        for spoof in (
+            email("ayse@acme.test", meta={"auth": SPOOF}, thread=Thread(in_reply_to="<r9@o>")),
+            email("ayse@acme.test"),  # no Authentication-Results from a trusted server
+        ):
+            await r.send(spoof)
+            key, routed = await r.routed()
+            assert (key, routed.route.reason) == ("team.billing", "unverified_sender")
+            assert routed.customer is None, "no name, no recent contacts"
+            assert any("not taken as customer acme's own" in s for s in routed.route.steps)
+            async with sessionmaker(engine)() as session:
+                found = await state.find_routed(session, spoof.id)
+            assert found is not None
+            assert found[1] is None, "the routed record names no customer either"
     finally:
         await r.close()

@@ -58,6 +58,36 @@ def test_errors_name_the_key(tmp_path: Path) -> None:
         load_settings(toml)
 
 
+@pytest.mark.parametrize(
+    ("toml_text", "required"),
+    [
+        ("", False),
+        ('[email]\ntrusted_authserv_ids = ["mx.support.test"]\n', True),
+        (
+            '[email]\ntrusted_authserv_ids = ["mx.support.test"]\n'
+            "[routing]\nrequire_authenticated_email = false\n",
+            False,
+        ),
+        ("[routing]\nrequire_authenticated_email = true\n", True),
+    ],
+)
+def test_require_authenticated_email_follows_the_trusted_servers(
+    tmp_path: Path, toml_text: str, required: bool
+) -> None:
+    """Naming the servers whose verdicts are believed turns the check on, unless the
+    operator says otherwise; the router always gets a plain bool."""
+    toml = tmp_path / "omniroute.toml"
+    toml.write_text(toml_text, encoding="utf-8")
+    assert load_settings(toml).routing.require_authenticated_email is required
+
+
+def test_an_authserv_id_no_header_can_carry_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "omniroute.toml"
+    toml.write_text('[email]\ntrusted_authserv_ids = ["mx.example; dmarc=pass"]\n')
+    with pytest.raises(ConfigError, match=r"email\.trusted_authserv_ids"):
+        load_settings(toml)
+
+
 def test_example_configuration_loads() -> None:
     settings = load_settings(ROOT / "config" / "examples" / "omniroute.toml")
     assert settings.routing.default_region == "TR"

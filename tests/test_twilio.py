@@ -282,6 +282,34 @@ async def test_sticky_voice_dials_last_agent_with_team_fallback(make_phones: App
     assert parse_twiml(answered.text).find("Hangup") is not None
 
 
+async def test_caller_id_that_failed_stir_shaken_never_rings_an_agent(
+    make_phones: AppFactory,
+) -> None:
+    """Issue 13: a spoofed caller ID (TN-Validation-Failed) gets the team, not the agent who
+    knows the customer, even with voice sticky; a verified one still rings the agent."""
+    phones = await make_phones(
+        routing=RoutingSettings(
+            default_region=REGION, sticky_channels=["email", "sms", "twitter", "voice"]
+        )
+    )
+    async with sessionmaker(phones.engine).begin() as session:
+        await state.record_reply(
+            session, agent_id="a-ayse", customer_id="c-acme", channel="sms", at=datetime.now(UTC)
+        )
+    failed = call("CA" + "4" * 32, StirVerstat="TN-Validation-Failed-A")
+    response = await phones.twilio("/webhooks/twilio/voice", failed)
+    assert response.status_code == 200, response.text
+    dial, targets = dial_of(response.text)
+    assert targets == [("Number", TEAM_DIAL)]
+    assert dial.get("action") is None, "no agent to fall back from"
+    [delivery] = await take(phones.bus, ROUTER_QUEUE, 1)
+    assert inbound(delivery).meta["stir_verstat"] == "TN-Validation-Failed-A"
+
+    passed = call("CA" + "5" * 32, StirVerstat="TN-Validation-Passed-A")
+    _, targets = dial_of((await phones.twilio("/webhooks/twilio/voice", passed)).text)
+    assert targets == [("Client", AGENT_DIAL.removeprefix("client:"))]
+
+
 @pytest.mark.parametrize(
     ("caller", "tag", "value"),
     [
