@@ -129,6 +129,7 @@ class Wiring:
                 routing=settings.routing,
                 settings=settings.router,
                 health=self.health,
+                trust=settings.events,
             )
             plan.workers["events"] = _with_drain(events.run, drain)
         if self.enabled("dispatcher"):
@@ -140,6 +141,7 @@ class Wiring:
                 settings=settings.dispatch,
                 health=self.health,
                 metrics=self.metrics,
+                trust=settings.events,
             )
             plan.workers["dispatcher"] = _with_drain(dispatcher.run, drain)
 
@@ -263,7 +265,8 @@ class Wiring:
 
     async def reload(self, settings: Settings) -> None:
         """Apply what can change live: the routing settings (the next decision uses them),
-        the mailboxes (added, removed, changed), and a fresh directory pool.
+        the events settings (a publisher's trust revoked at once), the mailboxes (added,
+        removed, changed), and a fresh directory pool.
 
         The directory is reopened by disposing the engine's pool, not by building a new
         engine: every store holds this engine, and ``dispose()`` closes the idle
@@ -277,6 +280,9 @@ class Wiring:
         for worker in (self.router, self.events, self.dispatcher):
             if worker is not None:
                 worker.routing = settings.routing
+        for checker in (self.events, self.dispatcher):
+            if checker is not None:
+                checker.trust = settings.events  # who is trusted changes live
         if self.email is not None:
             await self.email.reconcile(settings.email)
         await self.engine.dispose()

@@ -33,7 +33,7 @@ from connectors.settings import (
 from ingest.errors import ConfigError
 from ingest.settings import BusSettings
 from routers.dispatcher import DispatchSettings
-from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+from routers.settings import DirectorySettings, EventsSettings, RouterSettings, RoutingSettings
 
 COMPONENTS = ("router", "events", "dispatcher", "webhooks", "email", "twitter")
 _TOML: ContextVar[Path | None] = ContextVar("omniroute_toml", default=None)
@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     router: RouterSettings = RouterSettings()
     directory: DirectorySettings = DirectorySettings()
     dispatch: DispatchSettings = DispatchSettings()
+    events: EventsSettings = EventsSettings()
     http: HttpSettings = HttpSettings()
     api: ApiSettings = ApiSettings()
     twilio: TwilioSettings = TwilioSettings()

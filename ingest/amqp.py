@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
+import yarl
 from aio_pika.abc import AbstractRobustConnection
 
 from ingest.errors import AuthError, TransientError, UnroutableError
@@ -52,6 +53,15 @@ def redact_url(url: str) -> str:
     return url
 
 
+def broker_user(url: str) -> str | None:
+    """The broker user a connection to ``url`` logs in as (aiormq's PLAIN default: guest),
+    or None with EXTERNAL auth, where the client certificate names it."""
+    parsed = yarl.URL(url)
+    if parsed.query.get("auth", "plain").upper() != "PLAIN":
+        return None
+    return parsed.user or "guest"
+
+
 async def connect(url: str, settings: BusSettings, name: str) -> AbstractRobustConnection:
     """Open a robust connection; refused credentials are an ``AuthError``, not a retry loop."""
     try:
@@ -75,8 +85,10 @@ def message_properties(
     type_: str | None,
     headers: dict[str, Any] | None,
     content_type: str = "application/json",
+    user_id: str | None = None,
 ) -> aiormq.spec.Basic.Properties:
-    # aiormq's own properties, as the Bus publishes with aiormq itself (see Bus.publish_body)
+    # aiormq's own properties, as the Bus publishes with aiormq itself (see Bus.publish_body).
+    # ``user_id`` is checked by RabbitMQ against the connection's user: readers can trust it.
     return aiormq.spec.Basic.Properties(
         content_type=content_type,
         delivery_mode=PERSISTENT,
@@ -84,6 +96,7 @@ def message_properties(
         message_type=type_,
         timestamp=datetime.now(UTC),
         headers=headers or {},
+        user_id=user_id,
     )
 
 

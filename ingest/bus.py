@@ -23,7 +23,13 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel
 
-from ingest.amqp import cancelled_here, connect, message_properties, publish_failure
+from ingest.amqp import (
+    broker_user,
+    cancelled_here,
+    connect,
+    message_properties,
+    publish_failure,
+)
 from ingest.batch_consumer import BatchConsumer, BatchHandler
 from ingest.consumers import Consumer, Handler
 from ingest.delivery import Received
@@ -87,6 +93,10 @@ class Bus:
         metrics: Metrics | None = None,
     ) -> None:
         self._url = url
+        #: the broker user omniroute publishes as, stamped on every message as the AMQP
+        #: ``user_id`` (RabbitMQ checks it), so that readers can tell omniroute's own
+        #: messages from anyone else's (``events.trusted_publishers``); None: unknown
+        self.user = broker_user(url)
         self.health = health
         self.metrics = metrics
         self._settings = settings
@@ -200,7 +210,7 @@ class Bus:
         # aiormq's own properties and publish: aio-pika's Message and Exchange wrappers cost
         # as much CPU per message as the router's whole decision; the semantics are aiormq's
         # (mandatory, confirms, returns raised: the channel has on_return_raises)
-        properties = message_properties(message_id, type_, headers, content_type)
+        properties = message_properties(message_id, type_, headers, content_type, self.user)
         try:
             # the whole publish, a wait for a robust reconnection included, is bounded
             async with asyncio.timeout(self._settings.publish_timeout):
@@ -240,9 +250,8 @@ class Bus:
             except Exception as exc:  # a bug of ours, for this item alone
                 outcomes[index] = exc
                 continue
-            ready.append(
-                (index, key, body, message_properties(message_id, schema_name(model), None))
-            )
+            properties = message_properties(message_id, schema_name(model), None, user_id=self.user)
+            ready.append((index, key, body, properties))
         if not ready:
             return outcomes
         loop = asyncio.get_running_loop()

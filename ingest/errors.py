@@ -5,7 +5,8 @@
   same credentials will not help: the component stops and reports itself down.
 - ``TransientError``: the network, the broker or a peer failed for now; retry with backoff.
 - ``PoisonError``: this one input can never be processed; it goes to ``omniroute.dead``
-  with the reason and never blocks the queue.
+  with the reason and never blocks the queue. ``RefusedError`` is the poison of an input
+  that parses but is not believed (an untrusted publisher, a future date, an unknown agent).
 - ``PermanentSendError``: an outbound reply was refused for good (invalid recipient).
 
 Only the command line turns an error into ``omniroute: message`` and an exit code.
@@ -30,6 +31,16 @@ class TransientError(OmnirouteError):
 
 class PoisonError(OmnirouteError):
     """This input can never be processed; dead-letter it with ``str(self)`` as the reason."""
+
+
+class RefusedError(PoisonError):
+    """A well-formed event or request that is not believed; ``code`` is the stable start of
+    its dead-letter reason (``untrusted_publisher``, ``future_timestamp``, ``unknown_agent``,
+    ``unknown_customer``), what was wrong follows it."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
 
 
 class PermanentSendError(OmnirouteError):

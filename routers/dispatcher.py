@@ -5,6 +5,11 @@ then remember who answered whom (last agent, and for email the Message-ID as thr
 and say so with ``outbound.sent``; a reply that cannot be sent ends as ``outbound.failed``
 with the reason. A request id already sent is never sent again: a redelivery only repeats
 the ``outbound.sent`` event.
+
+A request is checked, not believed (``routers.trust``): one from a publisher outside
+``events.trusted_publishers`` is dead-lettered unread and unanswered; one naming an agent
+the directory does not have is dead-lettered and answered with ``outbound.failed``. Its
+recorded time is omniroute's own clock, so it has no date to doubt.
 """
 
 import asyncio
@@ -19,7 +24,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
-from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
+from ingest.errors import (
+    AuthError,
+    ConfigError,
+    PermanentSendError,
+    RefusedError,
+    TransientError,
+)
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, Sender, SendResult
@@ -27,7 +38,8 @@ from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
 from routers import directory, state
 from routers.db import sessionmaker
 from routers.models import SentReply
-from routers.settings import RoutingSettings
+from routers.settings import EventsSettings, RoutingSettings
+from routers.trust import check_agent, check_publisher
 
 log = structlog.get_logger("omniroute.dispatcher")
 
@@ -56,9 +68,12 @@ class OutboundDispatcher:
         settings: DispatchSettings,
         health: Health,
         metrics: Metrics | None = None,
+        trust: EventsSettings | None = None,
     ) -> None:
         self._bus = bus
         self._metrics = metrics
+        #: replaced as a whole on reload, like ``routing``
+        self.trust = trust or EventsSettings()
         self._sending: set[str] = set()  # request ids being sent by this process right now
         self._sessions = sessionmaker(engine)
         self._senders = dict(senders)
@@ -79,6 +94,8 @@ class OutboundDispatcher:
         )
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
+        # before reading it: a stranger hears nothing back, not even outbound.failed
+        check_publisher(self.trust, delivery.user_id, self._bus.user)
         try:
             reply = ReplyRequest.model_validate_json(delivery.body)
         except ValidationError as exc:
@@ -104,6 +121,7 @@ class OutboundDispatcher:
     async def _dispatch_once(self, reply: ReplyRequest) -> None:
         try:
             async with self._sessions() as session:
+                await check_agent(session, reply.agent_id)
                 sent = await session.get(SentReply, reply.id)
                 found = (
                     await state.find_routed(session, reply.in_reply_to)
@@ -118,6 +136,14 @@ class OutboundDispatcher:
                     customer_id = customer.id if customer else None
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
+        except RefusedError as exc:
+            # the ticket system waits for an outcome of its request id: tell it, then the
+            # consumer dead-letters the request with the same reason
+            event = OutboundFailed(
+                request_id=reply.id, channel=reply.channel, agent_id=reply.agent_id, reason=str(exc)
+            )
+            await self._bus.publish(EVENTS, event.type, event, message_id=f"failed:{reply.id}")
+            raise
         if sent is not None:
             log.info("dispatcher.already_sent")
             await self._announce(reply, SendResult(external_id=sent.external_id))

@@ -1,5 +1,10 @@
 """Learns from the ticket system: ``agent.replied`` teaches who answered whom,
-``agent.status`` who is available. Consumes ``omniroute.events``."""
+``agent.status`` who is available. Consumes ``omniroute.events``.
+
+Nothing is believed unchecked (``routers.trust``): an event from a publisher outside
+``events.trusted_publishers``, dated too far ahead, naming an agent the directory does not
+have, or an ``agent.replied`` that names no customer and no thread, is dead-lettered.
+"""
 
 import asyncio
 
@@ -7,15 +12,16 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.bus import EVENTS_QUEUE, Bus
-from ingest.errors import TransientError
+from ingest.errors import RefusedError, TransientError
 from ingest.health import Health
 from ingest.schema import AgentReplied, AgentStatus, Event
 from routers import directory, state
 from routers.db import sessionmaker
-from routers.settings import RouterSettings, RoutingSettings
+from routers.settings import EventsSettings, RouterSettings, RoutingSettings
+from routers.trust import check_agent, check_customer, check_publisher, check_time
 
 log = structlog.get_logger("omniroute.events")
 EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
@@ -32,10 +38,13 @@ class EventsWorker:
         routing: RoutingSettings,
         settings: RouterSettings,
         health: Health,
+        trust: EventsSettings | None = None,
     ) -> None:
         self._bus = bus
         self._sessions = sessionmaker(engine)
         self.routing = routing
+        #: replaced as a whole on reload, like ``routing``
+        self.trust = trust or EventsSettings()
         self._settings = settings
         self._health = health
 
@@ -52,30 +61,43 @@ class EventsWorker:
         )
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
+        trust = self.trust
+        check_publisher(trust, delivery.user_id, self._bus.user)
         event = EVENTS.validate_json(delivery.body)
+        check_time(trust, event.at)
         try:
             async with self._sessions.begin() as session:
                 if isinstance(event, AgentReplied):
-                    customer_id = event.customer_id
-                    if customer_id is None and event.identity is not None:
-                        found = await directory.find_customer(
-                            session, event.identity, self.routing.default_region
-                        )
-                        customer_id = found.id if found else None
-                    if customer_id is None and not event.message_id:
-                        log.info("events.reply_unmatched", agent_id=event.agent_id)
-                        return
-                    await state.record_reply(
-                        session,
-                        agent_id=event.agent_id,
-                        customer_id=customer_id,
-                        channel=event.channel,
-                        at=event.at,
-                        message_id=event.message_id,
-                    )
-                    log.info("events.agent_replied", agent_id=event.agent_id, customer=customer_id)
+                    await self._replied(session, event)
                 elif isinstance(event, AgentStatus):
+                    await check_agent(session, event.agent_id)
                     await state.set_presence(session, event.agent_id, event.status, event.at)
                     log.info("events.agent_status", agent_id=event.agent_id, status=event.status)
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
+
+    async def _replied(self, session: AsyncSession, event: AgentReplied) -> None:
+        await check_agent(session, event.agent_id)
+        customer_id = event.customer_id
+        if customer_id is not None:
+            await check_customer(session, customer_id)
+        elif event.identity is not None:
+            found = await directory.find_customer(
+                session, event.identity, self.routing.default_region
+            )
+            customer_id = found.id if found else None
+        if customer_id is None and not event.message_id:
+            # nobody to remember the agent for: the ticket system's data is wrong, say so
+            raise RefusedError(
+                "unknown_customer",
+                "no customer_id, no identity in the directory, and no message_id",
+            )
+        await state.record_reply(
+            session,
+            agent_id=event.agent_id,
+            customer_id=customer_id,
+            channel=event.channel,
+            at=event.at,
+            message_id=event.message_id,
+        )
+        log.info("events.agent_replied", agent_id=event.agent_id, customer=customer_id)

@@ -92,3 +92,40 @@ class DirectorySettings(BaseModel):
         description="seconds a database connect or statement may take (SQLite: how long a "
         "statement waits for another writer's lock before it fails and is retried)",
     )
+
+
+class EventsSettings(BaseModel):
+    """How far events and reply requests from ticket systems are believed (issue 13)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_clock_skew: timedelta = Field(
+        default=timedelta(minutes=5),
+        description="how far in the future an event's `at` may lie (a publisher's clock "
+        "running ahead); further, it is dead-lettered as future_timestamp instead of pinning a "
+        "customer or a presence for ever",
+    )
+    trusted_publishers: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="broker user names whose events and reply requests are believed, read "
+        "from the AMQP user_id property (which RabbitMQ checks against the publishing "
+        "connection's user); others, and messages without user_id, are dead-lettered as "
+        "untrusted_publisher. omniroute's own user (from amqp_url) is always trusted. Empty: "
+        "every publisher is believed",
+    )
+
+    @field_validator("max_clock_skew")
+    @classmethod
+    def _skew(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @field_validator("trusted_publishers")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not name or len(name) > 255:
+                raise ValueError(f"not a broker user name: {name[:40]!r}")
+        return value
