@@ -1,6 +1,11 @@
 """Logging: structlog, JSON lines when not on a terminal (journald reads them), readable
 console output on a terminal. Customer identities under well-known keys are redacted unless
 ``log.redact = false``; keys that look like secrets are always masked.
+
+Invariant: no text reaches the output without passing ``_mask``. Exceptions (``exc_info``,
+``log.exception``) are rendered to plain text *before* it, on both formats and for stdlib
+records too, so a traceback or a pydantic ``input_value`` is scrubbed like any field; the
+console never prints a traceback's local variables. Passwords in URLs are masked always.
 """
 
 import functools
@@ -38,13 +43,28 @@ QUIET_LIBRARIES = {
 # valid", an SMTP server echoing the recipient) and exception strings.
 _EMAIL_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _PHONE_IN_TEXT = re.compile(r"\+\d[\d ()-]{6,18}\d")
-_NOT_TEXT = frozenset({"event", "timestamp", "level", "logger", "message_id", "channel"})
+# An X handle in text; not the domain of an already redacted address ("a***@acme.test").
+_HANDLE_IN_TEXT = re.compile(r"(?<![\w@.*/])@([A-Za-z0-9_]{1,15})(?![\w@])")
+# scheme://user:password@host: the password of an amqp_url, database_url or proxy URL.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s/@]+@")
+# "event" is text too: a stdlib record's message ("Task exception was never retrieved ...").
+_NOT_TEXT = frozenset({"timestamp", "level", "logger", "message_id", "channel"})
+
+
+def hide_secrets(text: str) -> str:
+    """Mask the password of every URL in ``text``; kept even with ``log.redact = false``."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(r"\1:***@", text)
+    return text
 
 
 def scrub(text: str) -> str:
-    """Redact email addresses and international numbers found anywhere in ``text``."""
+    """Redact email addresses, international numbers, X handles and URL passwords found
+    anywhere in ``text``."""
+    text = hide_secrets(text)
     if "@" in text:
         text = _EMAIL_IN_TEXT.sub(lambda m: redact(m.group(0)), text)
+        text = _HANDLE_IN_TEXT.sub(lambda m: "@" + redact(m.group(1)), text)
     if "+" in text:
         text = _PHONE_IN_TEXT.sub(lambda m: redact(re.sub(r"\D", "", m.group(0))), text)
     return text
@@ -72,11 +92,16 @@ def _mask(redact_identities: bool) -> structlog.types.Processor:
             treatment = _treatment(key)
             if treatment == _SECRET:
                 event[key] = "***"
-            elif not redact_identities or not isinstance(value, str):
                 continue
+            if isinstance(value, BaseException):  # error=exc: rendered as repr() otherwise
+                value = repr(value)
+            if not isinstance(value, str) or treatment == _AS_IS:
+                continue
+            if not redact_identities:
+                event[key] = hide_secrets(value)
             elif treatment == _IDENTITY:
                 event[key] = redact(value)
-            elif treatment == _TEXT:
+            else:
                 event[key] = scrub(value)
         return event
 
@@ -86,10 +111,15 @@ def _mask(redact_identities: bool) -> structlog.types.Processor:
 def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool = True) -> None:
     """Configure structlog and route the standard library's logging through it."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
-    shared: list[structlog.types.Processor] = [
+    stamped: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    # Tracebacks become plain text before _mask sees the event: a renderer that formats
+    # exc_info itself (the console's Rich one, with locals) would print them unredacted.
+    as_text: list[structlog.types.Processor] = [
+        structlog.processors.format_exc_info,
         _mask(redact_identities),
     ]
     renderer: structlog.types.Processor = (
@@ -100,9 +130,9 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
-            *shared,
+            *stamped,
             structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info if as_json else structlog.dev.set_exc_info,
+            *as_text,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -112,7 +142,7 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped, *as_text],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )

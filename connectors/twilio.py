@@ -12,7 +12,9 @@ Webhooks (``twilio_router``):
   ``outbound.failed`` events on ``omniroute.events``.
 
 Invariants: every request is checked with twilio's ``RequestValidator`` against
-``http.public_url`` + path + query (403 otherwise, also when no auth token is configured);
+``http.public_url`` + path + query (403 otherwise, also when no auth token is configured),
+then refused (403) unless shaped as Twilio sends it: no repeated parameter, SIDs of
+Twilio's format, the configured ``account_sid`` (the signature alone does not bind these);
 an SMS is answered 200 only once the sink made it safe (broker confirm or spool fsync), else
 503 so that Twilio retries; a MessageSid or CallSid seen before is answered again, not
 published again. A call is always answered, even when its publish fails.
@@ -21,8 +23,10 @@ published again. A call is always answered, even when its publish fails.
 import asyncio
 import base64
 import logging
+import re
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -81,6 +85,12 @@ VOICE_META = {
     "ForwardedFrom": "forwarded_from",
     "AccountSid": "account_sid",
 }
+#: Twilio's documented SID shapes: two letters naming the resource, 32 lowercase hex digits
+SID_FORMATS = {
+    "MessageSid": re.compile(r"(SM|MM)[0-9a-f]{32}"),
+    "CallSid": re.compile(r"CA[0-9a-f]{32}"),
+    "AccountSid": re.compile(r"AC[0-9a-f]{32}"),
+}
 _quiet = ("twilio.http_client", "twilio.async_http_client")
 SignatureHeader = Annotated[
     str | None,
@@ -97,7 +107,7 @@ def _form_body(*required: str) -> dict[str, Any]:
                 "application/x-www-form-urlencoded": {
                     "schema": {
                         "type": "object",
-                        "properties": {name: {"type": "string"} for name in required},
+                        "properties": {name: _form_field(name) for name in required},
                         "required": list(required),
                         "additionalProperties": {"type": "string"},
                     }
@@ -107,10 +117,18 @@ def _form_body(*required: str) -> dict[str, Any]:
     }
 
 
+def _form_field(name: str) -> dict[str, Any]:
+    sid = SID_FORMATS.get(name)
+    return {"type": "string"} | ({"pattern": f"^{sid.pattern}$"} if sid else {})
+
+
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"application/xml": {}}, "description": "TwiML"},
     400: {"description": "a required parameter is missing"},
-    403: {"description": "missing or invalid X-Twilio-Signature"},
+    403: {
+        "description": "missing or invalid X-Twilio-Signature, or a form Twilio never sends: "
+        "a repeated parameter, a malformed SID, another account's AccountSid"
+    },
     503: {"description": "the message could not be made safe; Twilio retries"},
 }
 
@@ -134,7 +152,9 @@ def twilio_router(
     )
     default_dial = safe_dial(settings.default_dial)
 
-    async def verified(request: Request, signature: str | None) -> FormData:
+    async def verified(request: Request, signature: str | None, sid: str) -> FormData:
+        """The form, once signed by Twilio and shaped as Twilio sends it; ``sid`` names the
+        endpoint's own SID parameter (``MessageSid`` or ``CallSid``)."""
         urlencoded = request.headers.get("content-type", "").startswith(
             "application/x-www-form-urlencoded"
         )
@@ -150,6 +170,10 @@ def twilio_router(
         if not validator.validate(url, form, signature, algorithm):
             log.warning("twilio.bad_signature", path=request.url.path)
             raise HTTPException(403, "invalid X-Twilio-Signature")
+        problem = _not_as_twilio_sends(form, sid, settings.account_sid)
+        if problem is not None:
+            log.warning("twilio.refused_form", path=request.url.path, problem=problem)
+            raise HTTPException(403, f"not a request Twilio sends: {problem}")
         return form
 
     async def first_time(channel: str, external_id: str) -> bool:
@@ -179,7 +203,7 @@ def twilio_router(
         openapi_extra=_form_body("From", "MessageSid"),
     )
     async def sms(request: Request, signature: SignatureHeader = None) -> Response:
-        form = await verified(request, signature)
+        form = await verified(request, signature, "MessageSid")
         message = InboundMessage(
             channel="sms",
             external_id=_required(form, "MessageSid"),
@@ -247,7 +271,7 @@ def twilio_router(
             Query(max_length=MAX_FIELD, description="set by omniroute on its Dial action"),
         ] = None,
     ) -> Response:
-        form = await verified(request, signature)
+        form = await verified(request, signature, "CallSid")
         reply = VoiceResponse()
         if fallback is not None:
             if _text(form, "DialCallStatus") in ANSWERED:
@@ -309,7 +333,7 @@ def twilio_router(
         request_id: Annotated[str | None, Query(max_length=512)] = None,
         agent_id: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Response:
-        form = await verified(request, signature)
+        form = await verified(request, signature, "MessageSid")
         sid = _required(form, "MessageSid")
         state = _text(form, "MessageStatus")
         if state not in FAILED_STATUSES:
@@ -333,6 +357,32 @@ def twilio_router(
         return Response(status_code=204)
 
     return router
+
+
+def _not_as_twilio_sends(form: FormData, sid: str, account_sid: str | None) -> str | None:
+    """Why a signed form cannot be one Twilio sent, or None.
+
+    The signature does not bind a form's shape: it is an HMAC of the URL followed by name +
+    value for every value, names sorted, a repeated name's values deduplicated and sorted
+    (twilio's ``RequestValidator``), with no separator. So a captured request can be re-cut
+    and keep its signature: a text whose Body ends in ``From<victim>`` re-sent with that
+    Body cut short and ``From=<sender>&From=<victim>`` hashes the same, and Starlette reads
+    the last From; a value can take in the next parameter (``MessageSid=<sid>NumMedia0``
+    without ``NumMedia`` is a new MessageSid, past the dedup). Twilio never repeats a name
+    (media are ``MediaUrl0``, ``MediaUrl1``…) and its SIDs have one documented shape, so
+    anything else is refused (403, as a forgery: Twilio does not retry a 4xx either way).
+    """
+    counts = Counter(name for name, _ in form.multi_items())
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        return f"parameter {repeated[0][:40]!r} given more than once"
+    for name, pattern in ((sid, SID_FORMATS[sid]), ("AccountSid", SID_FORMATS["AccountSid"])):
+        value = _text(form, name)
+        if value and not pattern.fullmatch(value):
+            return f"{name} is not a Twilio SID"
+    if account_sid and _text(form, "AccountSid") not in ("", account_sid):
+        return "AccountSid is not twilio.account_sid"
+    return None
 
 
 def _text(form: FormData, name: str) -> str:

@@ -3,11 +3,13 @@
 Sole purpose: two spellings of one person's address compare equal after normalisation,
 and normalising twice changes nothing. Phone numbers go to E.164 with ``phonenumbers``;
 what is not a phone number (``client:alice``, ``sip:…``, alphanumeric sender ids) stays a
-readable, stable identity instead of an error.
+readable, stable identity instead of an error. An invisible or control character (Unicode
+Cc/Cf: zero-width, bidi controls) makes any address invalid: it would be a look-alike.
 """
 
 import functools
 import re
+import unicodedata
 from typing import Literal
 
 import phonenumbers
@@ -26,6 +28,27 @@ class InvalidIdentity(ValueError):
     """The text cannot be read as an identity of the asked kind."""
 
 
+def hidden_character(text: str) -> str | None:
+    """The first invisible or control character in ``text`` (``U+200B ZERO WIDTH SPACE``),
+    else None.
+
+    Unicode categories Cc and Cf: controls, zero-width space/joiners (U+200B-U+200D,
+    U+2060), the BOM (U+FEFF), bidi marks and overrides (U+200E/F, U+202A-U+202E,
+    U+2066-U+2069). None belongs in an address, and ``ayse@acme.test`` followed by a
+    zero-width space would otherwise be a second identity that looks like the first."""
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            name = unicodedata.name(char, "control character")
+            return f"U+{ord(char):04X} {name}"
+    return None
+
+
+def _refuse_hidden(text: str, what: str) -> None:
+    found = hidden_character(text)
+    if found is not None:
+        raise InvalidIdentity(f"{what} {text!r} contains an invisible character ({found})")
+
+
 @functools.lru_cache(maxsize=65536)
 def normalise_email(address: str) -> str:
     """Case-fold the whole address: mailbox local parts are case-insensitive in practice.
@@ -33,6 +56,7 @@ def normalise_email(address: str) -> str:
     Cached: the router normalises each sender twice (the message, then the directory
     lookup), and the same senders come back."""
     text = address.strip().strip("<>").strip()
+    _refuse_hidden(text, "email address")
     if text.lower().startswith("mailto:"):
         text = text[7:]
     if text.count("@") != 1 or _SPACE.search(text):
@@ -63,6 +87,7 @@ def normalise_phone(address: str, region: str) -> str:
     text = address.strip()
     if not text:
         raise InvalidIdentity("empty phone number")
+    _refuse_hidden(text, "phone number")
     lowered = text.casefold()
     for scheme in ("client:", "sip:", "sips:", "tel:"):
         if lowered.startswith(scheme):
@@ -124,6 +149,7 @@ def _phone_candidates(text: str, region: str) -> list[str]:
 
 def normalise_handle(handle: str) -> str:
     """An X handle without ``@``, case-folded (X handles are case-insensitive)."""
+    _refuse_hidden(handle.strip(), "X handle")
     match = _HANDLE.match(handle.strip())
     if not match:
         raise InvalidIdentity(f"not an X handle: {handle!r}")
@@ -138,6 +164,7 @@ def normalise_twitter(address: str) -> str:
     must not turn it into an id.
     """
     text = address.strip()
+    _refuse_hidden(text, "X user id or handle")
     if text.casefold().startswith("id:"):
         match = _USER_ID.match("id:" + text[3:].strip())
         if not match:

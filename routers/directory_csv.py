@@ -18,6 +18,7 @@ from typing import Any
 from ingest.errors import OmnirouteError
 from ingest.identities import (
     InvalidIdentity,
+    hidden_character,
     normalise_email,
     normalise_phone,
     normalise_twitter,
@@ -36,6 +37,11 @@ _TRUE = {"", "true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 _LIMITS = {"id": 200, "name": 400, "email": 400, "phone": 100}
 _ADDRESS_LIMIT = 512
+# OWASP's CSV-injection rule: a spreadsheet runs a cell starting with one of these as a
+# formula. Export prefixes such a cell (and one that already starts with quotes before one
+# of them, so that the escape can be undone exactly) with "'"; import strips that quote.
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+_ESCAPED = re.compile(r"'+[=+\-@\t\r]")
 
 Identity = tuple[str, str]  # (kind, normalised address)
 
@@ -55,6 +61,17 @@ class Row:
 
 class _Reject(Exception):
     pass
+
+
+def escape_cell(value: str) -> str:
+    """The cell as export writes it: never a formula when a spreadsheet opens the file
+    (``+905321112233`` becomes ``'+905321112233``)."""
+    return "'" + value if _FORMULA.match(value) else value
+
+
+def unescape_cell(value: str) -> str:
+    """The cell as ``escape_cell`` received it; a spreadsheet's ``'`` marker goes too."""
+    return value[1:] if _ESCAPED.match(value) else value
 
 
 def _header(reader: Iterator[list[str]], kind: str | None) -> tuple[str, list[str]]:
@@ -107,11 +124,19 @@ def _dial(value: str) -> str | None:
     return value
 
 
+def _bad(what: str, value: str) -> _Reject:
+    """The row's rejection, naming an invisible character when that is what is wrong: the
+    operator cannot see it in the file."""
+    hidden = hidden_character(value.strip())
+    why = f": contains an invisible character ({hidden})" if hidden else ""
+    return _Reject(f"bad {what} {value.strip()!r}{why}")
+
+
 def _email(value: str) -> str:
     try:
         address = normalise_email(value)
     except InvalidIdentity:
-        raise _Reject(f"bad email {value.strip()!r}") from None
+        raise _bad("email", value) from None
     if len(address) > _LIMITS["email"]:
         raise _Reject(f"email longer than {_LIMITS['email']} characters")
     return address
@@ -121,7 +146,7 @@ def _phone(value: str, region: str) -> str:
     try:
         number = normalise_phone(value, region)
     except InvalidIdentity:
-        raise _Reject(f"bad phone number {value.strip()!r}") from None
+        raise _bad("phone number", value) from None
     # A directory phone is a dialable number or a SIP/client URI, never a sender name.
     if not number.startswith(("+", "sip:", "sips:", "client:")) or len(number) > _LIMITS["phone"]:
         raise _Reject(f"bad phone number {value.strip()!r}")
@@ -132,7 +157,7 @@ def _twitter(value: str) -> str:
     try:
         return normalise_twitter(value)
     except InvalidIdentity:
-        raise _Reject(f"bad X handle or user id {value.strip()!r}") from None
+        raise _bad("X handle or user id", value) from None
 
 
 def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
@@ -178,6 +203,7 @@ def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
 def _parse_row(kind: str, header: list[str], fields: list[str], line: int, region: str) -> Row:
     if len(fields) != len(header):
         return Row(line, None, error=f"{len(fields)} fields, expected {len(header)}")
+    fields = [unescape_cell(value) for value in fields]
     record = dict(zip(header, fields, strict=True))
     row_id = record["id"].strip() or None
     for value in fields:

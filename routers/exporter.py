@@ -2,6 +2,10 @@
 
 Sole purpose: write one kind's table (customers with their identities) to a file an
 operator can edit and import again.
+
+Invariant: no cell opens as a formula in a spreadsheet (OWASP's CSV-injection rule, see
+``routers.directory_csv.escape_cell``); the import undoes the escape, so export then import
+gives back the same directory.
 """
 
 import asyncio
@@ -11,7 +15,7 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.directory_csv import BATCH, COLUMNS, IDENTITY_COLUMNS, ImportFileError
+from routers.directory_csv import BATCH, COLUMNS, IDENTITY_COLUMNS, ImportFileError, escape_cell
 from routers.import_writer import IDENTITIES, TABLES
 
 
@@ -47,7 +51,10 @@ async def export_csv(
                     held.setdefault(customer_id, {}).setdefault(identity_kind, []).append(address)
         if not page:
             return written
-        lines = [_export_row(kind, row, held.get(row["id"], {})) for row in page]
+        lines = [
+            [escape_cell(cell) for cell in _export_row(kind, row, held.get(row["id"], {}))]
+            for row in page
+        ]
         await asyncio.to_thread(writer.writerows, lines)
         written += len(lines)
         last = page[-1]["id"]

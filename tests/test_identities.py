@@ -1,6 +1,8 @@
 """Identity normalisation: every spelling of one address compares equal, and normalising
 twice changes nothing (the router normalises again what connectors already normalised)."""
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -107,3 +109,27 @@ def test_email_normalisation_is_idempotent(address: str) -> None:
 def test_handle_normalisation_is_idempotent(handle: str) -> None:
     once = normalise_twitter(handle)
     assert normalise_twitter(once) == once
+
+
+INVISIBLE = [
+    *"\u200b\u200c\u200d\u2060\ufeff",  # zero-width space, non-joiner, joiner; word joiner; BOM
+    *"\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f",  # bidi controls
+    "\u00ad",  # soft hyphen: any other Cf
+    "\x07",  # bell: any Cc
+]
+
+
+@pytest.mark.parametrize("char", INVISIBLE)
+def test_invisible_and_control_characters_are_no_identity(char: str) -> None:
+    """An address with a hidden character would be a look-alike second identity."""
+    code = f"U+{ord(char):04X}"
+    for normalise, text in (
+        (normalise_email, f"ayse@acme.test{char}"),
+        (normalise_email, f"ay{char}se@acme.test"),
+        (lambda t: normalise_phone(t, "TR"), f"client:ay{char}se"),
+        (lambda t: normalise_phone(t, "TR"), f"sip:desk@pbx.test{char}"),
+        (normalise_twitter, f"ay{char}se"),
+        (normalise_handle, f"@ayse{char}"),
+    ):
+        with pytest.raises(InvalidIdentity, match=re.escape(f"invisible character ({code}")):
+            normalise(text)

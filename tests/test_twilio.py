@@ -5,9 +5,13 @@ the real directory and router."""
 import asyncio
 import json
 from datetime import UTC, datetime
+from urllib.parse import urlencode
 from xml.etree import ElementTree
 
+import httpx
 import pytest
+from starlette.datastructures import FormData
+from twilio.request_validator import RequestValidator
 
 from connectors.settings import HttpSettings, TwilioSettings
 from connectors.twilio import TwilioSmsSender
@@ -32,11 +36,13 @@ from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     TEAM_DIAL,
     AppFactory,
     FakeTwilioApi,
+    Phones,
     fake_twilio,
     make_phones,
     phone_amqp_url,
     phone_bus,
     phone_vhost,
+    signature,
     take,
 )
 
@@ -148,6 +154,102 @@ async def test_tampered_parameter_breaks_the_signature(make_phones: AppFactory) 
     params["From"] = "+15555550100"
     response = await phones.client.post("/webhooks/twilio/sms", data=params, headers=headers)
     assert response.status_code == 403
+
+
+def signed_as_twilio(path: str, pairs: list[tuple[str, str]]) -> str:
+    """The signature twilio's own validator computes for this form, repeats included."""
+    form = FormData([(name, value) for name, value in pairs])
+    return str(RequestValidator(AUTH_TOKEN).compute_signature(f"{PUBLIC_URL}{path}", form))
+
+
+async def post_form(
+    phones: Phones, path: str, pairs: list[tuple[str, str]], signed: str
+) -> httpx.Response:
+    """POST a form exactly as given, repeated names and their order included."""
+    return await phones.client.post(
+        path,
+        content=urlencode(pairs),
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": signed,
+        },
+    )
+
+
+async def test_captured_sms_recut_with_from_twice_is_refused(make_phones: AppFactory) -> None:
+    """Issue 13: a captured signed text, re-cut into ``From`` given twice and a new
+    MessageSid, kept its signature and was routed as the victim customer, past the dedup."""
+    phones = await make_phones()
+    url = f"{PUBLIC_URL}/webhooks/twilio/sms"
+    # The attacker's own text, whose body ends in "From" and the victim's number (which
+    # sorts before the attacker's).
+    captured = sms("SM" + "c" * 32, "+905551234567", Body="call me From" + ACME_PHONE)
+    stolen = signature(url, captured)
+    recut = [
+        ("MessageSid", captured["MessageSid"] + "NumMedia0"),  # took NumMedia in: a new id
+        ("AccountSid", ACCOUNT_SID),
+        ("From", captured["From"]),
+        ("From", ACME_PHONE),  # the value Starlette reads
+        ("To", captured["To"]),
+        ("Body", "call me "),  # gave "From" and the victim's number to From
+    ]
+    # Each value is signed as name + value, sorted, with no separator: the same HMAC input.
+    assert signed_as_twilio("/webhooks/twilio/sms", recut) == stolen
+    response = await post_form(phones, "/webhooks/twilio/sms", recut, stolen)
+    assert response.status_code == 403
+    assert "more than once" in response.json()["detail"]
+    assert await phones.bus.queue_depth(ROUTER_QUEUE) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "pairs", "problem"),
+    [
+        (
+            "/webhooks/twilio/sms",
+            [*sms("SM" + "d" * 32).items(), ("From", ACME_PHONE)],
+            "'From' given more than once",
+        ),
+        ("/webhooks/twilio/sms", list(sms("SM" + "d" * 31 + "G").items()), "MessageSid"),
+        ("/webhooks/twilio/sms", list(sms("SM" + "d" * 32 + "NumMedia0").items()), "MessageSid"),
+        ("/webhooks/twilio/sms", list(sms("SMS-replayed-1").items()), "MessageSid"),
+        (
+            "/webhooks/twilio/sms",
+            list({**sms("SM" + "d" * 32), "AccountSid": "AC-other"}.items()),
+            "AccountSid",
+        ),
+        ("/webhooks/twilio/voice", list(call("CA" + "D" * 32).items()), "CallSid"),
+        ("/webhooks/twilio/voice", list(call("SM" + "d" * 32).items()), "CallSid"),
+        (
+            "/webhooks/twilio/voice",
+            [*call("CA" + "d" * 32).items(), ("CallSid", "CA" + "e" * 32)],
+            "'CallSid' given more than once",
+        ),
+    ],
+)
+async def test_signed_form_twilio_never_sends_is_refused(
+    make_phones: AppFactory, path: str, pairs: list[tuple[str, str]], problem: str
+) -> None:
+    """A repeated parameter or a SID not of Twilio's format is refused even when signed:
+    the signature does not bind which value is meant, nor where one ends."""
+    phones = await make_phones()
+    response = await post_form(phones, path, pairs, signed_as_twilio(path, pairs))
+    assert response.status_code == 403, response.text
+    assert problem in response.json()["detail"]
+    assert await phones.bus.queue_depth(ROUTER_QUEUE) == (0, 0)
+
+
+async def test_another_accounts_request_is_refused(make_phones: AppFactory) -> None:
+    """With ``twilio.account_sid`` set, only that account's webhooks are taken."""
+    phones = await make_phones(
+        twilio=TwilioSettings(auth_token=AUTH_TOKEN, account_sid="AC" + "1" * 32)
+    )
+    other = await phones.twilio("/webhooks/twilio/sms", sms("SM" + "e" * 32))
+    assert other.status_code == 403
+    assert "AccountSid" in other.json()["detail"]
+    ours = sms("SM" + "f" * 32, AccountSid="AC" + "1" * 32)
+    assert (await phones.twilio("/webhooks/twilio/sms", ours)).status_code == 200
+    [delivery] = await take(phones.bus, ROUTER_QUEUE, 1)
+    assert inbound(delivery).external_id == ours["MessageSid"]
 
 
 async def test_sms_without_from_is_400(make_phones: AppFactory) -> None:
