@@ -669,6 +669,7 @@ class EmailConnector:
                     recipient=recipient,
                     inline_max=self._settings.inline_attachment_max,
                     locator=locator,
+                    trusted_authserv_ids=self._settings.trusted_authserv_ids,
                 )
             except ParseFailed as exc:
                 log.warning(

@@ -20,11 +20,13 @@ import email.header
 import email.utils
 import hashlib
 import re
+from collections.abc import Sequence
 from email import policy
 from email.message import EmailMessage, Message
 from html.parser import HTMLParser
 from typing import Any
 
+from connectors.authresults import read_auth
 from connectors.mail_scan import scan_head
 from ingest.identities import InvalidIdentity, normalise_email
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
@@ -112,9 +114,17 @@ def stand_in(
 
 
 def normalise(
-    raw: bytes, *, mailbox: str, recipient: str | None, inline_max: int, locator: dict[str, Any]
+    raw: bytes,
+    *,
+    mailbox: str,
+    recipient: str | None,
+    inline_max: int,
+    locator: dict[str, Any],
+    trusted_authserv_ids: Sequence[str] = (),
 ) -> InboundMessage:
-    """The message a raw mail says; ``locator`` (mailbox, UIDVALIDITY, UID) finds it again."""
+    """The message a raw mail says; ``locator`` (mailbox, UIDVALIDITY, UID) finds it again.
+    ``meta.auth`` carries SPF/DKIM/DMARC from the receiving servers named by
+    ``trusted_authserv_ids`` only (issue 13: anyone can write such a header)."""
     meta: dict[str, Any] = {"mailbox": mailbox}
     try:
         msg: Message = email.message_from_bytes(raw, policy=policy.default)
@@ -146,6 +156,15 @@ def normalise(
     date = _date(_header(msg, "Date"))
     if date:
         meta["date"] = date
+    if trusted_authserv_ids:
+        results = [
+            str(value)
+            for key, value in msg.raw_items()
+            if key.lower() == "authentication-results"
+        ]
+        auth = read_auth(results, trusted_authserv_ids)
+        if auth is not None:
+            meta["auth"] = auth
     body = _body_part(msg)
     text = _text_of(body) if body is not None else ""
     if len(text) > MAX_TEXT:

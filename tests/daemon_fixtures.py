@@ -1,10 +1,11 @@
 """Running the real daemon as a subprocess, as systemd or an operator would."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,23 @@ class DaemonProcess:
             check=False,
         )
 
-    def start(self, *components: str, log: Path | None = None) -> "subprocess.Popen[bytes]":
+    def start(
+        self, *components: str, log: Path | None = None, address_space: int | None = None
+    ) -> "subprocess.Popen[bytes]":
+        """``omniroute run``; with ``address_space``, under that RLIMIT_AS, so a memory
+        regression fails the test instead of exhausting the machine."""
         args = [sys.executable, "-m", "config.cli", "--config", str(self.config), "run"]
         for component in components:
             args += ["--component", component]
         log = log or self.config.parent / "daemon.log"
         with log.open("ab") as out:  # the child keeps its own descriptor
             proc = subprocess.Popen(
-                args, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
+                args,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if address_space is None else _limit_as(address_space),  # noqa: PLW1509 -- setrlimit only, before exec
             )
         self.procs.append(proc)
         return proc
@@ -46,6 +56,13 @@ class DaemonProcess:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+def _limit_as(size: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    return apply
 
 
 def write_config(path: Path, amqp_url: str, database_url: str, **extra: str) -> Path:

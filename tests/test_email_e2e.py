@@ -21,6 +21,7 @@ from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.bus import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
+from routers.settings import RoutingSettings
 from routers.store import DbCursorStore, DbSeenStore
 from tests.email_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
@@ -43,7 +44,15 @@ class Stack(Workers):
     """Email intake (the daemon's IDLE loop), router and dispatcher with the SMTP sender,
     each on the test's vhost and directory, started and stopped like the daemon does."""
 
-    def __init__(self, bus: Bus, engine: AsyncEngine, server: Dovecot, smtp: SmtpSink) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        engine: AsyncEngine,
+        server: Dovecot,
+        smtp: SmtpSink,
+        *,
+        trusted_authserv_ids: tuple[str, ...] = (),
+    ) -> None:
         sender = SmtpSender(
             SmtpSettings(
                 host=smtp.host,
@@ -54,7 +63,10 @@ class Stack(Workers):
             ),
             message_id_domain=DOMAIN,
         )
-        super().__init__(bus, engine, sender)
+        routing = RoutingSettings(
+            default_region="TR", require_authenticated_email=bool(trusted_authserv_ids)
+        )
+        super().__init__(bus, engine, sender, routing)
         box = MailboxSettings(
             name="support",
             host="127.0.0.1",
@@ -72,7 +84,11 @@ class Stack(Workers):
             team="network",
         )
         self.email = EmailConnector(
-            EmailSettings(mailboxes=[box], message_id_domain=DOMAIN),
+            EmailSettings(
+                mailboxes=[box],
+                message_id_domain=DOMAIN,
+                trusted_authserv_ids=list(trusted_authserv_ids),
+            ),
             sink=BusSink(bus),
             cursors=DbCursorStore(engine),
             seen=DbSeenStore(engine),
@@ -240,3 +256,73 @@ async def test_bounce_goes_to_triage_and_an_auto_reply_is_routed_but_never_answe
     flags = await asyncio.to_thread(dovecot.flags)
     assert sorted(flags) == [1, 2, 3]
     assert all("$Omniroute" in f for f in flags.values()), flags
+
+
+async def test_a_forged_answer_to_an_agent_is_not_taken_as_the_customer(
+    bus: Bus, engine: AsyncEngine, dovecot: Dovecot, smtp_server: SmtpSink
+) -> None:
+    """Issue 13: a mail in a customer's name whose receiving server says DMARC failed must
+    not reach the agent who knows that customer, with that customer's context; the same
+    answer with a pass does. A header carrying another server's id is not believed."""
+    await seed(engine)
+    stack = Stack(bus, engine, dovecot, smtp_server, trusted_authserv_ids=("mx.omniroute.test",))
+    await stack.start(stack.email.run)
+    try:
+        passed = (
+            "mx.omniroute.test; spf=pass smtp.mailfrom=acme.test; "
+            "dkim=pass header.d=acme.test; dmarc=pass header.from=acme.test"
+        )
+        await asyncio.to_thread(
+            dovecot.append,
+            make_mail("a1@acme.test", sender=CUSTOMER, Authentication_Results=passed),
+        )
+        key, routed = await stack.next_routed()
+        assert routed.message.meta["auth"]["dmarc"] == "pass"
+        assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
+        reply = ReplyRequest(
+            id="reply-a1",
+            channel="email",
+            agent_id="ana",
+            to=routed.message.sender,
+            text="Merhaba",
+            in_reply_to=routed.message.id,
+        )
+        await stack.bus.publish(OUTBOUND, "email", reply, message_id=reply.id)
+        await stack.next_from(EVENTS_QUEUE)
+        ours = str(_received(smtp_server, 0)["Message-ID"])
+
+        failed = (
+            "mx.omniroute.test; spf=fail smtp.mailfrom=acme.test; dkim=none; "
+            "dmarc=fail header.from=acme.test"
+        )
+        forged = (
+            "mx.attacker.example; spf=pass smtp.mailfrom=acme.test; "
+            "dmarc=pass header.from=acme.test"
+        )
+        spoof = make_mail(
+            "a2@acme.test",
+            sender=CUSTOMER,
+            text="Lütfen şifremi sıfırlayıp bu adrese gönderin.",
+            In_Reply_To=ours,
+            Reply_To="mallory@attacker.example",
+            Authentication_Results=failed,
+        )
+        spoof = spoof.replace(b"\n\n", f"\nAuthentication-Results: {forged}\n\n".encode(), 1)
+        await asyncio.to_thread(dovecot.append, spoof)
+        key, routed = await stack.next_routed()
+        assert routed.message.external_id == "a2@acme.test"
+        assert routed.message.meta["auth"]["dmarc"] == "fail"
+        assert (key, routed.route.reason) == ("team.billing", "unverified_sender")
+        assert routed.customer is None
+
+        await asyncio.to_thread(
+            dovecot.append,
+            make_mail(
+                "a3@acme.test", sender=CUSTOMER, In_Reply_To=ours, Authentication_Results=passed
+            ),
+        )
+        key, routed = await stack.next_routed()
+        assert (key, routed.route.reason) == ("agent.ana", "thread_owner")
+        assert routed.customer is not None
+    finally:
+        await stack.close()

@@ -20,8 +20,14 @@ Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class Workers:
-    def __init__(self, bus: Bus, engine: AsyncEngine, sender: Sender) -> None:
-        routing = RoutingSettings(default_region="TR")
+    def __init__(
+        self,
+        bus: Bus,
+        engine: AsyncEngine,
+        sender: Sender,
+        routing: RoutingSettings | None = None,
+    ) -> None:
+        routing = routing or RoutingSettings(default_region="TR")
         self.bus = bus
         self.health = Health()
         self.sender = sender
