@@ -94,7 +94,11 @@ async def test_real_uvicorn_server_on_loopback(make_phones: AppFactory) -> None:
         async with asyncio.timeout(10):
             await server.started.wait()
         base = f"http://127.0.0.1:{server.port}"
-        params = {"MessageSid": "SM-real", "AccountSid": ACCOUNT_SID, "From": "+905321112233"}
+        params = {
+            "MessageSid": "SM" + "ab" * 16,
+            "AccountSid": ACCOUNT_SID,
+            "From": "+905321112233",
+        }
         headers = {"X-Twilio-Signature": signature(f"{PUBLIC_URL}/webhooks/twilio/sms", params)}
         async with httpx.AsyncClient(base_url=base, timeout=10) as client:
             assert (await client.get("/healthz")).status_code == 200

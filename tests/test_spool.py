@@ -33,8 +33,18 @@ from tests.phone_fixtures import (  # noqa: F401 -- fixtures
 )
 
 
-def sms(sid: str) -> dict[str, str]:
-    return {"MessageSid": sid, "AccountSid": ACCOUNT_SID, "From": "+905321112233", "Body": sid}
+def sms(message_sid: str) -> dict[str, str]:
+    return {
+        "MessageSid": message_sid,
+        "AccountSid": ACCOUNT_SID,
+        "From": "+905321112233",
+        "Body": message_sid,
+    }
+
+
+def sid(n: int) -> str:
+    """A MessageSid of Twilio's documented form (the webhook refuses any other)."""
+    return f"SM{n:032x}"
 
 
 def message(n: int) -> InboundMessage:
@@ -71,12 +81,12 @@ async def test_webhooks_answer_200_while_broker_is_away_and_spool_drains_when_ba
     stop = asyncio.Event()
     drain = asyncio.create_task(phones.spool.drain(stop))
     try:
-        ok = await phones.twilio("/webhooks/twilio/sms", sms("SM-before"))
+        ok = await phones.twilio("/webhooks/twilio/sms", sms(sid(100)))
         assert ok.status_code == 200
         await proxy.cut()
-        sids = [f"SM-outage-{i}" for i in range(3)]
-        for sid in sids:
-            response = await phones.twilio("/webhooks/twilio/sms", sms(sid))
+        sids = [sid(101 + i) for i in range(3)]
+        for outage_sid in sids:
+            response = await phones.twilio("/webhooks/twilio/sms", sms(outage_sid))
             assert response.status_code == 200, response.text
         assert phones.spool.depth == 3
         assert len(entries(phones.spool.directory)) == 3
@@ -87,7 +97,7 @@ async def test_webhooks_answer_200_while_broker_is_away_and_spool_drains_when_ba
         await proxy.start()  # the broker is back
         deliveries = await take(phones.bus, ROUTER_QUEUE, 4, timeout=20)
         received = [InboundMessage.model_validate_json(d.body).external_id for d in deliveries]
-        assert received == ["SM-before", *sids]
+        assert received == [sid(100), *sids]
         async with asyncio.timeout(5):
             while phones.spool.depth:
                 await asyncio.sleep(0.05)
@@ -142,9 +152,9 @@ async def test_full_spool_answers_503_and_is_not_ready(
         spool_settings=SpoolSettings(max_messages=2, publish_timeout=1.0),
     )
     phones.health.probes["spool"] = phones.spool.probe
-    for sid in ("SM-1", "SM-2"):
-        assert (await phones.twilio("/webhooks/twilio/sms", sms(sid))).status_code == 200
-    refused = await phones.twilio("/webhooks/twilio/sms", sms("SM-3"))
+    for n in (1, 2):
+        assert (await phones.twilio("/webhooks/twilio/sms", sms(sid(n)))).status_code == 200
+    refused = await phones.twilio("/webhooks/twilio/sms", sms(sid(3)))
     assert refused.status_code == 503
     with pytest.raises(SpoolFull):
         await phones.spool.submit(message(9))
@@ -153,7 +163,7 @@ async def test_full_spool_answers_503_and_is_not_ready(
     assert any(p.startswith("spool: full") for p in ready.json()["problems"])
     # the refused MessageSid was forgotten: Twilio's retry is tried again, not taken for a
     # duplicate (which would answer 200 for a message that was never kept)
-    retry = await phones.twilio("/webhooks/twilio/sms", sms("SM-3"))
+    retry = await phones.twilio("/webhooks/twilio/sms", sms(sid(3)))
     assert retry.status_code == 503
 
 
