@@ -4,7 +4,10 @@ uvicorn server that runs it inside the daemon's event loop.
 Invariants:
 - No body over ``http.max_body`` reaches a handler: a larger ``Content-Length`` is answered
   413 before reading, and a body streamed without one is counted and cut off at the limit
-  (uvicorn itself sets no limit).
+  (uvicorn itself sets no limit). A body not complete within ``http.body_timeout`` of the
+  request head is answered 408 and its connection closed.
+- Slow, idle and surplus connections are bounded by ``connectors.http_limits``, which
+  accepts the connections in place of asyncio's ``create_server``.
 - Request logs carry the path, never the query string (caller numbers travel there);
   uvicorn's access log is off.
 - The daemon owns the signals: the embedded uvicorn never installs handlers, and it stops
@@ -13,6 +16,7 @@ Invariants:
 
 import asyncio
 import contextlib
+import resource
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -25,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from connectors.http_limits import ConnectionTable, GuardedH11Protocol, Listener, fit_descriptors
 from connectors.settings import HttpSettings
 from ingest.errors import ConfigError
 from ingest.health import Health
@@ -41,16 +46,35 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` once the body is overdue; answered 408, connection closed."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(
+            408, f"request body not received within {timeout:g} s", {"Connection": "close"}
+        )
+
+
 class GuardMiddleware:
-    """Bounds request bodies (413) and counts responses per endpoint and status.
+    """Bounds request bodies in size (413) and time (408), and counts responses per
+    endpoint and status.
 
     The endpoint label is the route's path, or ``unmatched``: a stranger's random paths
     never become label values.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, metrics: Metrics, paths: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        body_timeout: float,
+        metrics: Metrics,
+        paths: frozenset[str],
+    ) -> None:
         self.app = app
         self.max_body = max_body
+        self.body_timeout = body_timeout
         self.metrics = metrics
         self.paths = paths
 
@@ -76,22 +100,31 @@ class GuardMiddleware:
             await _plain(counted_send, code, f"request body over {limit} bytes")
         else:
             seen = 0
+            complete = False
+            deadline = asyncio.get_running_loop().time() + self.body_timeout
 
             async def limited_receive() -> Message:
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, complete
+                if complete:  # past the body: a wait for the disconnect, not for bytes
+                    return await receive()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(self.body_timeout) from None
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > limit:
                         raise BodyTooLarge(limit)
+                    complete = not message.get("more_body", False)
                 return message
 
             try:
                 await self.app(scope, limited_receive, counted_send)
-            except BodyTooLarge:
+            except (BodyTooLarge, BodyTimeout) as exc:
                 if status:
                     raise
-                await _plain(counted_send, 413, f"request body over {limit} bytes")
+                await _plain(counted_send, exc.status_code, exc.detail)
         self.metrics.webhook_responses.labels(endpoint, str(status or 500)).inc()
         log.debug(
             "http.request",
@@ -205,6 +238,7 @@ def build_app(
     app.add_middleware(  # added last: outside the fast paths
         GuardMiddleware,
         max_body=http.max_body,
+        body_timeout=http.body_timeout,
         metrics=metrics,
         paths=frozenset(_paths([*app.routes, *(r for router in routers for r in router.routes)])),
     )
@@ -218,20 +252,51 @@ def _paths(routes: Sequence[BaseRoute]) -> Iterator[str]:
 
 
 class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its signal handlers, telling us when it listens."""
+    """uvicorn without its signal handlers and without its ``create_server``: connections
+    come from our ``Listener`` (see ``connectors.http_limits`` for why), on one socket."""
 
-    def __init__(self, config: uvicorn.Config, listening: asyncio.Event) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        listening: asyncio.Event,
+        settings: HttpSettings,
+        table: ConnectionTable,
+    ) -> None:
         super().__init__(config)
         self._listening = listening
+        self._settings = settings
+        self._table = table
+        self._listener: Listener | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # the daemon owns SIGTERM/SIGINT and sets our stop event
 
+    def _protocol(self, reserved: bool) -> GuardedH11Protocol:
+        return GuardedH11Protocol(
+            self.config,
+            self.server_state,
+            self.lifespan.state,
+            table=self._table,
+            header_timeout=self._settings.header_timeout,
+            body_timeout=self._settings.body_timeout,
+            reserved=reserved,
+        )
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._listening.set()
+        await self.lifespan.startup()  # lifespan "off": nothing to run, nothing to fail
+        if sockets is None or len(sockets) != 1:
+            raise RuntimeError("the embedded server serves exactly one bound socket")
+        self.servers = []  # uvicorn's shutdown closes these; ours is the listener
+        self._listener = Listener(sockets[0], self._table, self._protocol)
+        self._listener.start()
+        self.started = True
+        self._listening.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._listener is not None:
+            await self._listener.aclose()  # stop accepting before the socket closes
+        await super().shutdown(sockets=sockets)
 
 
 class HttpServer:
@@ -239,6 +304,7 @@ class HttpServer:
 
     ``started`` is set once the port listens; ``port`` is the bound port (useful with
     ``http.port = 0``). Open requests get ``shutdown_timeout`` seconds to finish.
+    ``connections`` counts the open connections (``connectors.http_limits``).
     """
 
     name = "http"
@@ -253,6 +319,8 @@ class HttpServer:
             host=settings.host,
             port=settings.port,
             lifespan="off",
+            http="h11",  # the protocol our deadlines extend, even where httptools is installed
+            ws="none",  # no WebSockets: an upgraded connection would leave our accounting
             log_config=None,
             access_log=False,  # its lines carry query strings, i.e. caller numbers
             server_header=False,
@@ -260,6 +328,23 @@ class HttpServer:
         )
         self.started = asyncio.Event()
         self._socket: socket.socket | None = None
+        self.connections = ConnectionTable(*self._fit(settings))
+
+    @staticmethod
+    def _fit(settings: HttpSettings) -> tuple[int, int]:
+        """The connection limits, lowered (once, with a warning) to fit the descriptors."""
+        nofile, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = (settings.max_connections, settings.reserved_connections)
+        fitted = fit_descriptors(*wanted, nofile)  # RLIM_INFINITY is -1: no limit
+        if fitted != wanted:
+            log.warning(
+                "http.connections_lowered",
+                max_connections=fitted[0],
+                reserved_connections=fitted[1],
+                configured=list(wanted),
+                nofile=nofile,
+            )
+        return fitted
 
     @property
     def port(self) -> int:
@@ -287,7 +372,7 @@ class HttpServer:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._socket = self._bind()
-        server = _EmbeddedServer(self._config, self.started)
+        server = _EmbeddedServer(self._config, self.started, self._settings, self.connections)
         serving = asyncio.create_task(server.serve(sockets=[self._socket]), name="uvicorn")
         stopping = asyncio.create_task(stop.wait(), name="http-stop")
         listening = asyncio.create_task(self.started.wait(), name="http-started")
