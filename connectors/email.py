@@ -66,8 +66,8 @@ SLOT_CHANNEL = "email.slot"
 PUBLISH_CONCURRENCY = 100
 _FETCH_HEAD = re.compile(rb"UID (\d+)")
 _FETCH_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
-#: bodies held in memory at once while a batch is parsed and published
-BATCH_BYTES = 32 * 1024 * 1024
+#: bodies of one batch; two batches are held at once (one parsed, one published)
+BATCH_BYTES = 16 * 1024 * 1024
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]")
 _RE_PREFIX = re.compile(r"^\s*((re|aw|sv|ynt|fwd?)(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
@@ -595,9 +595,37 @@ class EmailConnector:
     async def _take_all(
         self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
     ) -> int:
-        """Take ``uids`` in batches of ``batch_size`` mails and at most ``BATCH_BYTES`` of
-        bodies (a single larger mail goes alone), so memory stays bounded whatever waits."""
+        """Take ``uids`` batch by batch, each parsed in the pool while the one before it is
+        published and flagged: both cores parse while the loop talks to the broker. At
+        most two batches' bodies are held at once (``_batches`` bounds each)."""
         taken = 0
+        ahead: tuple[list[int], asyncio.Task[list[_Mail]]] | None = None
+        try:
+            async for batch in self._batches(box, session, uids):
+                fetched = sorted(await session.fetch(batch), key=lambda item: item[0])
+                if len(fetched) < len(batch):
+                    log.info("email.vanished", mailbox=box.name, missing=len(batch) - len(fetched))
+                parsing = asyncio.create_task(self._parse_batch(box, session.uidvalidity, fetched))
+                del fetched  # the raw bodies live on in the parse task only
+                if ahead is not None:
+                    previous, ahead = ahead, None
+                    taken += await self._take_batch(box, session, *previous, cursor)
+                ahead = (batch, parsing)
+            if ahead is not None:
+                previous, ahead = ahead, None
+                taken += await self._take_batch(box, session, *previous, cursor)
+        finally:
+            if ahead is not None:  # a batch before it failed: this one is taken next pass
+                ahead[1].cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ahead[1]
+        return taken
+
+    async def _batches(
+        self, box: MailboxSettings, session: ImapSession, uids: list[int]
+    ) -> AsyncIterator[list[int]]:
+        """Batches of ``batch_size`` mails and at most ``BATCH_BYTES`` of bodies (a single
+        larger mail goes alone), so memory stays bounded whatever waits."""
         for start in range(0, len(uids), box.batch_size):
             candidates = uids[start : start + box.batch_size]
             sizes = await session.sizes(candidates)
@@ -606,29 +634,29 @@ class EmailConnector:
             for uid in candidates:
                 size = sizes.get(uid, 0)
                 if batch and held + size > BATCH_BYTES:
-                    taken += await self._take_batch(box, session, batch, cursor)
+                    yield batch
                     batch, held = [], 0
                 batch.append(uid)
                 held += size
             if batch:
-                taken += await self._take_batch(box, session, batch, cursor)
-        return taken
+                yield batch
 
     async def _take_batch(
-        self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
+        self,
+        box: MailboxSettings,
+        session: ImapSession,
+        uids: list[int],
+        parsing: "asyncio.Task[list[_Mail]]",
+        cursor: _Cursor,
     ) -> int:
-        """Fetch one batch, record its ids in one transaction, publish the new mails
+        """Record one parsed batch's ids in one transaction, publish the new mails
         concurrently, then flag in one ``UID STORE`` what the broker confirmed (and the
         copies) and move the cursor once.
 
         When a publish fails, the mails confirmed are still
         flagged, the failed ones are forgotten and left unflagged, the cursor stops just
         before the first of them, and the first error is raised."""
-        fetched = sorted(await session.fetch(uids), key=lambda item: item[0])
-        if len(fetched) < len(uids):
-            log.info("email.vanished", mailbox=box.name, missing=len(uids) - len(fetched))
-        mails = await self._parse_batch(box, session.uidvalidity, fetched)
-        del fetched  # the raw bodies are not needed past parsing
+        mails = await parsing
         done, submitted, failure = await self._submit_batch(box, mails)
         stuck, error = failure if failure is not None else (None, None)
         if stuck is None:

@@ -38,7 +38,10 @@ def attacks() -> list[tuple[str, bytes]]:
         (f"ew-{size // 1000}k", hostile_mail.encoded_word_flood(f"ew-{size // 1000}k", size))
         for size in (170_000, 340_000)
     ]
-    slow = [("parts-30000", hostile_mail.many_parts("parts-30000", 30_000))]
+    slow = [
+        ("parts-30000", hostile_mail.many_parts("parts-30000", 30_000)),
+        ("punycode-450k", hostile_mail.punycode_subject("punycode-450k", 450_000)),
+    ]
     return floods + slow + hostile_mail.every_class()
 
 
