@@ -96,6 +96,25 @@ def config(
     return path
 
 
+def start_daemon(path: Path, log: Path) -> "subprocess.Popen[bytes]":
+    """The directory migrated, then ``omniroute run`` under ``DAEMON_AS``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIROUTE_")}
+    cli = [sys.executable, "-m", "config.cli", "--config", str(path)]
+    subprocess.run(  # noqa: S603
+        [*cli, "directory", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+    components = ["--component", "email", "--component", "router", "--component", "webhooks"]
+    with log.open("ab") as out:
+        return subprocess.Popen(  # noqa: S603
+            [*cli, "run", *components],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_limit,  # noqa: PLW1509 -- setrlimit only, before exec
+        )
+
+
 def _limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (DAEMON_AS, DAEMON_AS))
 
@@ -174,36 +193,7 @@ async def run(args: argparse.Namespace) -> None:
         with fresh_vhost("omniroute-hostile") as amqp_url:
             http_port = free_port()
             path = config(root, amqp_url, server.port, http_port, args)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIROUTE_")}
-            subprocess.run(  # noqa: S603
-                [sys.executable, "-m", "config.cli", "--config", str(path), "directory", "migrate"],
-                cwd=ROOT,
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-            with (root / "daemon.log").open("ab") as out:
-                proc = subprocess.Popen(  # noqa: S603
-                    [
-                        sys.executable,
-                        "-m",
-                        "config.cli",
-                        "--config",
-                        str(path),
-                        "run",
-                        "--component",
-                        "email",
-                        "--component",
-                        "router",
-                        "--component",
-                        "webhooks",
-                    ],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    preexec_fn=_limit,  # noqa: PLW1509 -- setrlimit only, before exec
-                )
+            proc = await asyncio.to_thread(start_daemon, path, root / "daemon.log")
             bus = Bus(amqp_url, BusSettings(), name="bench")
             await bus.open()
             async with asyncio.timeout(30):
