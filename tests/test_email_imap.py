@@ -496,3 +496,32 @@ async def test_sizes_are_read_before_bodies(dovecot: Dovecot) -> None:
         await session.close()
     assert set(sizes) == {1, 2}
     assert sizes[2] - sizes[1] > 4900  # the padding, give or take line endings
+
+
+async def test_reloaded_parse_limits_apply_to_the_next_mail(
+    dovecot: Dovecot, email_bus: Bus, engine: AsyncEngine
+) -> None:
+    """SIGHUP's new parse limits take the next mail (a new worker pool), no restart."""
+    box = mailbox(dovecot)
+    connector = make_connector(engine, email_bus, box)
+    subject = " ".join(["=?utf-8?q?fatura?="] * 20)
+
+    def mail(n: int) -> bytes:
+        return (
+            f"From: ayse@customer.example\r\nMessage-ID: <words-{n}@customer.example>\r\n"
+            f"Subject: {subject}\r\n\r\nMerhaba\r\n"
+        ).encode()
+
+    dovecot.append(mail(1))
+    assert await connector.run_until_idle() == 1
+    await connector.reconcile(EmailSettings(mailboxes=[box], max_encoded_words=10))
+    dovecot.append(mail(2))
+    assert await connector.run_until_idle() == 1
+    first, second = await published(email_bus)
+    assert "unparsed" not in first.meta
+    assert first.subject is not None
+    assert first.subject.startswith("fatura")
+    assert second.meta["unparsed_reason"] == "too_many_encoded_words"
+    assert second.sender.address == "ayse@customer.example"
+    assert second.subject is not None
+    assert second.subject.startswith("fatura")
