@@ -607,15 +607,15 @@ class EmailConnector:
                     log.info("email.vanished", mailbox=box.name, missing=len(batch) - len(fetched))
                 parsing = asyncio.create_task(self._parse_batch(box, session.uidvalidity, fetched))
                 del fetched  # the raw bodies live on in the parse task only
-                if ahead is not None:
-                    previous, ahead = ahead, None
+                previous, ahead = ahead, (batch, parsing)
+                if previous is not None:
                     taken += await self._take_batch(box, session, *previous, cursor)
-                ahead = (batch, parsing)
             if ahead is not None:
                 previous, ahead = ahead, None
                 taken += await self._take_batch(box, session, *previous, cursor)
         finally:
-            if ahead is not None:  # a batch before it failed: this one is taken next pass
+            if ahead is not None:
+                # a batch before it failed (or we are cancelled): this one is taken next pass
                 ahead[1].cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await ahead[1]

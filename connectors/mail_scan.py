@@ -26,13 +26,17 @@ SCAN_HEAD = 64 * 1024
 VALUE_MAX = 2048
 #: encoded words the scan decodes in one value; the rest stay as written
 WORDS_MAX = 40
+#: RFC 5321 section 4.5.3.1.3: a path is at most 256 octets with its angle brackets
+MAX_ADDRESS = 254
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 _ENCODED_WORD = re.compile(rb"=\?[^?\s]{1,75}\?[bBqQ]\?")
 _ENCODED_WORD_TEXT = re.compile(r"=\?([^?\s]{1,75})\?([bBqQ])\?([^?\s]*)\?=")
-#: a delimiter line (RFC 2046 section 5.1.1) or a boundary parameter, in document order
+#: a delimiter line (RFC 2046 section 5.1.1: a boundary is at most 70 characters; a line
+#: ends at CR or LF, as the stdlib reads it) or a boundary parameter, RFC 2231 ``*0`` form
+#: included, in document order; possessive, so no input makes the scan backtrack
 _MIME_MARK = re.compile(
-    rb"(?im)^--([^\r\n]{1,200}?)[ \t]*\r?$"
-    rb'|boundary[ \t]*=[ \t]*(?:"([^"\r\n]{1,200})"|([^;\s]{1,200}))'
+    rb"(?:\A|(?<=[\r\n]))--([^\r\n]{1,200}+)(?=[\r\n]|\Z)"
+    rb'|(?i:boundary)(?:\*0?\*?)?[ \t]*+=[ \t]*+(?:"([^"\r\n]{1,200}+)"|([^;\s]{1,200}+))'
 )
 _FIELD = re.compile(rb"(?m)^([!-9;-~]{1,76})[ \t]*:")
 _ADDRESS = re.compile(r"[^\s<>()\"',;:@]+@[^\s<>()\"',;:@]+\.[^\s<>()\"',;:@]+")
@@ -104,23 +108,24 @@ def _mime_structure(raw: bytes, limits: Limits) -> str | None:
     body text and ignored, so text that merely starts with ``--`` costs nothing.
     """
     stack: list[bytes] = []
-    declared: bytes | None = None
+    declared: set[bytes] = set()  # boundaries named by a header, not yet opened
     parts = 0
     for mark in _MIME_MARK.finditer(raw):
         delimiter, quoted, bare = mark.groups()
         if delimiter is None:
-            declared = (quoted or bare or b"").strip()
+            declared.add((quoted or bare or b"").strip())
+            if len(declared) > limits.max_parts:
+                return f"too_many_parts: over {limits.max_parts} MIME boundaries"
             continue
         name = delimiter.rstrip(b" \t")
-        closing = name.endswith(b"--") and name[:-2] in stack
-        if closing:
+        if name.endswith(b"--") and name[:-2] in stack:
             del stack[stack.index(name[:-2]) :]
             continue
         if name in stack:
             del stack[stack.index(name) + 1 :]
-        elif declared is not None and name == declared:
+        elif name in declared:
             stack.append(name)
-            declared = None
+            declared.discard(name)
             if len(stack) > limits.max_mime_depth:
                 return f"too_deep: MIME nesting over {limits.max_mime_depth} levels"
         else:
@@ -198,6 +203,8 @@ def _sender(value: str | None) -> tuple[str | None, str | None]:
     if not value:
         return None, None
     for match in _ADDRESS.finditer(value):
+        if len(match.group(0)) > MAX_ADDRESS:
+            continue
         try:
             address = normalise_email(match.group(0).strip("<>."))
         except InvalidIdentity:

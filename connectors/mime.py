@@ -83,45 +83,53 @@ def stand_in(
     """The message for a mail that was not parsed (a limit tripped, the parser failed):
     routed like any other, with what a bounded header scan could read of its sender,
     Message-ID and Subject, and a locator to the original, which stays in the mailbox."""
-    head = scan_head(raw)
+    digest = hashlib.sha256(raw).hexdigest()
     meta: dict[str, Any] = {
         "unparsed": True,
         "unparsed_reason": reason,
         "error": detail[:300],
         "mailbox": mailbox,
     }
-    if head.sender is None:
-        meta["sender_missing"] = True
-    digest = hashlib.sha256(raw).hexdigest()
-    message_id = head.message_id if head.message_id and len(head.message_id) <= 500 else None
-    return InboundMessage(
-        channel="email",
-        external_id=message_id or "sha256:" + digest,
-        sender=Identity(kind="email", address=head.sender or UNKNOWN_SENDER, name=head.sender_name),
-        recipient=_recipient(recipient),
-        subject=head.subject,
-        text="",
-        thread=Thread(message_id=message_id, in_reply_to=head.in_reply_to),
-        attachments=[
-            Attachment(
-                filename=None,
-                content_type="message/rfc822",
-                size=len(raw),
-                sha256=digest,
-                locator=locator,
-            )
-        ],
-        meta=meta,
+    original = Attachment(
+        filename=None, content_type="message/rfc822", size=len(raw), sha256=digest, locator=locator
     )
+    try:
+        head = scan_head(raw)
+        message_id = head.message_id if head.message_id and len(head.message_id) <= 500 else None
+        if head.sender is None:
+            meta["sender_missing"] = True
+        return InboundMessage(
+            channel="email",
+            external_id=message_id or "sha256:" + digest,
+            sender=Identity(
+                kind="email", address=head.sender or UNKNOWN_SENDER, name=head.sender_name
+            ),
+            recipient=_recipient(recipient),
+            subject=head.subject,
+            text="",
+            thread=Thread(message_id=message_id, in_reply_to=head.in_reply_to),
+            attachments=[original],
+            meta=meta,
+        )
+    except Exception:  # the scan read something the schema refuses: keep the mail anyway
+        meta["sender_missing"] = True
+        return InboundMessage(
+            channel="email",
+            external_id="sha256:" + digest,
+            sender=Identity(kind="email", address=UNKNOWN_SENDER),
+            recipient=_recipient(recipient),
+            attachments=[original],
+            meta=meta,
+        )
 
 
 class _HeaderCachePolicy(EmailPolicy):
-    """``policy.default``, with parsed header objects reused for a header seen before.
+    """``policy.default``, with a header's parsed object reused within one mail.
 
     Sole purpose: speed. ``email.headerregistry`` builds a new header object on every
-    access (Content-Type alone was parsed nine times per mail, a quarter of a mail's
-    cost), and most header values repeat across mails. Header objects are read-only here;
-    values up to ``_CACHED_VALUE`` characters are cached, ``_CACHED_HEADERS`` of them.
+    access: Content-Type alone was parsed nine times per mail, a quarter of a mail's cost.
+    ``normalise`` empties the cache at the start of each mail, so a hostile mail's parse
+    trees never stay behind to cost the next one memory; header objects are read-only here.
     """
 
     def header_fetch_parse(self, name: str, value: str) -> Any:
@@ -131,7 +139,7 @@ class _HeaderCachePolicy(EmailPolicy):
 
 
 _CACHED_VALUE = 512
-_CACHED_HEADERS = 1024
+_CACHED_HEADERS = 256
 _POLICY = _HeaderCachePolicy()
 
 
@@ -153,6 +161,7 @@ def normalise(
     ``meta.auth`` carries SPF/DKIM/DMARC from the receiving servers named by
     ``trusted_authserv_ids`` only (issue 13: anyone can write such a header)."""
     meta: dict[str, Any] = {"mailbox": mailbox}
+    _parsed_header.cache_clear()  # nothing one mail parsed outlives it (issue 13)
     try:
         msg: Message = email.message_from_bytes(raw, policy=_POLICY)
     except (MemoryError, RecursionError):

@@ -19,15 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 from pydantic import ValidationError
 
 from connectors.mail_scan import Limits
 from connectors.parse_worker import ANSWER, READY, REQUEST
 from ingest.errors import TransientError
 from ingest.schema import InboundMessage
-
-log = structlog.get_logger("omniroute.email")
 
 #: the project root, so ``-m connectors.parse_worker`` imports whatever the daemon runs from
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -38,6 +35,21 @@ _STATUS = {
     b"E": "parser_error",
     b"X": "parser_crashed",
 }
+
+
+#: bytes of a mail written to a worker's pipe at once, each awaited before the next
+PIPE_CHUNK = 64 * 1024
+#: the largest answer read from a worker: a message is text (512 KiB), inline attachments
+#: (``inline_attachment_max``) and metadata; anything larger is refused, never buffered
+MAX_ANSWER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: bytes
+    payload: bytes
+    reusable: bool
+    early: bool = False
 
 
 class ParseFailed(Exception):
@@ -51,6 +63,8 @@ class ParseFailed(Exception):
 
 @dataclass(frozen=True)
 class PoolSettings:
+    """What ``EmailSettings`` says of the pool: its size and each worker's limits."""
+
     workers: int
     memory: int
     timeout: float
@@ -59,6 +73,8 @@ class PoolSettings:
 
 @dataclass(eq=False)
 class _Worker:
+    """One worker process and its pipes; compared by identity."""
+
     process: asyncio.subprocess.Process
     stdin: asyncio.StreamWriter = field(init=False)
     stdout: asyncio.StreamReader = field(init=False)
@@ -92,20 +108,14 @@ class ParsePool:
         await self.close()
 
     async def parse(self, raw: bytes, **kwargs: Any) -> InboundMessage:
-        """The message ``normalise(raw, **kwargs)`` makes, parsed in a worker."""
-        if self._closed:
-            raise TransientError("the mail parse pool is closed")
-        async with self._slots:
-            worker = await self._take()
-            healthy = False
-            try:
-                status, payload = await self._ask(worker, raw, kwargs)
-                healthy = status in (b"O", b"L", b"E")
-            finally:
-                if healthy and not self._closed:
-                    self._idle.put_nowait(worker)
-                else:
-                    await self._retire(worker)
+        """The message ``normalise(raw, **kwargs)`` makes, parsed in a worker.
+
+        A worker that dies before it read the mail (stopped by a signal meant for the
+        daemon, the OOM killer while idle) costs a retry on a fresh one, not the mail."""
+        for attempt in (1, 2):
+            status, payload, early = await self._one(raw, kwargs)
+            if not (status == b"X" and early and attempt == 1):
+                break
         if status == b"O":
             try:
                 return InboundMessage.model_validate_json(payload)
@@ -115,14 +125,36 @@ class ParsePool:
         reason = text.split(":", 1)[0] if status == b"L" else _STATUS[status]
         raise ParseFailed(reason, text)
 
+    async def _one(self, raw: bytes, kwargs: dict[str, Any]) -> tuple[bytes, bytes, bool]:
+        """One attempt on one worker: (status, payload, whether it died before reading)."""
+        if self._closed:
+            raise TransientError("the mail parse pool is closed")
+        async with self._slots:
+            worker = await self._take()
+            answer: _Answer | None = None
+            try:
+                answer = await self._ask(worker, raw, kwargs)
+            finally:
+                if answer is not None and answer.reusable and not self._closed:
+                    self._idle.put_nowait(worker)
+                else:
+                    await asyncio.shield(self._retire(worker))
+        return answer.status, answer.payload, answer.early
+
     async def _take(self) -> _Worker:
-        with contextlib.suppress(asyncio.QueueEmpty):
-            return self._idle.get_nowait()
+        """An idle worker still alive, else a new one."""
+        while not self._idle.empty():
+            worker = self._idle.get_nowait()
+            if worker.process.returncode is None:
+                return worker
+            await self._retire(worker)
         return await self._spawn()
 
     async def _spawn(self) -> _Worker:
         """A new worker, once it said it is ready: a worker that cannot start is the
         machine's problem (``TransientError``, the mail waits), never the mail's."""
+        if self._closed:
+            raise TransientError("the mail parse pool is closed")
         settings = self._settings
         limits = asdict(settings.limits)
         config = json.dumps(
@@ -146,36 +178,47 @@ class ParsePool:
                 ready = await worker.stdout.readexactly(ANSWER.size)
             if ready != READY:
                 raise OSError(f"unexpected greeting {ready!r}")
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        except BaseException as exc:  # cancelled too: no half-started worker outlives this
             if process is not None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
-                await process.wait()
-            raise TransientError(f"cannot start a mail parse worker: {exc!r}") from exc
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(process.wait())
+            if isinstance(exc, OSError | TimeoutError | asyncio.IncompleteReadError):
+                raise TransientError(f"cannot start a mail parse worker: {exc!r}") from exc
+            raise
         self._all.add(worker)
         return worker
 
-    async def _ask(
-        self, worker: _Worker, raw: bytes, kwargs: dict[str, Any]
-    ) -> tuple[bytes, bytes]:
+    async def _ask(self, worker: _Worker, raw: bytes, kwargs: dict[str, Any]) -> "_Answer":
         meta = json.dumps(kwargs).encode()
         deadline = self._settings.timeout * 2 + 1
+        read_any = False
         try:
             async with asyncio.timeout(deadline):
-                worker.stdin.write(REQUEST.pack(len(meta), len(raw)))
-                worker.stdin.write(meta)
-                worker.stdin.write(raw)
+                worker.stdin.write(REQUEST.pack(len(meta), len(raw)) + meta)
+                for start in range(0, len(raw), PIPE_CHUNK):  # never a second copy of a mail
+                    worker.stdin.write(raw[start : start + PIPE_CHUNK])
+                    await worker.stdin.drain()
                 await worker.stdin.drain()
-                status, size = ANSWER.unpack(await worker.stdout.readexactly(ANSWER.size))
+                head = await worker.stdout.readexactly(ANSWER.size)
+                read_any = True
+                status, size = ANSWER.unpack(head)
+                if size > MAX_ANSWER:
+                    detail = f"parser_error: an answer of {size} bytes (over {MAX_ANSWER})"
+                    return _Answer(b"E", detail.encode(), reusable=False)
                 payload = await worker.stdout.readexactly(size)
         except TimeoutError:
-            return b"T", f"parse_timeout: no answer within {deadline:g} s".encode()
+            detail = f"parse_timeout: no answer within {deadline:g} s"
+            return _Answer(b"T", detail.encode(), reusable=False)
         except (OSError, asyncio.IncompleteReadError) as exc:
             code = worker.process.returncode
-            return b"X", f"parser_crashed: worker ended ({code}): {exc!r}".encode()
+            detail = f"parser_crashed: worker ended ({code}): {exc!r}"
+            return _Answer(b"X", detail.encode(), reusable=False, early=not read_any)
         if status not in (b"O", b"L", b"T", b"M", b"E"):
-            return b"X", b"parser_crashed: answer out of frame"
-        return status, payload
+            return _Answer(b"X", b"parser_crashed: answer out of frame", reusable=False)
+        return _Answer(status, payload, reusable=status in (b"O", b"L", b"E"))
 
     async def _retire(self, worker: _Worker) -> None:
         """Kill a worker that may be in any state; a new one is started on demand."""

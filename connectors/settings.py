@@ -144,8 +144,8 @@ class EmailSettings(_Section):
     parse_memory: int = Field(
         default=256 * 1024 * 1024,
         ge=64 * 1024 * 1024,
-        description="address space of one parse process, in bytes (RLIMIT_AS); a mail "
-        "that needs more is routed unparsed",
+        description="address space of a parse process, in bytes (RLIMIT_AS), plus ten "
+        "times the size of the mail it parses; a mail that needs more is routed unparsed",
     )
     parse_timeout: float = Field(
         default=5.0,

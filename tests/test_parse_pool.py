@@ -136,22 +136,42 @@ async def test_a_mail_past_the_memory_limit_does_not_reach_the_daemon() -> None:
         assert (await pool.parse(good("next"), **KWARGS)).subject == "next"
 
 
-async def test_a_killed_worker_is_a_crash_of_that_mail_only() -> None:
-    """A worker that dies mid-mail (the kernel's OOM killer, a segfault) costs that mail
-    a stand-in, and the next mail gets a fresh worker."""
+async def test_a_killed_worker_is_retried_once_then_a_crash_of_that_mail_only() -> None:
+    """A worker that dies mid-mail (the OOM killer, a segfault, a stray signal) costs one
+    retry on a fresh worker; dying again, that mail alone becomes a stand-in and the next
+    mail gets a fresh worker."""
+
+    async def kill_the_worker(seen: set[int]) -> None:
+        async with asyncio.timeout(10):
+            while not (fresh := [w for w in pool._all if w.process.pid not in seen]):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        seen.add(fresh[0].process.pid)
+        os.kill(fresh[0].process.pid, 9)
+
     wide = EmailSettings(parse_workers=1, max_header_bytes=1024 * 1024)
     async with ParsePool(pool_settings(wide)) as pool:
         slow = asyncio.create_task(pool.parse(SLOW, **KWARGS))
-        async with asyncio.timeout(10):
-            while not pool._all:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        (worker,) = pool._all
-        os.kill(worker.process.pid, 9)
+        killed: set[int] = set()
+        await kill_the_worker(killed)
+        await kill_the_worker(killed)
         with pytest.raises(ParseFailed) as failed:
             await slow
         assert failed.value.reason == "parser_crashed"
+        assert pool.replaced == 2
         assert (await pool.parse(good("after-kill"), **KWARGS)).subject == "after-kill"
+
+
+async def test_a_worker_that_died_idle_costs_no_mail() -> None:
+    """systemd's stop signal reaches every process of the unit: a worker that died while
+    idle must not turn the next good mail into a stand-in."""
+    async with ParsePool(pool_settings(EmailSettings(parse_workers=1))) as pool:
+        assert (await pool.parse(good("first"), **KWARGS)).subject == "first"
+        (worker,) = pool._all
+        os.kill(worker.process.pid, 15)  # ignored: the pool ends workers by closing stdin
+        os.kill(worker.process.pid, 9)
+        await asyncio.sleep(0.2)
+        assert (await pool.parse(good("second"), **KWARGS)).subject == "second"
 
 
 async def test_a_cancelled_parse_leaves_no_worker_in_an_unknown_state() -> None:
@@ -172,3 +192,33 @@ def test_a_stand_in_for_every_hostile_class_validates() -> None:
             raw, mailbox="s", recipient=None, locator={}, reason="too_deep", detail="d"
         )
         assert message.sender.address == SENDER, tag
+
+
+def test_a_stand_in_never_fails_whatever_the_scan_read() -> None:
+    """A From address past the schema's limit made the stand-in itself raise, and the
+    whole batch (good mail included) was retried for ever."""
+    raw = (
+        b"From: <"
+        + b"a" * 600
+        + b"@attacker.example>\r\nMessage-ID: <"
+        + b"i" * 600
+        + b"@x>\r\nSubject: long\r\n\r\n"
+    )
+    message = stand_in(raw, mailbox="s", recipient=None, locator={}, reason="r", detail="d")
+    assert message.meta["unparsed"] is True
+    assert len(message.sender.address) <= 254 or message.sender.address == "unknown@invalid"
+
+
+def test_decoy_boundary_parameters_do_not_hide_nesting() -> None:
+    """A boundary named in another header at each level must not let nesting through."""
+    out = [b"From: m@attacker.example\r\n"]
+    for level in range(100):
+        out.append(
+            b'Content-Type: multipart/mixed; boundary="b%d"\r\nX-D: boundary=z%d\r\n\r\n--b%d\r\n'
+            % (level, level, level)
+        )
+    out.append(b"Content-Type: text/plain\r\n\r\ndeep\r\n")
+    reason = precheck(b"".join(out), DEFAULT_LIMITS)
+    assert (reason or "").startswith("too_deep")
+    cr_only = hostile_mail.nested_multipart("cr", 100).replace(b"\r\n", b"\r")
+    assert (precheck(cr_only, DEFAULT_LIMITS) or "").startswith("too_deep")
