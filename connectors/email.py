@@ -40,7 +40,7 @@ import aiosmtplib
 import structlog
 
 from connectors.leasing import LeaseKeeper
-from connectors.mail_scan import Limits
+from connectors.mail_scan import SCAN_HEAD, Limits
 from connectors.mime import stand_in
 from connectors.parse_pool import ParseFailed, ParsePool, PoolSettings
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
@@ -228,11 +228,15 @@ class ImapSession:
                 uids.extend(int(word) for word in line.split() if word.isdigit())
         return sorted(set(uids))
 
-    async def fetch(self, uids: list[int]) -> list[tuple[int, bytes]]:
-        """``UID FETCH … (UID BODY.PEEK[])``: the bodies without setting ``\\Seen``."""
+    async def fetch(self, uids: list[int], *, first: int | None = None) -> list[tuple[int, bytes]]:
+        """``UID FETCH … (UID BODY.PEEK[])``: the bodies without setting ``\\Seen``; with
+        ``first``, only each mail's first ``first`` bytes (RFC 3501 6.4.5, ``<0.n>``)."""
+        if not uids:
+            return []
         uid_set = ",".join(str(u) for u in uids)
+        section = "BODY.PEEK[]" if first is None else f"BODY.PEEK[]<0.{first}>"
         response = await self.call(
-            lambda: self._client.uid("fetch", uid_set, "(UID BODY.PEEK[])"), "UID FETCH"
+            lambda: self._client.uid("fetch", uid_set, f"(UID {section})"), "UID FETCH"
         )
         out: list[tuple[int, bytes]] = []
         uid: int | None = None
@@ -601,11 +605,19 @@ class EmailConnector:
         taken = 0
         ahead: tuple[list[int], asyncio.Task[list[_Mail]]] | None = None
         try:
-            async for batch in self._batches(box, session, uids):
-                fetched = sorted(await session.fetch(batch), key=lambda item: item[0])
+            async for batch, sizes in self._batches(box, session, uids):
+                limit = self._settings.max_message_bytes
+                too_large = {uid: size for uid, size in sizes.items() if size > limit}
+                fetched = await session.fetch([u for u in batch if u not in too_large])
+                # a mail past max_message_bytes is never held whole: its head is enough
+                # for a stand-in that keeps sender, Subject and Message-ID (issue 13)
+                fetched += await session.fetch(sorted(too_large), first=SCAN_HEAD)
+                fetched.sort(key=lambda item: item[0])
                 if len(fetched) < len(batch):
                     log.info("email.vanished", mailbox=box.name, missing=len(batch) - len(fetched))
-                parsing = asyncio.create_task(self._parse_batch(box, session.uidvalidity, fetched))
+                parsing = asyncio.create_task(
+                    self._parse_batch(box, session.uidvalidity, fetched, too_large)
+                )
                 del fetched  # the raw bodies live on in the parse task only
                 previous, ahead = ahead, (batch, parsing)
                 if previous is not None:
@@ -623,7 +635,7 @@ class EmailConnector:
 
     async def _batches(
         self, box: MailboxSettings, session: ImapSession, uids: list[int]
-    ) -> AsyncIterator[list[int]]:
+    ) -> AsyncIterator[tuple[list[int], dict[int, int]]]:
         """Batches of ``batch_size`` mails and at most ``BATCH_BYTES`` of bodies (a single
         larger mail goes alone), so memory stays bounded whatever waits."""
         for start in range(0, len(uids), box.batch_size):
@@ -632,14 +644,14 @@ class EmailConnector:
             batch: list[int] = []
             held = 0
             for uid in candidates:
-                size = sizes.get(uid, 0)
+                size = min(sizes.get(uid, 0), self._settings.max_message_bytes)
                 if batch and held + size > BATCH_BYTES:
-                    yield batch
+                    yield batch, {u: sizes.get(u, 0) for u in batch}
                     batch, held = [], 0
                 batch.append(uid)
                 held += size
             if batch:
-                yield batch
+                yield batch, {u: sizes.get(u, 0) for u in batch}
 
     async def _take_batch(
         self,
@@ -676,7 +688,11 @@ class EmailConnector:
         raise error
 
     async def _parse_batch(
-        self, box: MailboxSettings, uidvalidity: int, fetched: list[tuple[int, bytes]]
+        self,
+        box: MailboxSettings,
+        uidvalidity: int,
+        fetched: list[tuple[int, bytes]],
+        too_large: dict[int, int],
     ) -> list[_Mail]:
         """The batch's mails in UID order, parsed concurrently in the parse pool; a mail
         that trips a limit or fails the parser becomes a ``stand_in`` that keeps what a
@@ -691,6 +707,11 @@ class EmailConnector:
                 "uid": uid,
             }
             try:
+                if uid in too_large:
+                    limit = self._settings.max_message_bytes
+                    raise ParseFailed(
+                        "too_large", f"too_large: {too_large[uid]} bytes, over {limit}"
+                    )
                 message = await self._pool.parse(
                     raw,
                     mailbox=box.name,
@@ -715,6 +736,7 @@ class EmailConnector:
                     locator=locator,
                     reason=exc.reason,
                     detail=exc.detail,
+                    size=too_large.get(uid),
                 )
             if box.team:
                 message.meta["address_team"] = box.team

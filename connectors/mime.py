@@ -79,10 +79,13 @@ def stand_in(
     locator: dict[str, Any],
     reason: str,
     detail: str,
+    size: int | None = None,
 ) -> InboundMessage:
     """The message for a mail that was not parsed (a limit tripped, the parser failed):
     routed like any other, with what a bounded header scan could read of its sender,
-    Message-ID and Subject, and a locator to the original, which stays in the mailbox."""
+    Message-ID and Subject, and a locator to the original, which stays in the mailbox.
+    With ``size``, ``raw`` is only the mail's beginning: the attachment says the real size
+    and no digest of the whole."""
     digest = hashlib.sha256(raw).hexdigest()
     meta: dict[str, Any] = {
         "unparsed": True,
@@ -91,7 +94,11 @@ def stand_in(
         "mailbox": mailbox,
     }
     original = Attachment(
-        filename=None, content_type="message/rfc822", size=len(raw), sha256=digest, locator=locator
+        filename=None,
+        content_type="message/rfc822",
+        size=len(raw) if size is None else size,
+        sha256=digest if size is None else None,
+        locator=locator,
     )
     try:
         head = scan_head(raw)

@@ -155,6 +155,13 @@ class EmailSettings(_Section):
         "killed after twice that plus one second of wall clock); past it the mail is "
         "routed unparsed",
     )
+    max_message_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="size (RFC822.SIZE) past which a mail is not fetched whole: its first "
+        "64 KiB give a stand-in (sender, Subject, Message-ID; reason too_large), the "
+        "original stays in the mailbox",
+    )
     max_header_bytes: int = Field(
         default=256 * 1024,
         ge=8 * 1024,

@@ -525,3 +525,31 @@ async def test_reloaded_parse_limits_apply_to_the_next_mail(
     assert second.sender.address == "ayse@customer.example"
     assert second.subject is not None
     assert second.subject.startswith("fatura")
+
+
+async def test_a_mail_past_max_message_bytes_is_never_held_whole(
+    dovecot: Dovecot, email_bus: Bus, engine: AsyncEngine
+) -> None:
+    """A 3 MiB mail against a 1 MiB limit: only its head is fetched, and it is routed as
+    a stand-in keeping its sender, Subject and Message-ID, the real size, and flagged."""
+    box = mailbox(dovecot)
+    connector = EmailConnector(
+        EmailSettings(mailboxes=[box], max_message_bytes=1024 * 1024),
+        sink=BusSink(email_bus),
+        cursors=DbCursorStore(engine),
+        seen=DbSeenStore(engine),
+        health=Health(),
+    )
+    big = make_mail("big@customer.example", subject="Fatura ekte", text="x" * (3 * 1024 * 1024))
+    dovecot.append(big)
+    dovecot.append(make_mail("small@customer.example"))
+    assert await connector.run_until_idle() == 2
+    large, small = sorted(await published(email_bus), key=lambda m: m.external_id)
+    assert large.external_id == "big@customer.example"
+    assert large.meta["unparsed_reason"] == "too_large"
+    assert large.sender.address == "ayse@customer.example"
+    assert large.subject == "Fatura ekte"
+    assert large.attachments[0].size == len(big.replace(b"\n", b"\r\n"))
+    assert "unparsed" not in small.meta
+    flags = await asyncio.to_thread(dovecot.flags)
+    assert all("$Omniroute" in f for f in flags.values())
