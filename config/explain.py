@@ -1,4 +1,5 @@
-"""``omniroute route explain``: the decision for a sender, with every policy step shown.
+"""``omniroute route explain``: the decision for a sender, with the policy's chain of rules
+as it ran: each rule in order, what it found, which one decided and which were not reached.
 
 An email is taken as authenticated (``dmarc=pass``) unless ``--auth`` says otherwise, so the
 usual path of a customer's mail is what shows by default; ``--auth dmarc=fail`` or
@@ -16,6 +17,7 @@ from ingest.schema import Identity, InboundMessage, Thread
 from ingest.sender_auth import METHODS
 from routers.db import create_engine, require_current
 from routers.decider import Decider
+from routers.policy import trace
 
 KINDS: dict[str, IdentityKind] = {
     "email": "email",
@@ -72,6 +74,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await engine.dispose()
     route = decision.route
+    chain = trace(route)
     if args.json:
         print(
             json.dumps(
@@ -80,6 +83,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
                     if decision.customer
                     else None,
                     "route": route.model_dump(mode="json"),
+                    "chain": [link._asdict() for link in chain],
                     "meta": meta,
                     "routing_key": route.routing_key,
                     "dial": decision.dial,
@@ -101,8 +105,10 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         assumed = " (assumed; --auth to change)" if args.auth is None else ""
         required = "required" if settings.routing.require_authenticated_email else "not required"
         print(f"auth:      {shown}{assumed}, {required}")
-    for number, step in enumerate(route.steps, 1):
-        print(f"  {number}. {step}")
+    print("chain:")
+    for number, link in enumerate(chain, 1):
+        said = link.rule if link.step is None else f"{link.rule}: {link.step}"
+        print(f"  {number}. {link.outcome:<11} {said}")
     print(f"route:     {route.routing_key}")
     print(f"reason:    {route.reason}")
     if args.channel == "voice":

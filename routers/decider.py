@@ -9,7 +9,10 @@ whole batch in one unit of work (``routers.runner``).
 
 Directory lookups (customer by identity, team, agent) go through a ``DirectoryCache`` when
 ``cache_ttl`` > 0 (the daemon passes ``router.directory_cache_ttl``); routing state (last
-agent, presence, thread owner, recent contacts) is read from the database every time.
+agent, presence, thread owner, recent contacts) is read from the database every time. The
+teams are read before deciding, with one lookup for the batch: the customers' own (a fact
+the policy's rules read) and the ones a route may name when a customer has none (the
+address's, ``routing.default_team``), whose dial strings the answer needs.
 """
 
 from collections.abc import Callable, Sequence
@@ -24,18 +27,20 @@ from ingest.protocols import Decision
 from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, state
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
-from routers.policy import UNVERIFIED, AgentFacts, Facts, decide
+from routers.policy import UNVERIFIED, AgentFacts, Facts, address_team, decide
 from routers.runner import runner_of
 from routers.settings import RoutingSettings
 
 
 @dataclass
 class _Read:
-    """What a batch's decisions read: customers in message order, state, agents by id."""
+    """What a batch's decisions read: customers in message order, state, agents and teams
+    by id."""
 
     customers: list[CustomerRecord | None]
     routing: state.RoutingState = field(default_factory=state.RoutingState)
     agents: dict[str, AgentRecord | None] = field(default_factory=dict)
+    teams: dict[str, TeamRecord | None] = field(default_factory=dict)
 
 
 class Decider:
@@ -77,7 +82,9 @@ class Decider:
             for index, message in enumerate(messages):
                 facts = self._facts(index, read)
                 decided.append((decide(message, facts, settings, now), facts))
-            teams = await self.directory.get_teams(_teams_to_dial(decided, settings))
+            # read before deciding; a rule naming a team no fact had would be read here
+            unread = _teams_to_dial(decided, settings) - read.teams.keys()
+            teams = read.teams | await self.directory.get_teams(unread)
             targets = {r.target for r, _ in decided if r.kind == "agent" and r.target}
             agents = await self.directory.get_agents(targets - read.agents.keys())
         except SQLAlchemyError as exc:
@@ -123,12 +130,14 @@ class Decider:
         wanted = {agent for agent, _ in read.routing.owners.values()}
         wanted |= {last.agent_id for last, _ in read.routing.last.values()}
         read.agents = await self.directory.get_agents(wanted)
+        read.teams = await self.directory.get_teams(_teams_in_view(messages, read, settings))
         return read
 
     def _facts(self, index: int, read: _Read) -> Facts:
         customer = read.customers[index]
         if customer is None:
             return Facts(customer=None)
+        team = read.teams.get(customer.team_id) if customer.team_id else None
         owner = None
         if index in read.routing.owners:
             owner_id, presence = read.routing.owners[index]
@@ -143,6 +152,7 @@ class Decider:
             thread_owner=owner,
             last_agent=last_facts,
             last_agent_at=last.at if last else None,
+            team=team,
         )
 
 
@@ -158,6 +168,21 @@ def _agent_facts(agent_id: str, presence: str, record: AgentRecord | None) -> Ag
     if record is None:  # the agent left the directory: treat as deactivated
         return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
     return AgentFacts(id=record.id, team_id=record.team_id, active=record.active, presence=presence)
+
+
+def _teams_in_view(
+    messages: Sequence[InboundMessage], read: _Read, settings: RoutingSettings
+) -> set[str]:
+    """The teams a batch's routes may name: each customer's own, else the address's, and
+    the default team."""
+    teams = {settings.default_team} if settings.default_team else set()
+    for message, customer in zip(messages, read.customers, strict=True):
+        team = customer.team_id if customer else None
+        if not team:
+            team = address_team(message, settings)
+        if team:
+            teams.add(team)
+    return teams
 
 
 def _teams_to_dial(decided: list[tuple[Route, Facts]], settings: RoutingSettings) -> set[str]:
