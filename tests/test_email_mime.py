@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.mime import UNKNOWN_SENDER, html_to_text, normalise
+from connectors.email.mime import UNKNOWN_SENDER, html_to_text, normalise
 from ingest.schema import InboundMessage
 
 CORPUS = Path(__file__).parent / "data" / "email"
@@ -263,7 +263,7 @@ def test_inline_attachment_content_is_bounded_per_message() -> None:
     """Many attachments at the limit must not add up to a message the broker refuses."""
     from email.message import EmailMessage
 
-    from connectors.mime import normalise
+    from connectors.email.mime import normalise
 
     mail = EmailMessage()
     mail["From"] = "ayse@acme.test"
@@ -291,7 +291,7 @@ def test_inline_attachment_content_is_bounded_per_message() -> None:
 def test_a_mail_the_parser_fails_on_still_reaches_a_person_with_its_sender() -> None:
     """A mail that was not parsed keeps what a header scan reads (issue 13): routed as
     ``unknown@invalid`` it would reach nobody who knows the customer."""
-    from connectors.mime import stand_in
+    from connectors.email.mime import stand_in
 
     raw = (
         b"From: =?utf-8?b?QXnFn2U=?= <Ayse@Acme.test>\r\nSubject: =?utf-8?q?fatura_sorunu?=\r\n"

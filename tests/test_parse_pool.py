@@ -9,9 +9,9 @@ import time
 import pytest
 
 from connectors.email import pool_settings
-from connectors.mail_scan import Limits, precheck, scan_head
-from connectors.mime import stand_in
-from connectors.parse_pool import ParseFailed, ParsePool
+from connectors.email.mime import stand_in
+from connectors.email.parse_pool import ParseFailed, ParsePool
+from connectors.email.scan import Limits, precheck, scan_head
 from connectors.settings import EmailSettings
 from tests import hostile_mail
 from tests.hostile_mail import SENDER, every_class, good

@@ -12,9 +12,6 @@ section 3.6.4 and surrounding space, the form ``routers.state.strip_brackets`` c
 so an answer to a Message-ID omniroute generated matches it as written.
 """
 
-import base64
-import codecs
-import contextlib
 import email
 import email.header
 import email.utils
@@ -23,13 +20,15 @@ import hashlib
 import re
 from collections.abc import Sequence
 from email import policy
-from email.message import EmailMessage, Message
+from email.message import Message
 from email.policy import EmailPolicy
-from html.parser import HTMLParser
 from typing import Any
 
 from connectors.authresults import read_auth
-from connectors.mail_scan import scan_head
+from connectors.email.body import attachments as read_attachments
+from connectors.email.body import body_part, content_type, decode, safe_walk, text_of
+from connectors.email.body import html_to_text as html_to_text
+from connectors.email.scan import scan_head
 from ingest.identities import InvalidIdentity, normalise_email
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
 
@@ -37,26 +36,10 @@ UNKNOWN_SENDER = "unknown@invalid"
 MAX_TEXT = 512 * 1024
 #: RFC 5322 section 2.1.1 line limit; a subject is a ticket title, not a payload
 MAX_SUBJECT = 998
-MAX_ATTACHMENTS = 100
-MAX_DEPTH = 20
 #: RFC 5322 line limit: a longer id is not an id (and ``Thread`` refuses it)
 MAX_ID = 998
 _MSG_ID = re.compile(r"<([^<>\s]{1,998})>")
 _ADDRESS = re.compile(r"[^\s<>()\"',;:@]+@[^\s<>()\"',;:@]+\.[^\s<>()\"',;:@]+")
-#: charset labels mail clients write that Python's codecs do not know under that name
-_CHARSET_ALIASES = {
-    "iso-8859-8-i": "iso-8859-8",
-    "ks_c_5601-1987": "cp949",
-    "x-mac-turkish": "mac_turkish",
-    "windows-874": "cp874",
-    "unknown-8bit": "utf-8",
-    "x-unknown": "utf-8",
-}
-#: codecs that decode text but are no mail charset, some slow on purpose-built input
-#: (punycode is quadratic: a 200 KB body took 5 s); such a label is read as unknown
-_NOT_CHARSETS = frozenset(
-    {"punycode", "idna", "unicode-escape", "raw-unicode-escape", "undefined"}
-)
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-vacation")
 _AUTO_SUBJECTS = (
     "auto:",
@@ -201,21 +184,19 @@ def normalise(
         meta["date"] = date
     if trusted_authserv_ids:
         results = [
-            str(value)
-            for key, value in msg.raw_items()
-            if key.lower() == "authentication-results"
+            str(value) for key, value in msg.raw_items() if key.lower() == "authentication-results"
         ]
         auth = read_auth(results, trusted_authserv_ids)
         if auth is not None:
             meta["auth"] = auth
-    body = _body_part(msg)
-    text = _text_of(body) if body is not None else ""
+    body = body_part(msg)
+    text = text_of(body) if body is not None else ""
     if len(text) > MAX_TEXT:
         text = text[:MAX_TEXT]
         meta["text_truncated"] = True
-    attachments = _attachments(msg, body, inline_max, locator, meta)
+    attachments = read_attachments(msg, body, inline_max, locator, meta)
     _mark_automatic(msg, sender.address, subject, meta)
-    defects = sum(len(getattr(p, "defects", ())) for p in _safe_walk(msg))
+    defects = sum(len(getattr(p, "defects", ())) for p in safe_walk(msg))
     if defects:
         meta["mime_defects"] = defects
     return InboundMessage(
@@ -253,7 +234,7 @@ def _decode_words(value: str) -> str:
         return value
     out = []
     for chunk, charset in parts:
-        out.append(chunk if isinstance(chunk, str) else _decode(chunk, charset))
+        out.append(chunk if isinstance(chunk, str) else decode(chunk, charset))
     return "".join(out)
 
 
@@ -344,242 +325,16 @@ def _external_id(message_id: str | None, raw: bytes) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
-# --- body -----------------------------------------------------------------------------
-
-
-def _safe_walk(msg: Message) -> list[Message]:
-    """Every part, depth-bounded (a mail nesting itself forever ends here, not in a crash)."""
-    out: list[Message] = []
-
-    def visit(part: Message, depth: int) -> None:
-        out.append(part)
-        if depth >= MAX_DEPTH or len(out) > 10 * MAX_ATTACHMENTS:
-            return
-        payload = _raw_payload(part)
-        if isinstance(payload, list):
-            for child in payload:
-                if isinstance(child, Message):
-                    visit(child, depth + 1)
-
-    visit(msg, 0)
-    return out
-
-
-def _body_part(msg: Message) -> Message | None:
-    """The plain text part, else the HTML one; a non-MIME mail is its own body."""
-    # get_body walks arbitrary structures; on failure fall back to our own bounded walk
-    with contextlib.suppress(Exception):
-        if isinstance(msg, EmailMessage):
-            body = msg.get_body(preferencelist=("plain", "html"))
-            if body is not None:
-                return body
-    for kind in ("text/plain", "text/html"):
-        for part in _safe_walk(msg):
-            if _content_type(part) == kind and not _is_attachment(part):
-                return part
-    return msg if not msg.is_multipart() and _content_type(msg).startswith("text/") else None
-
-
-def _content_type(part: Message) -> str:
-    try:
-        return part.get_content_type()
-    except Exception:
-        return "application/octet-stream"
-
-
-def _is_attachment(part: Message) -> bool:
-    try:
-        return part.get_content_disposition() == "attachment"
-    except Exception:
-        return False
-
-
-def _text_of(part: Message) -> str:
-    data = _payload(part)
-    try:
-        charset = part.get_content_charset()
-    except Exception:
-        charset = None
-    text = _decode(data, charset)
-    if _content_type(part) == "text/html":
-        text = html_to_text(text)
-    return text.replace("\r\n", "\n").strip()
-
-
-def _payload(part: Message) -> bytes:
-    try:
-        data = part.get_payload(decode=True)
-    except Exception:
-        data = None
-    if isinstance(data, bytes):
-        return data
-    try:
-        return part.as_bytes()
-    except Exception:
-        return str(_raw_payload(part) or "").encode("utf-8", "replace")
-
-
-def _raw_payload(part: Message) -> Any:
-    """The undecoded payload, or None: the stdlib decodes a part's bytes with its declared
-    charset even here, and a charset with a NUL in it raises ValueError."""
-    try:
-        return part.get_payload()
-    except Exception:
-        return None
-
-
-def _decode(data: bytes, charset: str | None) -> str:
-    """Declared charset if it reads cleanly, else UTF-8, else the declared one (or UTF-8)
-    with replacement characters: an unknown or wrong label never raises."""
-    codec: str | None = None
-    if charset:
-        label = charset.strip().strip('"').lower()
-        label = _CHARSET_ALIASES.get(label, label)
-        try:
-            codec = codecs.lookup(label).name
-            codec = None if codec in _NOT_CHARSETS else codec
-        except (LookupError, ValueError):  # unknown, or not even a name (a NUL in it)
-            codec = None
-    for candidate in (codec, "utf-8"):
-        if candidate is None:
-            continue
-        try:
-            return data.decode(candidate)
-        except (UnicodeDecodeError, LookupError):
-            continue
-    return data.decode(codec or "utf-8", errors="replace")
-
-
-class _TextExtractor(HTMLParser):
-    _BLOCK = frozenset(
-        {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table"}
-    )
-    _SKIP = frozenset({"script", "style", "head", "title"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        self._skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skipping += 1
-        elif tag in self._BLOCK:
-            self.chunks.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skipping = max(0, self._skipping - 1)
-        elif tag in self._BLOCK:
-            self.chunks.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.chunks.append(data)
-
-
-def html_to_text(html: str) -> str:
-    """Readable text from HTML: tags dropped, blocks on their own lines, blank runs folded."""
-    parser = _TextExtractor()
-    with contextlib.suppress(Exception):  # html.parser is lenient; keep what was read
-        parser.feed(html)
-        parser.close()
-    lines = [" ".join(line.split()) for line in "".join(parser.chunks).splitlines()]
-    text = "\n".join(lines)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-# --- attachments ----------------------------------------------------------------------
-
-
-def _attachments(
-    msg: Message,
-    body: Message | None,
-    inline_max: int,
-    locator: dict[str, Any],
-    meta: dict[str, Any],
-) -> list[Attachment]:
-    """Leaf parts other than the body and its alternatives; an attached mail is one part."""
-    out: list[Attachment] = []
-    index = 0
-    # inline_max bounds the inline content of the whole message, not of each part: a
-    # hundred attachments at the limit would make a message the broker refuses for ever
-    budget = inline_max
-
-    def visit(part: Message, depth: int) -> None:
-        nonlocal index, budget
-        index += 1
-        ctype = _content_type(part)
-        payload = part.get_payload()
-        if ctype.startswith("multipart/") and isinstance(payload, list) and depth < MAX_DEPTH:
-            for child in payload:
-                if isinstance(child, Message):
-                    visit(child, depth + 1)
-            return
-        if part is body or (ctype in ("text/plain", "text/html") and not _named(part)):
-            return
-        if len(out) >= MAX_ATTACHMENTS:
-            meta["attachments_truncated"] = True
-            return
-        data = _attached_bytes(part, ctype)
-        filename = _filename(part)
-        item = Attachment(
-            filename=filename,
-            content_type=ctype,
-            size=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        if len(data) <= budget:
-            item.content_b64 = base64.b64encode(data).decode("ascii")
-            budget -= len(data)
-        else:
-            item.locator = {**locator, "part": index}
-        out.append(item)
-
-    try:
-        visit(msg, 0)
-    except Exception:  # a structure we cannot walk keeps the text, and says so
-        meta["attachments_unreadable"] = True
-    return out
-
-
-def _named(part: Message) -> bool:
-    return _is_attachment(part) or _filename(part) is not None
-
-
-def _filename(part: Message) -> str | None:
-    try:
-        name = part.get_filename()
-    except Exception:
-        return None
-    return _one_line(str(name)) if name else None
-
-
-def _attached_bytes(part: Message, ctype: str) -> bytes:
-    if ctype.startswith("message/"):
-        payload = part.get_payload()
-        if isinstance(payload, list) and payload and ctype == "message/rfc822":
-            inner = payload[0]
-            with contextlib.suppress(Exception):  # a broken inner mail: its raw text below
-                if isinstance(inner, Message):
-                    return inner.as_bytes()
-        try:
-            return part.as_bytes().split(b"\n\n", 1)[-1]
-        except Exception:
-            return str(payload).encode("utf-8", "replace")
-    return _payload(part)
-
-
 # --- auto-replies and bounces (RFC 3834, RFC 3464) --------------------------------------
 
 
 def _mark_automatic(msg: Message, sender: str, subject: str | None, meta: dict[str, Any]) -> None:
-    ctype = _content_type(msg)
+    ctype = content_type(msg)
     try:
         report_type = str(msg.get_param("report-type", "") or "").lower()
     except Exception:
         report_type = ""
-    has_status = any(_content_type(p) == "message/delivery-status" for p in _safe_walk(msg))
+    has_status = any(content_type(p) == "message/delivery-status" for p in safe_walk(msg))
     local = sender.partition("@")[0]
     bounce_why: str | None = None
     if ctype == "multipart/report" and report_type == "delivery-status":

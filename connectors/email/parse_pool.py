@@ -1,4 +1,4 @@
-"""A small pool of mail-parsing processes (``connectors.parse_worker``), so a hostile mail
+"""A small pool of mail-parsing processes (``connectors.email.parse_worker``), so a hostile mail
 costs a worker, never the daemon, and both cores parse.
 
 Invariants:
@@ -21,13 +21,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from connectors.mail_scan import Limits
-from connectors.parse_worker import ANSWER, READY, REQUEST
+from connectors.email.parse_worker import ANSWER, READY, REQUEST
+from connectors.email.scan import Limits
 from ingest.errors import TransientError
 from ingest.schema import InboundMessage
 
-#: the project root, so ``-m connectors.parse_worker`` imports whatever the daemon runs from
-_ROOT = str(Path(__file__).resolve().parent.parent)
+#: the project root, so ``-m connectors.email.parse_worker`` imports whatever the daemon runs from
+_ROOT = str(Path(__file__).resolve().parents[2])
 _STATUS = {
     b"L": "limit",
     b"T": "parse_timeout",
@@ -168,7 +168,7 @@ class ParsePool:
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "connectors.parse_worker",
+                    "connectors.email.parse_worker",
                     config,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,

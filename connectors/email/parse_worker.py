@@ -1,4 +1,4 @@
-"""One mail-parsing process of ``ParsePool``: ``python -m connectors.parse_worker LIMITS``.
+"""One mail-parsing process of ``ParsePool``: ``python -m connectors.email.parse_worker LIMITS``.
 
 Sole purpose (issue 13): the stdlib parser runs where a hostile mail can cost no more
 than ``email.parse_memory`` of address space (``RLIMIT_AS``) and ``email.parse_timeout``
@@ -26,8 +26,8 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
-from connectors.mail_scan import Limits, precheck
-from connectors.mime import normalise
+from connectors.email.mime import normalise
+from connectors.email.scan import Limits, precheck
 
 REQUEST = struct.Struct(">II")
 ANSWER = struct.Struct(">cI")
