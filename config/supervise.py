@@ -3,11 +3,11 @@ a failure, never lets its failure reach the daemon's TaskGroup, and stops it for
 error that retrying cannot fix (bad password, revoked token, bad configuration)."""
 
 import asyncio
-import random
 from collections.abc import Awaitable, Callable
 
 import structlog
 
+from ingest.backoff import Backoff, pause
 from ingest.errors import AuthError, ConfigError
 from ingest.health import Health
 
@@ -23,7 +23,7 @@ async def supervise(
     initial_delay: float = 1.0,
     max_delay: float = 60.0,
 ) -> None:
-    delay = initial_delay
+    backoff = Backoff(initial_delay, max_delay)
     failing = False
     while not stop.is_set():
         try:
@@ -40,12 +40,6 @@ async def supervise(
                 log.exception("component.failed", component=name)
                 failing = True
             health.set(name, "down", f"{type(exc).__name__}: {exc}")
-        pause = delay * (0.5 + random.random())  # noqa: S311 (jitter, not crypto)
-        try:
-            async with asyncio.timeout(pause):
-                await stop.wait()
-        except TimeoutError:
-            pass
-        delay = min(delay * 2, max_delay)
+        await pause(backoff.next(), stop)
     if failing:
         log.info("component.stopped_while_failing", component=name)

@@ -13,11 +13,11 @@ is the ``Lease``'s own, under its own deadline.
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from structlog.typing import FilteringBoundLogger
 
+from ingest.backoff import jittered, pause
 from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.protocols import Lease
@@ -61,9 +61,7 @@ class LeaseKeeper:
             lost = await self._take()
             if lost is not None:
                 return lost
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._retry * random.uniform(0.5, 1.5)):  # noqa: S311 (jitter, not crypto)
-                    await stop.wait()
+            await pause(jittered(self._retry), stop)
         return None
 
     async def serve(

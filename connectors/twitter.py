@@ -19,7 +19,6 @@ Invariants:
 """
 
 import asyncio
-import random
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +29,7 @@ from connectors.leasing import LeaseKeeper
 from connectors.settings import TwitterSettings
 from connectors.twitter_api import JSON, RateLimited, Refused, XApi
 from connectors.twitter_messages import XNormaliser, includes, sort_key
+from ingest.backoff import Backoff
 from ingest.errors import AuthError, TransientError
 from ingest.health import Health
 from ingest.identities import redact
@@ -59,8 +59,6 @@ class _Stopping(Exception):
     """``stop`` was set during a wait: abandon the pass, cursors untouched."""
 
 
-def _jitter(seconds: float) -> float:
-    return seconds * random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not crypto)
 
 
 def _newer(a: str, b: str) -> bool:
@@ -119,7 +117,7 @@ class TwitterConnector:
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop``; returns (never raises) on refused credentials, marked down."""
         self._stop = stop
-        delay = self._settings.retry_initial
+        backoff = Backoff(self._settings.retry_initial, self._settings.retry_max)
         failing = False
         with structlog.contextvars.bound_contextvars(connector=NAME, channel=NAME):
             try:
@@ -137,13 +135,12 @@ class TwitterConnector:
                     except TransientError as exc:
                         self._down(str(exc))
                         failing = True
-                        pause = _jitter(delay)
-                        delay = min(delay * 2, self._settings.retry_max)
+                        pause = backoff.next()
                     else:
                         if self._health.set(NAME, "up"):
                             log.info("twitter.recovered" if failing else "twitter.up")
                         failing = False
-                        delay = self._settings.retry_initial
+                        backoff.reset()
                         pause = self._settings.poll_interval
                     try:
                         await self._sleep(pause)
@@ -245,7 +242,7 @@ class TwitterConnector:
 
     async def _get(self, endpoint: str, method: str, *args: Any, **kwargs: Any) -> JSON:
         """One request, retried in place: until the reset on 429, with backoff on 5xx."""
-        delay = self._settings.retry_initial
+        backoff = Backoff(self._settings.retry_initial, self._settings.retry_max)
         attempt = 0
         limited = False
         while True:
@@ -269,8 +266,7 @@ class TwitterConnector:
                 if attempt >= self._settings.retry_attempts:
                     raise
                 log.debug("twitter.retry", endpoint=endpoint, attempt=attempt, error=str(exc))
-                await self._sleep(_jitter(delay))
-                delay = min(delay * 2, self._settings.retry_max)
+                await self._sleep(backoff.next())
 
     async def _sleep(self, seconds: float) -> None:
         """Wait, unless ``stop`` is set first: then raise ``_Stopping``."""

@@ -13,9 +13,7 @@ dead-lettered with the reason; a message is acked only after its handler returne
 
 import abc
 import asyncio
-import contextlib
 import json
-import random
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -28,6 +26,7 @@ from aio_pika.abc import (
 )
 from pydantic import ValidationError
 
+from ingest.backoff import jittered, pause
 from ingest.delivery import Settleable
 from ingest.errors import PoisonError, TransientError
 
@@ -104,9 +103,7 @@ class Settling(abc.ABC, Generic[M]):
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` (with jitter) before a retry, or less when the consumer stops."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
-                await self._stopping.wait()
+        await pause(jittered(delay), self._stopping)
 
     async def _reject(self, message: M, reason: str) -> None:
         log.warning(

@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import heapq
 import os
-import random
 import re
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +29,7 @@ from typing import Protocol
 import structlog
 from pydantic import ValidationError
 
+from ingest.backoff import Backoff, pause
 from ingest.errors import TransientError
 from ingest.metrics import Metrics
 from ingest.protocols import InboundSink
@@ -153,7 +153,7 @@ class SpooledSink:
         """Republish spooled input whenever there is some, with capped backoff while the
         broker is away; returns when ``stop`` is set (what is left waits for the next run)."""
         await self.open()
-        delay = self._settings.retry_initial
+        backoff = Backoff(self._settings.retry_initial, self._settings.retry_max)
         while not stop.is_set():
             # cleared before looking, so a write that ends while we look is not missed
             self._wake.clear()
@@ -165,10 +165,9 @@ class SpooledSink:
                 await self.flush()
             except TransientError as exc:
                 self._enter_degraded(exc)
-                await _wait_any(stop, timeout=delay * random.uniform(0.8, 1.2))  # noqa: S311 -- jitter
-                delay = min(delay * 2, self._settings.retry_max)
+                await pause(backoff.next(), stop)
                 continue
-            delay = self._settings.retry_initial
+            backoff.reset()
             if self._ready and len(self._ready) == waiting:
                 # no progress: an earlier entry is still being written (issue 13). Wait for
                 # that write to end; flushing again at once would spin the event loop

@@ -14,7 +14,6 @@ recorded time is omniroute's own clock, so it has no date to doubt.
 
 import asyncio
 import json
-import random
 from collections.abc import Mapping
 
 import structlog
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ingest.backoff import Backoff
 from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
 from ingest.errors import (
     AuthError,
@@ -188,7 +188,7 @@ class OutboundDispatcher:
     async def _send_with_retries(
         self, sender: Sender, reply: ReplyRequest, context: ReplyContext
     ) -> SendResult:
-        delay = self._settings.base_delay
+        backoff = Backoff(self._settings.base_delay, self._settings.max_delay)
         for attempt in range(1, self._settings.attempts + 1):
             try:
                 return await sender.send(reply, context)
@@ -196,8 +196,7 @@ class OutboundDispatcher:
                 if attempt == self._settings.attempts:
                     raise
                 log.warning("dispatcher.retry", attempt=attempt, error=str(exc))
-                await asyncio.sleep(delay * (0.5 + random.random()))  # noqa: S311 (jitter)
-                delay = min(delay * 2, self._settings.max_delay)
+                await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
     async def _announce(self, reply: ReplyRequest, result: SendResult) -> None:

@@ -7,8 +7,6 @@ and SMTP await runs under a deadline.
 """
 
 import asyncio
-import contextlib
-import random
 
 import structlog
 
@@ -16,6 +14,7 @@ from connectors.email.batch import MailIntake, cursor_key
 from connectors.email.imap import ImapSession
 from connectors.leasing import LeaseKeeper
 from connectors.settings import EmailSettings, MailboxSettings
+from ingest.backoff import Backoff, pause
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
 from ingest.protocols import CursorStore, InboundSink, Lease, SeenStore
@@ -150,7 +149,7 @@ class EmailConnector:
         """Reconnect with capped exponential backoff and jitter; stop on what retrying
         cannot fix (refused credentials, no STARTTLS) and say so once."""
         structlog.contextvars.bind_contextvars(connector="email", mailbox=box.name)
-        delay = box.backoff_initial
+        backoff = Backoff(box.backoff_initial, box.backoff_max)
         while not stop.is_set():
             try:
                 session = await ImapSession.open(box)
@@ -163,7 +162,7 @@ class EmailConnector:
                 log.exception("email.worker_bug")
                 self._down(box, f"bug: {type(exc).__name__}: {exc}")
             else:
-                delay = box.backoff_initial
+                backoff.reset()
                 try:
                     await self._serve(box, session, stop)
                 except (AuthError, ConfigError) as exc:
@@ -178,10 +177,7 @@ class EmailConnector:
                     await session.close()
             if stop.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
-                    await stop.wait()
-            delay = min(delay * 2, box.backoff_max)
+            await pause(backoff.next(), stop)
         if self._health.set(self.component(box), "stopped"):
             log.info("email.mailbox_stopped")
 
