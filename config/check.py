@@ -3,12 +3,16 @@ Prints a table; exits 1 when anything failed."""
 
 import asyncio
 
+from config.components import Wiring
 from config.settings import Settings
 from ingest.bus import QUEUES, Bus
 from ingest.errors import OmnirouteError
+from ingest.health import Health
+from ingest.metrics import Metrics
+from ingest.protocols import CheckRow
 from routers.db import create_engine, current_revision
 
-Row = tuple[str, bool, str]
+Row = CheckRow
 
 
 async def run_checks(settings: Settings) -> int:
@@ -54,36 +58,15 @@ async def _check_database(settings: Settings) -> Row:
 
 
 async def _check_connectors(settings: Settings) -> list[Row]:
-    """Log into each configured mailbox and SMTP server; report what the others need."""
-    rows: list[Row] = []
-    if settings.email.mailboxes or settings.smtp is not None:
-        from connectors.email import check as check_email
-
-        rows.extend(await check_email(settings.email, settings.smtp))
-    twilio = settings.twilio
-    if twilio.auth_token is not None:
-        sms_out = bool(twilio.account_sid and twilio.from_number)
-        why = "webhook signatures checked against " + (
-            settings.http.public_url or "the request URL (set http.public_url behind a proxy)"
-        )
-        rows.append(("twilio", True, why + ("; SMS replies enabled" if sms_out else "")))
-    if settings.api.token is None:
-        rows.append(("api", True, "no api.token: /v1/route answers 401 to everyone"))
-    if settings.twitter is not None:
-        user_auth = all(
-            (
-                settings.twitter.consumer_key,
-                settings.twitter.consumer_secret,
-                settings.twitter.access_token,
-                settings.twitter.access_token_secret,
-            )
-        )
-        rows.append(
-            (
-                "twitter",
-                True,
-                "configured (credentials are verified by the first poll); "
-                + ("OAuth 1.0a user context" if user_auth else "bearer token only"),
-            )
-        )
-    return rows
+    """Each enabled channel's own check, in the registry's order: log into what it can
+    reach (mailboxes, SMTP), say what the others need. Nothing is opened for the
+    collaborators: the channels are built, asked, and closed."""
+    engine = create_engine(settings.directory_url, settings.directory)
+    bus = Bus(settings.amqp_url.get_secret_value(), settings.bus, name="omniroute-check")
+    wiring = Wiring(settings, Health(), bus, engine, Metrics())
+    try:
+        return [row for channel in wiring.channels() for row in await channel.check()]
+    finally:
+        await wiring.close()
+        await bus.close()
+        await engine.dispose()

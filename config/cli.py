@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from config.logging import configure as configure_logging
+from config.registry import IDENTITY_KINDS
 from config.settings import COMPONENTS, Settings, config_path, load_settings
 from ingest.errors import AuthError, ConfigError, OmnirouteError
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     route = sub.add_parser("route", help="routing tools")
     rsub = route.add_subparsers(dest="action", required=True, metavar="ACTION")
     explain = rsub.add_parser("explain", help="show the decision for a sender, step by step")
-    explain.add_argument("--channel", choices=("email", "sms", "voice", "twitter"), required=True)
+    explain.add_argument("--channel", choices=tuple(IDENTITY_KINDS), required=True)
     explain.add_argument("--from", dest="sender", required=True, help="sender address")
     explain.add_argument("--to", dest="recipient", help="address it arrived on")
     explain.add_argument("--in-reply-to", help="email Message-ID this message answers")

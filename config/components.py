@@ -1,17 +1,17 @@
-"""The explicit table of what runs: which classes exist, what each receives, and which are
-enabled. A connector's module (and its third-party library) is imported only when that
-connector is configured and selected, never as a side effect of importing this module.
+"""What this process runs: the core workers, and the channels of ``config.registry`` whose
+component it runs, built by their factories from the settings and the collaborators made
+here. A channel's module (and its third-party library) is imported only when that channel
+is enabled, never as a side effect of importing this module.
 
-| component  | runs                                   | needs                                   |
-|------------|----------------------------------------|-----------------------------------------|
-| router     | routers.worker.RouterWorker            | always                                  |
-| events     | routers.events.EventsWorker            | always                                  |
-| dispatcher | routers.dispatcher.OutboundDispatcher  | always; senders of configured channels  |
-| webhooks   | Twilio webhooks, /v1/route, the spool  | twilio.auth_token and/or api.token      |
-| email      | connectors.email.EmailConnector        | [[email.mailboxes]]                     |
-| twitter    | connectors.twitter.TwitterConnector    | [twitter]                               |
+- ``router``: ``routers.worker.RouterWorker`` and the routed-log pruner;
+- ``events``: ``routers.events.EventsWorker``;
+- ``dispatcher``: ``routers.dispatcher.OutboundDispatcher`` with the senders of every
+  enabled channel, whichever process takes that channel's input in;
+- ``webhooks``, ``email``, ``twitter`` (``Entry.component``): the intake and routes of the
+  registry's enabled channels of that component.
 
-Every process serves /healthz, /readyz and /metrics on ``http.host:http.port``.
+Every process serves /healthz, /readyz and /metrics on ``http.host:http.port``; the spool
+exists once a channel with webhooks asks for it.
 
 Pollers (email, twitter) receive a lease (``routers.lease``): an advisory lock on a
 PostgreSQL directory, a lock file in ``state_dir/leases`` on SQLite, so that each mailbox
@@ -20,17 +20,19 @@ and X account is polled by one live instance however many run.
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
-from fastapi import APIRouter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from config.registry import CHANNELS, Entry, Shared, enabled, load
 from config.settings import Settings
 from ingest.bus import Bus
+from ingest.errors import ConfigError
 from ingest.health import Health, State
 from ingest.metrics import Metrics
-from ingest.protocols import InboundSink, Lease, Sender
+from ingest.protocols import Channel, HttpRoutes, InboundSink, Intake, Lease, Sender
 from ingest.sink import BusSink
 from routers.decider import Decider
 from routers.dispatcher import OutboundDispatcher
@@ -41,14 +43,25 @@ from routers.store import DbCursorStore, DbSeenStore
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
-    from config.daemon import Plan
-    from connectors.email import EmailConnector
-    from connectors.http import FastPath
+    from ingest.spool import SpooledSink
 
 log = structlog.get_logger("omniroute.components")
 #: seconds between a standby poller's attempts at the lease (with jitter): the takeover delay
 LEASE_RETRY = 3.0
 Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+#: what a registry entry's import string names: the channel built from the settings (it
+#: takes its own sections) and the collaborators it needs
+ChannelFactory = Callable[[Settings, Shared], Channel[Settings]]
+
+
+@dataclass
+class Plan:
+    """What this process runs, split by stop order: intake first, HTTP next, workers last."""
+
+    intake: dict[str, Intake] = field(default_factory=dict)
+    workers: dict[str, Runner] = field(default_factory=dict)
+    http: Runner | None = None
+    http_started: asyncio.Event | None = None
 
 
 class Wiring:
@@ -77,9 +90,22 @@ class Wiring:
         self.pruner: Pruner | None = None
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
-        self.email: EmailConnector | None = None
+        self._channels: dict[str, Channel[Settings]] = {}
+        self._spool: SpooledSink | None = None
         self._lease: Lease | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self.shared = Shared(
+            sink=self.sink,
+            spool=self.spool,
+            lease=self.lease,
+            lease_retry=LEASE_RETRY,
+            cursors=self.cursors,
+            seen=self.seen,
+            decider=self.decider,
+            health=health,
+            metrics=metrics,
+            bus=bus,
+        )
         health.listeners.append(self._on_health)
 
     def _on_health(self, name: str, state: State) -> None:
@@ -88,24 +114,34 @@ class Wiring:
     def enabled(self, name: str) -> bool:
         return name in self.settings.components
 
-    def plan(self) -> "Plan":
-        from config.daemon import Plan
+    def channels(self) -> list[Channel[Settings]]:
+        """Every enabled channel, built once, in the registry's order."""
+        return [self._channel(entry) for entry in CHANNELS if enabled(entry, self.settings)]
 
+    def _channel(self, entry: Entry) -> Channel[Settings]:
+        channel = self._channels.get(entry.name)
+        if channel is None:
+            factory = cast(ChannelFactory, load(entry))
+            channel = self._channels[entry.name] = factory(self.settings, self.shared)
+        return channel
+
+    def plan(self) -> Plan:
         plan = Plan()
         self._workers(plan)
-        http_routers: list[APIRouter] = []
-        fast_paths: list[FastPath] = []
-        spool = None
-        if self.enabled("webhooks"):
-            spool, http_routers, fast_paths = self._webhooks(plan)
-        if self.enabled("email") and self.settings.email.mailboxes:
-            self._email(plan)
-        if self.enabled("twitter") and self.settings.twitter is not None:
-            self._twitter(plan)
-        self._http(plan, http_routers, fast_paths, spool)
+        routes: list[HttpRoutes] = []
+        intake: dict[str, Intake] = {}
+        for entry in CHANNELS:
+            if self.enabled(entry.component) and enabled(entry, self.settings):
+                channel = self._channel(entry)
+                routes.extend(channel.routes())
+                intake.update(channel.intake())
+        if self._spool is not None:
+            plan.intake["spool"] = self._spool.drain
+        plan.intake.update(intake)
+        self._http(plan, routes)
         return plan
 
-    def _workers(self, plan: "Plan") -> None:
+    def _workers(self, plan: Plan) -> None:
         settings = self.settings
         drain = settings.shutdown_timeout * 0.8
         if self.enabled("router"):
@@ -136,7 +172,7 @@ class Wiring:
             dispatcher = self.dispatcher = OutboundDispatcher(
                 bus=self.bus,
                 engine=self.engine,
-                senders=self._senders(),
+                senders=self.senders(),
                 routing=settings.routing,
                 settings=settings.dispatch,
                 health=self.health,
@@ -145,67 +181,30 @@ class Wiring:
             )
             plan.workers["dispatcher"] = _with_drain(dispatcher.run, drain)
 
-    def _senders(self) -> dict[str, Sender]:
-        """The outbound sender of every configured channel."""
-        settings = self.settings
+    def senders(self) -> dict[str, Sender]:
+        """The outbound sender of every enabled channel, by the channel it answers on."""
         senders: dict[str, Sender] = {}
-        if settings.smtp is not None:
-            from connectors.email import SmtpSender
-
-            senders["email"] = SmtpSender(
-                settings.smtp, message_id_domain=settings.email.message_id_domain
-            )
-        twilio = settings.twilio
-        if twilio.account_sid and twilio.auth_token and twilio.from_number:
-            from connectors.twilio import TwilioSmsSender
-
-            sms = TwilioSmsSender(twilio, settings.http, region=settings.routing.default_region)
-            senders["sms"] = sms
-            self._closers.append(sms.close)
-        if settings.twitter is not None:
-            from connectors.twitter_sender import TwitterSender
-
-            x = TwitterSender(settings.twitter)
-            senders["twitter"] = x
-            self._closers.append(x.aclose)
+        for channel in self.channels():
+            for sender in channel.senders():
+                if sender.channel in senders:
+                    raise ConfigError(f"two senders for channel {sender.channel}")
+                senders[sender.channel] = sender
         if senders:
             log.info("components.senders", channels=sorted(senders))
         return senders
 
-    def _webhooks(self, plan: "Plan") -> tuple[Any, list[APIRouter], "list[FastPath]"]:
-        from connectors.pbx import PbxRoutes
-        from ingest.spool import SpooledSink
+    def spool(self) -> InboundSink:
+        """The webhooks' sink, made when the first channel asks: answered 200 only once the
+        broker confirmed or the spool fsynced (DESIGN.md, reliability rules)."""
+        if self._spool is None:
+            from ingest.spool import SpooledSink
 
-        settings = self.settings
-        spool = SpooledSink(
-            BusSink(self.bus), settings.state_dir / "spool", settings.spool, self.metrics
-        )
-        self.health.probes["spool"] = spool.probe
-        plan.intake["spool"] = spool.drain
-        pbx = PbxRoutes(
-            settings=settings.api,
-            decider=self.decider,
-            sink=spool,
-            metrics=self.metrics,
-            region=settings.routing.default_region,
-        )
-        routers = [pbx.router]
-        if settings.twilio.auth_token is not None:
-            from connectors.twilio import twilio_router
-
-            routers.append(
-                twilio_router(
-                    settings=settings.twilio,
-                    http=settings.http,
-                    sink=spool,
-                    seen=self.seen,
-                    decider=self.decider,
-                    bus=self.bus,
-                    metrics=self.metrics,
-                    region=settings.routing.default_region,
-                )
+            settings = self.settings
+            self._spool = SpooledSink(
+                BusSink(self.bus), settings.state_dir / "spool", settings.spool, self.metrics
             )
-        return spool, routers, [pbx.fast_path]
+            self.health.probes["spool"] = self._spool.probe
+        return self._spool
 
     def lease(self) -> Lease:
         """One lease provider for every poller of this process, closed with it."""
@@ -215,39 +214,7 @@ class Wiring:
             self._closers.append(lease.close)
         return self._lease
 
-    def _email(self, plan: "Plan") -> None:
-        from connectors.email import EmailConnector
-
-        connector = self.email = EmailConnector(
-            self.settings.email,
-            sink=self.sink,
-            cursors=self.cursors,
-            seen=self.seen,
-            health=self.health,
-            lease=self.lease(),
-            lease_retry=LEASE_RETRY,
-        )
-        plan.intake["email"] = connector.run
-
-    def _twitter(self, plan: "Plan") -> None:
-        from connectors.twitter import TwitterConnector
-
-        assert self.settings.twitter is not None
-        connector = TwitterConnector(
-            self.settings.twitter,
-            self.sink,
-            self.cursors,
-            self.seen,
-            self.health,
-            lease=self.lease(),
-            lease_retry=LEASE_RETRY,
-        )
-        plan.intake["twitter"] = connector.run
-        self._closers.append(connector.aclose)
-
-    def _http(
-        self, plan: "Plan", routers: list[APIRouter], fast_paths: "list[FastPath]", spool: Any
-    ) -> None:
+    def _http(self, plan: Plan, routes: list[HttpRoutes]) -> None:
         from connectors.http import HttpServer, build_app
 
         settings = self.settings
@@ -255,9 +222,9 @@ class Wiring:
             health=self.health,
             metrics=self.metrics,
             http=settings.http,
-            routers=routers,
-            fast_paths=fast_paths,
-            spool=spool,
+            routers=[r.router for r in routes],
+            fast_paths=[r.fast_path for r in routes if r.fast_path is not None],
+            spool=self._spool,
         )
         self.http = HttpServer(app, settings.http, shutdown_timeout=settings.shutdown_timeout / 3)
         plan.http = self.http.run
@@ -283,14 +250,14 @@ class Wiring:
         for checker in (self.events, self.dispatcher):
             if checker is not None:
                 checker.trust = settings.events  # who is trusted changes live
-        if self.email is not None:
-            await self.email.reconcile(settings.email)
+        for channel in self._channels.values():
+            await channel.reload(settings)
         await self.engine.dispose()
         self.decider.directory.clear()
         log.info("components.directory_reopened")
 
     async def close(self) -> None:
-        for close in self._closers:
+        for close in [*(c.close for c in self._channels.values()), *self._closers]:
             try:
                 await close()
             except Exception:  # closing must go on for the others

@@ -16,14 +16,12 @@ import gc
 import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from config import components
+from config import components, registry
 from config.logging import configure as configure_logging
 from config.notify import Notifier, watchdog_interval
 from config.settings import Settings, load_settings
@@ -42,38 +40,10 @@ log = structlog.get_logger("omniroute.daemon")
 READINESS_GRACE = 1.0
 MIGRATE_LEASE = "directory:migrate"
 #: components whose failure the watchdog reports (connectors fail alone, see _alive)
-CORE = ("directory", "router", "events", "dispatcher")
+CORE = ("directory", *registry.CORE)
 #: settings a running process cannot take over live: a reload that changes them says so
-#: sections a reload cannot apply to running components: a change is logged as needing a
-#: restart (credentials included: systemd fills $CREDENTIALS_DIRECTORY only at start)
-RESTART_ONLY = (
-    "amqp_url",
-    "database_url",
-    "state_dir",
-    "components",
-    "http",
-    "bus",
-    "spool",
-    "api",
-    "twilio",
-    "smtp",
-    "twitter",
-    "dispatch",
-    "router",
-    "directory",
-)
-
-Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
-
-
-@dataclass
-class Plan:
-    """What this process runs, split by stop order."""
-
-    intake: dict[str, Runner] = field(default_factory=dict)
-    workers: dict[str, Runner] = field(default_factory=dict)
-    http: Runner | None = None
-    http_started: asyncio.Event | None = None
+#: (the core's and each channel's, from the registry)
+RESTART_ONLY = registry.RESTART_ONLY
 
 
 class Daemon:
@@ -136,9 +106,9 @@ class Daemon:
             old = self.settings
             # what this process runs was chosen at start (``--component``), not by the file
             new = new.model_copy(update={"components": old.components})
-            restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(old, key)]
-            if new.routing.default_region != old.routing.default_region:
-                restart.append("routing.default_region (webhooks keep the old one)")
+            restart = [
+                key for key in RESTART_ONLY if registry.value(new, key) != registry.value(old, key)
+            ]
             if restart:
                 log.warning("daemon.reload_needs_restart", keys=restart)
             configure_logging(
@@ -235,7 +205,7 @@ class Daemon:
             delay = min(delay * 2, 30.0)
         return False
 
-    async def _serve(self, plan: Plan, bus: Bus) -> int:
+    async def _serve(self, plan: components.Plan, bus: Bus) -> int:
         settings = self.settings
         intake: list[asyncio.Task[None]] = []
         workers: list[asyncio.Task[None]] = []

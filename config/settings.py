@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from config import registry
 from connectors.settings import (
     ApiSettings,
     EmailSettings,
@@ -35,7 +36,7 @@ from ingest.settings import BusSettings
 from routers.dispatcher import DispatchSettings
 from routers.settings import DirectorySettings, EventsSettings, RouterSettings, RoutingSettings
 
-COMPONENTS = ("router", "events", "dispatcher", "webhooks", "email", "twitter")
+COMPONENTS = registry.COMPONENTS  # derived from the channel table: never listed here
 _TOML: ContextVar[Path | None] = ContextVar("omniroute_toml", default=None)
 
 

@@ -3,14 +3,19 @@
 ``connectors`` and ``routers`` never import each other: the voice webhook and the PBX
 route API receive a ``Decider``, the outbound dispatcher receives ``Sender``s, pollers
 receive a ``CursorStore``, and everything that takes input in receives an ``InboundSink``.
+Each channel shows the daemon one ``Channel``: its intake, routes, senders and check.
 """
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ingest.schema import CustomerRef, InboundMessage, ReplyRequest, Route
+
+if TYPE_CHECKING:  # types only: a channel without HTTP routes never loads the web stack
+    from fastapi import APIRouter
+    from starlette.types import Receive, Scope, Send
 
 
 @dataclass(frozen=True)
@@ -87,13 +92,6 @@ class SeenStore(Protocol):
         """Undo ``first_time_many`` for these ids, in one transaction."""
 
 
-class Connector(Protocol):
-    name: str
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """The intake loop; returns once ``stop`` is set and in-flight input is safe."""
-
-
 class Lease(Protocol):
     """The right to poll one source (``imap:<mailbox>``, ``twitter:<user_id>``), held by at
     most one live process; it frees itself when the holder dies, so another takes over."""
@@ -104,3 +102,45 @@ class Lease(Protocol):
 
     async def release(self, key: str) -> None:
         """Give the lease up; idempotent, never raises."""
+
+
+#: an intake loop: takes input until ``stop`` is set, then returns once what it took is safe
+Intake = Callable[[asyncio.Event], Awaitable[None]]
+#: one line of ``omniroute check``: what was checked, whether it passed, and why
+CheckRow = tuple[str, bool, str]
+SettingsT = TypeVar("SettingsT", contravariant=True)
+
+
+@dataclass(frozen=True)
+class HttpRoutes:
+    """What a channel serves on the daemon's HTTP port: its FastAPI router, and optionally a
+    fast path offered each request before the framework (a hot endpoint, see ``/v1/route``)."""
+
+    router: "APIRouter"
+    fast_path: "Callable[[Scope, Receive, Send], Awaitable[bool]] | None" = None
+
+
+class Channel(Protocol[SettingsT]):
+    """One channel's face to the daemon, built by ``config`` from its settings and the shared
+    collaborators (issue 14). Every part may be empty, and building one opens nothing: the
+    daemon asks only for the parts this process runs, each at most once."""
+
+    name: str
+
+    def intake(self) -> Mapping[str, Intake]:
+        """The intake loops, by the name they are supervised and shown in ``/readyz`` under."""
+
+    def routes(self) -> Sequence[HttpRoutes]:
+        """The webhooks or APIs it serves."""
+
+    def senders(self) -> Sequence[Sender]:
+        """The outbound dispatcher's sender for each channel it answers on."""
+
+    async def check(self) -> list[CheckRow]:
+        """``omniroute check``: log in where it can, say what is missing where it cannot."""
+
+    async def reload(self, settings: SettingsT) -> None:
+        """Apply what can change live (SIGHUP); the registry names the keys that cannot."""
+
+    async def close(self) -> None:
+        """Release what its parts opened; called once, after they have all stopped."""

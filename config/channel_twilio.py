@@ -1,0 +1,65 @@
+"""The Twilio channel: the SMS and Voice webhooks (signed by Twilio, kept through the
+spool), SMS replies through Twilio's API when an account and a sender number are set."""
+
+from collections.abc import Mapping, Sequence
+
+from config.registry import Shared
+from config.settings import Settings
+from connectors.twilio import TwilioSmsSender, twilio_router
+from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
+
+
+class TwilioChannel:
+    name = "twilio"
+
+    def __init__(self, settings: Settings, shared: Shared) -> None:
+        self._settings = settings
+        self._shared = shared
+        self._sms: TwilioSmsSender | None = None
+
+    def _can_send(self) -> bool:
+        twilio = self._settings.twilio
+        return bool(twilio.account_sid and twilio.auth_token and twilio.from_number)
+
+    def intake(self) -> Mapping[str, Intake]:
+        return {}
+
+    def routes(self) -> Sequence[HttpRoutes]:
+        settings, shared = self._settings, self._shared
+        router = twilio_router(
+            settings=settings.twilio,
+            http=settings.http,
+            sink=shared.spool(),
+            seen=shared.seen,
+            decider=shared.decider,
+            bus=shared.bus,
+            metrics=shared.metrics,
+            region=settings.routing.default_region,
+        )
+        return (HttpRoutes(router),)
+
+    def senders(self) -> Sequence[Sender]:
+        if not self._can_send():
+            return ()
+        settings = self._settings
+        self._sms = TwilioSmsSender(
+            settings.twilio, settings.http, region=settings.routing.default_region
+        )
+        return (self._sms,)
+
+    async def check(self) -> list[CheckRow]:
+        why = "webhook signatures checked against " + (
+            self._settings.http.public_url or "the request URL (set http.public_url behind a proxy)"
+        )
+        return [("twilio", True, why + ("; SMS replies enabled" if self._can_send() else ""))]
+
+    async def reload(self, settings: Settings) -> None:
+        """Nothing live: ``[twilio]`` needs a restart (see the registry)."""
+
+    async def close(self) -> None:
+        if self._sms is not None:
+            await self._sms.close()
+
+
+def build(settings: Settings, shared: Shared) -> Channel[Settings]:
+    return TwilioChannel(settings, shared)
