@@ -13,7 +13,6 @@ directory pool; a configuration that does not load is refused and the old one ke
 import asyncio
 import contextlib
 import gc
-import random
 import signal
 import time
 from collections.abc import Awaitable
@@ -27,6 +26,7 @@ from config.notify import Notifier, watchdog_interval
 from config.settings import Settings, load_settings
 from config.supervise import supervise
 from ingest.amqp import redact_url
+from ingest.backoff import Backoff, pause
 from ingest.bus import Bus
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
@@ -181,7 +181,7 @@ class Daemon:
 
     async def _open_bus(self, bus: Bus) -> bool:
         """Connect, retrying with backoff while the broker is away; False if stopped first."""
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         waiting = False
         url = redact_url(self.settings.amqp_url.get_secret_value())
         while not self._stop.is_set():
@@ -197,12 +197,7 @@ class Daemon:
                     log.warning("daemon.broker_unreachable", url=url, error=str(exc))
                     waiting = True
                 self.health.set("broker", "down", "unreachable")
-            try:
-                async with asyncio.timeout(delay * (0.5 + random.random())):  # noqa: S311
-                    await self._stop.wait()
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, 30.0)
+            await pause(backoff.next(), self._stop)
         return False
 
     async def _serve(self, plan: components.Plan, bus: Bus) -> int:

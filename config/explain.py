@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from config.registry import IDENTITY_KINDS
 from config.settings import Settings
 from ingest.errors import ConfigError
 from ingest.identities import IdentityKind
@@ -19,12 +20,7 @@ from routers.db import create_engine, require_current
 from routers.decider import Decider
 from routers.policy import trace
 
-KINDS: dict[str, IdentityKind] = {
-    "email": "email",
-    "sms": "phone",
-    "voice": "phone",
-    "twitter": "twitter",
-}
+KINDS: dict[str, IdentityKind] = IDENTITY_KINDS  # one table of channels (config.registry)
 
 
 def sender_meta(
