@@ -5,8 +5,20 @@ from collections.abc import Mapping, Sequence
 
 from config.registry import Shared
 from config.settings import Settings
-from connectors.twilio import TwilioSmsSender, twilio_router
+from connectors.twilio import TwilioRoutes, TwilioSmsSender
+from ingest.bus import EVENTS, Bus
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
+from ingest.schema import OutboundFailed
+
+
+class BusEvents:
+    """The ``EventSink`` over the bus: events on ``omniroute.events``, keyed by type."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def emit(self, event: OutboundFailed, *, message_id: str) -> None:
+        await self._bus.publish(EVENTS, event.type, event, message_id=message_id)
 
 
 class TwilioChannel:
@@ -26,17 +38,17 @@ class TwilioChannel:
 
     def routes(self) -> Sequence[HttpRoutes]:
         settings, shared = self._settings, self._shared
-        router = twilio_router(
+        routes = TwilioRoutes(
             settings=settings.twilio,
             http=settings.http,
             sink=shared.spool(),
             seen=shared.seen,
             decider=shared.decider,
-            bus=shared.bus,
+            events=BusEvents(shared.bus),
             metrics=shared.metrics,
             region=settings.routing.default_region,
         )
-        return (HttpRoutes(router),)
+        return (HttpRoutes(routes.router),)
 
     def senders(self) -> Sequence[Sender]:
         if not self._can_send():

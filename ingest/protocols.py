@@ -2,7 +2,8 @@
 
 ``connectors`` and ``routers`` never import each other: the voice webhook and the PBX
 route API receive a ``Decider``, the outbound dispatcher receives ``Sender``s, pollers
-receive a ``CursorStore``, and everything that takes input in receives an ``InboundSink``.
+receive a ``CursorStore``, everything that takes input in receives an ``InboundSink``, and
+a connector that reports on its own sends (Twilio's status callbacks) an ``EventSink``.
 Each channel shows the daemon one ``Channel``: its intake, routes, senders and check.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from ingest.schema import CustomerRef, InboundMessage, ReplyRequest, Route
+from ingest.schema import CustomerRef, InboundMessage, OutboundFailed, ReplyRequest, Route
 
 if TYPE_CHECKING:  # types only: a channel without HTTP routes never loads the web stack
     from fastapi import APIRouter
@@ -49,6 +50,12 @@ class SendResult:
 class InboundSink(Protocol):
     async def submit(self, message: InboundMessage) -> None:
         """Return only once the message is safe: broker-confirmed or fsynced to the spool."""
+
+
+class EventSink(Protocol):
+    async def emit(self, event: OutboundFailed, *, message_id: str) -> None:
+        """Publish an event onto ``omniroute.events`` under its type; return only once the
+        broker confirmed it, else raise ``TransientError``. ``message_id`` deduplicates."""
 
 
 class Decider(Protocol):

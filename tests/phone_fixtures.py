@@ -19,10 +19,11 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 from twilio.request_validator import RequestValidator
 
+from config.channel_twilio import BusEvents
 from connectors.http import build_app
 from connectors.pbx import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
-from connectors.twilio import twilio_router
+from connectors.twilio import TwilioRoutes
 from ingest.bus import QUEUES, Bus
 from ingest.health import Health
 from ingest.metrics import Metrics
@@ -158,16 +159,16 @@ def webhook_app(
         region=REGION,
     )
     routers = [
-        twilio_router(
+        TwilioRoutes(
             settings=twilio,
             http=http,
             sink=spool,
             seen=seen,
             decider=decider,
-            bus=bus,
+            events=BusEvents(bus),
             metrics=metrics,
             region=REGION,
-        ),
+        ).router,
         pbx.router,
     ]
     return build_app(

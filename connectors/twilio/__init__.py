@@ -1,0 +1,7 @@
+"""Twilio: SMS and Voice webhooks in (``webhooks``: messaging, voice, status callbacks, each
+form verified by ``forms``), SMS replies out (``sms``), delivery failures as events."""
+
+from connectors.twilio.sms import STATUS_PATH, TwilioSmsSender
+from connectors.twilio.webhooks import SMS_PATH, VOICE_PATH, TwilioRoutes
+
+__all__ = ["SMS_PATH", "STATUS_PATH", "VOICE_PATH", "TwilioRoutes", "TwilioSmsSender"]

@@ -1,0 +1,86 @@
+"""The Messaging webhook: a text becomes an ``InboundMessage`` (channel ``sms``,
+``external_id`` = MessageSid, media as attachments), answered with empty TwiML or
+``twilio.sms_ack_text``. Answered 200 only once the sink made it safe (broker confirm or
+spool fsync), else 503 so that Twilio retries; a MessageSid seen before is answered again,
+not published again."""
+
+from datetime import UTC, datetime
+
+import structlog
+from fastapi import HTTPException, Response
+from starlette.datastructures import FormData
+from twilio.twiml.messaging_response import MessagingResponse
+
+from connectors.calls import phone_identity
+from connectors.settings import TwilioSettings
+from connectors.twilio import forms
+from connectors.twilio.intake import WebhookIntake
+from ingest.errors import TransientError
+from ingest.identities import redact
+from ingest.schema import InboundMessage
+
+log = structlog.get_logger("omniroute.twilio")
+
+SMS_META = {
+    "AccountSid": "account_sid",
+    "MessagingServiceSid": "messaging_service_sid",
+    "FromCountry": "from_country",
+    "NumSegments": "num_segments",
+}
+
+
+class MessagingWebhook:
+    """``POST /webhooks/twilio/sms``, after the form was verified."""
+
+    def __init__(self, settings: TwilioSettings, intake: WebhookIntake, *, region: str) -> None:
+        self._settings = settings
+        self._intake = intake
+        self._region = region
+
+    def message(self, form: FormData) -> InboundMessage:
+        return InboundMessage(
+            channel="sms",
+            external_id=forms.required(form, "MessageSid"),
+            sender=phone_identity(forms.required(form, "From"), self._region),
+            recipient=forms.optional_identity(form, "To", self._region),
+            text=forms.text(form, "Body"),
+            attachments=forms.media(form),
+            meta=forms.meta(form, SMS_META),
+        )
+
+    async def answer(self, form: FormData) -> Response:
+        message = self.message(form)
+        fresh = await self._intake.first_time(message.channel, message.external_id)
+        if fresh:
+            try:
+                await self._intake.submit(message)
+            except TransientError as exc:
+                log.warning(
+                    "twilio.sms_not_safe", external_id=message.external_id, error=str(exc)[:300]
+                )
+                raise HTTPException(503, "the message could not be stored, retry") from exc
+            log.info(
+                "twilio.sms",
+                channel=message.channel,
+                external_id=message.external_id,
+                sender=redact(message.sender.address),
+                media=len(message.attachments),
+            )
+        else:
+            log.info("twilio.duplicate", channel=message.channel, external_id=message.external_id)
+        # A retry means Twilio missed our first answer, so the retry gets the same one.
+        reply = MessagingResponse()
+        ack = self._settings.sms_ack_text
+        ackable = bool(ack) and message.sender.address.startswith("+")
+        if ackable and (not fresh or await self._acknowledge_today(message.sender.address)):
+            reply.message(ack)
+        return forms.twiml(reply)
+
+    async def _acknowledge_today(self, sender: str) -> bool:
+        """One acknowledgement per sender per UTC day: two auto-responders answering each
+        other must not loop (DESIGN.md, Bad input). A store that is down sends none."""
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        try:
+            return await self._intake.seen.first_time("sms-ack", f"{sender}:{day}")
+        except TransientError:
+            return False
