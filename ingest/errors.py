@@ -44,7 +44,13 @@ class RefusedError(PoisonError):
 
 
 class PermanentSendError(OmnirouteError):
-    """The channel refused an outbound reply for good; reported as ``outbound.failed``."""
+    """The channel refused an outbound reply for good; reported as ``outbound.failed``.
+    With a ``code`` (``outside_session_window``), the event's reason is that stable code
+    alone, for a ticket system to act on; the detail is logged."""
+
+    def __init__(self, detail: str, *, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
 
 
 class UnroutableError(TransientError):

@@ -156,7 +156,10 @@ class OutboundDispatcher:
         context = ReplyContext(original=found[0] if found else None, customer_id=customer_id)
         try:
             result = await self._send_with_retries(sender, reply, context)
-        except (PermanentSendError, AuthError, ConfigError) as exc:
+        except PermanentSendError as exc:
+            await self._fail(reply, exc.code or f"{type(exc).__name__}: {exc}", detail=str(exc))
+            return
+        except (AuthError, ConfigError) as exc:
             await self._fail(reply, f"{type(exc).__name__}: {exc}")
             return
         except TransientError as exc:
@@ -227,8 +230,8 @@ class OutboundDispatcher:
         )
         await self._bus.publish(EVENTS, event.type, event, message_id=f"failed:{event.request_id}")
 
-    async def _fail(self, reply: ReplyRequest, reason: str) -> None:
-        log.warning("dispatcher.failed", reason=reason)
+    async def _fail(self, reply: ReplyRequest, reason: str, *, detail: str | None = None) -> None:
+        log.warning("dispatcher.failed", reason=reason, detail=detail)
         if self._metrics is not None:
             self._metrics.outbound.labels(reply.channel, "failed").inc()
         event = OutboundFailed(
