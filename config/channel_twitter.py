@@ -7,7 +7,7 @@ from config.registry import Shared
 from config.settings import Settings
 from connectors.settings import TwitterSettings
 from connectors.twitter import TwitterConnector
-from connectors.twitter_sender import TwitterSender
+from connectors.twitter.sender import TwitterSender
 from ingest.errors import ConfigError
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
 

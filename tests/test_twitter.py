@@ -10,7 +10,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.twitter import TwitterConnector
-from connectors.twitter_sender import TwitterSender
+from connectors.twitter.sender import TwitterSender
 from ingest.bus import Bus
 from ingest.errors import PermanentSendError, TransientError
 from ingest.health import Health
@@ -409,7 +409,7 @@ async def test_bearer_token_never_reaches_the_logs(
 
 def test_a_huge_field_in_an_x_item_is_cut_not_carried() -> None:
     """Whatever a response holds, a message carries at most X's own limits (issue 13)."""
-    from connectors.twitter_messages import MAX_MEDIA, MAX_NAME, MAX_TEXT, XNormaliser
+    from connectors.twitter.messages import MAX_MEDIA, MAX_NAME, MAX_TEXT, XNormaliser
 
     media = {
         f"m{n}": {"media_key": f"m{n}", "type": "photo", "url": "https://x/p.jpg"}

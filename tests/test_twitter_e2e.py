@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.twitter import TwitterConnector
-from connectors.twitter_sender import TwitterSender
+from connectors.twitter.sender import TwitterSender
 from ingest.bus import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, Bus
 from ingest.health import Health
 from ingest.schema import Identity, ReplyRequest, RoutedMessage

@@ -8,7 +8,7 @@ retrying cannot fix (credentials, a 4xx) is a ``PermanentSendError``; X being aw
 import structlog
 
 from connectors.settings import TwitterSettings
-from connectors.twitter_api import Refused, XApi
+from connectors.twitter.api import Refused, XApi
 from ingest.errors import AuthError, PermanentSendError
 from ingest.identities import InvalidIdentity, normalise_twitter, redact
 from ingest.protocols import ReplyContext, SendResult

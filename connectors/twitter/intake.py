@@ -1,9 +1,9 @@
 """The X (Twitter) channel's way in: mentions and DMs, polled from API v2 with tweepy.
 
 Sole purpose: turn each mention of the support account and each DM it receives into one
-``InboundMessage`` on the bus. The client is ``connectors.twitter_api``, the normalisation
-``connectors.twitter_messages``; the way out (reply tweets and DMs) is
-``connectors.twitter_sender.TwitterSender``.
+``InboundMessage`` on the bus. The client is ``connectors.twitter.api``, the normalisation
+``connectors.twitter.messages``; the way out (reply tweets and DMs) is
+``connectors.twitter.sender.TwitterSender``.
 
 Invariants:
 - The mentions cursor (``since_id``) advances only after every page down to the stored one
@@ -27,8 +27,8 @@ import structlog
 
 from connectors.leasing import LeaseKeeper
 from connectors.settings import TwitterSettings
-from connectors.twitter_api import JSON, RateLimited, Refused, XApi
-from connectors.twitter_messages import XNormaliser, includes, sort_key
+from connectors.twitter.api import JSON, RateLimited, Refused, XApi
+from connectors.twitter.messages import XNormaliser, includes, sort_key
 from ingest.backoff import Backoff
 from ingest.errors import AuthError, TransientError
 from ingest.health import Health

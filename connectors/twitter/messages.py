@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import structlog
 from pydantic import ValidationError
 
-from connectors.twitter_api import JSON
+from connectors.twitter.api import JSON
 from ingest.identities import InvalidIdentity, normalise_twitter
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
 
