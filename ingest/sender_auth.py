@@ -1,7 +1,7 @@
 """What a message says about its sender's authenticity, and when the sender counts as proven.
 
 Sole purpose: one reading of ``meta.auth`` (email: the SPF, DKIM and DMARC results a
-trusted receiving server wrote, see ``connectors.authresults``) and ``meta.stir_verstat``
+trusted receiving server wrote, see ``connectors.email.authresults``) and ``meta.stir_verstat``
 (voice: the carrier's STIR/SHAKEN verdict on the caller ID) for the policy and
 ``route explain``. It lives in ``ingest`` because it is part of the message contract, which
 ``connectors`` write and ``routers`` read (they never import each other).

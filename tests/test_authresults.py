@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.authresults import MAX_LENGTH, MAX_VALUES, parse, read_auth, verified
+from connectors.email.authresults import MAX_LENGTH, MAX_VALUES, parse, read_auth, verified
 from ingest.sender_auth import describe, failed_verstat
 
 GMAIL_PASS = (

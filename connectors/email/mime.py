@@ -24,7 +24,7 @@ from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
-from connectors.authresults import read_auth
+from connectors.email.authresults import read_auth
 from connectors.email.body import attachments as read_attachments
 from connectors.email.body import body_part, content_type, decode, safe_walk, text_of
 from connectors.email.body import html_to_text as html_to_text
