@@ -1,11 +1,12 @@
-"""The Twilio channel: the SMS and Voice webhooks (signed by Twilio, kept through the
-spool), SMS replies through Twilio's API when an account and a sender number are set."""
+"""The Twilio channel: the SMS, WhatsApp and Voice webhooks (signed by Twilio, kept through
+the spool), SMS and WhatsApp replies through Twilio's API when an account and a sender
+number are set."""
 
 from collections.abc import Mapping, Sequence
 
 from config.registry import Shared
 from config.settings import Settings
-from connectors.twilio import TwilioRoutes, TwilioSmsSender
+from connectors.twilio import TwilioRoutes, TwilioSmsSender, TwilioWhatsAppSender
 from ingest.bus import EVENTS, Bus
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
 from ingest.schema import OutboundFailed
@@ -27,7 +28,7 @@ class TwilioChannel:
     def __init__(self, settings: Settings, shared: Shared) -> None:
         self._settings = settings
         self._shared = shared
-        self._sms: TwilioSmsSender | None = None
+        self._senders: tuple[TwilioSmsSender, ...] = ()
 
     def _can_send(self) -> bool:
         twilio = self._settings.twilio
@@ -54,23 +55,25 @@ class TwilioChannel:
         if not self._can_send():
             return ()
         settings = self._settings
-        self._sms = TwilioSmsSender(
-            settings.twilio, settings.http, region=settings.routing.default_region
+        self._senders = tuple(
+            kind(settings.twilio, settings.http, region=settings.routing.default_region)
+            for kind in (TwilioSmsSender, TwilioWhatsAppSender)
         )
-        return (self._sms,)
+        return self._senders
 
     async def check(self) -> list[CheckRow]:
         why = "webhook signatures checked against " + (
             self._settings.http.public_url or "the request URL (set http.public_url behind a proxy)"
         )
-        return [("twilio", True, why + ("; SMS replies enabled" if self._can_send() else ""))]
+        sending = "; SMS and WhatsApp replies enabled" if self._can_send() else ""
+        return [("twilio", True, why + sending)]
 
     async def reload(self, settings: Settings) -> None:
         """Nothing live: ``[twilio]`` needs a restart (see the registry)."""
 
     async def close(self) -> None:
-        if self._sms is not None:
-            await self._sms.close()
+        for sender in self._senders:
+            await sender.close()
 
 
 def build(settings: Settings, shared: Shared) -> Channel[Settings]:

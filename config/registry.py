@@ -69,7 +69,7 @@ CHANNELS: tuple[Entry, ...] = (
         component="webhooks",
         enabled_by=("twilio.auth_token",),
         restart=("twilio", "routing.default_region"),
-        inbound={"sms": "phone", "voice": "phone"},
+        inbound={"sms": "phone", "voice": "phone", "whatsapp": "phone"},
     ),
     Entry(
         "pbx",

@@ -229,6 +229,9 @@ class TwilioSettings(_Section):
     account_sid: str | None = None
     auth_token: SecretStr | None = None
     from_number: str | None = Field(default=None, description="sender number for SMS replies")
+    whatsapp_from: str | None = Field(
+        default=None, description="sender number for WhatsApp replies (default: from_number)"
+    )
     sms_ack_text: str | None = Field(default=None, description="auto-answer to each SMS")
     dial_timeout: int = Field(default=20, ge=5, le=600)
     api_base_url: str | None = Field(

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-Channel = Literal["email", "sms", "voice", "twitter"]
+Channel = Literal["email", "sms", "voice", "twitter", "whatsapp"]
 IdentityKindField = Literal["email", "phone", "twitter"]
 RouteKind = Literal["agent", "team", "triage"]
 Presence = Literal["available", "away", "offline"]

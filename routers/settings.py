@@ -17,7 +17,7 @@ class RoutingSettings(BaseModel):
         default=timedelta(days=14), description="how long the last agent keeps a customer"
     )
     sticky_channels: list[Channel] = Field(
-        default=["email", "sms", "twitter"],
+        default=["email", "sms", "twitter", "whatsapp"],
         description="channels on which the last agent keeps the customer (voice goes to the team)",
     )
     default_team: str | None = Field(

@@ -315,12 +315,15 @@ class TcpProxy:
 
 
 class FakeTwilioApi:
-    """Twilio's Messages resource on loopback, answering like the documented API."""
+    """Twilio's Messages resource on loopback, answering like the documented API (SMS and
+    WhatsApp alike: a WhatsApp message is the same resource with ``whatsapp:`` addresses)."""
 
     INVALID = "+15005550001"  # Twilio's magic "invalid number" test value
     BROKEN = "+15005550009"  # answered 503 here
 
     def __init__(self) -> None:
+        #: WhatsApp addresses whose 24-hour customer-care window is closed (error 63016)
+        self.closed_sessions: set[str] = set()
         self.requests: list[dict[str, str]] = []
         self.auth: list[str | None] = []
         self._runner: web.AppRunner | None = None
@@ -364,6 +367,17 @@ class FakeTwilioApi:
                     "code": 21211,
                     "message": f"The 'To' number {to} is not a valid phone number.",
                     "more_info": "https://www.twilio.com/docs/errors/21211",
+                    "status": 400,
+                },
+                status=400,
+            )
+        if to in self.closed_sessions:
+            return web.json_response(
+                {
+                    "code": 63016,
+                    "message": "Failed to send freeform message because you are outside the "
+                    "allowed window. If you are using WhatsApp, please use a Message Template.",
+                    "more_info": "https://www.twilio.com/docs/errors/63016",
                     "status": 400,
                 },
                 status=400,

@@ -135,6 +135,7 @@ def test_schema_prints_every_message_type(daemon: DaemonProcess) -> None:
         "sms",
         "voice",
         "twitter",
+        "whatsapp",
     ]
 
 

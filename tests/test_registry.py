@@ -120,7 +120,7 @@ async def test_channels_and_senders_follow_the_settings(
     """The dispatcher answers on every configured channel, and on nothing else."""
     everything = wiring_of(_every_channel(tmp_path))
     assert [c.name for c in everything.channels()] == ["twilio", "pbx", "email", "twitter"]
-    assert set(everything.senders()) == {"sms", "email", "twitter"}
+    assert set(everything.senders()) == {"sms", "whatsapp", "email", "twitter"}
     nothing = wiring_of(Settings(state_dir=tmp_path))
     assert [c.name for c in nothing.channels()] == ["pbx"]
     assert nothing.senders() == {}

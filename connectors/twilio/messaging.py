@@ -1,5 +1,7 @@
-"""The Messaging webhook: a text becomes an ``InboundMessage`` (channel ``sms``,
-``external_id`` = MessageSid, media as attachments), answered with empty TwiML or
+"""The Messaging webhook: a text becomes an ``InboundMessage`` (channel ``sms``, or
+``whatsapp`` when From is ``whatsapp:+…``; sender the E.164 number either way, so a customer
+known by phone is known on WhatsApp; ``external_id`` = MessageSid, media as attachments,
+WhatsApp's profile name and button replies kept), answered with empty TwiML or, to an SMS,
 ``twilio.sms_ack_text``. Answered 200 only once the sink made it safe (broker confirm or
 spool fsync), else 503 so that Twilio retries; a MessageSid seen before is answered again,
 not published again."""
@@ -11,9 +13,9 @@ from fastapi import HTTPException, Response
 from starlette.datastructures import FormData
 from twilio.twiml.messaging_response import MessagingResponse
 
-from connectors.calls import phone_identity
+from connectors.calls import MAX_FIELD, phone_identity
 from connectors.settings import TwilioSettings
-from connectors.twilio import forms
+from connectors.twilio import addresses, forms
 from connectors.twilio.intake import WebhookIntake
 from ingest.errors import TransientError
 from ingest.identities import redact
@@ -27,6 +29,13 @@ SMS_META = {
     "FromCountry": "from_country",
     "NumSegments": "num_segments",
 }
+WHATSAPP_META = {
+    "ProfileName": "profile_name",
+    "WaId": "wa_id",
+    "MessageType": "message_type",
+    "ButtonText": "button_text",
+    "ButtonPayload": "button_payload",
+}
 
 
 class MessagingWebhook:
@@ -38,14 +47,19 @@ class MessagingWebhook:
         self._region = region
 
     def message(self, form: FormData) -> InboundMessage:
+        channel, sender = addresses.split(forms.required(form, "From"))
+        whatsapp = channel == "whatsapp"
+        _, to = addresses.split(forms.text(form, "To").strip())
+        name = forms.text(form, "ProfileName")[:MAX_FIELD] if whatsapp else ""
         return InboundMessage(
-            channel="sms",
+            channel=channel,
             external_id=forms.required(form, "MessageSid"),
-            sender=phone_identity(forms.required(form, "From"), self._region),
-            recipient=forms.optional_identity(form, "To", self._region),
-            text=forms.text(form, "Body"),
+            sender=phone_identity(sender, self._region, name=name or None),
+            recipient=phone_identity(to, self._region) if to else None,
+            # a button reply's Body is its text; ButtonText says so when Body is empty
+            text=forms.text(form, "Body") or (forms.text(form, "ButtonText") if whatsapp else ""),
             attachments=forms.media(form),
-            meta=forms.meta(form, SMS_META),
+            meta=forms.meta(form, SMS_META | (WHATSAPP_META if whatsapp else {})),
         )
 
     async def answer(self, form: FormData) -> Response:
@@ -71,7 +85,7 @@ class MessagingWebhook:
         # A retry means Twilio missed our first answer, so the retry gets the same one.
         reply = MessagingResponse()
         ack = self._settings.sms_ack_text
-        ackable = bool(ack) and message.sender.address.startswith("+")
+        ackable = bool(ack) and message.channel == "sms" and message.sender.address[:1] == "+"
         if ackable and (not fresh or await self._acknowledge_today(message.sender.address)):
             reply.message(ack)
         return forms.twiml(reply)

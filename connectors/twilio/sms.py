@@ -19,6 +19,7 @@ from twilio.rest import Client
 
 from connectors.calls import phone_identity
 from connectors.settings import HttpSettings, TwilioSettings
+from connectors.twilio import addresses
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.identities import redact
 from ingest.protocols import ReplyContext, SendResult
@@ -61,6 +62,7 @@ class TwilioSmsSender:
     """The outbound dispatcher's ``Sender`` for channel ``sms``."""
 
     channel = "sms"
+    prefix = ""  # of both addresses, as the Messages API wants them on this channel
 
     def __init__(self, settings: TwilioSettings, http: HttpSettings, *, region: str) -> None:
         if not (settings.account_sid and settings.auth_token and settings.from_number):
@@ -86,13 +88,30 @@ class TwilioSmsSender:
             )
         return self._client
 
+    def _from(self) -> str:
+        """The ``From`` of our messages on this channel."""
+        return str(self._settings.from_number)
+
+    def _refused(self, exc: TwilioRestException) -> Exception:
+        """Twilio's refusal as our error: 4xx permanent (401/403 ``AuthError``), 429 and
+        5xx transient; a code in ``addresses.ERROR_REASONS`` gives its stable reason."""
+        status = int(exc.status)
+        what = f"twilio error {exc.code} (HTTP {status}): {exc.msg}"
+        if status in (401, 403):
+            return AuthError(what)
+        if status == 429 or status >= 500:
+            return TransientError(what)
+        return PermanentSendError(what, code=addresses.ERROR_REASONS.get(str(exc.code)))
+
     async def send(self, reply: ReplyRequest, context: ReplyContext) -> SendResult:
-        to = phone_identity(reply.to.address, self._region).address
+        # a ticket system may hand back the address as Twilio wrote it (whatsapp:+…)
+        _, number = addresses.split(reply.to.address)
+        to = phone_identity(number, self._region).address
         if not to.startswith("+"):
             raise PermanentSendError(f"not a phone number: {redact(to)}")
         options: dict[str, Any] = {
-            "to": to,
-            "from_": self._settings.from_number,
+            "to": self.prefix + to,
+            "from_": self.prefix + self._from(),
             "body": reply.text,
         }
         if self._public_url:
@@ -102,10 +121,16 @@ class TwilioSmsSender:
             async with asyncio.timeout(self._settings.send_timeout + 1):
                 sent = await self._api().messages.create_async(**options)
         except TwilioRestException as exc:
-            raise _classify(exc) from exc  # outcomes are counted once, by the dispatcher
+            raise self._refused(exc) from exc  # outcomes are counted once, by the dispatcher
         except (TimeoutError, aiohttp.ClientError, OSError, TwilioException) as exc:
             raise TransientError(f"twilio API unreachable: {type(exc).__name__}") from exc
-        log.info("twilio.sms_sent", request_id=reply.id, external_id=sent.sid, to=redact(to))
+        log.info(
+            "twilio.sms_sent",
+            channel=self.channel,
+            request_id=reply.id,
+            external_id=sent.sid,
+            to=redact(to),
+        )
         return SendResult(external_id=sent.sid, extra={"status": str(sent.status)})
 
     async def close(self) -> None:
@@ -113,13 +138,3 @@ class TwilioSmsSender:
             await self._http.close()
         self._http = None
         self._client = None
-
-
-def _classify(exc: TwilioRestException) -> Exception:
-    status = int(exc.status)
-    what = f"twilio error {exc.code} (HTTP {status}): {exc.msg}"
-    if status in (401, 403):
-        return AuthError(what)
-    if status == 429 or status >= 500:
-        return TransientError(what)
-    return PermanentSendError(what)

@@ -1,5 +1,6 @@
-"""Status callbacks of the messages we sent: ``failed``/``undelivered`` become
-``outbound.failed`` events, through the ``EventSink`` (issue 14: not straight onto the bus)."""
+"""Status callbacks of the messages we sent (SMS, or WhatsApp when To is ``whatsapp:+…``):
+``failed``/``undelivered`` become ``outbound.failed`` events on that channel, through the
+``EventSink`` (issue 14: not straight onto the bus)."""
 
 import uuid
 
@@ -7,7 +8,7 @@ import structlog
 from fastapi import HTTPException, Response
 from starlette.datastructures import FormData
 
-from connectors.twilio import forms
+from connectors.twilio import addresses, forms
 from ingest.errors import TransientError
 from ingest.metrics import Metrics
 from ingest.protocols import EventSink
@@ -28,9 +29,10 @@ class StatusCallbacks:
         self._metrics = metrics
 
     async def answer(
-        self, form: FormData, *, channel: str, request_id: str | None, agent_id: str | None
+        self, form: FormData, *, request_id: str | None, agent_id: str | None
     ) -> Response:
         sid = forms.required(form, "MessageSid")
+        channel, _ = addresses.split(forms.text(form, "To") or forms.text(form, "From"))
         state = forms.text(form, "MessageStatus")
         if state not in FAILED_STATUSES:
             return Response(status_code=204)
@@ -39,7 +41,8 @@ class StatusCallbacks:
             request_id=request_id or sid,
             channel=channel,
             agent_id=agent_id or None,
-            reason=f"twilio {state} (error {code[:20]}, message {sid[:64]})",
+            reason=addresses.ERROR_REASONS.get(code)
+            or f"twilio {state} (error {code[:20]}, message {sid[:64]})",
         )
         event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"twilio:{sid}:{state}"))
         try:

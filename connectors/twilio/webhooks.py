@@ -59,7 +59,7 @@ class TwilioRoutes:
             SMS_PATH,
             self.sms,
             methods=["POST"],
-            summary="Incoming SMS/MMS",
+            summary="Incoming SMS/MMS or WhatsApp message",
             responses=RESPONSES,
             openapi_extra=form_body("From", "MessageSid"),
         )
@@ -75,7 +75,7 @@ class TwilioRoutes:
             STATUS_PATH,
             self.status,
             methods=["POST"],
-            summary="SMS status callback",
+            summary="SMS or WhatsApp status callback",
             status_code=204,
             responses=RESPONSES,
             openapi_extra=form_body("MessageSid", "MessageStatus"),
@@ -107,6 +107,4 @@ class TwilioRoutes:
         agent_id: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Response:
         form = await self._forms.verified(request, signature, "MessageSid")
-        return await self._status.answer(
-            form, channel="sms", request_id=request_id, agent_id=agent_id
-        )
+        return await self._status.answer(form, request_id=request_id, agent_id=agent_id)
