@@ -55,18 +55,6 @@ WIDE_OPEN = {
 }
 
 
-def attacks() -> list[tuple[str, bytes]]:
-    floods = [
-        (f"ew-{n // 1000}k", hostile_mail.encoded_word_flood(f"ew-{n // 1000}k", n))
-        for n in (170_000, 340_000)
-    ]
-    slow = [
-        ("parts-30000", hostile_mail.many_parts("parts-30000", 30_000)),
-        ("punycode-450k", hostile_mail.punycode_subject("punycode-450k", 450_000)),
-    ]
-    return floods + slow + hostile_mail.every_class()
-
-
 def config(
     root: Path, amqp_url: str, imap_port: int, http_port: int, args: argparse.Namespace
 ) -> Path:
@@ -205,7 +193,7 @@ async def run(args: argparse.Namespace) -> None:
             watching = asyncio.create_task(watch.run(stop))
             print(f"{'attack':16} {'bytes':>9} {'routed in':>10}  reason")
             try:
-                for n, (tag, raw) in enumerate(attacks()):
+                for n, (tag, raw) in enumerate(hostile_mail.attacks()):
                     started = time.monotonic()
                     await asyncio.to_thread(server.append, raw)
                     item = await routed(bus, tag)

@@ -7,11 +7,16 @@ SENDER = "mallory@attacker.example"
 
 def _head(tag: str, subject: bytes = b"") -> bytes:
     return (
-        f"From: Mallory <{SENDER}>\r\n"
-        f"To: support@omniroute.test\r\n"
-        f"Message-ID: <{tag}@attacker.example>\r\n"
-        f"Date: Sun, 06 Dec 2026 10:00:00 +0000\r\n"
-    ).encode() + b"Subject: " + (subject or tag.encode()) + b"\r\n"
+        (
+            f"From: Mallory <{SENDER}>\r\n"
+            f"To: support@omniroute.test\r\n"
+            f"Message-ID: <{tag}@attacker.example>\r\n"
+            f"Date: Sun, 06 Dec 2026 10:00:00 +0000\r\n"
+        ).encode()
+        + b"Subject: "
+        + (subject or tag.encode())
+        + b"\r\n"
+    )
 
 
 def encoded_word_flood(tag: str, size: int) -> bytes:
@@ -61,16 +66,14 @@ def punycode_subject(tag: str, size: int) -> bytes:
 
 def address_flood(tag: str, count: int) -> bytes:
     """A To of ``count`` addresses with comments and groups: the address parser's worst."""
-    addresses = b", ".join(
-        b'"N\\"%d" (c(%d)) <u%d@x.example>' % (n, n, n) for n in range(count)
-    )
+    addresses = b", ".join(b'"N\\"%d" (c(%d)) <u%d@x.example>' % (n, n, n) for n in range(count))
     return _head(tag) + b"Cc: group: " + addresses + b";\r\n\r\nhello\r\n"
 
 
 def nul_bytes(tag: str) -> bytes:
     return (
         _head(tag)
-        + b"Content-Type: text/plain; charset=\"utf\x00-8\"\r\nX-Nul: a\x00b\r\n\r\nbo\x00dy\r\n"
+        + b'Content-Type: text/plain; charset="utf\x00-8"\r\nX-Nul: a\x00b\r\n\r\nbo\x00dy\r\n'
     )
 
 
@@ -119,3 +122,17 @@ def every_class(scale: int = 1) -> list[tuple[str, bytes]]:
         ("huge-ids", huge_ids("huge-ids", 5000)),
         ("header-600k", header_flood("header-600k", 600_000)),
     ]
+
+
+def attacks() -> list[tuple[str, bytes]]:
+    """Every class, the encoded-word flood at increasing sizes, and the two slow ones (the
+    daemon test and ``bench/hostile.py`` send the same mails)."""
+    floods = [
+        (f"ew-{size // 1000}k", encoded_word_flood(f"ew-{size // 1000}k", size))
+        for size in (170_000, 340_000)
+    ]
+    slow = [
+        ("parts-30000", many_parts("parts-30000", 30_000)),
+        ("punycode-450k", punycode_subject("punycode-450k", 450_000)),
+    ]
+    return floods + slow + every_class()

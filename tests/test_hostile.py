@@ -32,19 +32,6 @@ RSS_LIMIT_KIB = 400 * 1024
 DAEMON_AS = 4 * 1024**3
 
 
-def attacks() -> list[tuple[str, bytes]]:
-    """Each class of the issue, the encoded-word flood at increasing sizes."""
-    floods = [
-        (f"ew-{size // 1000}k", hostile_mail.encoded_word_flood(f"ew-{size // 1000}k", size))
-        for size in (170_000, 340_000)
-    ]
-    slow = [
-        ("parts-30000", hostile_mail.many_parts("parts-30000", 30_000)),
-        ("punycode-450k", hostile_mail.punycode_subject("punycode-450k", 450_000)),
-    ]
-    return floods + slow + hostile_mail.every_class()
-
-
 def deliver(server: Dovecot, mails: list[bytes]) -> None:
     """Straight into the maildir, in this order, before the daemon starts."""
     home = server.root / "mail" / USER
@@ -152,7 +139,7 @@ async def test_hostile_mailbox_is_routed_whole_while_the_daemon_stays_up(
         await seed(engine)
     finally:
         await engine.dispose()
-    hostile = attacks()
+    hostile = hostile_mail.attacks()
     mails: list[bytes] = []
     good_tags = [f"good-{n:03d}" for n in range(GOOD)]
     for n, tag in enumerate(good_tags):
