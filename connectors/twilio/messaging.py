@@ -16,7 +16,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from connectors.calls import MAX_FIELD, phone_identity
 from connectors.settings import TwilioSettings
 from connectors.twilio import addresses, forms
-from connectors.twilio.intake import WebhookIntake
+from ingest.dedup import OnceSink
 from ingest.errors import TransientError
 from ingest.identities import redact
 from ingest.schema import InboundMessage
@@ -41,7 +41,7 @@ WHATSAPP_META = {
 class MessagingWebhook:
     """``POST /webhooks/twilio/sms``, after the form was verified."""
 
-    def __init__(self, settings: TwilioSettings, intake: WebhookIntake, *, region: str) -> None:
+    def __init__(self, settings: TwilioSettings, intake: OnceSink, *, region: str) -> None:
         self._settings = settings
         self._intake = intake
         self._region = region

@@ -18,7 +18,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from connectors.calls import MAX_FIELD, decide_call, phone_identity, safe_dial
 from connectors.settings import TwilioSettings
 from connectors.twilio import forms
-from connectors.twilio.intake import WebhookIntake
+from ingest.dedup import OnceSink
 from ingest.errors import TransientError
 from ingest.identities import is_withheld_caller, redact
 from ingest.metrics import Metrics
@@ -46,7 +46,7 @@ class VoiceWebhook:
     def __init__(
         self,
         settings: TwilioSettings,
-        intake: WebhookIntake,
+        intake: OnceSink,
         decider: Decider,
         metrics: Metrics,
         *,

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Query, Request, Response
 from connectors.calls import MAX_FIELD
 from connectors.settings import HttpSettings, TwilioSettings
 from connectors.twilio.forms import RESPONSES, SignatureHeader, SignedForms, form_body
-from connectors.twilio.intake import WebhookIntake
 from connectors.twilio.messaging import MessagingWebhook
 from connectors.twilio.sms import STATUS_PATH
 from connectors.twilio.status import StatusCallbacks
 from connectors.twilio.voice import VoiceWebhook
+from ingest.dedup import OnceSink
 from ingest.metrics import Metrics
 from ingest.protocols import Decider, EventSink, InboundSink, SeenStore
 
@@ -43,7 +43,7 @@ class TwilioRoutes:
         region: str,
     ) -> None:
         self._forms = SignedForms(settings, http)
-        intake = WebhookIntake(sink, seen, metrics)
+        intake = OnceSink(sink, seen, name="twilio", open_on_outage=True, metrics=metrics)
         self._messaging = MessagingWebhook(settings, intake, region=region)
         self._voice = VoiceWebhook(
             settings,

@@ -30,6 +30,7 @@ from connectors.settings import TwitterSettings
 from connectors.twitter.api import JSON, RateLimited, Refused, XApi
 from connectors.twitter.messages import XNormaliser, includes, sort_key
 from ingest.backoff import Backoff
+from ingest.dedup import OnceSink
 from ingest.errors import AuthError, TransientError
 from ingest.health import Health
 from ingest.identities import redact
@@ -90,9 +91,9 @@ class TwitterConnector:
         lease_retry: float = 3.0,
     ) -> None:
         self._settings = settings
-        self._sink = sink
         self._cursors = cursors
-        self._seen = seen
+        # a broken seen store fails the pass (tried again), never publishes blind
+        self._once = OnceSink(sink, seen, name="twitter", open_on_outage=False)
         self._health = health
         self._api = XApi(settings)
         self._uid = settings.user_id.removeprefix("id:")
@@ -281,14 +282,10 @@ class TwitterConnector:
         """Publish oldest first; each one confirmed before the next, each id only once."""
         published = 0
         for message in sorted(messages, key=lambda m: sort_key(m.external_id)):
-            if not await self._seen.first_time(NAME, message.external_id):
+            if not await self._once.first_time(NAME, message.external_id):
                 continue
             with structlog.contextvars.bound_contextvars(message_id=message.id):
-                try:
-                    await self._sink.submit(message)
-                except BaseException:
-                    await self._seen.forget(NAME, message.external_id)
-                    raise
+                await self._once.submit(message, channel=NAME)
                 log.debug(
                     "twitter.published",
                     external_id=message.external_id,
