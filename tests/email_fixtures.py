@@ -24,18 +24,13 @@ from aiosmtpd.smtp import Envelope, Session
 
 from ingest.bus import ROUTER_QUEUE, Bus
 from ingest.settings import BusSettings
+from tests.support.net import TcpProxy as TcpProxy
+from tests.support.net import free_port as free_port
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
 USER = "support@example.com"
 PASSWORD = "s3cret-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _config(root: Path, port: int, *, tls: bool) -> str:
@@ -337,59 +332,10 @@ async def smtp_server() -> AsyncIterator[SmtpSink]:
         await asyncio.to_thread(controller.stop)
 
 
-class TcpProxy:
-    """A loopback TCP proxy in front of a server, to cut and restore the network on purpose
-    (``cut()`` drops every connection and refuses new ones; ``restore()`` listens again)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._pipes: set[asyncio.Task[None]] = set()
-
-    async def restore(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers.update({writer, up_writer})
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._pipes.add(task)
-            task.add_done_callback(self._pipes.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(dst)
-            dst.transport.abort()
-
-
 @pytest.fixture
 async def imap_proxy(dovecot: Dovecot) -> AsyncIterator[TcpProxy]:
     """A TCP proxy in front of the test's Dovecot, listening."""
-    proxy = TcpProxy(dovecot.port)
+    proxy = TcpProxy("127.0.0.1", dovecot.port)
     await proxy.restore()
     yield proxy
     await proxy.cut()

@@ -4,7 +4,6 @@ proxy that takes the broker away. Everything listens on loopback only."""
 
 import asyncio
 import base64
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from routers.importer import import_csv
 from routers.settings import RoutingSettings
 from routers.store import DbSeenStore
 from tests.conftest import AMQP_HOST, _rabbitmqctl
+from tests.support.net import TcpProxy as TcpProxy
 
 BUS_SETTINGS = BusSettings(queue_type="quorum", delivery_limit=3, publish_timeout=3.0)
 
@@ -254,64 +254,6 @@ async def take(bus: Bus, queue_name: str, count: int, timeout: float = 10.0) -> 
         return got
     finally:
         await channel.close()
-
-
-def closed_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class TcpProxy:
-    """A loopback TCP proxy to the broker that the test can cut and restore."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._links: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        """Stop listening and drop every open connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.close()
-        for task in list(self._links):
-            task.cancel()
-        await asyncio.gather(*self._links, return_exceptions=True)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._links.add(task)
-            task.add_done_callback(self._links.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            dst.close()
-            self._writers.discard(dst)
 
 
 class FakeTwilioApi:

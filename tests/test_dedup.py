@@ -11,7 +11,7 @@ from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.sink import BusSink
 from routers.store import DbSeenStore
-from tests.phone_fixtures import closed_port
+from tests.support.net import free_port
 
 
 def tweet(n: int) -> InboundMessage:
@@ -35,7 +35,7 @@ async def test_a_message_is_published_once_and_a_failed_one_is_taken_again(
     assert (await bus.queue_depth(ROUTER_QUEUE))[0] == 1
     assert b'omniroute_messages_in_total{channel="twitter"} 1.0' in metrics.render()
 
-    away = Bus(f"amqp://guest:guest@127.0.0.1:{closed_port()}/", BusSettings(), name="away")
+    away = Bus(f"amqp://guest:guest@127.0.0.1:{free_port()}/", BusSettings(), name="away")
     failing = OnceSink(BusSink(away), seen, name="test", open_on_outage=False)
     assert await failing.first_time("twitter", tweet(2).external_id)
     with pytest.raises(TransientError):

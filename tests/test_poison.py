@@ -39,7 +39,8 @@ from routers.events import EventsWorker
 from routers.models import AgentPresence
 from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
-from tests.phone_fixtures import ACME_PHONE, REGION, closed_port, seed_directory
+from tests.phone_fixtures import ACME_PHONE, REGION, seed_directory
+from tests.support.net import free_port
 
 DELIVERY_LIMIT = 3
 BIG = 4 * 1024 * 1024  # far above anything omniroute publishes itself
@@ -217,7 +218,7 @@ async def test_a_message_that_keeps_failing_transiently_is_dead_lettered_by_deli
 ) -> None:
     """An unreachable directory is retried, not called a bug, and never loops for ever."""
     unreachable = create_engine(
-        f"postgresql://postgres@127.0.0.1:{closed_port()}/nowhere",
+        f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere",
         DirectorySettings(statement_timeout=1.0),
     )
     sender = RecordingSender()

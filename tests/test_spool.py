@@ -24,13 +24,13 @@ from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     BUS_SETTINGS,
     AppFactory,
     TcpProxy,
-    closed_port,
     make_phones,
     phone_amqp_url,
     phone_bus,
     phone_vhost,
     take,
 )
+from tests.support.net import free_port
 
 
 def sms(message_sid: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ def entries(directory: Path) -> list[str]:
 
 
 async def unreachable_bus(vhost: str) -> Bus:
-    bus = Bus(f"amqp://guest:guest@127.0.0.1:{closed_port()}/{vhost}", BUS_SETTINGS)
+    bus = Bus(f"amqp://guest:guest@127.0.0.1:{free_port()}/{vhost}", BUS_SETTINGS)
     with pytest.raises(TransientError):
         await bus.open()
     return bus

@@ -523,12 +523,12 @@ async def test_sms_sender_unreachable_api_is_transient_and_bad_auth_is_auth_erro
     fake_twilio: FakeTwilioApi,
 ) -> None:
     """A network failure is retried later; refused credentials are not."""
-    from tests.phone_fixtures import closed_port
+    from tests.support.net import free_port
 
     base = {"account_sid": ACCOUNT_SID, "from_number": "+902125550000", "send_timeout": 5}
     unreachable = TwilioSmsSender(
         TwilioSettings(
-            **base, auth_token=AUTH_TOKEN, api_base_url=f"http://127.0.0.1:{closed_port()}"
+            **base, auth_token=AUTH_TOKEN, api_base_url=f"http://127.0.0.1:{free_port()}"
         ),
         HttpSettings(),
         region=REGION,
