@@ -3,7 +3,7 @@ before the importer's own tests have proven it."""
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.db import sessionmaker
+from routers.db import create_engine, migrate, sessionmaker
 from routers.models import Agent, Customer, CustomerIdentity, Team
 
 
@@ -33,3 +33,13 @@ async def seed(engine: AsyncEngine) -> None:
                 CustomerIdentity(kind="email", address="it@globex.test", customer_id="globex"),
             ]
         )
+
+
+async def seeded(url: str) -> None:
+    """Migrate the directory at ``url`` and seed it (the daemon-process tests' set-up)."""
+    await migrate(url)
+    engine = create_engine(url)
+    try:
+        await seed(engine)
+    finally:
+        await engine.dispose()

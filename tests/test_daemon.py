@@ -11,18 +11,8 @@ import pytest
 
 from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import Identity, InboundMessage
-from routers.db import create_engine, migrate
 from tests.daemon_fixtures import DaemonProcess
-from tests.seed import seed
-
-
-async def _seeded(url: str) -> None:
-    await migrate(url)
-    engine = create_engine(url)
-    try:
-        await seed(engine)
-    finally:
-        await engine.dispose()
+from tests.seed import seeded
 
 
 def _messages(n: int) -> list[InboundMessage]:
@@ -74,7 +64,7 @@ async def test_sigkill_mid_flow_loses_nothing(
     daemon: DaemonProcess, bus: Bus, sqlite_url: str, tmp_path: Path
 ) -> None:
     """A router killed between receive and ack redelivers; every message is routed."""
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     messages = _messages(4000)
     for start in range(0, len(messages), 250):
         await asyncio.gather(
@@ -106,7 +96,7 @@ async def test_sigterm_drains_and_exits_zero(
     daemon: DaemonProcess, bus: Bus, sqlite_url: str, tmp_path: Path
 ) -> None:
     """systemd stops the unit with SIGTERM: in-flight work finishes, exit status 0."""
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     messages = _messages(600)
     for m in messages:
         await bus.publish(INBOUND, m.channel, m, message_id=m.id)
@@ -162,7 +152,7 @@ def test_directory_migrate(daemon: DaemonProcess) -> None:
 
 async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None:
     """An operator asks why a sender goes where it goes, and whether everything is reachable."""
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     result = await asyncio.to_thread(
         daemon.cli, "route", "explain", "--channel", "sms", "--from", "0532 111 22 33"
     )
@@ -186,7 +176,7 @@ async def test_explain_shows_why_an_unproven_sender_is_not_the_customer(
     daemon: DaemonProcess, sqlite_url: str, tmp_path: Path
 ) -> None:
     """Issue 13: an operator sees what a spoofed mail or call gets, and why."""
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     config = tmp_path / "trusting.toml"
     config.write_text(
         daemon.config.read_text() + '[email]\ntrusted_authserv_ids = ["mx.support.test"]\n',

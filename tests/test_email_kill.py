@@ -13,7 +13,6 @@ import pytest
 
 from ingest.bus import ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import RoutedMessage
-from routers.db import create_engine, migrate
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import (  # noqa: F401
     Dovecot,
@@ -21,7 +20,7 @@ from tests.email_fixtures import (  # noqa: F401
     fill_maildir,
     mailbox_toml,
 )
-from tests.seed import seed
+from tests.seed import seeded
 
 MAILS = 2000
 
@@ -39,15 +38,6 @@ def email_config(daemon: DaemonProcess, server: Dovecot) -> None:
         backoff_max=1,
     )
     daemon.config.write_text(text, encoding="utf-8")
-
-
-async def _seeded(url: str) -> None:
-    await migrate(url)
-    engine = create_engine(url)
-    try:
-        await seed(engine)
-    finally:
-        await engine.dispose()
 
 
 async def collect(bus: Bus, counts: dict[str, int], want: set[str], timeout: float) -> None:
@@ -78,7 +68,7 @@ async def test_sigkill_mid_drain_loses_no_mail(
 ) -> None:
     """A crash between fetch, publish, flag and cursor must redeliver, never drop: the
     mailbox is the only copy of a customer's mail."""
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     ids = await asyncio.to_thread(fill_maildir, dovecot, MAILS)
     email_config(daemon, dovecot)
     log = tmp_path / "daemon.log"

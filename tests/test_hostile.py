@@ -18,11 +18,10 @@ import pytest
 
 from ingest.bus import ROUTED_QUEUE, Bus
 from ingest.schema import RoutedMessage
-from routers.db import create_engine, migrate
 from tests import hostile_mail
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import USER, Dovecot, dovecot, free_port, mailbox_toml  # noqa: F401
-from tests.seed import seed
+from tests.seed import seeded
 
 TOKEN = "hostile-test-token"
 GOOD = 40
@@ -133,12 +132,7 @@ async def test_hostile_mailbox_is_routed_whole_while_the_daemon_stays_up(
     """The issue's 'Done when', for mail: a single mail took the daemon down before. Run
     twice: with the default pre-checks (refused cheaply), and with them opened wide (the
     workers' CPU and address-space limits end each attack)."""
-    await migrate(sqlite_url)
-    engine = create_engine(sqlite_url)
-    try:
-        await seed(engine)
-    finally:
-        await engine.dispose()
+    await seeded(sqlite_url)
     hostile = hostile_mail.attacks()
     mails: list[bytes] = []
     good_tags = [f"good-{n:03d}" for n in range(GOOD)]

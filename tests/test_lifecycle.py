@@ -16,10 +16,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import Identity, InboundMessage
-from routers.db import create_engine, migrate
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import PASSWORD, USER, Dovecot, dovecot, free_port
-from tests.seed import seed
+from tests.seed import seeded
 
 __all__ = ["dovecot"]
 
@@ -85,15 +84,6 @@ def _systemd_env(daemon: DaemonProcess, notify_path: str) -> None:
 def _set_port(config: Path, port: int, *extra: str) -> None:
     text = config.read_text().replace("port = 0", f"port = {port}")
     config.write_text(text + "".join(extra))
-
-
-async def _seeded(url: str) -> None:
-    await migrate(url)
-    engine = create_engine(url)
-    try:
-        await seed(engine)
-    finally:
-        await engine.dispose()
 
 
 def _stranger(i: int) -> InboundMessage:
@@ -163,7 +153,7 @@ async def test_notify_watchdog_and_sighup_reload(
     """READY=1 comes after the port listens, WATCHDOG=1 keeps coming, SIGHUP applies a new
     routing.default_team to the next decision, and a broken file on SIGHUP is refused."""
     path, notes = notify
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     port = free_port()
     _set_port(daemon.config, port)
     _systemd_env(daemon, path)
@@ -220,7 +210,7 @@ async def test_sigterm_mid_flow_drains_readyz_503_and_loses_nothing(
     """SIGTERM while messages flow: /readyz answers 503 before the port closes, the process
     exits 0 within shutdown_timeout, and every message is routed or still queued."""
     path, notes = notify
-    await _seeded(sqlite_url)
+    await seeded(sqlite_url)
     port = free_port()
     _set_port(daemon.config, port)
     _systemd_env(daemon, path)

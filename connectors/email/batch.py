@@ -303,7 +303,9 @@ class MailIntake:
                     size=len(raw),
                     error=exc.detail[:300],
                 )
-                message = stand_in(
+                # off the loop: a digest of a mail of tens of MiB takes tens of ms
+                message = await asyncio.to_thread(
+                    stand_in,
                     raw,
                     mailbox=box.name,
                     recipient=recipient,

@@ -153,26 +153,16 @@ class EmailConnector:
         while not stop.is_set():
             try:
                 session = await ImapSession.open(box)
-            except (AuthError, ConfigError) as exc:
-                self._down(box, str(exc), final=True)
-                return
-            except TransientError as exc:
-                self._down(box, str(exc))
-            except Exception as exc:  # a bug must not end the mailbox: log, back off
-                log.exception("email.worker_bug")
-                self._down(box, f"bug: {type(exc).__name__}: {exc}")
+            except Exception as exc:
+                if self._failed(box, exc):
+                    return
             else:
                 backoff.reset()
                 try:
                     await self._serve(box, session, stop)
-                except (AuthError, ConfigError) as exc:
-                    self._down(box, str(exc), final=True)
-                    return
-                except TransientError as exc:
-                    self._down(box, str(exc))
-                except Exception as exc:  # a bug must not end the mailbox: log, back off
-                    log.exception("email.worker_bug")
-                    self._down(box, f"bug: {type(exc).__name__}: {exc}")
+                except Exception as exc:
+                    if self._failed(box, exc):
+                        return
                 finally:
                     await session.close()
             if stop.is_set():
@@ -188,6 +178,19 @@ class EmailConnector:
             if stop.is_set():
                 return
             await session.wait_for_news(stop)
+
+    def _failed(self, box: MailboxSettings, exc: Exception) -> bool:
+        """Mark the mailbox down; True for what retrying cannot fix (refused credentials,
+        no STARTTLS). A bug must not end the mailbox: it is logged and backed off."""
+        if isinstance(exc, AuthError | ConfigError):
+            self._down(box, str(exc), final=True)
+            return True
+        if isinstance(exc, TransientError):
+            self._down(box, str(exc))
+        else:
+            log.error("email.worker_bug", exc_info=exc)
+            self._down(box, f"bug: {type(exc).__name__}: {exc}")
+        return False
 
     def _up(self, box: MailboxSettings) -> None:
         if self._health.set(self.component(box), "up"):
