@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the Dovecot the tests use, so both measure the same server
 
 from config.logging import configure  # noqa: E402
-from connectors.email import EmailConnector  # noqa: E402
+from connectors.email.intake import EmailConnector  # noqa: E402
 from connectors.settings import EmailSettings, MailboxSettings  # noqa: E402
 from ingest.bus import Bus  # noqa: E402
 from ingest.health import Health  # noqa: E402

@@ -5,7 +5,9 @@ from collections.abc import Mapping, Sequence
 
 from config.registry import Shared
 from config.settings import Settings
-from connectors.email import EmailConnector, SmtpSender, check
+from connectors.email.check import check
+from connectors.email.intake import EmailConnector
+from connectors.email.smtp import SmtpSender
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
 
 

@@ -16,7 +16,8 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connectors.email import EmailConnector, SmtpSender
+from connectors.email.intake import EmailConnector
+from connectors.email.smtp import SmtpSender
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.bus import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE, Bus
 from ingest.schema import ReplyRequest, RoutedMessage

@@ -12,7 +12,11 @@ from email.message import EmailMessage
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from connectors.email import EmailConnector, ImapSession, SmtpSender, check, cursor_key
+from connectors.email.batch import cursor_key
+from connectors.email.check import check
+from connectors.email.imap import ImapSession
+from connectors.email.intake import EmailConnector
+from connectors.email.smtp import SmtpSender
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.bus import ROUTER_QUEUE, Bus
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError

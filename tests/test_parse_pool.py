@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from connectors.email import pool_settings
+from connectors.email.batch import pool_settings
 from connectors.email.mime import stand_in
 from connectors.email.parse_pool import ParseFailed, ParsePool
 from connectors.email.scan import Limits, precheck, scan_head
