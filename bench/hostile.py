@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import fresh_vhost, machine  # noqa: E402
 
-from ingest.bus import ROUTED_QUEUE, Bus  # noqa: E402
+from ingest.bus import Bus  # noqa: E402
 from ingest.schema import RoutedMessage  # noqa: E402
 from ingest.settings import BusSettings  # noqa: E402
+from ingest.topology import ROUTED_QUEUE  # noqa: E402
 from tests import hostile_mail  # noqa: E402
 from tests.email_fixtures import PASSWORD, USER, Dovecot, free_port  # noqa: E402
 

@@ -61,8 +61,9 @@ def make_body(i: int, known_share: float, customers: int, run: str, size: int) -
 
 
 async def preload(url: str, bodies: list[bytes]) -> None:
-    from ingest.bus import INBOUND, Bus
+    from ingest.bus import Bus
     from ingest.settings import BusSettings
+    from ingest.topology import INBOUND
 
     bus = Bus(url, BusSettings(), name="bench-preload")
     await bus.open()

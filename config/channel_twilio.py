@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from config.registry import Shared
 from config.settings import Settings
 from connectors.twilio import TwilioRoutes, TwilioSmsSender, TwilioWhatsAppSender
-from ingest.bus import EVENTS, Bus
+from ingest.bus import Bus
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
 from ingest.schema import OutboundFailed
+from ingest.topology import EVENTS
 
 
 class BusEvents:

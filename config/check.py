@@ -5,11 +5,12 @@ import asyncio
 
 from config.components import Wiring
 from config.settings import Settings
-from ingest.bus import QUEUES, Bus
+from ingest.bus import Bus
 from ingest.errors import OmnirouteError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import CheckRow
+from ingest.topology import QUEUES
 from routers.db import create_engine, current_revision
 
 Row = CheckRow

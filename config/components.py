@@ -203,7 +203,7 @@ class Wiring:
             self._spool = SpooledSink(
                 BusSink(self.bus), settings.state_dir / "spool", settings.spool, self.metrics
             )
-            self.health.probes["spool"] = self._spool.probe
+            self.health.add_probe("spool", "spool", self._spool.probe)
         return self._spool
 
     def lease(self) -> Lease:

@@ -272,12 +272,8 @@ class Daemon:
             for name in CORE
             if (c := self.health.components.get(name)) is not None and c.state == "down"
         ]
-        broker = self.health.probes.get("broker")
-        if broker is None or broker() is None:
-            for name, probe in sorted(self.health.probes.items()):
-                problem = probe() if name.startswith("consumer ") else None
-                if problem:
-                    problems.append(f"{name}: {problem}")
+        if not self.health.probe_problems("connection"):
+            problems += self.health.probe_problems("consumer")
         return problems
 
     async def _watchdog(self, interval: float) -> None:

@@ -4,8 +4,8 @@ import aio_pika
 
 from config.settings import Settings
 from ingest.amqp import connect
-from ingest.bus import ROUTED
 from ingest.schema import RoutedMessage
+from ingest.topology import ROUTED
 
 
 def line(routed: RoutedMessage, redact_identities: bool) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import aiormq
 import structlog
@@ -22,14 +22,12 @@ from ingest.consumers import (
     POISON,
     TRANSIENT_RETRY_DELAY,
     TRANSIENT_RETRY_MAX,
-    Settling,
+    Needs,
+    QueueConsumer,
     dead_letter_reason,
 )
 from ingest.delivery import Delivery
 from ingest.errors import TransientError
-
-if TYPE_CHECKING:
-    from ingest.bus import Bus
 
 log = structlog.get_logger("omniroute.bus")
 
@@ -37,7 +35,7 @@ log = structlog.get_logger("omniroute.bus")
 BatchHandler = Callable[[list[Delivery]], Awaitable[Sequence[BaseException | None]]]
 
 
-class BatchConsumer(Settling[Delivery]):
+class BatchConsumer(QueueConsumer[Delivery]):
     """Hands the deliveries that arrived together to one handler call.
 
     Up to ``concurrency`` batches run at once, each of at most ``max_batch`` messages, so
@@ -56,7 +54,7 @@ class BatchConsumer(Settling[Delivery]):
 
     def __init__(
         self,
-        bus: "Bus",
+        needs: Needs,
         channel: AbstractChannel,
         queue: AbstractQueue,
         handler: BatchHandler,
@@ -64,7 +62,7 @@ class BatchConsumer(Settling[Delivery]):
         max_batch: int,
         concurrency: int = 2,
     ) -> None:
-        super().__init__(bus, channel, queue)
+        super().__init__(needs, channel, queue)
         self._handler = handler
         self._max = max(1, max_batch)
         self._concurrency = max(1, concurrency)
@@ -108,7 +106,7 @@ class BatchConsumer(Settling[Delivery]):
             if isinstance(self._channel, AbstractRobustChannel):
                 self._channel.reopen_callbacks.discard(self._on_reopen)
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._bus.settings.publish_timeout):
+                async with asyncio.timeout(self._needs.settings.publish_timeout):
                     await self._channel.close()
             raise
 
@@ -122,7 +120,7 @@ class BatchConsumer(Settling[Delivery]):
             self._queue.name,
             self._on_delivered,
             consumer_tag=self._tag,
-            timeout=self._bus.settings.publish_timeout,
+            timeout=self._needs.settings.publish_timeout,
         )
 
     def _on_reopen(self, *_: Any) -> None:
@@ -147,7 +145,7 @@ class BatchConsumer(Settling[Delivery]):
         while not self._stopping.is_set():
             try:
                 # bounded: a reconnection still under way is waited out by the next try
-                async with asyncio.timeout(2 * self._bus.settings.publish_timeout):
+                async with asyncio.timeout(2 * self._needs.settings.publish_timeout):
                     await self._probe_queue()
                     await self._consume()
             except (aiormq.exceptions.AMQPError, TimeoutError, RuntimeError, OSError) as exc:
@@ -168,7 +166,7 @@ class BatchConsumer(Settling[Delivery]):
         """Fail unless the queue exists, asked on a throwaway channel: a consume of a
         missing queue would make the broker close ours, which aio-pika does not reopen."""
         underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        timeout = self._bus.settings.publish_timeout
+        timeout = self._needs.settings.publish_timeout
         probe = await underlay.connection.channel(publisher_confirms=False, timeout=timeout)
         try:
             await probe.queue_declare(self._queue.name, passive=True, timeout=timeout)

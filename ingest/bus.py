@@ -1,18 +1,17 @@
-"""The RabbitMQ bus: topology, a confirming publisher, and a consumer that acks only when safe.
+"""One process's connection to RabbitMQ and its confirming publisher.
 
 aio-pika traps this module exists to close (each a lost or stuck message otherwise):
 a ``basic.return`` resolves a publish as success unless the channel has
 ``on_return_raises=True``; messages are transient unless persistent; a publish on a robust
 connection that is down waits forever without ``timeout=``; robust recovery restores only
-the queues and exchanges we still hold references to; RabbitMQ 3.10 has no default delivery
-limit for quorum queues, so ``x-delivery-limit`` is set here.
+the queues and exchanges we still hold references to. The names and the declaration are
+``ingest.topology``'s; consuming is ``ingest.consume``'s.
 """
 
 import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
-import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
@@ -23,6 +22,7 @@ from aio_pika.abc import (
 )
 from pydantic import BaseModel
 
+from ingest import topology
 from ingest.amqp import (
     broker_user,
     cancelled_here,
@@ -30,51 +30,14 @@ from ingest.amqp import (
     message_properties,
     publish_failure,
 )
-from ingest.batch_consumer import BatchConsumer, BatchHandler
-from ingest.consumers import Consumer, Handler
 from ingest.delivery import Received
-from ingest.errors import ConfigError, TransientError
+from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.schema import schema_name
 from ingest.settings import BusSettings
 
 log = structlog.get_logger("omniroute.bus")
-
-INBOUND = "omniroute.inbound"
-ROUTED = "omniroute.routed"
-OUTBOUND = "omniroute.outbound"
-EVENTS = "omniroute.events"
-DEAD = "omniroute.dead"
-EXCHANGES = (INBOUND, ROUTED, OUTBOUND, EVENTS, DEAD)
-
-ROUTER_QUEUE = "omniroute.router"
-ROUTED_QUEUE = "omniroute.routed"
-OUTBOUND_QUEUE = "omniroute.outbound"
-EVENTS_QUEUE = "omniroute.events"
-DEAD_QUEUE = "omniroute.dead"
-#: queue -> the exchange it is bound to with ``#`` (it takes everything published there)
-QUEUES = {
-    ROUTER_QUEUE: INBOUND,
-    ROUTED_QUEUE: ROUTED,
-    OUTBOUND_QUEUE: OUTBOUND,
-    EVENTS_QUEUE: EVENTS,
-    DEAD_QUEUE: DEAD,
-}
-
-REASON_HEADER = "x-omniroute-reason"
-
-
-def queue_arguments(name: str, settings: BusSettings) -> dict[str, Any]:
-    args: dict[str, Any] = {}
-    if settings.queue_type == "quorum":
-        args["x-queue-type"] = "quorum"
-    if name != DEAD_QUEUE:
-        args["x-dead-letter-exchange"] = DEAD
-        if settings.queue_type == "quorum":
-            args["x-delivery-limit"] = settings.delivery_limit
-    return args
-
 
 class Bus:
     """One process's link to the broker: topology, publishing with confirms, consumers.
@@ -125,7 +88,7 @@ class Bus:
         """Connect and declare the whole topology; idempotent against an existing broker."""
         self._connection = await connect(self._url, self._settings, self._name)
         if self.health is not None:
-            self.health.probes["broker"] = self._probe
+            self.health.add_probe("broker", "connection", self._probe)
             self._connection.close_callbacks.add(self._on_lost)
             self._connection.reconnect_callbacks.add(self._on_back)
         self._channel = await self._connection.channel(
@@ -134,23 +97,9 @@ class Bus:
         await self.declare_topology()
 
     async def declare_topology(self) -> None:
-        channel = self._require_channel()
-        try:
-            for name in EXCHANGES:
-                self._exchanges[name] = await channel.declare_exchange(
-                    name, aio_pika.ExchangeType.TOPIC, durable=True
-                )
-            for queue_name, exchange in QUEUES.items():
-                queue = await channel.declare_queue(
-                    queue_name, durable=True, arguments=queue_arguments(queue_name, self._settings)
-                )
-                await queue.bind(self._exchanges[exchange], "#")
-                self._queues[queue_name] = queue
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise ConfigError(
-                f"broker topology conflicts with omniroute's ({exc}); an existing queue was "
-                "declared with other arguments (bus.queue_type?): delete it or match it"
-            ) from exc
+        exchanges, queues = await topology.declare(self._require_channel(), self._settings)
+        self._exchanges.update(exchanges)
+        self._queues.update(queues)
 
     def _probe(self) -> str | None:
         return None if self.connected else "connection lost, reconnecting"
@@ -305,10 +254,10 @@ class Bus:
     async def dead_letter(self, message: Received, reason: str) -> None:
         """Send the original body, with its properties and the reason, to ``omniroute.dead``."""
         headers = dict(message.headers or {})
-        headers[REASON_HEADER] = reason[:1000]
-        headers["x-omniroute-source"] = f"{message.exchange}/{message.routing_key}"
+        headers[topology.REASON_HEADER] = reason[:1000]
+        headers[topology.SOURCE_HEADER] = f"{message.exchange}/{message.routing_key}"
         await self.publish_body(
-            DEAD,
+            topology.DEAD,
             message.routing_key or "unknown",
             message.body,
             message_id=message.message_id,
@@ -332,64 +281,8 @@ class Bus:
             raise TransientError(f"queue {queue_name}: {exc!r}") from exc
         return result.message_count or 0, result.consumer_count or 0
 
-    async def consume_until(
-        self,
-        queue_name: str,
-        handler: Handler,
-        stop: asyncio.Event,
-        *,
-        prefetch: int,
-        component: str,
-        health: Health,
-        drain_timeout: float,
-    ) -> None:
-        """A worker's whole life: consume until ``stop``, report the component up while it
-        does, then let in-flight messages finish within ``drain_timeout``."""
-        consumer = await self.consumer(queue_name, handler, prefetch=prefetch)
-        await self._consume(consumer, stop, component, health, drain_timeout)
-
-    async def consume_batches_until(
-        self,
-        queue_name: str,
-        handler: BatchHandler,
-        stop: asyncio.Event,
-        *,
-        prefetch: int,
-        component: str,
-        health: Health,
-        drain_timeout: float,
-    ) -> None:
-        """``consume_until`` for a handler of many messages at once (``BatchConsumer``):
-        two batches of up to half the prefetch window each run at a time."""
-        channel, queue = await self._consumer_channel(queue_name, prefetch)
-        consumer = BatchConsumer(
-            self, channel, queue, handler, max_batch=max(1, prefetch // 2), concurrency=2
-        )
-        await self._consume(consumer, stop, component, health, drain_timeout)
-
-    async def _consume(
-        self,
-        consumer: Consumer | BatchConsumer,
-        stop: asyncio.Event,
-        component: str,
-        health: Health,
-        drain_timeout: float,
-    ) -> None:
-        await consumer.start()
-        health.set(component, "up")
-        try:
-            await stop.wait()
-        finally:
-            health.set(component, "stopped", "draining")
-            await asyncio.shield(consumer.stop(drain_timeout))
-
-    async def consumer(self, queue_name: str, handler: Handler, *, prefetch: int) -> Consumer:
-        channel, queue = await self._consumer_channel(queue_name, prefetch)
-        return Consumer(self, channel, queue, handler)
-
-    async def _consumer_channel(
-        self, queue_name: str, prefetch: int
-    ) -> tuple[AbstractChannel, AbstractQueue]:
+    async def channel(self, prefetch: int) -> AbstractChannel:
+        """A channel of its own for a consumer, with its prefetch window."""
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         await channel.set_qos(prefetch_count=prefetch)
-        return channel, await channel.get_queue(queue_name, ensure=True)
+        return channel

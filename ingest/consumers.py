@@ -1,8 +1,9 @@
 """Consumers that ack a delivery only once its handler made it safe downstream.
 
 ``Consumer`` runs a handler per delivery; ``ingest.batch_consumer.BatchConsumer`` (the
-router's) hands the deliveries that arrived together to one handler call. ``Settling`` is
-what both share.
+router's) hands the deliveries that arrived together to one handler call. ``QueueConsumer``
+is what both share; ``Needs`` is what they are given (they import neither the bus nor the
+daemon); ``ingest.consume`` runs a worker's whole consuming life.
 
 Both: a ``TransientError`` (broker, directory) is retried here with capped backoff for
 ``bus.transient_retry_for`` seconds before the message goes back to the queue, since
@@ -15,7 +16,8 @@ import abc
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import aiormq
 import structlog
@@ -27,11 +29,11 @@ from aio_pika.abc import (
 from pydantic import ValidationError
 
 from ingest.backoff import jittered, pause
-from ingest.delivery import Settleable
+from ingest.delivery import Received, Settleable
 from ingest.errors import PoisonError, TransientError
-
-if TYPE_CHECKING:
-    from ingest.bus import Bus
+from ingest.health import Health
+from ingest.metrics import Metrics
+from ingest.settings import BusSettings
 
 log = structlog.get_logger("omniroute.bus")
 
@@ -45,18 +47,35 @@ Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 M = TypeVar("M", bound=Settleable)
 
 
-class Settling(abc.ABC, Generic[M]):
+class DeadLetters(Protocol):
+    """Where a refused message goes, with its reason (``ingest.bus.Bus``)."""
+
+    async def dead_letter(self, message: Received, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a consumer is given: where poison goes, the bus settings (retry window, the
+    timeout of a broker call), and where it reports its health and dead letters."""
+
+    dead_letters: DeadLetters
+    settings: BusSettings
+    health: Health | None = None
+    metrics: Metrics | None = None
+
+
+class QueueConsumer(abc.ABC, Generic[M]):
     """What both consumers share: start, readiness, dead-lettering, settling, draining."""
 
-    def __init__(self, bus: "Bus", channel: AbstractChannel, queue: AbstractQueue) -> None:
-        self._bus = bus
+    def __init__(self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self._needs = needs
         self._channel = channel
         self._queue = queue
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
         self._failing = False
-        self._retry_for = bus.settings.transient_retry_for
+        self._retry_for = needs.settings.transient_retry_for
         self.processed = 0
 
     @property
@@ -75,9 +94,9 @@ class Settling(abc.ABC, Generic[M]):
 
     async def start(self) -> None:
         await self._attach()
-        if self._bus.health is not None:
+        if self._needs.health is not None:
             # a worker whose consumer is gone (channel closed, not yet recovered) is not ready
-            self._bus.health.probes[f"consumer {self._queue.name}"] = self._probe
+            self._needs.health.add_probe(self._probe_name, "consumer", self._probe)
 
     @abc.abstractmethod
     async def _attach(self) -> None:
@@ -86,6 +105,10 @@ class Settling(abc.ABC, Generic[M]):
     @abc.abstractmethod
     async def _detach(self, timeout: float) -> None:
         """Stop consuming the queue (deliveries already taken stay ours to settle)."""
+
+    @property
+    def _probe_name(self) -> str:
+        return f"consumer {self._queue.name}"
 
     def _probe(self) -> str | None:
         return None if self.active else "no consumer attached"
@@ -112,10 +135,10 @@ class Settling(abc.ABC, Generic[M]):
             message_id=message.message_id,
             reason=reason,
         )
-        if self._bus.metrics is not None:
-            self._bus.metrics.dead_lettered.labels(self._queue.name).inc()
+        if self._needs.metrics is not None:
+            self._needs.metrics.dead_lettered.labels(self._queue.name).inc()
         try:
-            await self._bus.dead_letter(message, reason)
+            await self._needs.dead_letters.dead_letter(message, reason)
         except TransientError as exc:
             log.warning("bus.dead_letter_failed", error=str(exc))
             await asyncio.sleep(TRANSIENT_RETRY_DELAY)
@@ -137,8 +160,8 @@ class Settling(abc.ABC, Generic[M]):
     async def stop(self, timeout: float) -> None:
         """Stop taking deliveries, let in-flight ones finish within ``timeout``, close."""
         self._stopping.set()  # messages waiting out an outage go back to the queue now
-        if self._bus.health is not None:
-            self._bus.health.probes.pop(f"consumer {self._queue.name}", None)
+        if self._needs.health is not None:
+            self._needs.health.drop_probe(self._probe_name)
         await self._detach(timeout)
         try:
             async with asyncio.timeout(timeout):
@@ -150,7 +173,7 @@ class Settling(abc.ABC, Generic[M]):
             await self._channel.close()
 
 
-class Consumer(Settling[AbstractIncomingMessage]):
+class Consumer(QueueConsumer[AbstractIncomingMessage]):
     """Runs a handler per delivery; acks after it returns, dead-letters what is poison.
 
     The handler must make its work safe downstream (a confirmed publish, a committed
@@ -158,9 +181,9 @@ class Consumer(Settling[AbstractIncomingMessage]):
     """
 
     def __init__(
-        self, bus: "Bus", channel: AbstractChannel, queue: AbstractQueue, handler: Handler
+        self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue, handler: Handler
     ) -> None:
-        super().__init__(bus, channel, queue)
+        super().__init__(needs, channel, queue)
         self._handler = handler
         self._tag: str | None = None
         self._in_flight: set[asyncio.Task[None]] = set()

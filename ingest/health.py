@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 State = Literal["starting", "up", "down", "stopped", "standby"]
+#: what a live check watches: the broker connection, a queue consumer, the webhook spool
+ProbeKind = Literal["connection", "consumer", "spool"]
 #: states that do not make ``/readyz`` fail: "standby" is a poller whose source (a mailbox,
 #: an X account) is leased by another live instance, which is how scale-out should look
 READY_STATES: frozenset[State] = frozenset({"up", "standby"})
@@ -21,6 +23,13 @@ class ComponentHealth:
     required: bool = True
 
 
+@dataclass(frozen=True)
+class Probe:
+    kind: ProbeKind
+    #: the problem now, or None when fine; cheap, it runs at every readiness question
+    check: Callable[[], str | None]
+
+
 @dataclass
 class Health:
     """The daemon's view of its components; logs are the caller's job, not this class's."""
@@ -28,8 +37,8 @@ class Health:
     components: dict[str, ComponentHealth] = field(default_factory=dict)
     draining: bool = False
     #: live checks read at every readiness question (a consumer still attached, the broker
-    #: connection open): each returns a problem, or None when fine
-    probes: dict[str, Callable[[], str | None]] = field(default_factory=dict)
+    #: connection open), by name
+    probes: dict[str, Probe] = field(default_factory=dict)
     #: called with (component, state) on every change, e.g. to keep a metric in step
     listeners: list[Callable[[str, State], None]] = field(default_factory=list)
 
@@ -53,6 +62,20 @@ class Health:
             for listener in self.listeners:
                 listener(name, "stopped")
 
+    def add_probe(self, name: str, kind: ProbeKind, check: Callable[[], str | None]) -> None:
+        self.probes[name] = Probe(kind, check)
+
+    def drop_probe(self, name: str) -> None:
+        self.probes.pop(name, None)
+
+    def probe_problems(self, kind: ProbeKind | None = None) -> list[str]:
+        """``"<name>: <problem>"`` for each probe (of ``kind``) that finds one now."""
+        return [
+            f"{name}: {problem}"
+            for name, probe in sorted(self.probes.items())
+            if (kind is None or probe.kind == kind) and (problem := probe.check())
+        ]
+
     def ready(self) -> tuple[bool, list[str]]:
         """Ready when not draining and every required component is up (or on standby); else
         the reasons."""
@@ -61,10 +84,7 @@ class Health:
             for name, c in sorted(self.components.items())
             if c.required and c.state not in READY_STATES
         ]
-        for name, probe in sorted(self.probes.items()):
-            problem = probe()
-            if problem:
-                problems.append(f"{name}: {problem}")
+        problems += self.probe_problems()
         if self.draining:
             problems.insert(0, "draining")
         return (not problems, problems)

@@ -1,7 +1,8 @@
 """Publishing normalised input onto ``omniroute.inbound``: the way in for every connector."""
 
-from ingest.bus import INBOUND, Bus
+from ingest.bus import Bus
 from ingest.schema import InboundMessage
+from ingest.topology import INBOUND
 
 
 class BusSink:

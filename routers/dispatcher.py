@@ -23,7 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.backoff import Backoff
-from ingest.bus import EVENTS, OUTBOUND_QUEUE, Bus
+from ingest.bus import Bus
+from ingest.consume import consume_until
 from ingest.errors import (
     AuthError,
     ConfigError,
@@ -35,6 +36,7 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, Sender, SendResult
 from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
+from ingest.topology import EVENTS, OUTBOUND_QUEUE
 from routers import directory, state
 from routers.db import sessionmaker
 from routers.models import SentReply
@@ -83,13 +85,15 @@ class OutboundDispatcher:
 
     async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
         """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await self._bus.consume_until(
+        await consume_until(
+            self._bus,
             OUTBOUND_QUEUE,
             self.handle,
             stop,
             prefetch=self._settings.prefetch,
             component=self.name,
             health=self._health,
+            metrics=self._bus.metrics,
             drain_timeout=drain_timeout,
         )
 

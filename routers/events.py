@@ -14,10 +14,12 @@ from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from ingest.bus import EVENTS_QUEUE, Bus
+from ingest.bus import Bus
+from ingest.consume import consume_until
 from ingest.errors import RefusedError, TransientError
 from ingest.health import Health
 from ingest.schema import AgentReplied, AgentStatus, Event
+from ingest.topology import EVENTS_QUEUE
 from routers import directory, state
 from routers.db import sessionmaker
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
@@ -50,13 +52,15 @@ class EventsWorker:
 
     async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
         """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await self._bus.consume_until(
+        await consume_until(
+            self._bus,
             EVENTS_QUEUE,
             self.handle,
             stop,
             prefetch=self._settings.prefetch,
             component=self.name,
             health=self._health,
+            metrics=self._bus.metrics,
             drain_timeout=drain_timeout,
         )
 

@@ -19,7 +19,8 @@ import structlog
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import ROUTED, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
+from ingest.consume import consume_batches_until
 from ingest.delivery import Delivery
 from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
@@ -27,6 +28,7 @@ from ingest.identities import InvalidIdentity, normalise
 from ingest.metrics import Metrics
 from ingest.protocols import Decider, Decision
 from ingest.schema import InboundMessage, RoutedMessage
+from ingest.topology import ROUTED, ROUTER_QUEUE
 from routers import state
 from routers.runner import Runner, runner_of
 from routers.settings import RouterSettings, RoutingSettings
@@ -151,13 +153,15 @@ class RouterWorker:
 
     async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
         """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await self._bus.consume_batches_until(
+        await consume_batches_until(
+            self._bus,
             ROUTER_QUEUE,
             self.handle_batch,
             stop,
             prefetch=self._settings.prefetch,
             component=self.name,
             health=self._health,
+            metrics=self._bus.metrics,
             drain_timeout=drain_timeout,
         )
 

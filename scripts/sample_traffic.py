@@ -10,9 +10,10 @@ import sys
 
 from config.settings import config_path, load_settings
 from config.tail import line
-from ingest.bus import EVENTS, INBOUND, ROUTED, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.errors import OmnirouteError
 from ingest.schema import AgentReplied, AgentStatus, InboundMessage, RoutedMessage, new_id
+from ingest.topology import EVENTS, INBOUND, ROUTED, ROUTER_QUEUE
 
 
 def samples() -> list[InboundMessage | AgentReplied | AgentStatus]:

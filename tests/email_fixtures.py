@@ -22,8 +22,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import Envelope, Session
 
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.settings import BusSettings
+from ingest.topology import ROUTER_QUEUE
 from tests.support.net import TcpProxy as TcpProxy
 from tests.support.net import free_port as free_port
 

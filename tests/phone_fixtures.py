@@ -23,13 +23,14 @@ from connectors.http import build_app
 from connectors.pbx import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
 from connectors.twilio import TwilioRoutes
-from ingest.bus import QUEUES, Bus
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import Decider as DeciderProtocol
 from ingest.settings import BusSettings
 from ingest.sink import BusSink
 from ingest.spool import SpooledSink
+from ingest.topology import QUEUES
 from routers.decider import Decider
 from routers.importer import import_csv
 from routers.settings import RoutingSettings

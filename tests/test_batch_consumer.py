@@ -10,11 +10,13 @@ import aiormq
 import pytest
 
 from ingest.batch_consumer import BatchConsumer
-from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
+from ingest.consumers import Needs
 from ingest.delivery import Delivery
 from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
 from ingest.settings import BusSettings
+from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
 from tests.conftest import _rabbitmqctl
 
 
@@ -43,10 +45,10 @@ async def _depths(bus: Bus) -> tuple[int, int]:
 
 
 async def _consume(bus: Bus, handler: object, *, prefetch: int) -> BatchConsumer:
-    channel = await bus.connection.channel(publisher_confirms=True, on_return_raises=True)
-    await channel.set_qos(prefetch_count=prefetch)
+    channel = await bus.channel(prefetch)
     queue = await channel.get_queue(ROUTER_QUEUE)
-    consumer = BatchConsumer(bus, channel, queue, handler, max_batch=prefetch // 2)  # type: ignore[arg-type]
+    needs = Needs(bus, bus.settings, bus.health, bus.metrics)
+    consumer = BatchConsumer(needs, channel, queue, handler, max_batch=prefetch // 2)  # type: ignore[arg-type]
     await consumer.start()
     return consumer
 
@@ -243,7 +245,7 @@ async def test_a_start_that_fails_leaves_no_consumer_behind(bus: Bus) -> None:
     queue = await channel.get_queue(ROUTER_QUEUE)
     admin = await bus.connection.channel()
     await admin.queue_delete(ROUTER_QUEUE)
-    consumer = BatchConsumer(bus, channel, queue, handler, max_batch=8)
+    consumer = BatchConsumer(Needs(bus, bus.settings), channel, queue, handler, max_batch=8)
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await consumer.start()
     await bus.declare_topology()

@@ -22,7 +22,9 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import (
+from ingest.bus import Bus
+from ingest.settings import BusSettings
+from ingest.topology import (
     DEAD_QUEUE,
     EVENTS,
     EVENTS_QUEUE,
@@ -33,9 +35,7 @@ from ingest.bus import (
     ROUTED,
     ROUTED_QUEUE,
     ROUTER_QUEUE,
-    Bus,
 )
-from ingest.settings import BusSettings
 from routers.settings import EventsSettings
 from tests.conftest import AMQP_HOST
 from tests.seed import seed

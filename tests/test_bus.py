@@ -7,10 +7,12 @@ import aio_pika
 import pytest
 from pydantic import BaseModel, field_serializer
 
-from ingest.bus import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE, Bus
+from ingest import consume
+from ingest.bus import Bus
 from ingest.errors import UnroutableError
 from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
+from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
 
 
 def _msg() -> InboundMessage:
@@ -86,7 +88,7 @@ async def test_poison_goes_to_dead_with_reason_and_consumer_keeps_going(bus: Bus
     async def handler(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         seen.append(InboundMessage.model_validate_json(message.body).id)
 
-    consumer = await bus.consumer(ROUTER_QUEUE, handler, prefetch=10)
+    consumer = await consume.consumer(bus, ROUTER_QUEUE, handler, prefetch=10)
     await consumer.start()
     await bus.publish_body(INBOUND, "email", b"{not json", message_id="bad", type_=None)
     good = _msg()

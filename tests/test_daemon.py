@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import Identity, InboundMessage
+from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
 
@@ -240,8 +241,8 @@ async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> N
     """An operator watches routing live: one line per routed message, identities redacted."""
     import sys
 
-    from ingest.bus import ROUTED
     from ingest.schema import Route, RoutedMessage
+    from ingest.topology import ROUTED
 
     args = ["-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"]
     proc = await asyncio.create_subprocess_exec(

@@ -3,13 +3,14 @@
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.dedup import OnceSink
 from ingest.errors import TransientError
 from ingest.metrics import Metrics
 from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.sink import BusSink
+from ingest.topology import ROUTER_QUEUE
 from routers.store import DbSeenStore
 from tests.support.net import free_port
 

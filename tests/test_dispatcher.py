@@ -6,12 +6,13 @@ import json
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import EVENTS_QUEUE, OUTBOUND, Bus
+from ingest.bus import Bus
 from ingest.errors import PermanentSendError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import Identity, ReplyRequest
+from ingest.topology import EVENTS_QUEUE, OUTBOUND
 from routers import state
 from routers.db import sessionmaker
 from routers.dispatcher import DispatchSettings, OutboundDispatcher

@@ -19,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from connectors.email.intake import EmailConnector
 from connectors.email.smtp import SmtpSender
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
-from ingest.bus import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
+from ingest.topology import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from routers.settings import RoutingSettings
 from routers.store import DbCursorStore, DbSeenStore
 from tests.email_fixtures import (  # noqa: F401 (fixtures)

@@ -18,12 +18,13 @@ from connectors.email.imap import ImapSession
 from connectors.email.intake import EmailConnector
 from connectors.email.smtp import SmtpSender
 from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.errors import AuthError, ConfigError, PermanentSendError, TransientError
 from ingest.health import Health
 from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest, Thread
 from ingest.sink import BusSink
+from ingest.topology import ROUTER_QUEUE
 from routers.store import DbCursorStore, DbSeenStore
 from tests.email_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ingest.bus import ROUTED_QUEUE, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import RoutedMessage
+from ingest.topology import ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import (  # noqa: F401
     Dovecot,

@@ -17,15 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from config.components import Wiring
 from config.settings import Settings
 from ingest.amqp import broker_user
-from ingest.bus import (
-    DEAD_QUEUE,
-    EVENTS,
-    EVENTS_QUEUE,
-    OUTBOUND,
-    OUTBOUND_QUEUE,
-    REASON_HEADER,
-    Bus,
-)
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.schema import (
@@ -37,6 +29,14 @@ from ingest.schema import (
     utcnow,
 )
 from ingest.settings import BusSettings
+from ingest.topology import (
+    DEAD_QUEUE,
+    EVENTS,
+    EVENTS_QUEUE,
+    OUTBOUND,
+    OUTBOUND_QUEUE,
+    REASON_HEADER,
+)
 from routers import state
 from routers.db import sessionmaker
 from routers.dispatcher import DispatchSettings, OutboundDispatcher

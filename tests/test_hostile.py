@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ingest.bus import ROUTED_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import RoutedMessage
+from ingest.topology import ROUTED_QUEUE
 from tests import hostile_mail
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import USER, Dovecot, dovecot, free_port, mailbox_toml  # noqa: F401

@@ -9,9 +9,9 @@ import httpx
 
 from connectors.http import HttpServer, build_app
 from connectors.settings import HttpSettings
-from ingest.bus import ROUTER_QUEUE
 from ingest.health import Health
 from ingest.metrics import Metrics
+from ingest.topology import ROUTER_QUEUE
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     ACCOUNT_SID,
     PUBLIC_URL,

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
+from ingest.topology import ROUTER_QUEUE
 from routers.lease import FileLease, PgLease
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
 from tests.email_fixtures import Dovecot, dovecot, free_port, mailbox_toml, make_mail

@@ -14,8 +14,9 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from ingest.bus import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import Identity, InboundMessage
+from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
 from tests.email_fixtures import PASSWORD, USER, Dovecot, dovecot, free_port
 from tests.seed import seeded

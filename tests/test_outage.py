@@ -4,10 +4,11 @@ instead of spending the broker's delivery limit in seconds."""
 import asyncio
 from urllib.parse import urlsplit
 
-from ingest.bus import DEAD_QUEUE, INBOUND, ROUTED_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
+from ingest.topology import DEAD_QUEUE, INBOUND, ROUTED_QUEUE
 from routers.db import create_engine, migrate
 from routers.decider import Decider
 from routers.settings import DirectorySettings, RouterSettings, RoutingSettings

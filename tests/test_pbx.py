@@ -10,12 +10,12 @@ from sqlalchemy import update
 from connectors.http import build_app
 from connectors.pbx import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings
-from ingest.bus import ROUTER_QUEUE
 from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import Decision
 from ingest.schema import InboundMessage
+from ingest.topology import ROUTER_QUEUE
 from routers import state
 from routers.db import sessionmaker
 from routers.models import Team

@@ -19,19 +19,12 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import (
-    DEAD_QUEUE,
-    EVENTS,
-    INBOUND,
-    OUTBOUND,
-    REASON_HEADER,
-    ROUTED_QUEUE,
-    Bus,
-)
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import AgentStatus, Identity, InboundMessage, ReplyRequest, RoutedMessage
 from ingest.settings import BusSettings
+from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, OUTBOUND, REASON_HEADER, ROUTED_QUEUE
 from routers.db import create_engine, sessionmaker
 from routers.decider import Decider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher

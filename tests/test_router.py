@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import DEAD_QUEUE, EVENTS, INBOUND, REASON_HEADER, ROUTED_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.schema import (
     AgentReplied,
@@ -21,6 +21,7 @@ from ingest.schema import (
     RoutedMessage,
     Thread,
 )
+from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, REASON_HEADER, ROUTED_QUEUE
 from routers import state
 from routers.db import sessionmaker
 from routers.decider import Decider

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 from connectors.settings import SpoolSettings
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.errors import TransientError
 from ingest.metrics import Metrics
 from ingest.schema import Identity, InboundMessage
 from ingest.sink import BusSink
 from ingest.spool import SpooledSink, SpoolFull
+from ingest.topology import ROUTER_QUEUE
 from tests.conftest import AMQP_HOST
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     ACCOUNT_SID,
@@ -151,7 +152,7 @@ async def test_full_spool_answers_503_and_is_not_ready(
         sink_bus=await unreachable_bus(phone_vhost),
         spool_settings=SpoolSettings(max_messages=2, publish_timeout=1.0),
     )
-    phones.health.probes["spool"] = phones.spool.probe
+    phones.health.add_probe("spool", "spool", phones.spool.probe)
     for n in (1, 2):
         assert (await phones.twilio("/webhooks/twilio/sms", sms(sid(n)))).status_code == 200
     refused = await phones.twilio("/webhooks/twilio/sms", sms(sid(3)))

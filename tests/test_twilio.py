@@ -15,11 +15,11 @@ from twilio.request_validator import RequestValidator
 
 from connectors.settings import HttpSettings, TwilioSettings
 from connectors.twilio import TwilioSmsSender
-from ingest.bus import EVENTS_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from ingest.errors import AuthError, PermanentSendError, TransientError
 from ingest.health import Health
 from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest, RoutedMessage
+from ingest.topology import EVENTS_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from routers import state
 from routers.db import sessionmaker
 from routers.decider import Decider

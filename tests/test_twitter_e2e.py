@@ -9,10 +9,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.twitter import TwitterConnector
 from connectors.twitter.sender import TwitterSender
-from ingest.bus import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.health import Health
 from ingest.schema import Identity, ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
+from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE
 from routers.store import DbCursorStore, DbSeenStore
 from tests.seed import seed
 from tests.twitter_fixtures import (

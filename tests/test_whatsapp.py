@@ -13,11 +13,11 @@ import pytest
 
 from connectors.settings import HttpSettings, TwilioSettings
 from connectors.twilio import TwilioSmsSender, TwilioWhatsAppSender
-from ingest.bus import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from ingest.errors import PermanentSendError
 from ingest.health import Health
 from ingest.protocols import ReplyContext, Sender
 from ingest.schema import Channel, Identity, InboundMessage, ReplyRequest, RoutedMessage
+from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from routers.decider import Decider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings

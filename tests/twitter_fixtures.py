@@ -12,8 +12,9 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from connectors.settings import TwitterSettings
-from ingest.bus import ROUTER_QUEUE, Bus
+from ingest.bus import Bus
 from ingest.schema import InboundMessage
+from ingest.topology import ROUTER_QUEUE
 
 ACCOUNT_ID = "1500000000000000001"
 ACCOUNT_HANDLE = "AcmeSupport"

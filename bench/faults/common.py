@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ingest.bus import ROUTED_QUEUE, Bus  # noqa: E402 -- after the path fix above
+from ingest.bus import Bus  # noqa: E402 -- after the path fix above
 from ingest.schema import Identity, InboundMessage, RoutedMessage  # noqa: E402
 from ingest.settings import BusSettings  # noqa: E402
+from ingest.topology import ROUTED_QUEUE  # noqa: E402 -- after the path fix above
 
 AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
 PG_DSN = os.environ.get("OMNIROUTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -152,7 +153,7 @@ def inbound_messages(n: int, prefix: str) -> list[InboundMessage]:
 
 
 async def publish_all(bus: Bus, messages: Iterable[InboundMessage]) -> int:
-    from ingest.bus import INBOUND
+    from ingest.topology import INBOUND
 
     n = 0
     for m in messages:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.faults.common import pg_directory  # noqa: E402
 from bench.faults.harness import Result, options, run, set_up  # noqa: E402
 from bench.faults.proxy import FaultProxy  # noqa: E402
-from ingest.bus import DEAD_QUEUE  # noqa: E402
+from ingest.topology import DEAD_QUEUE  # noqa: E402
 
 TOKEN = "fault-scenario-token"  # noqa: S105 -- a throwaway token on loopback
 

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.faults.harness import Result, options, run, set_up  # noqa: E402
-from ingest.bus import ROUTER_QUEUE  # noqa: E402
+from ingest.topology import ROUTER_QUEUE  # noqa: E402
 
 
 async def scenario(n: int, workdir: Path) -> Result:
