@@ -2,7 +2,7 @@
 and the machine description every figure is reported with.
 
 Sole purpose: every benchmark measures against the same directory (``gen_directory.py``
-imported with ``routers.importer.import_csv``, region TR) and a vhost of its own that is
+imported with ``routers.csv.importer.import_csv``, region TR) and a vhost of its own that is
 deleted at the end, so runs never see each other's queues.
 """
 
@@ -71,8 +71,8 @@ def directory_db(customers: int) -> Path:
 
 async def import_into(url: str, folder: Path, customers: int) -> None:
     """Migrate ``url`` and import teams, agents and customers from ``folder``."""
-    from routers.db import create_engine, migrate
-    from routers.importer import import_csv
+    from routers.csv.importer import import_csv
+    from routers.store.engine import create_engine, migrate
 
     await migrate(url)
     engine = create_engine(url)
@@ -90,7 +90,7 @@ async def import_into(url: str, folder: Path, customers: int) -> None:
 async def seed_last_agents(engine, customers: int) -> None:  # type: ignore[no-untyped-def]
     """Every LAST_AGENT_EVERY-th customer was answered by an agent an hour ago."""
     from routers import state
-    from routers.db import sessionmaker
+    from routers.store.engine import sessionmaker
 
     at = datetime.now(UTC) - timedelta(hours=1)
     agents = TEAMS * AGENTS_PER_TEAM

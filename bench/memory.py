@@ -2,8 +2,8 @@
 """Resident size of a router process with a large directory, idle and under load.
 
 Starts one router process exactly as ``bench/throughput.py`` does (the real
-``RouterWorker``, ``Decider`` and ``Bus``, default settings) against a copy of the SQLite
-directory with ``--customers`` customers (default 1,000,000) on a fresh vhost. Reads
+``RouterWorker``, ``DirectoryDecider`` and ``Bus``, default settings) against a copy of the
+SQLite directory with ``--customers`` customers (default 1,000,000) on a fresh vhost. Reads
 ``VmRSS`` from ``/proc/<pid>/status``: after start-up (idle, nothing consumed), then every
 100 ms while it routes N preloaded messages (``--known`` of them from distinct directory
 customers, so the directory cache fills), then idle again after the load.

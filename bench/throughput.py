@@ -7,7 +7,7 @@ share from customers in the directory, the rest from strangers; every fifth know
 has a last agent) are preloaded into ``omniroute.router`` (not timed), ``--workers`` router
 processes are started and wait at a barrier, and the time from "go" to the N-th routed
 message confirmed in ``omniroute.routed`` is measured. Each router process runs the real
-``routers.worker.RouterWorker`` with the real ``Bus``, ``Decider`` and engine, default
+``routers.worker.RouterWorker`` with the real ``Bus``, ``DirectoryDecider`` and engine, default
 settings (quorum queues, prefetch 256), and the daemon's JSON logging to a file.
 
 After the last round the forwarder is timed once more, so that every router round lies
@@ -169,9 +169,9 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     from ingest.health import Health
     from ingest.metrics import Metrics
     from ingest.settings import BusSettings
-    from routers.db import create_engine
-    from routers.decider import Decider
+    from routers.decider import DirectoryDecider
     from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+    from routers.store.engine import create_engine
     from routers.worker import RouterWorker
 
     configure(fmt="json", level="info")
@@ -186,7 +186,11 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     # as config.components.Wiring builds them (an older tree, for before/after runs, has no
     # directory cache)
     ttl = getattr(router, "directory_cache_ttl", None)
-    decider = Decider(engine, routing) if ttl is None else Decider(engine, routing, cache_ttl=ttl)
+    decider = (
+        DirectoryDecider(engine, routing)
+        if ttl is None
+        else DirectoryDecider(engine, routing, cache_ttl=ttl)
+    )
     worker = RouterWorker(bus=bus, engine=engine, decider=decider,
                           routing=routing, settings=router,
                           health=health, metrics=metrics)

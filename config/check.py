@@ -11,7 +11,7 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import CheckRow
 from ingest.topology import QUEUES
-from routers.db import create_engine, current_revision
+from routers.store.engine import create_engine, current_revision
 
 Row = CheckRow
 

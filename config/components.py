@@ -13,7 +13,7 @@ is enabled, never as a side effect of importing this module.
 Every process serves /healthz, /readyz and /metrics on ``http.host:http.port``; the spool
 exists once a channel with webhooks asks for it.
 
-Pollers (email, twitter) receive a lease (``routers.lease``): an advisory lock on a
+Pollers (email, twitter) receive a lease (``routers.store.lease``): an advisory lock on a
 PostgreSQL directory, a lock file in ``state_dir/leases`` on SQLite, so that each mailbox
 and X account is polled by one live instance however many run.
 """
@@ -34,12 +34,12 @@ from ingest.health import Health, State
 from ingest.metrics import Metrics
 from ingest.protocols import Channel, HttpRoutes, InboundSink, Intake, Lease, Sender
 from ingest.sink import BusSink
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
-from routers.lease import lease_for
-from routers.maintenance import Pruner
-from routers.store import DbCursorStore, DbSeenStore
+from routers.store.connector_state import DbCursorStore, DbSeenStore
+from routers.store.lease import lease_for
+from routers.store.maintenance import Pruner
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("omniroute.components")
 #: seconds between a standby poller's attempts at the lease (with jitter): the takeover delay
 LEASE_RETRY = 3.0
-Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+#: a worker's run loop: runs until the event is set, then drains and returns
+WorkerLoop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 #: what a registry entry's import string names: the channel built from the settings (it
 #: takes its own sections) and the collaborators it needs
 ChannelFactory = Callable[[Settings, Shared], Channel[Settings]]
@@ -59,8 +60,8 @@ class Plan:
     """What this process runs, split by stop order: intake first, HTTP next, workers last."""
 
     intake: dict[str, Intake] = field(default_factory=dict)
-    workers: dict[str, Runner] = field(default_factory=dict)
-    http: Runner | None = None
+    workers: dict[str, WorkerLoop] = field(default_factory=dict)
+    http: WorkerLoop | None = None
     http_started: asyncio.Event | None = None
 
 
@@ -80,7 +81,7 @@ class Wiring:
         self.bus = bus
         self.engine = engine
         self.metrics = metrics
-        self.decider = Decider(
+        self.decider = DirectoryDecider(
             engine, settings.routing, cache_ttl=settings.router.directory_cache_ttl
         )
         self.cursors = DbCursorStore(engine)
@@ -165,6 +166,7 @@ class Wiring:
                 routing=settings.routing,
                 settings=settings.router,
                 health=self.health,
+                metrics=self.metrics,
                 trust=settings.events,
             )
             plan.workers["events"] = _with_drain(events.run, drain)
@@ -264,8 +266,8 @@ class Wiring:
                 log.exception("components.close_failed")
 
 
-def _with_drain(run: Callable[..., Coroutine[Any, Any, None]], drain: float) -> Runner:
-    async def runner(stop: asyncio.Event) -> None:
+def _with_drain(run: Callable[..., Coroutine[Any, Any, None]], drain: float) -> WorkerLoop:
+    async def draining(stop: asyncio.Event) -> None:
         await run(stop, drain_timeout=drain)
 
-    return runner
+    return draining

@@ -31,8 +31,8 @@ from ingest.bus import Bus
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
-from routers.db import create_engine, migrate
-from routers.lease import lease_for
+from routers.store.engine import create_engine, migrate
+from routers.store.lease import lease_for
 
 log = structlog.get_logger("omniroute.daemon")
 
@@ -205,13 +205,13 @@ class Daemon:
         intake: list[asyncio.Task[None]] = []
         workers: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
-            for name, runner in plan.intake.items():
+            for name, run in plan.intake.items():
                 # intake reports its own health (email.<mailbox>, twitter, the spool's probe);
-                # the runner's entry only shows a crash, and "starting" must not block /readyz
+                # the loop's own entry only shows a crash, and "starting" must not block /readyz
                 self.health.register(name, required=False)
                 intake.append(
                     group.create_task(
-                        supervise(name, runner, self._stop_intake, self.health), name=name
+                        supervise(name, run, self._stop_intake, self.health), name=name
                     )
                 )
             http: asyncio.Task[None] | None = None
@@ -221,11 +221,11 @@ class Daemon:
                 await _first(plan.http_started.wait(), self._stop.wait())
             self._notifier.notify("STATUS=connecting to the broker")
             if not self._stop.is_set() and await self._open_bus(bus):
-                for name, runner in plan.workers.items():
+                for name, run in plan.workers.items():
                     self.health.register(name)
                     workers.append(
                         group.create_task(
-                            supervise(name, runner, self._stop_workers, self.health), name=name
+                            supervise(name, run, self._stop_workers, self.health), name=name
                         )
                     )
             if not self._stop.is_set():

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from config.settings import Settings
-from routers.db import create_engine, current_revision, migrate, require_current
+from routers.store.engine import create_engine, current_revision, migrate, require_current
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -14,8 +14,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"directory at schema revision {await current_revision(url)}")
         return 0
     await require_current(url)
-    from routers.exporter import export_csv
-    from routers.importer import import_csv
+    from routers.csv.exporter import export_csv
+    from routers.csv.importer import import_csv
 
     engine = create_engine(url, settings.directory)
     try:

@@ -16,9 +16,9 @@ from ingest.errors import ConfigError
 from ingest.identities import IdentityKind
 from ingest.schema import Identity, InboundMessage, Thread
 from ingest.sender_auth import METHODS
-from routers.db import create_engine, require_current
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.policy import trace
+from routers.store.engine import create_engine, require_current
 
 KINDS: dict[str, IdentityKind] = IDENTITY_KINDS  # one table of channels (config.registry)
 
@@ -66,7 +66,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
     await require_current(settings.directory_url)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
-        decision, facts = await Decider(engine, settings.routing).explain(message)
+        decision, facts = await DirectoryDecider(engine, settings.routing).explain(message)
     finally:
         await engine.dispose()
     route = decision.route

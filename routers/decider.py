@@ -2,10 +2,10 @@
 made, shared by the router worker, the voice webhook, the PBX route API and
 ``omniroute route explain`` (they receive it as an ``ingest.protocols.Decider``).
 
-Usage: ``decision = await Decider(engine, routing_settings)(inbound_message)``, or
+Usage: ``decision = await DirectoryDecider(engine, routing_settings)(inbound_message)``, or
 ``await decider.decide_many(messages)`` for a batch: the facts of all its messages are read
 with one query per kind of fact, whatever the batch size, and the routing state of the
-whole batch in one unit of work (``routers.runner``).
+whole batch in one unit of work (``routers.store.transactions``).
 
 Directory lookups (customer by identity, team, agent) go through a ``DirectoryCache`` when
 ``cache_ttl`` > 0 (the daemon passes ``router.directory_cache_ttl``); routing state (last
@@ -28,8 +28,8 @@ from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, state
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import UNVERIFIED, AgentFacts, Facts, address_team, decide
-from routers.runner import runner_of
 from routers.settings import RoutingSettings
+from routers.store.transactions import transactions_of
 
 
 @dataclass
@@ -43,7 +43,9 @@ class _Read:
     teams: dict[str, TeamRecord | None] = field(default_factory=dict)
 
 
-class Decider:
+class DirectoryDecider:
+    """The ``ingest.protocols.Decider`` of omniroute: facts from the directory database."""
+
     def __init__(
         self,
         engine: AsyncEngine,
@@ -52,7 +54,7 @@ class Decider:
         clock: Callable[[], datetime] = utcnow,
         cache_ttl: float = 0.0,
     ) -> None:
-        self._run = runner_of(engine)
+        self._run = transactions_of(engine)
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
         self.directory = directory.DirectoryCache(self._run, cache_ttl)

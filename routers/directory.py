@@ -21,7 +21,7 @@ from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
 from routers.models import Agent, Customer, CustomerIdentity, Team
-from routers.runner import Runner
+from routers.store.transactions import Transactions
 
 log = structlog.get_logger("omniroute.directory")
 
@@ -300,7 +300,7 @@ class DirectoryCache:
 
     def __init__(
         self,
-        run: Runner,
+        run: Transactions,
         ttl: float,
         *,
         max_entries: int = 100_000,

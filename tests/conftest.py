@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
 from ingest.settings import BusSettings
-from routers.db import create_engine, migrate
+from routers.store.engine import create_engine, migrate
 
 pytest_plugins = ["tests.daemon_fixtures"]
 

@@ -3,8 +3,8 @@ before the importer's own tests have proven it."""
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.db import create_engine, migrate, sessionmaker
 from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.store.engine import create_engine, migrate, sessionmaker
 
 
 async def seed(engine: AsyncEngine) -> None:

@@ -11,7 +11,7 @@ from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.sink import BusSink
 from ingest.topology import ROUTER_QUEUE
-from routers.store import DbSeenStore
+from routers.store.connector_state import DbSeenStore
 from tests.support.net import free_port
 
 

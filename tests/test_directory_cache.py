@@ -11,10 +11,10 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity
-from routers.db import sessionmaker
 from routers.directory import CustomerRecord, DirectoryCache
 from routers.models import Customer, CustomerIdentity
-from routers.runner import runner_of
+from routers.store.engine import sessionmaker
+from routers.store.transactions import transactions_of
 from tests.seed import seed
 
 
@@ -39,7 +39,7 @@ def _counting_selects(engine: AsyncEngine) -> Iterator[list[str]]:
         if statement.lstrip().upper().startswith("SELECT") and "identities" in statement:
             statements.append(statement)
 
-    runs_on = runner_of(engine).engine
+    runs_on = transactions_of(engine).engine
     event.listen(runs_on, "before_cursor_execute", count)
     try:
         yield statements
@@ -63,7 +63,7 @@ async def test_a_new_customer_is_seen_once_the_ttl_and_one_refresh_have_passed(
     background refresh it starts is done; past twice the TTL the read is made at once."""
     await seed(engine)
     clock = Clock()
-    cache = DirectoryCache(runner_of(engine), ttl=5.0, clock=clock)
+    cache = DirectoryCache(transactions_of(engine), ttl=5.0, clock=clock)
     newcomer = Identity(kind="email", address="new@initech.test")
     assert await _find(cache, newcomer) is None
     await _add_newcomer(engine)
@@ -76,7 +76,7 @@ async def test_a_new_customer_is_seen_once_the_ttl_and_one_refresh_have_passed(
     assert found is not None
     assert found.id == "initech"
 
-    other = DirectoryCache(runner_of(engine), ttl=5.0, clock=clock)
+    other = DirectoryCache(transactions_of(engine), ttl=5.0, clock=clock)
     stranger = Identity(kind="email", address="x@y.test")
     assert await _find(other, stranger) is None
     async with sessionmaker(engine).begin() as session:
@@ -88,7 +88,7 @@ async def test_a_new_customer_is_seen_once_the_ttl_and_one_refresh_have_passed(
 
 async def test_ttl_zero_reads_the_database_every_time(engine: AsyncEngine) -> None:
     await seed(engine)
-    cache = DirectoryCache(runner_of(engine), ttl=0)
+    cache = DirectoryCache(transactions_of(engine), ttl=0)
     assert await _find(cache, Identity(kind="email", address="x@y.test")) is None
     async with sessionmaker(engine).begin() as session:
         session.add(CustomerIdentity(kind="email", address="x@y.test", customer_id="globex"))
@@ -104,7 +104,7 @@ async def test_a_batch_is_one_query_and_each_sender_gets_its_own_answer(
     """One query for the whole batch answers each sender with its own customer, aliases
     included, and None for strangers."""
     await seed(engine)
-    cache = DirectoryCache(runner_of(engine), ttl=0)
+    cache = DirectoryCache(transactions_of(engine), ttl=0)
     identities = [
         Identity(kind="email", address="AYSE@acme.test"),
         Identity(kind="phone", address="0532 111 22 33"),
@@ -124,7 +124,7 @@ async def test_callers_missing_the_same_key_together_wait_for_one_query(
     """When a busy entry is missing, the callers in flight do not each read it: a burst of
     calls from one number would otherwise queue behind as many identical queries."""
     await seed(engine)
-    cache = DirectoryCache(runner_of(engine), ttl=5.0)
+    cache = DirectoryCache(transactions_of(engine), ttl=5.0)
     caller = Identity(kind="phone", address="0532 111 22 33")
     with _counting_selects(engine) as selects:
         found = await asyncio.gather(*(_find(cache, caller) for _ in range(30)))
@@ -138,7 +138,7 @@ async def test_a_failed_read_fails_every_caller_waiting_for_it(engine: AsyncEngi
     await seed(engine)
     async with engine.begin() as connection:  # a real failure: the table is gone
         await connection.exec_driver_sql("ALTER TABLE identities RENAME TO identities_away")
-    cache = DirectoryCache(runner_of(engine), ttl=5.0)
+    cache = DirectoryCache(transactions_of(engine), ttl=5.0)
     caller = Identity(kind="phone", address="0532 111 22 33")
     results = await asyncio.gather(
         *(cache.find_customers([caller], "TR") for _ in range(5)), return_exceptions=True
@@ -154,7 +154,7 @@ async def test_a_failed_read_fails_every_caller_waiting_for_it(engine: AsyncEngi
 async def test_a_caller_giving_up_does_not_fail_the_others(engine: AsyncEngine) -> None:
     """A PBX answer's deadline cancels its own wait, not the read other callers share."""
     await seed(engine)
-    cache = DirectoryCache(runner_of(engine), ttl=5.0)
+    cache = DirectoryCache(transactions_of(engine), ttl=5.0)
     caller = Identity(kind="phone", address="0532 111 22 33")
     impatient = asyncio.create_task(cache.find_customers([caller], "TR"))
     patient = asyncio.create_task(cache.find_customers([caller], "TR"))

@@ -38,11 +38,11 @@ from ingest.topology import (
     REASON_HEADER,
 )
 from routers import state
-from routers.db import sessionmaker
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.events import EventsWorker
 from routers.models import AgentPresence, ThreadOwner
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
+from routers.store.engine import sessionmaker
 from tests.seed import seed
 from tests.test_poison import RecordingSender, running, take_all
 

@@ -35,9 +35,9 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.sink import BusSink
 from ingest.spool import SpooledSink
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.settings import RoutingSettings
-from routers.store import DbSeenStore
+from routers.store.connector_state import DbSeenStore
 from tests.phone_fixtures import (
     ACCOUNT_SID,
     API_TOKEN,
@@ -79,7 +79,7 @@ async def app(engine: AsyncEngine, bus: Bus, tmp_path: Path) -> Any:
     health.register("broker")
     health.set("broker", "up")
     routing = RoutingSettings(default_region=REGION, default_team="t-triage")
-    decider = Decider(engine, routing)
+    decider = DirectoryDecider(engine, routing)
     seen = DbSeenStore(engine)
     spool = SpooledSink(
         BusSink(bus), tmp_path / "spool", SpoolSettings(publish_timeout=3.0), metrics

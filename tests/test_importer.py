@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.db import create_engine, migrate
-from routers.directory_csv import ImportFileError, escape_cell, unescape_cell
-from routers.exporter import export_csv
-from routers.importer import import_csv
+from routers.csv.exporter import export_csv
+from routers.csv.format import ImportFileError, escape_cell, unescape_cell
+from routers.csv.importer import import_csv
 from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.store.engine import create_engine, migrate
 
 EXAMPLES = Path(__file__).parent.parent / "config" / "examples"
 CUSTOMERS_HEADER = "id,name,team,emails,phones,twitter\n"

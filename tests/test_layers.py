@@ -80,6 +80,25 @@ def test_a_layer_imports_only_what_it_may(layer: str):
     assert wrong == []
 
 
+def test_the_routers_plumbing_imports_no_routing():
+    """``routers.store`` (the database plumbing) and ``routers.csv`` (the directory's import
+    and export) sit beneath the routing: of ``routers`` they import each other, the models
+    and the settings, never the decider, the workers or the routing state."""
+    beneath = ("routers.store", "routers.csv", "routers.models", "routers.settings")
+
+    def within(name: str, packages: tuple[str, ...]) -> bool:
+        return any(name == p or name.startswith(f"{p}.") for p in packages)
+
+    wrong = sorted(
+        f"{name} imports {target}"
+        for name, targets in GRAPH.items()
+        if within(name, beneath[:2])
+        for target in targets
+        if within(target, ("routers",)) and not within(target, beneath)
+    )
+    assert wrong == []
+
+
 def test_no_import_circle():
     """Tarjan's strongly connected components: any with more than one module is a circle."""
     index: dict[str, int] = {}

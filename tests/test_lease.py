@@ -16,7 +16,7 @@ import pytest
 
 from ingest.bus import Bus
 from ingest.topology import ROUTER_QUEUE
-from routers.lease import FileLease, PgLease
+from routers.store.lease import FileLease, PgLease
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
 from tests.email_fixtures import Dovecot, dovecot, free_port, mailbox_toml, make_mail
 

@@ -8,11 +8,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
 from routers import state
-from routers.db import sessionmaker
-from routers.maintenance import Pruner
 from routers.models import RoutedRecord, SeenId, ThreadOwner
 from routers.settings import RoutingSettings
-from routers.store import DbSeenStore
+from routers.store import routed_log
+from routers.store.connector_state import DbSeenStore
+from routers.store.engine import sessionmaker
+from routers.store.maintenance import Pruner
 
 NOW = datetime(2026, 11, 23, tzinfo=UTC)
 
@@ -33,8 +34,8 @@ async def count(engine: AsyncEngine, table: type) -> int:
 async def test_pruner_drops_old_records_and_keeps_thread_owners(engine: AsyncEngine) -> None:
     sessions = sessionmaker(engine)
     async with sessions.begin() as session:
-        await state.record_routed(session, routed("old", NOW - timedelta(days=91)))
-        await state.record_routed(session, routed("new", NOW - timedelta(days=1)))
+        await routed_log.record_routed(session, routed("old", NOW - timedelta(days=91)))
+        await routed_log.record_routed(session, routed("new", NOW - timedelta(days=1)))
         await state.record_reply(
             session,
             agent_id="ana",

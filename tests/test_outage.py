@@ -9,9 +9,9 @@ from ingest.health import Health
 from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, INBOUND, ROUTED_QUEUE
-from routers.db import create_engine, migrate
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+from routers.store.engine import create_engine, migrate
 from routers.worker import RouterWorker
 from tests.phone_fixtures import TcpProxy
 from tests.seed import seed
@@ -35,7 +35,7 @@ async def test_directory_outage_holds_messages_and_dead_letters_none(
     router = RouterWorker(
         bus=bus,
         engine=engine,
-        decider=Decider(engine, routing),
+        decider=DirectoryDecider(engine, routing),
         routing=routing,
         settings=RouterSettings(prefetch=32),
         health=Health(),

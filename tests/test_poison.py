@@ -25,12 +25,12 @@ from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import AgentStatus, Identity, InboundMessage, ReplyRequest, RoutedMessage
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, OUTBOUND, REASON_HEADER, ROUTED_QUEUE
-from routers.db import create_engine, sessionmaker
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.events import EventsWorker
 from routers.models import AgentPresence
 from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+from routers.store.engine import create_engine, sessionmaker
 from routers.worker import RouterWorker
 from tests.phone_fixtures import ACME_PHONE, REGION, seed_directory
 from tests.support.net import free_port
@@ -130,7 +130,7 @@ def workers(bus: Bus, engine: AsyncEngine, sender: RecordingSender) -> list[Any]
     router = RouterWorker(
         bus=bus,
         engine=engine,
-        decider=Decider(engine, ROUTING),
+        decider=DirectoryDecider(engine, ROUTING),
         routing=ROUTING,
         settings=settings,
         health=health,

@@ -11,11 +11,11 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Thread
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.directory import CustomerRecord, TeamRecord
 from routers.policy import CHAIN, AgentFacts, Facts, decide, trace
-from routers.runner import runner_of
 from routers.settings import RoutingSettings
+from routers.store.transactions import transactions_of
 from tests.seed import seed
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -502,7 +502,7 @@ def statements(engine: AsyncEngine) -> Iterator[list[str]]:
     def record(*args: Any) -> None:
         seen.append(args[2])
 
-    target = runner_of(engine).engine
+    target = transactions_of(engine).engine
     event.listen(target, "before_cursor_execute", record)
     yield seen
     event.remove(target, "before_cursor_execute", record)
@@ -519,7 +519,7 @@ async def test_decider_reads_the_customers_team_before_deciding(
         default_team="network",
         address_teams={"+908505550000": "billing"},
     )
-    decider = Decider(engine, settings)
+    decider = DirectoryDecider(engine, settings)
     messages = [
         InboundMessage(
             channel="voice",

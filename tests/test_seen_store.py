@@ -5,7 +5,7 @@ import asyncio
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.store import DbSeenStore
+from routers.store.connector_state import DbSeenStore
 
 
 async def test_concurrent_callers_each_learn_whether_their_own_id_was_new(

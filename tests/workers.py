@@ -3,20 +3,17 @@ stopped the way the daemon does it, for end-to-end tests of a channel."""
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from config.components import WorkerLoop
 from ingest.bus import Bus
 from ingest.health import Health
 from ingest.protocols import Sender
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
-
-Runner = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class Workers:
@@ -34,7 +31,7 @@ class Workers:
         self.router = RouterWorker(
             bus=bus,
             engine=engine,
-            decider=Decider(engine, routing),
+            decider=DirectoryDecider(engine, routing),
             routing=routing,
             settings=RouterSettings(prefetch=8),
             health=self.health,
@@ -50,7 +47,7 @@ class Workers:
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, *intake: Runner) -> None:
+    async def start(self, *intake: WorkerLoop) -> None:
         """Start the workers and any intake loops, and wait until all say they are up."""
         self.tasks = [
             asyncio.create_task(self.router.run(self.stop, drain_timeout=5)),

@@ -93,8 +93,8 @@ class Vhost:
 
 async def seed_directory(url: str) -> None:
     """Migrate and load the example directory through the real importer."""
-    from routers.db import create_engine, migrate
-    from routers.importer import import_csv
+    from routers.csv.importer import import_csv
+    from routers.store.engine import create_engine, migrate
 
     await migrate(url)
     engine = create_engine(url)

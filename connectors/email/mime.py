@@ -8,8 +8,8 @@ worker (``connectors.parse_pool``) whose limits make those, and the pool routes 
 
 Message-IDs are kept in one canonical form everywhere (``thread.message_id``,
 ``in_reply_to``, ``references`` and ``external_id``): without the angle brackets of RFC 5322
-section 3.6.4 and surrounding space, the form ``routers.state.strip_brackets`` compares in,
-so an answer to a Message-ID omniroute generated matches it as written.
+section 3.6.4 and surrounding space, the form ``routers.store.values.strip_brackets``
+compares in, so an answer to a Message-ID omniroute generated matches it as written.
 """
 
 import email

@@ -3,8 +3,8 @@
 Sole purpose: load an operator's directory file of any size into the database, applying
 every valid row and naming every rejected one by line and reason, without ever moving an
 identity from one customer to another behind the operator's back. The file format and
-row validation are ``routers.directory_csv``; the database writing ``routers.import_writer``;
-the answer ``routers.import_report``.
+row validation are ``routers.csv.format``; the database writing ``routers.csv.writer``; the
+answer ``routers.csv.report``.
 
 Invariants:
 - The file is streamed in batches of ``BATCH`` rows; each batch is parsed in a worker
@@ -26,9 +26,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from routers.directory_csv import BATCH, CsvSource, Row, parse_batch
-from routers.import_report import ImportAborted, ImportReport
-from routers.import_writer import BatchWriter, seen_table
+from routers.csv.format import BATCH, CsvSource, Row, parse_batch
+from routers.csv.report import ImportAborted, ImportReport
+from routers.csv.writer import BatchWriter, seen_table
 
 PARALLEL_BYTES = 16 * 2**20  # below this, spawning worker processes costs more than it saves
 

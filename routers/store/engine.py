@@ -15,10 +15,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlche
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from ingest.errors import ConfigError, OmnirouteError
-from routers import runner
 from routers.settings import DirectorySettings
+from routers.store import transactions
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATIONS = Path(__file__).parent.parent / "migrations"
 
 
 def normalise_url(url: str) -> str:
@@ -58,7 +58,9 @@ def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncE
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        runner.attach(engine, sqlite_connect=kwargs["connect_args"], on_connect=_sqlite_pragmas)
+        transactions.attach(
+            engine, sqlite_connect=kwargs["connect_args"], on_connect=_sqlite_pragmas
+        )
     else:
         event.listen(engine.sync_engine, "do_connect", _connect_or_operational_error)
         event.listen(engine.sync_engine, "handle_error", _network_error_is_operational)

@@ -16,9 +16,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.errors import TransientError
-from routers.db import sessionmaker
 from routers.models import Cursor, SeenId
-from routers.sql import upsert
+from routers.store.engine import sessionmaker
+from routers.store.sql import upsert
 
 #: rows per statement in the batch methods: 3 bound values a row stays far below SQLite's
 #: variable limit (32,766; 999 before 3.32)

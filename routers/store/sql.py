@@ -3,7 +3,7 @@
 The rows of a batch go as the parameters of one statement (executemany) on the session's
 connection: ``Session.execute`` adds ORM work per statement (compile state, result
 processing) that cost as much as the query itself on SQLite. The router's own hot path
-runs as plain functions of a ``Connection`` instead (``routers.runner``).
+runs as plain functions of a ``Connection`` instead (``routers.store.transactions``).
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,6 @@
 """Writing a directory import to the database: one batch of parsed rows, one transaction.
 
-Sole purpose: apply the rows ``routers.directory_csv`` accepted, rejecting those that clash
+Sole purpose: apply the rows ``routers.csv.format`` accepted, rejecting those that clash
 with the file or the database (an id seen earlier in the file, an unknown team, an
 identity another customer owns), without ever moving an identity from one customer to
 another.
@@ -20,10 +20,10 @@ from typing import Any
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from routers.directory_csv import Identity, Row
-from routers.import_report import ImportReport, Rejected
+from routers.csv.format import Identity, Row
+from routers.csv.report import ImportReport, Rejected
 from routers.models import Agent, Customer, CustomerIdentity, Team
-from routers.sql import upsert
+from routers.store.sql import upsert
 
 CHUNK = 1_000  # rows per statement: keeps bound parameters far below SQLite's and asyncpg's limits
 

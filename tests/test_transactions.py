@@ -1,6 +1,6 @@
-"""The router's units of database work (``routers.runner``): all or nothing, on SQLite and
-PostgreSQL, off the event loop for SQLite, and still working after the directory is
-reopened (a reload disposes the engine while the router runs)."""
+"""The router's units of database work (``routers.store.transactions``): all or nothing, on
+SQLite and PostgreSQL, off the event loop for SQLite, and still working after the directory
+is reopened (a reload disposes the engine while the router runs)."""
 
 import sqlite3
 import threading
@@ -12,11 +12,11 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
-from routers import state
-from routers.db import create_engine, migrate
 from routers.models import RoutedRecord
-from routers.runner import runner_of
 from routers.settings import DirectorySettings
+from routers.store import routed_log
+from routers.store.engine import create_engine, migrate
+from routers.store.transactions import transactions_of
 
 
 def _routed(external_id: str) -> RoutedMessage:
@@ -36,53 +36,53 @@ def _recorded(connection: Connection) -> int:
 async def test_a_unit_of_work_is_committed_whole_or_not_at_all(db: AsyncEngine) -> None:
     """A claim whose unit fails after writing leaves nothing behind, so the redelivered
     message claims again; a claim that commits keeps its channel id against a copy."""
-    run = runner_of(db)
+    run = transactions_of(db)
     first, copy = _routed("SM1"), _routed("SM1")
 
     def claim_then_fail(connection: Connection) -> None:
-        state.claim_routed_many(connection, [first])
+        routed_log.claim_routed_many(connection, [first])
         raise RuntimeError("the batch failed after its insert")
 
     with pytest.raises(RuntimeError):
         await run(claim_then_fail)
     assert await run(_recorded) == 0
 
-    assert await run(lambda c: state.claim_routed_many(c, [first])) == [first.message.id]
-    owners = await run(lambda c: state.claim_routed_many(c, [copy, _routed("SM2")]))
+    assert await run(lambda c: routed_log.claim_routed_many(c, [first])) == [first.message.id]
+    owners = await run(lambda c: routed_log.claim_routed_many(c, [copy, _routed("SM2")]))
     assert owners[0] == first.message.id, "the copy under another id loses the claim"
     assert await run(_recorded) == 2
 
     twins = [_routed("SM3"), _routed("SM3")]
-    owners = await run(lambda c: state.claim_routed_many(c, twins))
+    owners = await run(lambda c: routed_log.claim_routed_many(c, twins))
     assert owners == [twins[0].message.id] * 2, "within one batch, the first copy wins"
-    assert await run(lambda c: state.claim_routed_many(c, twins)) == owners, "a redelivery"
+    assert await run(lambda c: routed_log.claim_routed_many(c, twins)) == owners, "a redelivery"
     assert await run(_recorded) == 3
 
 
-async def test_sqlite_work_runs_on_the_runner_thread(sqlite_url: str) -> None:
-    """The point of the runner: a unit's statements leave the event loop once, together."""
+async def test_sqlite_work_runs_on_a_thread_of_its_own(sqlite_url: str) -> None:
+    """The point of ``Transactions``: a unit's statements leave the event loop once, together."""
     await migrate(sqlite_url)
     engine = create_engine(sqlite_url)
     try:
-        name = await runner_of(engine)(lambda _c: threading.current_thread().name)
+        name = await transactions_of(engine)(lambda _c: threading.current_thread().name)
     finally:
         await engine.dispose()
     assert name != threading.current_thread().name
     assert name.startswith("omniroute-db")
 
 
-async def test_the_runner_works_on_after_the_directory_is_reopened(
+async def test_transactions_work_on_after_the_directory_is_reopened(
     db: AsyncEngine,
 ) -> None:
     """A reload disposes the engine's pool while the router runs; claims go on."""
-    run = runner_of(db)
-    await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
+    run = transactions_of(db)
+    await run(lambda c: routed_log.claim_routed_many(c, [_routed("SM1")]))
     before = run.engine.pool
     await db.dispose()
     assert run.engine.pool is not before, "reopened by the time dispose() returns"
-    await run(lambda c: state.claim_routed_many(c, [_routed("SM2")]))
+    await run(lambda c: routed_log.claim_routed_many(c, [_routed("SM2")]))
     assert await run(_recorded) == 2
-    assert runner_of(db) is run
+    assert transactions_of(db) is run
 
 
 async def test_a_locked_sqlite_directory_fails_a_unit_after_the_statement_timeout(
@@ -92,14 +92,14 @@ async def test_a_locked_sqlite_directory_fails_a_unit_after_the_statement_timeou
     writer elsewhere makes a claim an outage (retried), not a hang."""
     await migrate(sqlite_url)
     engine = create_engine(sqlite_url, DirectorySettings(statement_timeout=0.3))
-    run = runner_of(engine)
+    run = transactions_of(engine)
     await run(_recorded)  # connected: the pragmas (WAL) are set
     holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     try:
         holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         started = time.monotonic()
         with pytest.raises(OperationalError, match="locked"):
-            await run(lambda c: state.claim_routed_many(c, [_routed("SM1")]))
+            await run(lambda c: routed_log.claim_routed_many(c, [_routed("SM1")]))
         assert 0.25 < time.monotonic() - started < 3
     finally:
         holder.close()

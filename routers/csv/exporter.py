@@ -4,7 +4,7 @@ Sole purpose: write one kind's table (customers with their identities) to a file
 operator can edit and import again.
 
 Invariant: no cell opens as a formula in a spreadsheet (OWASP's CSV-injection rule, see
-``routers.directory_csv.escape_cell``); the import undoes the escape, so export then import
+``routers.csv.format.escape_cell``); the import undoes the escape, so export then import
 gives back the same directory.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, TextIO
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from routers.directory_csv import BATCH, COLUMNS, IDENTITY_COLUMNS, ImportFileError, escape_cell
-from routers.import_writer import IDENTITIES, TABLES
+from routers.csv.format import BATCH, COLUMNS, IDENTITY_COLUMNS, ImportFileError, escape_cell
+from routers.csv.writer import IDENTITIES, TABLES
 
 
 async def export_csv(

@@ -3,17 +3,19 @@
 The router's batch reads and claims are a few statements each. Through aiosqlite every
 cursor call of every statement (open, execute, fetch, close) and every commit is a
 hand-off to its thread and back: about twenty per routed batch, each two context switches
-and a GIL exchange, which cost the router more CPU than the statements. A ``Runner`` takes
-a plain function of a synchronous ``Connection`` and runs all of it in one transaction:
+and a GIL exchange, which cost the router more CPU than the statements. ``Transactions``
+takes a plain function of a synchronous ``Connection`` and runs all of it in one
+transaction:
 
 - SQLite: on a small thread pool of its own, with a pysqlite engine on the same file and
-  the same pragmas (``routers.db``): one hand-off there and one back, whatever the
+  the same pragmas (``routers.store.engine``): one hand-off there and one back, whatever the
   function does. The busy timeout bounds a statement as for the async engine.
 - PostgreSQL: through ``AsyncConnection.run_sync`` on the event loop (asyncpg is already
   asynchronous, so there is nothing to save by leaving the loop).
 
-``runner_of(engine)`` is the engine's runner, made with it by ``routers.db.create_engine``;
-disposing the engine (a reload, the end) disposes the runner's pool too.
+``transactions_of(engine)`` is the engine's ``Transactions``, made with it by
+``routers.store.engine.create_engine``; disposing the engine (a reload, the end) disposes
+its pool too.
 """
 
 import asyncio
@@ -33,10 +35,12 @@ T = TypeVar("T")
 #: one writer at a time anyway
 _THREADS = 2
 
-_runners: "weakref.WeakKeyDictionary[AsyncEngine, Runner]" = weakref.WeakKeyDictionary()
+_of_engine: "weakref.WeakKeyDictionary[AsyncEngine, Transactions]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
-class Runner:
+class Transactions:
     """Runs ``fn(connection)`` in one transaction, committed when ``fn`` returns and
     rolled back when it raises (with the database's errors as SQLAlchemy raises them).
 
@@ -53,7 +57,7 @@ class Runner:
         on_connect: Callable[[Any, Any], None] | None = None,
     ) -> None:
         # a proxy of its own: the registry is keyed by the caller's proxy, which this
-        # runner (a value of that registry) must not keep alive
+        # object (a value of that registry) must not keep alive
         self._async = AsyncEngine(engine.sync_engine)
         #: a SQLite file's own engine and threads; None: run on the async engine
         self._local: tuple[Engine, ThreadPoolExecutor] | None = None
@@ -71,7 +75,7 @@ class Runner:
             if on_connect is not None:
                 event.listen(sync, "connect", on_connect)
             threads = ThreadPoolExecutor(_THREADS, thread_name_prefix="omniroute-db")
-            # the threads end with the runner (they would otherwise wait for a collection)
+            # the threads end with this object (they would otherwise wait for a collection)
             weakref.finalize(self, threads.shutdown, wait=False)
             self._local = (sync, threads)
         event.listen(engine.sync_engine, "engine_disposed", self._disposed)
@@ -96,7 +100,7 @@ class Runner:
     def _disposed(self, _engine: Engine) -> None:
         """The async engine was disposed (reopened on reload, or closed): so is this pool,
         before ``dispose()`` returns. Connections in use finish their unit on the old pool;
-        its idle ones are closed on a runner thread (closing may checkpoint the WAL)."""
+        its idle ones are closed on one of its threads (closing may checkpoint the WAL)."""
         if self._local is None:
             return
         sync, threads = self._local
@@ -111,14 +115,15 @@ def _in_transaction(engine: Engine, fn: Callable[[Connection], T]) -> T:
         return fn(connection)
 
 
-def attach(engine: AsyncEngine, **kwargs: Any) -> Runner:
-    """Make ``engine``'s runner (``Runner``'s keyword arguments)."""
-    runner = _runners[engine] = Runner(engine, **kwargs)
-    return runner
+def attach(engine: AsyncEngine, **kwargs: Any) -> Transactions:
+    """Make ``engine``'s ``Transactions`` (with ``Transactions``' keyword arguments)."""
+    transactions = _of_engine[engine] = Transactions(engine, **kwargs)
+    return transactions
 
 
-def runner_of(engine: AsyncEngine) -> Runner:
-    """``engine``'s runner; an engine not made by ``routers.db.create_engine`` gets one
-    that runs on the engine itself (``run_sync``)."""
-    runner = _runners.get(engine)
-    return runner if runner is not None else attach(engine)
+def transactions_of(engine: AsyncEngine) -> Transactions:
+    """``engine``'s ``Transactions``; an engine not made by
+    ``routers.store.engine.create_engine`` gets one that runs on the engine itself
+    (``run_sync``)."""
+    transactions = _of_engine.get(engine)
+    return transactions if transactions is not None else attach(engine)

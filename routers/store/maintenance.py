@@ -6,15 +6,31 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import structlog
+from sqlalchemy import delete
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import utcnow
-from routers import state
-from routers.db import sessionmaker
+from routers.models import RoutedRecord, SeenId, SentReply
 from routers.settings import RoutingSettings
+from routers.store.engine import sessionmaker
 
 log = structlog.get_logger("omniroute.maintenance")
+
+
+async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
+    """Drop routed records, sent-reply markers and seen channel ids older than ``keep``;
+    returns the rows removed. Thread owners are kept: a customer may answer a year later."""
+    cutoff = now - keep
+    removed = 0
+    for stmt in (
+        delete(RoutedRecord).where(RoutedRecord.routed_at < cutoff),
+        delete(SentReply).where(SentReply.at < cutoff),
+        delete(SeenId).where(SeenId.at < cutoff),
+    ):
+        result = await session.execute(stmt)
+        removed += int(getattr(result, "rowcount", 0) or 0)
+    return removed
 
 
 class Pruner:
@@ -36,7 +52,7 @@ class Pruner:
     async def prune_once(self) -> int:
         keep = timedelta(days=self.routing.routed_log_days)
         async with self._sessions.begin() as session:
-            removed = await state.prune(session, self._clock(), keep)
+            removed = await prune(session, self._clock(), keep)
         if removed:
             log.info("maintenance.pruned", rows=removed, older_than_days=keep.days)
         return removed

@@ -1,0 +1,173 @@
+"""The bounded record of routed messages: a compact copy of each (no body beyond its start,
+no attachment content), kept ``routing.routed_log_days`` (``routers.store.maintenance``).
+
+It answers three questions: has this channel id been routed already (the router's claim,
+so a redelivered message is not routed twice), which message does a reply name (the
+dispatcher), and whom did a customer reach lately (the recent contacts the policy reads).
+"""
+
+import functools
+from typing import Any
+
+from sqlalchemy import Connection, Insert, Select, and_, bindparam, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ingest.schema import InboundMessage, RecentContact, RoutedMessage
+from routers.models import RoutedRecord
+from routers.store.sql import insert_for, insert_new
+from routers.store.values import aware, strip_brackets, utc
+
+
+def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> list[str]:
+    """Claim many messages' channel ids: each row is inserted unless its channel id is
+    recorded (a copy later in the batch loses to an earlier one, as it would one statement
+    later). The insert returns the rows it wrote; only the channel ids it did not write (a
+    copy, a redelivery) are looked up. One unit of work (``routers.store.transactions``),
+    committed by the caller."""
+    if not batch:
+        return []
+    written = connection.execute(
+        _claim_insert(connection.dialect.name), [_routed_row(r) for r in batch]
+    )
+    owners = {(r.channel, r.external_id): r.id for r in written}
+    wanted: dict[str, list[str]] = {}
+    for routed in batch:
+        message = routed.message
+        if (message.channel, message.external_id) not in owners:
+            wanted.setdefault(message.channel, []).append(message.external_id)
+    if wanted:
+        params: dict[str, Any] = {}
+        for i, (channel, ids) in enumerate(sorted(wanted.items())):
+            params[f"channel{i}"], params[f"ids{i}"] = channel, ids
+        rows = connection.execute(_claims_of_channels(len(wanted)), params)
+        owners.update({(r.channel, r.external_id): r.id for r in rows})
+    return [owners.get((r.message.channel, r.message.external_id)) or r.message.id for r in batch]
+
+
+async def record_routed(session: AsyncSession, routed: RoutedMessage) -> bool:
+    """Keep a compact copy (no body, no attachment content); False if already recorded."""
+    return await insert_new(
+        session,
+        RoutedRecord.__table__,  # type: ignore[arg-type]
+        _routed_row(routed),
+        ["channel", "external_id"],
+    )
+
+
+def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
+    message = routed.message
+    kept = message  # a compact copy: no attachment content, the text's start
+    if len(message.text) > 2000 or message.attachments:
+        kept = message.model_copy(update={"text": message.text[:2000], "attachments": []})
+    return {
+        "id": message.id,
+        "channel": message.channel,
+        "external_id": message.external_id,
+        # the column holds 512: a longer (malformed) Message-ID is indexed by its start
+        "thread_message_id": strip_brackets(message.thread.message_id)[:512]
+        if message.thread and message.thread.message_id
+        else None,
+        "customer_id": routed.customer.id if routed.customer else None,
+        "route_kind": routed.route.kind,
+        "route_target": routed.route.target,
+        "reason": routed.route.reason,
+        "routed_at": utc(routed.route.decided_at),
+        "message": kept.model_dump_json(),
+    }
+
+
+def recent_contacts(
+    connection: Connection, customer_ids: list[str], limit: int
+) -> dict[str, list[RecentContact]]:
+    """The recent contacts of many customers in one query (a window per customer), newest
+    first."""
+    rows = connection.execute(_RECENT, {"ids": customer_ids, "limit": limit})
+    found: dict[str, list[RecentContact]] = {}
+    for r in rows:
+        found.setdefault(r.customer_id, []).append(
+            RecentContact(
+                channel=r.channel,
+                at=aware(r.routed_at),
+                message_id=r.id,
+                route=r.route_kind
+                if r.route_target is None
+                else f"{r.route_kind}.{r.route_target}",
+            )
+        )
+    return found
+
+
+async def find_routed(
+    session: AsyncSession, reference: str
+) -> tuple[InboundMessage, str | None] | None:
+    """The routed message a reply names: by omniroute id, channel id or email Message-ID."""
+    ref = strip_brackets(reference)
+    row = (
+        await session.execute(
+            select(RoutedRecord.message, RoutedRecord.customer_id)
+            .where(
+                or_(
+                    RoutedRecord.id == reference,
+                    RoutedRecord.external_id == reference,
+                    RoutedRecord.external_id == ref,
+                    RoutedRecord.thread_message_id == ref,
+                )
+            )
+            .order_by(RoutedRecord.routed_at.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    return InboundMessage.model_validate_json(row.message), row.customer_id
+
+
+# The statements, built once.
+_record = RoutedRecord.__table__.c
+_ranked = (
+    select(
+        _record.customer_id,
+        _record.channel,
+        _record.routed_at,
+        _record.id,
+        _record.route_kind,
+        _record.route_target,
+        func.row_number()
+        .over(partition_by=_record.customer_id, order_by=_record.routed_at.desc())
+        .label("rank"),
+    )
+    .where(_record.customer_id.in_(bindparam("ids", expanding=True)))
+    .subquery()
+)
+_RECENT = (
+    select(_ranked)
+    .where(_ranked.c.rank <= bindparam("limit"))
+    .order_by(_ranked.c.customer_id, _ranked.c.rank)
+)
+
+
+@functools.cache
+def _claims_of_channels(channels: int) -> Select[Any]:
+    # one "channel = ? AND external_id IN (...)" per channel searches the unique index; a
+    # row-value IN would scan the table on SQLite
+    return select(_record.channel, _record.external_id, _record.id).where(
+        or_(
+            *(
+                and_(
+                    _record.channel == bindparam(f"channel{i}"),
+                    _record.external_id.in_(bindparam(f"ids{i}", expanding=True)),
+                )
+                for i in range(channels)
+            )
+        )
+    )
+
+
+@functools.cache
+def _claim_insert(dialect: str) -> Insert:
+    """Insert a routed record unless its channel id is recorded; returns what it wrote
+    (SQLAlchemy sends the rows as multi-row VALUES pages for that)."""
+    stmt: Insert = insert_for(dialect, RoutedRecord.__table__)  # type: ignore[arg-type]
+    return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"]).returning(  # type: ignore[attr-defined, no-any-return]
+        _record.channel, _record.external_id, _record.id
+    )
