@@ -45,8 +45,8 @@ from ingest.bus import Bus  # noqa: E402
 from ingest.health import Health  # noqa: E402
 from ingest.settings import BusSettings  # noqa: E402
 from ingest.sink import BusSink  # noqa: E402
-from routers.db import create_engine, migrate  # noqa: E402
-from routers.store import DbCursorStore, DbSeenStore  # noqa: E402
+from routers.store.connector_state import DbCursorStore, DbSeenStore  # noqa: E402
+from routers.store.engine import create_engine, migrate  # noqa: E402
 from tests.email_fixtures import PASSWORD, USER, Dovecot, free_port, make_mail  # noqa: E402
 
 AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
@@ -103,7 +103,7 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 async def connector_drain(port: int, batch: int, workdir: Path) -> tuple[int, float]:
-    """(mails submitted, seconds) of one ``run_until_idle`` into a fresh vhost."""
+    """(mails submitted, seconds) of one ``drain`` into a fresh vhost."""
     vhost = f"omniroute-bench-{uuid.uuid4().hex[:10]}"
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
@@ -131,7 +131,7 @@ async def connector_drain(port: int, batch: int, workdir: Path) -> tuple[int, fl
             health=Health(),
         )
         started = time.perf_counter()
-        taken = await connector.run_until_idle()
+        taken = await connector.drain()
         return taken, time.perf_counter() - started
     finally:
         await bus.close()

@@ -112,6 +112,8 @@ class Lease(Protocol):
 
 
 #: an intake loop: takes input until ``stop`` is set, then returns once what it took is safe
+#: (the ``run`` of a poller; each also has ``drain()``: take what is waiting now, once, and
+#: say how many, as ``ingest.consume.QueueWorker`` has for a queue)
 Intake = Callable[[asyncio.Event], Awaitable[None]]
 #: one line of ``omniroute check``: what was checked, whether it passed, and why
 CheckRow = tuple[str, bool, str]

@@ -15,16 +15,18 @@ recorded time is omniroute's own clock, so it has no date to doubt.
 import asyncio
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.backoff import Backoff
 from ingest.bus import Bus
-from ingest.consume import consume_until
+from ingest.consume import QueueWorker
+from ingest.consumers import Consumer, Needs, QueueConsumer
 from ingest.errors import (
     AuthError,
     ConfigError,
@@ -38,9 +40,10 @@ from ingest.protocols import ReplyContext, Sender, SendResult
 from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
 from ingest.topology import EVENTS, OUTBOUND_QUEUE
 from routers import directory, state
-from routers.db import sessionmaker
 from routers.models import SentReply
 from routers.settings import EventsSettings, RoutingSettings
+from routers.store import routed_log, sent_replies
+from routers.store.engine import sessionmaker
 from routers.trust import check_agent, check_publisher
 
 log = structlog.get_logger("omniroute.dispatcher")
@@ -57,8 +60,9 @@ class DispatchSettings(BaseModel):
     prefetch: int = Field(default=16, ge=1, le=1000, description="replies sent concurrently")
 
 
-class OutboundDispatcher:
+class OutboundDispatcher(QueueWorker):
     name = "dispatcher"
+    queue = OUTBOUND_QUEUE
 
     def __init__(
         self,
@@ -72,8 +76,7 @@ class OutboundDispatcher:
         metrics: Metrics | None = None,
         trust: EventsSettings | None = None,
     ) -> None:
-        self._bus = bus
-        self._metrics = metrics
+        super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
         #: replaced as a whole on reload, like ``routing``
         self.trust = trust or EventsSettings()
         self._sending: set[str] = set()  # request ids being sent by this process right now
@@ -81,21 +84,11 @@ class OutboundDispatcher:
         self._senders = dict(senders)
         self.routing = routing
         self._settings = settings
-        self._health = health
 
-    async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
-        """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await consume_until(
-            self._bus,
-            OUTBOUND_QUEUE,
-            self.handle,
-            stop,
-            prefetch=self._settings.prefetch,
-            component=self.name,
-            health=self._health,
-            metrics=self._bus.metrics,
-            drain_timeout=drain_timeout,
-        )
+    def _consumer_for(
+        self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
+    ) -> QueueConsumer[Any]:
+        return Consumer(needs, channel, queue, self.handle)
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
         # before reading it: a stranger hears nothing back, not even outbound.failed
@@ -128,7 +121,7 @@ class OutboundDispatcher:
                 await check_agent(session, reply.agent_id)
                 sent = await session.get(SentReply, reply.id)
                 found = (
-                    await state.find_routed(session, reply.in_reply_to)
+                    await routed_log.find_routed(session, reply.in_reply_to)
                     if reply.in_reply_to
                     else None
                 )
@@ -173,7 +166,9 @@ class OutboundDispatcher:
         now = utcnow()
         try:
             async with self._sessions.begin() as session:
-                await state.record_sent(session, reply.id, reply.channel, result.external_id, now)
+                await sent_replies.record_sent(
+                    session, reply.id, reply.channel, result.external_id, now
+                )
                 await state.record_reply(
                     session,
                     agent_id=reply.agent_id,

@@ -6,31 +6,35 @@ Nothing is believed unchecked (``routers.trust``): an event from a publisher out
 have, or an ``agent.replied`` that names no customer and no thread, is dead-lettered.
 """
 
-import asyncio
+
+from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import TypeAdapter
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.bus import Bus
-from ingest.consume import consume_until
+from ingest.consume import QueueWorker
+from ingest.consumers import Consumer, Needs, QueueConsumer
 from ingest.errors import RefusedError, TransientError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.schema import AgentReplied, AgentStatus, Event
 from ingest.topology import EVENTS_QUEUE
 from routers import directory, state
-from routers.db import sessionmaker
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
+from routers.store.engine import sessionmaker
 from routers.trust import check_agent, check_customer, check_publisher, check_time
 
 log = structlog.get_logger("omniroute.events")
 EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
 
 
-class EventsWorker:
+class EventsWorker(QueueWorker):
     name = "events"
+    queue = EVENTS_QUEUE
 
     def __init__(
         self,
@@ -40,29 +44,20 @@ class EventsWorker:
         routing: RoutingSettings,
         settings: RouterSettings,
         health: Health,
+        metrics: Metrics | None = None,
         trust: EventsSettings | None = None,
     ) -> None:
-        self._bus = bus
+        super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
         self._sessions = sessionmaker(engine)
         self.routing = routing
         #: replaced as a whole on reload, like ``routing``
         self.trust = trust or EventsSettings()
         self._settings = settings
-        self._health = health
 
-    async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
-        """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await consume_until(
-            self._bus,
-            EVENTS_QUEUE,
-            self.handle,
-            stop,
-            prefetch=self._settings.prefetch,
-            component=self.name,
-            health=self._health,
-            metrics=self._bus.metrics,
-            drain_timeout=drain_timeout,
-        )
+    def _consumer_for(
+        self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
+    ) -> QueueConsumer[Any]:
+        return Consumer(needs, channel, queue, self.handle)
 
     async def handle(self, delivery: AbstractIncomingMessage) -> None:
         trust = self.trust

@@ -14,13 +14,17 @@ write lock), their publishes confirmed together, and they are acked with one fra
 
 import asyncio
 import time
+from typing import Any
 
 import structlog
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ingest.batch_consumer import BatchConsumer
 from ingest.bus import Bus
-from ingest.consume import consume_batches_until
+from ingest.consume import QueueWorker
+from ingest.consumers import Needs, QueueConsumer
 from ingest.delivery import Delivery
 from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
@@ -29,9 +33,9 @@ from ingest.metrics import Metrics
 from ingest.protocols import Decider, Decision
 from ingest.schema import InboundMessage, RoutedMessage
 from ingest.topology import ROUTED, ROUTER_QUEUE
-from routers import state
-from routers.runner import Runner, runner_of
 from routers.settings import RouterSettings, RoutingSettings
+from routers.store import routed_log
+from routers.store.transactions import Transactions, transactions_of
 
 log = structlog.get_logger("omniroute.router")
 
@@ -48,7 +52,7 @@ class ClaimBatch:
     transaction of its own, so one bad row only fails its own message.
     """
 
-    def __init__(self, run: Runner, max_batch: int) -> None:
+    def __init__(self, run: Transactions, max_batch: int) -> None:
         self._run = run
         self._max = max_batch
         self._pending: list[tuple[list[RoutedMessage], asyncio.Future[list[Claim]]]] = []
@@ -103,7 +107,7 @@ class ClaimBatch:
         return [await self._alone(routed) for routed in rows]
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
-        return await self._run(lambda connection: state.claim_routed_many(connection, batch))
+        return await self._run(lambda connection: routed_log.claim_routed_many(connection, batch))
 
     async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
@@ -127,8 +131,9 @@ def _transient(exc: SQLAlchemyError) -> TransientError:
     return error
 
 
-class RouterWorker:
+class RouterWorker(QueueWorker):
     name = "router"
+    queue = ROUTER_QUEUE
 
     def __init__(
         self,
@@ -141,28 +146,25 @@ class RouterWorker:
         health: Health,
         metrics: Metrics | None = None,
     ) -> None:
-        self._bus = bus
-        self._metrics = metrics
-        self._claims = ClaimBatch(runner_of(engine), max_batch=settings.prefetch)
+        super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
+        self._claims = ClaimBatch(transactions_of(engine), max_batch=settings.prefetch)
         self._decider = decider
         self.routing = routing
         self._settings = settings
-        self._health = health
         self.routed = 0
         self.duplicates = 0
 
-    async def run(self, stop: asyncio.Event, *, drain_timeout: float = 30.0) -> None:
-        """Consume until ``stop`` is set, then finish in-flight messages and return."""
-        await consume_batches_until(
-            self._bus,
-            ROUTER_QUEUE,
+    def _consumer_for(
+        self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
+    ) -> QueueConsumer[Any]:
+        # two batches of up to half the prefetch window each run at a time
+        return BatchConsumer(
+            needs,
+            channel,
+            queue,
             self.handle_batch,
-            stop,
-            prefetch=self._settings.prefetch,
-            component=self.name,
-            health=self._health,
-            metrics=self._bus.metrics,
-            drain_timeout=drain_timeout,
+            max_batch=max(1, self._prefetch // 2),
+            concurrency=2,
         )
 
     async def handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:

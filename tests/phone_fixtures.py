@@ -31,10 +31,10 @@ from ingest.settings import BusSettings
 from ingest.sink import BusSink
 from ingest.spool import SpooledSink
 from ingest.topology import QUEUES
-from routers.decider import Decider
-from routers.importer import import_csv
+from routers.csv.importer import import_csv
+from routers.decider import DirectoryDecider
 from routers.settings import RoutingSettings
-from routers.store import DbSeenStore
+from routers.store.connector_state import DbSeenStore
 from tests.conftest import AMQP_HOST, _rabbitmqctl
 from tests.support.net import TcpProxy as TcpProxy
 
@@ -202,7 +202,7 @@ async def make_phones(
         metrics = Metrics()
         health = Health()
         routing = routing or RoutingSettings(default_region=REGION, default_team="t-triage")
-        decide = decider or Decider(engine, routing)
+        decide = decider or DirectoryDecider(engine, routing)
         seen = DbSeenStore(engine)
         spool = SpooledSink(
             BusSink(sink_bus or bus),

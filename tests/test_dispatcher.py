@@ -14,9 +14,9 @@ from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import Identity, ReplyRequest
 from ingest.topology import EVENTS_QUEUE, OUTBOUND
 from routers import state
-from routers.db import sessionmaker
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RoutingSettings
+from routers.store.engine import sessionmaker
 from tests.seed import seed
 
 

@@ -24,7 +24,7 @@ from ingest.schema import ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from routers.settings import RoutingSettings
-from routers.store import DbCursorStore, DbSeenStore
+from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.email_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     USER,

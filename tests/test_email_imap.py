@@ -25,7 +25,7 @@ from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest, Thread
 from ingest.sink import BusSink
 from ingest.topology import ROUTER_QUEUE
-from routers.store import DbCursorStore, DbSeenStore
+from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.email_fixtures import (  # noqa: F401 (fixtures)
     PASSWORD,
     USER,
@@ -122,7 +122,7 @@ async def test_appended_mail_is_published_then_flagged(
         seen=DbSeenStore(engine),
         health=Health(),
     )
-    assert await connector.run_until_idle() == 1
+    assert await connector.drain() == 1
 
     assert "$Omniroute" not in probe.flags_at_submit[0][1]
     assert "\\Seen" not in probe.flags_at_submit[0][1]  # BODY.PEEK[] left it unread
@@ -154,10 +154,10 @@ async def test_failed_publish_leaves_mail_unflagged_and_a_retry_takes_it(
         health=Health(),
     )
     with pytest.raises(TransientError):
-        await failing.run_until_idle()
+        await failing.drain()
     assert "$Omniroute" not in dovecot.flags()[1]
 
-    assert await make_connector(engine, email_bus, box).run_until_idle() == 1
+    assert await make_connector(engine, email_bus, box).drain() == 1
     assert [m.external_id for m in await published(email_bus)] == ["retry@customer.example"]
     assert "$Omniroute" in dovecot.flags()[1]
 
@@ -195,7 +195,7 @@ async def test_batch_with_one_failed_publish_flags_the_confirmed_and_retries_the
         health=Health(),
     )
     with pytest.raises(TransientError, match="refused this one"):
-        await connector.run_until_idle()
+        await connector.drain()
 
     assert all("$Omniroute" not in f for at in sink.flags_at_submit for f in at.values())
     flags = dovecot.flags()
@@ -208,14 +208,14 @@ async def test_batch_with_one_failed_publish_flags_the_confirmed_and_retries_the
     first = sorted(m.external_id for m in await published(email_bus))
     assert first == [f"b{n}@customer.example" for n in (0, 1, 3, 4)]
 
-    assert await connector.run_until_idle() == 1
+    assert await connector.drain() == 1
     assert [m.external_id for m in await published(email_bus)] == ["b2@customer.example"]
     assert all("$Omniroute" in f for f in dovecot.flags().values())
     cursor = json.loads(await DbCursorStore(engine).get(cursor_key("support")) or "{}")
     assert cursor["last_uid"] == 3  # 4 and 5 are flagged: no search names them again
-    assert await connector.run_until_idle() == 0
+    assert await connector.drain() == 0
     dovecot.append(make_mail("b5@customer.example"))
-    assert await connector.run_until_idle() == 1
+    assert await connector.drain() == 1
     assert [m.external_id for m in await published(email_bus)] == ["b5@customer.example"]
 
 
@@ -226,12 +226,12 @@ async def test_restart_takes_nothing_twice(
     for n in range(3):
         dovecot.append(make_mail(f"m{n}@customer.example"))
     box = mailbox(dovecot, batch_size=2)
-    assert await make_connector(engine, email_bus, box).run_until_idle() == 3
+    assert await make_connector(engine, email_bus, box).drain() == 3
 
     again = make_connector(engine, email_bus, box)
-    assert await again.run_until_idle() == 0
+    assert await again.drain() == 0
     dovecot.append(make_mail("m3@customer.example"))
-    assert await again.run_until_idle() == 1
+    assert await again.drain() == 1
 
     ids = [m.external_id for m in await published(email_bus)]
     assert sorted(ids) == [f"m{n}@customer.example" for n in range(4)]
@@ -246,7 +246,7 @@ async def test_mail_read_in_webmail_first_is_still_taken(
     dovecot.append(make_mail("read@customer.example"), flags="\\Seen")
     dovecot.append(make_mail("unread@customer.example"))
     dovecot.run(("uid", "STORE", "2", "+FLAGS", "(\\Seen)"))
-    assert await make_connector(engine, email_bus, mailbox(dovecot)).run_until_idle() == 2
+    assert await make_connector(engine, email_bus, mailbox(dovecot)).drain() == 2
     assert len(await published(email_bus)) == 2
 
 
@@ -261,7 +261,7 @@ async def test_same_message_in_two_mailboxes_is_published_once(
     connector = make_connector(
         engine, email_bus, mailbox(dovecot), mailbox(dovecot, name="sales", folder="Sales")
     )
-    assert await connector.run_until_idle() == 2
+    assert await connector.drain() == 2
     messages = await published(email_bus)
     assert len(messages) == 2
     assert {m.external_id for m in messages} >= {"both@customer.example"}
@@ -275,7 +275,7 @@ async def test_uidvalidity_change_rescans_by_keyword(
     box = mailbox(dovecot, folder="Support")
     for n in range(3):
         dovecot.append(make_mail(f"old{n}@customer.example"), folder="Support")
-    assert await make_connector(engine, email_bus, box).run_until_idle() == 3
+    assert await make_connector(engine, email_bus, box).drain() == 3
     before = json.loads(await DbCursorStore(engine).get(cursor_key("support")) or "{}")
     await published(email_bus)
 
@@ -287,7 +287,7 @@ async def test_uidvalidity_change_rescans_by_keyword(
     dovecot.append(make_mail("restored-taken@customer.example"), "Support", "\\Seen $Omniroute")
     dovecot.append(make_mail("new@customer.example"), folder="Support")
 
-    assert await make_connector(engine, email_bus, box).run_until_idle() == 1
+    assert await make_connector(engine, email_bus, box).drain() == 1
     assert [m.external_id for m in await published(email_bus)] == ["new@customer.example"]
     after = json.loads(await DbCursorStore(engine).get(cursor_key("support")) or "{}")
     assert after["uidvalidity"] != before["uidvalidity"]
@@ -371,7 +371,7 @@ async def test_starttls_upgrade_then_login(
     """With STARTTLS offered, the session upgrades, verifies the certificate and logs in."""
     dovecot_tls.append(make_mail("tls@customer.example"))
     box = mailbox(dovecot_tls, security="starttls", ca_file=str(dovecot_tls.cert))
-    assert await make_connector(engine, email_bus, box).run_until_idle() == 1
+    assert await make_connector(engine, email_bus, box).drain() == 1
     assert "Login: user=<support@example.com>, method=PLAIN" in dovecot_tls.log()
     assert ", TLS" in dovecot_tls.log()
 
@@ -518,10 +518,10 @@ async def test_reloaded_parse_limits_apply_to_the_next_mail(
         ).encode()
 
     dovecot.append(mail(1))
-    assert await connector.run_until_idle() == 1
+    assert await connector.drain() == 1
     await connector.reconcile(EmailSettings(mailboxes=[box], max_encoded_words=10))
     dovecot.append(mail(2))
-    assert await connector.run_until_idle() == 1
+    assert await connector.drain() == 1
     first, second = await published(email_bus)
     assert "unparsed" not in first.meta
     assert first.subject is not None
@@ -548,7 +548,7 @@ async def test_a_mail_past_max_message_bytes_is_never_held_whole(
     big = make_mail("big@customer.example", subject="Fatura ekte", text="x" * (3 * 1024 * 1024))
     dovecot.append(big)
     dovecot.append(make_mail("small@customer.example"))
-    assert await connector.run_until_idle() == 2
+    assert await connector.drain() == 2
     large, small = sorted(await published(email_bus), key=lambda m: m.external_id)
     assert large.external_id == "big@customer.example"
     assert large.meta["unparsed_reason"] == "too_large"

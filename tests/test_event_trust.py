@@ -69,6 +69,7 @@ def events_worker(bus: Bus, engine: AsyncEngine, trust: EventsSettings) -> Event
         routing=ROUTING,
         settings=RouterSettings(prefetch=8),
         health=Health(),
+        metrics=bus.metrics,
         trust=trust,
     )
 
@@ -83,6 +84,7 @@ def dispatcher(
         routing=ROUTING,
         settings=DispatchSettings(base_delay=0.05),
         health=Health(),
+        metrics=bus.metrics,
         trust=trust,
     )
 

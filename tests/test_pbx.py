@@ -17,9 +17,9 @@ from ingest.protocols import Decision
 from ingest.schema import InboundMessage
 from ingest.topology import ROUTER_QUEUE
 from routers import state
-from routers.db import sessionmaker
 from routers.models import Team
 from routers.settings import RoutingSettings
+from routers.store.engine import sessionmaker
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     ACME_PHONE,
     AGENT_DIAL,

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import pytest
@@ -22,11 +22,11 @@ from ingest.schema import (
     Thread,
 )
 from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, REASON_HEADER, ROUTED_QUEUE
-from routers import state
-from routers.db import sessionmaker
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.events import EventsWorker
 from routers.settings import RouterSettings, RoutingSettings
+from routers.store import routed_log
+from routers.store.engine import sessionmaker
 from routers.worker import RouterWorker
 from tests.seed import seed
 
@@ -37,7 +37,7 @@ class Routing:
     def __init__(self, bus: Bus, engine: AsyncEngine, routing: RoutingSettings) -> None:
         self.bus = bus
         self.health = Health()
-        self.decider = Decider(engine, routing)
+        self.decider = DirectoryDecider(engine, routing)
         self.router = RouterWorker(
             bus=bus,
             engine=engine,
@@ -70,7 +70,9 @@ class Routing:
         await self.bus.publish(INBOUND, message.channel, message, message_id=message.id)
 
     async def event(self, event: AgentReplied | AgentStatus) -> None:
+        """Publish an event and return once the events worker has handled it."""
         await self.bus.publish(EVENTS, event.type, event, message_id=f"ev-{id(event)}")
+        await self.events.idle()
 
     async def routed(self, timeout: float = 10) -> tuple[str, RoutedMessage]:
         """The next routed message; TimeoutError when none comes within ``timeout``.
@@ -126,7 +128,6 @@ async def test_known_customer_goes_to_team_then_last_agent_then_back(routing: Ro
 
     await routing.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
     await routing.event(AgentStatus(agent_id="ana", status="available"))
-    await asyncio.sleep(0.3)  # events are consumed concurrently with the next message
     await routing.send(email("ayse@acme.test"))
     key, routed = await routing.routed()
     assert (key, routed.route.reason) == ("agent.ana", "last_agent")
@@ -134,7 +135,6 @@ async def test_known_customer_goes_to_team_then_last_agent_then_back(routing: Ro
     assert [c.route for c in routed.customer.recent] == ["team.billing"], "recent contacts"
 
     await routing.event(AgentStatus(agent_id="ana", status="away"))
-    await asyncio.sleep(0.3)
     await routing.send(email("ayse@acme.test"))
     key, routed = await routing.routed()
     assert (key, routed.route.reason) == ("team.billing", "last_agent_fallback")
@@ -149,7 +149,6 @@ async def test_reply_event_by_identity_teaches_the_router(routing: Routing) -> N
             channel="sms",
         )
     )
-    await asyncio.sleep(0.3)
     sms = InboundMessage(
         channel="sms", external_id="SM1", sender=Identity(kind="phone", address="+90 532 111 2233")
     )
@@ -183,7 +182,6 @@ async def test_thread_owner_wins_for_an_email_answer(routing: Routing) -> None:
         AgentReplied(agent_id="bob", customer_id="acme", channel="email", message_id="<r1@omni>")
     )
     await routing.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
-    await asyncio.sleep(0.3)
     await routing.send(email("ayse@acme.test", thread=Thread(in_reply_to="<r1@omni>")))
     key, routed = await routing.routed()
     assert (key, routed.route.reason) == ("agent.bob", "thread_owner")
@@ -202,14 +200,11 @@ async def test_garbage_goes_to_dead_and_router_keeps_going(routing: Routing) -> 
     assert key == "team.billing"
     channel = await routing.bus.connection.channel()
     dead = await channel.get_queue(DEAD_QUEUE)
+    await routing.router.idle()  # the dead-lettering was confirmed before the ack
     reasons = {}
-    async with asyncio.timeout(10):
-        while len(reasons) < 2:
-            got = await dead.get(fail=False)
-            if got is None:
-                await asyncio.sleep(0.05)
-                continue
-            reasons[got.message_id] = str(got.headers[REASON_HEADER])
+    while (got := await dead.get(fail=False)) is not None:
+        reasons[got.message_id] = str(got.headers[REASON_HEADER])
+    assert set(reasons) == {"g1", "g2"}
     assert reasons["g1"].startswith("invalid JSON")
     assert reasons["g2"].startswith("schema violation")
 
@@ -221,8 +216,9 @@ async def test_duplicate_channel_id_is_routed_once(routing: Routing) -> None:
     await routing.send(first)
     await routing.send(again)
     await routing.routed()
+    await routing.router.idle()
     with pytest.raises(TimeoutError):
-        await routing.routed(timeout=1.5)
+        await routing.routed(timeout=0)
     assert routing.router.duplicates == 1
 
 
@@ -240,9 +236,9 @@ async def test_a_claim_the_database_refuses_is_dead_lettered_not_retried(routing
     assert routed.message.id == fine.id
     channel = await routing.bus.connection.channel()
     dead = await channel.get_queue(DEAD_QUEUE)
-    async with asyncio.timeout(10):
-        while (got := await dead.get(fail=False)) is None:
-            await asyncio.sleep(0.05)
+    await routing.router.idle()
+    got = await dead.get(fail=False)
+    assert got is not None
     assert got.message_id == first.id
     assert str(got.headers[REASON_HEADER]).startswith("claim refused by the directory database")
 
@@ -264,11 +260,9 @@ async def test_routed_message_carries_the_contract_properties(routing: Routing) 
     await routing.send(m)
     channel = await routing.bus.connection.channel()
     queue = await channel.get_queue(ROUTED_QUEUE)
-    async with asyncio.timeout(10):
-        got = None
-        while got is None:
-            got = await queue.get(fail=False)
-            await asyncio.sleep(0.02)
+    await routing.router.idle()
+    got = await queue.get(fail=False)
+    assert got is not None
     assert got.message_id == m.id
     assert got.type == "omniroute.routed.v1"
     assert got.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
@@ -283,8 +277,10 @@ async def test_sticky_for_expires(bus: Bus, engine: AsyncEngine) -> None:
     r = Routing(bus, engine, RoutingSettings(sticky_for=timedelta(seconds=1)))
     await r.start()
     try:
-        await r.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
-        await asyncio.sleep(1.5)
+        answered = datetime.now(UTC) - timedelta(seconds=1.5)  # longer ago than sticky_for
+        await r.event(
+            AgentReplied(agent_id="ana", customer_id="acme", channel="email", at=answered)
+        )
         await r.send(email("ayse@acme.test"))
         key, routed = await r.routed()
         assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
@@ -309,7 +305,6 @@ async def test_spoofed_mail_from_a_customer_goes_to_the_team_without_context(
             AgentReplied(agent_id="ana", customer_id="acme", channel="email", message_id="<r9@o>")
         )
         await r.event(AgentStatus(agent_id="ana", status="available"))
-        await asyncio.sleep(0.3)
         await r.send(email("ayse@acme.test", meta={"auth": PASS}))
         key, routed = await r.routed()
         assert (key, routed.route.reason) == ("agent.ana", "last_agent")
@@ -325,7 +320,7 @@ async def test_spoofed_mail_from_a_customer_goes_to_the_team_without_context(
             assert routed.customer is None, "no name, no recent contacts"
             assert any("not taken as customer acme's own" in s for s in routed.route.steps)
             async with sessionmaker(engine)() as session:
-                found = await state.find_routed(session, spoof.id)
+                found = await routed_log.find_routed(session, spoof.id)
             assert found is not None
             assert found[1] is None, "the routed record names no customer either"
     finally:

@@ -21,9 +21,9 @@ from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest, RoutedMessage
 from ingest.topology import EVENTS_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from routers import state
-from routers.db import sessionmaker
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.settings import RouterSettings, RoutingSettings
+from routers.store.engine import sessionmaker
 from routers.worker import RouterWorker
 from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     ACCOUNT_SID,
@@ -94,7 +94,7 @@ async def test_signed_sms_from_a_known_number_is_routed_to_their_team(
     worker = RouterWorker(
         bus=phones.bus,
         engine=phones.engine,
-        decider=Decider(phones.engine, RoutingSettings(default_region=REGION)),
+        decider=DirectoryDecider(phones.engine, RoutingSettings(default_region=REGION)),
         routing=RoutingSettings(default_region=REGION),
         settings=RouterSettings(prefetch=10),
         health=Health(),

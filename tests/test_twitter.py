@@ -17,7 +17,7 @@ from ingest.health import Health
 from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest
 from ingest.sink import BusSink
-from routers.store import DbCursorStore, DbSeenStore
+from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.twitter_fixtures import (
     ACCOUNT,
     ACCOUNT_ID,
@@ -77,11 +77,11 @@ async def test_mentions_across_pages_are_published_before_since_id_moves(
     fake_x.fail_next("mentions", *[Scripted(503, page="page-4")] * 4)
     try:
         with pytest.raises(TransientError):
-            await conn.poll_once()
+            await conn.drain()
         assert await cursors.get(MENTIONS_KEY) == OLD
         assert await published(bus) == []
 
-        assert await conn.poll_once() == 4
+        assert await conn.drain() == 4
     finally:
         await conn.aclose()
     got = await published(bus)
@@ -127,7 +127,7 @@ async def test_restart_resumes_from_stored_cursors_without_duplicates(
     ]
     first = connector(fake_x, bus, engine)
     try:
-        assert await first.poll_once() == 7
+        assert await first.drain() == 7
     finally:
         await first.aclose()
     assert len(await published(bus)) == 7
@@ -136,8 +136,8 @@ async def test_restart_resumes_from_stored_cursors_without_duplicates(
     fake_x.dm_events.insert(0, dm_event("1800000000000000003", BOB, "and again"))
     second = connector(fake_x, bus, engine)
     try:
-        assert await second.poll_once() == 2
-        assert await second.poll_once() == 0
+        assert await second.drain() == 2
+        assert await second.drain() == 0
     finally:
         await second.aclose()
     assert sorted(m.external_id for m in await published(bus)) == [
@@ -161,7 +161,7 @@ async def test_own_tweets_and_dms_are_skipped_and_a_first_start_reads_one_page(
     fake_x.dm_events = [dm_event("1800000000000000201", ACCOUNT, "our answer")]
     conn = connector(fake_x, bus, engine, backfill_pages=1)
     try:
-        assert await conn.poll_once() == 1
+        assert await conn.drain() == 1
     finally:
         await conn.aclose()
     assert [m.external_id for m in await published(bus)] == ["1790000000000000202"]
@@ -184,7 +184,7 @@ async def test_dms_are_paged_until_the_last_taken_event_and_deduplicated(
     await cursors.set(DM_KEY, "1800000000000000303")  # on page two of three
     conn = connector(fake_x, bus, engine)
     try:
-        assert await conn.poll_once() == 3
+        assert await conn.drain() == 3
         assert [r.query.get("pagination_token") for r in fake_x.hits("/2/dm_events")] == [
             None,
             "page-2",
@@ -202,7 +202,7 @@ async def test_dms_are_paged_until_the_last_taken_event_and_deduplicated(
         assert await cursors.get(DM_KEY) == "1800000000000000306"
 
         await cursors.set(DM_KEY, "1800000000000000303")  # as if that write had been lost
-        assert await conn.poll_once() == 0, "events already taken are read again, not published"
+        assert await conn.drain() == 0, "events already taken are read again, not published"
     finally:
         await conn.aclose()
     assert len(fake_x.hits("/2/dm_events")) == 4
@@ -224,7 +224,7 @@ async def test_rate_limit_waits_until_the_reset_then_continues(
     conn = connector(fake_x, bus, engine)
     try:
         with structlog.testing.capture_logs() as logs:
-            assert await conn.poll_once() == 1
+            assert await conn.drain() == 1
     finally:
         await conn.aclose()
     hits = fake_x.hits(f"/2/users/{ACCOUNT_ID}/mentions")

@@ -14,7 +14,7 @@ from ingest.health import Health
 from ingest.schema import Identity, ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE
-from routers.store import DbCursorStore, DbSeenStore
+from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.seed import seed
 from tests.twitter_fixtures import (
     ACCOUNT_ID,
@@ -63,7 +63,7 @@ async def test_mention_goes_to_team_and_the_dm_after_the_reply_to_that_agent(
         fake_x.settings(), BusSink(bus), DbCursorStore(engine), DbSeenStore(engine), Health()
     )
     try:
-        assert await conn.poll_once() == 1
+        assert await conn.drain() == 1
         key, body = await stack.next_from(ROUTED_QUEUE)
         routed = RoutedMessage.model_validate_json(body)
         assert (key, routed.route.reason) == ("team.billing", "dedicated_team")
@@ -89,7 +89,7 @@ async def test_mention_goes_to_team_and_the_dm_after_the_reply_to_that_agent(
         ]
 
         fake_x.dm_events = [dm_event("1800000000000000701", ACME, "still dead, any news?")]
-        assert await conn.poll_once() == 1
+        assert await conn.drain() == 1
         key, body = await stack.next_from(ROUTED_QUEUE)
     finally:
         await conn.aclose()

@@ -18,7 +18,7 @@ from ingest.health import Health
 from ingest.protocols import ReplyContext, Sender
 from ingest.schema import Channel, Identity, InboundMessage, ReplyRequest, RoutedMessage
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, ROUTER_QUEUE
-from routers.decider import Decider
+from routers.decider import DirectoryDecider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
@@ -114,7 +114,7 @@ async def running(phones: Phones, outbound: list[Sender]) -> AsyncIterator[None]
     router = RouterWorker(
         bus=phones.bus,
         engine=phones.engine,
-        decider=Decider(phones.engine, routing),
+        decider=DirectoryDecider(phones.engine, routing),
         routing=routing,
         settings=RouterSettings(prefetch=10),
         health=Health(),

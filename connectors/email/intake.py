@@ -25,7 +25,7 @@ log = structlog.get_logger("omniroute.email")
 class EmailConnector:
     """One supervised aioimaplib worker per mailbox, feeding an ``InboundSink``.
 
-    ``run(stop)`` is the daemon's loop; ``run_until_idle()`` drains every mailbox once and
+    ``run(stop)`` is the daemon's loop; ``drain()`` drains every mailbox once and
     returns how many mails it submitted (tests and ``omniroute`` one-shot use). With a
     ``lease``, a worker polls its mailbox only while it holds ``imap:<name>``; otherwise it
     is on "standby" and tries again every ``lease_retry`` seconds. ``reconcile()`` applies
@@ -130,7 +130,7 @@ class EmailConnector:
         )
         await keeper.serve(stop, lambda serving: self._poll_loop(box, serving))
 
-    async def run_until_idle(self) -> int:
+    async def drain(self) -> int:
         """Take what is waiting in every mailbox, then return; errors are raised."""
         taken = 0
         try:

@@ -71,9 +71,9 @@ def _newer(a: str, b: str) -> bool:
 
 
 class TwitterConnector:
-    """Polls the account's mentions and DM events; ``run`` supervises, ``poll_once`` drains.
+    """Polls the account's mentions and DM events; ``run`` supervises, ``drain`` drains.
 
-    ``poll_once`` returns how many messages it published; it raises ``AuthError`` on
+    ``drain`` returns how many messages it published; it raises ``AuthError`` on
     refused credentials and ``TransientError`` when X, the broker or the database failed
     after the in-place retries, with the failing endpoint's cursor left where it was.
     """
@@ -126,7 +126,7 @@ class TwitterConnector:
                     if self._leasing is not None and await self._leasing.wait(stop) is None:
                         break
                     try:
-                        await self.poll_once()
+                        await self.drain()
                     except _Stopping:
                         break
                     except AuthError as exc:
@@ -162,7 +162,7 @@ class TwitterConnector:
         """Close the HTTP session (``run`` does it on its way out)."""
         await self._api.aclose()
 
-    async def poll_once(self) -> int:
+    async def drain(self) -> int:
         published = await self._poll_mentions()
         published += await self._poll_dms()
         if published:
