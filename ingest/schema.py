@@ -134,6 +134,14 @@ class Route(_Model):
     steps: list[str] = Field(
         default_factory=list, description="each policy step and what it found, in order"
     )
+    for_agent: str | None = Field(
+        default=None, max_length=200, description="the agent a deputy stands in for"
+    )
+    opens_at: AwareDatetime | None = Field(
+        default=None,
+        description="when the team, closed now, opens next (its own time zone); the message "
+        "waits for it there",
+    )
 
     @property
     def routing_key(self) -> str:
@@ -182,6 +190,26 @@ class AgentStatus(_Model):
     agent_id: str = Field(min_length=1, max_length=200)
     status: Presence
     at: AwareDatetime = Field(default_factory=utcnow)
+    until: AwareDatetime | None = Field(
+        default=None,
+        description="away or offline until then; a time in the past means back at work",
+    )
+    deputy: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="the agent who takes this one's customers meanwhile (overrides agents.csv)",
+    )
+
+
+class AssignmentClosed(_Model):
+    """A ticket system says the agent is done with a message without answering it through
+    omniroute: it no longer counts towards the agent's load."""
+
+    type: Literal["assignment.closed"] = "assignment.closed"
+    message_id: str = Field(min_length=1, max_length=64)
+    agent_id: str = Field(min_length=1, max_length=200)
+    at: AwareDatetime = Field(default_factory=utcnow)
 
 
 class OutboundSent(_Model):
@@ -203,7 +231,8 @@ class OutboundFailed(_Model):
 
 
 Event = Annotated[
-    AgentReplied | AgentStatus | OutboundSent | OutboundFailed, Field(discriminator="type")
+    AgentReplied | AgentStatus | AssignmentClosed | OutboundSent | OutboundFailed,
+    Field(discriminator="type"),
 ]
 
 SCHEMAS: dict[str, type[BaseModel]] = {
@@ -212,6 +241,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "omniroute.reply.v1": ReplyRequest,
     "omniroute.event.agent.replied.v1": AgentReplied,
     "omniroute.event.agent.status.v1": AgentStatus,
+    "omniroute.event.assignment.closed.v1": AssignmentClosed,
     "omniroute.event.outbound.sent.v1": OutboundSent,
     "omniroute.event.outbound.failed.v1": OutboundFailed,
 }

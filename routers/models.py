@@ -4,10 +4,11 @@ Every lookup the router makes per message is by primary key or a unique index, s
 directory of millions of customers answers in constant time.
 """
 
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlalchemy import (
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -28,6 +29,24 @@ class Team(Base):
     name: Mapped[str] = mapped_column(String(400))
     dial: Mapped[str | None] = mapped_column(String(400))
     email: Mapped[str | None] = mapped_column(String(400))
+    # issue 15: when the team works (routers.schedule), and who takes over when it does not
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    hours: Mapped[str | None] = mapped_column(String(400))
+    holidays: Mapped[str | None] = mapped_column(String(16))
+    after_hours: Mapped[str | None] = mapped_column(String(200))
+    after_hours_dial: Mapped[str | None] = mapped_column(String(400))
+
+
+class CompanyHoliday(Base):
+    """A row of holidays.csv: a team's own closed day, or a half day (``hours``)."""
+
+    __tablename__ = "team_holidays"
+    team_id: Mapped[str] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    hours: Mapped[str | None] = mapped_column(String(400))
 
 
 class Agent(Base):
@@ -39,6 +58,10 @@ class Agent(Base):
     phone: Mapped[str | None] = mapped_column(String(100))
     dial: Mapped[str | None] = mapped_column(String(400))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # issue 15: who stands in while the agent is away, how much they take, when they work
+    deputy: Mapped[str | None] = mapped_column(String(200))
+    capacity: Mapped[str | None] = mapped_column(String(400))
+    hours: Mapped[str | None] = mapped_column(String(400))
 
 
 class Customer(Base):
@@ -82,6 +105,27 @@ class AgentPresence(Base):
     agent_id: Mapped[str] = mapped_column(String(200), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: away or offline until then (None: until another status event); past: back at work
+    until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: who stands in meanwhile, overriding agents.csv's ``deputy``
+    deputy: Mapped[str | None] = mapped_column(String(200))
+
+
+class Assignment(Base):
+    """A message routed to an agent and not answered yet: the agent's load on its channel.
+
+    Written with the routed record (one per message id, however often it is redelivered or
+    however many routers run); closed by the agent's reply to that customer or by an
+    ``assignment.closed`` event; counted only within ``routing.load_window``."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (Index("ix_assignments_agent_open", "agent_id", "closed_at", "assigned_at"),)
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(200))
+    customer_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RoutedRecord(Base):
@@ -136,7 +180,9 @@ class SentReply(Base):
 __all__ = [
     "Agent",
     "AgentPresence",
+    "Assignment",
     "Base",
+    "CompanyHoliday",
     "Cursor",
     "Customer",
     "CustomerIdentity",

@@ -111,11 +111,12 @@ def _alembic_config(url: str) -> Config:
     return cfg
 
 
-async def migrate(url: str) -> None:
-    """Apply every pending migration; Alembic drives its own loop, so it runs in a thread."""
+async def migrate(url: str, revision: str = "head") -> None:
+    """Apply every pending migration (up to ``revision``); Alembic drives its own loop, so
+    it runs in a thread."""
     _ensure_sqlite_directory(normalise_url(url))
     try:
-        await asyncio.to_thread(command.upgrade, _alembic_config(url), "head")
+        await asyncio.to_thread(command.upgrade, _alembic_config(url), revision)
     except (SQLAlchemyError, OSError) as exc:
         shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
         reason = getattr(exc, "orig", None) or exc
