@@ -15,6 +15,7 @@ the policy's rules read) and the ones a route may name when a customer has none 
 address's, ``routing.default_team``), whose dial strings the answer needs.
 """
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,8 +27,9 @@ from ingest.errors import TransientError
 from ingest.protocols import Decision
 from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, state
+from routers.availability import AgentFacts, agent_schedule, capacity_of, team_schedule
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
-from routers.policy import UNVERIFIED, AgentFacts, Facts, address_team, decide
+from routers.policy import UNVERIFIED, Facts, TeamFacts, address_team, decide
 from routers.settings import RoutingSettings
 from routers.store.transactions import transactions_of
 
@@ -41,6 +43,7 @@ class _Read:
     routing: state.RoutingState = field(default_factory=state.RoutingState)
     agents: dict[str, AgentRecord | None] = field(default_factory=dict)
     teams: dict[str, TeamRecord | None] = field(default_factory=dict)
+    team_facts: dict[str, TeamFacts] | None = None
 
 
 class DirectoryDecider:
@@ -77,13 +80,17 @@ class DirectoryDecider:
         self, messages: Sequence[InboundMessage], *, context: bool = True
     ) -> list[tuple[Decision, Facts]]:
         settings = self.settings  # one snapshot: a reload mid-batch changes nothing here
+        now = self._clock()
         try:
-            read = await self._read(messages, settings, context)
-            now = self._clock()
+            read = await self._read(messages, settings, context, now)
             decided: list[tuple[Route, Facts]] = []
+            taken: Counter[tuple[str, str]] = Counter()  # this batch's own assignments
             for index, message in enumerate(messages):
-                facts = self._facts(index, read)
-                decided.append((decide(message, facts, settings, now), facts))
+                facts = _facts(index, message, read, settings, taken)
+                route = decide(message, facts, settings, now)
+                if route.kind == "agent" and route.target:
+                    taken[(route.target, message.channel)] += 1
+                decided.append((route, facts))
             # read before deciding; a rule naming a team no fact had would be read here
             unread = _teams_to_dial(decided, settings) - read.teams.keys()
             teams = read.teams | await self.directory.get_teams(unread)
@@ -110,7 +117,11 @@ class DirectoryDecider:
         return answers
 
     async def _read(
-        self, messages: Sequence[InboundMessage], settings: RoutingSettings, context: bool
+        self,
+        messages: Sequence[InboundMessage],
+        settings: RoutingSettings,
+        context: bool,
+        now: datetime,
     ) -> _Read:
         region = settings.default_region
         read = _Read(await self.directory.find_customers([m.sender for m in messages], region))
@@ -126,36 +137,90 @@ class DirectoryDecider:
                 threads[index] = refs
         if stateful or threads:
             ids, limit = sorted(stateful), settings.recent_contacts if context else 0
+            since = now - settings.load_window
             read.routing = await self._run(
-                lambda connection: state.read_routing_state(connection, ids, limit, threads)
+                lambda connection: state.read_routing_state(connection, ids, limit, threads, since)
             )
-        wanted = {agent for agent, _ in read.routing.owners.values()}
-        wanted |= {last.agent_id for last, _ in read.routing.last.values()}
-        read.agents = await self.directory.get_agents(wanted)
-        read.teams = await self.directory.get_teams(_teams_in_view(messages, read, settings))
+        found = read.routing
+        wanted = set(found.owners.values()) | {last.agent_id for last in found.last.values()}
+        read.agents = await self.directory.get_agents(wanted | set(found.deputies.values()))
+        teams = _teams_in_view(messages, read, settings)
+        teams |= {a.team_id for a in read.agents.values() if a is not None and a.team_id}
+        read.teams = await self.directory.get_teams(teams)
+        # a closed team hands over to its after-hours team: read those too, before deciding
+        after = {t.after_hours for t in read.teams.values() if t is not None and t.after_hours}
+        if after - read.teams.keys():
+            read.teams |= await self.directory.get_teams(after - read.teams.keys())
         return read
 
-    def _facts(self, index: int, read: _Read) -> Facts:
-        customer = read.customers[index]
-        if customer is None:
-            return Facts(customer=None)
-        team = read.teams.get(customer.team_id) if customer.team_id else None
-        owner = None
-        if index in read.routing.owners:
-            owner_id, presence = read.routing.owners[index]
-            owner = _agent_facts(owner_id, presence, read.agents.get(owner_id))
-        last, last_facts = None, None
-        found = read.routing.last.get(customer.id)
-        if found is not None:
-            last, presence = found
-            last_facts = _agent_facts(last.agent_id, presence, read.agents.get(last.agent_id))
-        return Facts(
-            customer=customer,
-            thread_owner=owner,
-            last_agent=last_facts,
-            last_agent_at=last.at if last else None,
-            team=team,
-        )
+
+def _facts(
+    index: int,
+    message: InboundMessage,
+    read: _Read,
+    settings: RoutingSettings,
+    taken: Counter[tuple[str, str]],
+) -> Facts:
+    customer = read.customers[index]
+    if customer is None:
+        return Facts(customer=None, teams=_team_facts(read, settings))
+    team = read.teams.get(customer.team_id) if customer.team_id else None
+    owner_id = read.routing.owners.get(index)
+    owner = _agent_facts(owner_id, message.channel, read, settings, taken) if owner_id else None
+    last = read.routing.last.get(customer.id)
+    last_facts = (
+        _agent_facts(last.agent_id, message.channel, read, settings, taken) if last else None
+    )
+    return Facts(
+        customer=customer,
+        thread_owner=owner,
+        last_agent=last_facts,
+        last_agent_at=last.at if last else None,
+        team=team,
+        teams=_team_facts(read, settings),
+    )
+
+
+def _team_facts(read: _Read, settings: RoutingSettings) -> dict[str, TeamFacts]:
+    if read.team_facts is None:  # the same for every message of the batch
+        read.team_facts = {
+            tid: TeamFacts(team, team_schedule(team, settings.timezone))
+            for tid, team in read.teams.items()
+            if team is not None
+        }
+    return read.team_facts
+
+
+def _agent_facts(
+    agent_id: str,
+    channel: str,
+    read: _Read,
+    settings: RoutingSettings,
+    taken: Counter[tuple[str, str]],
+    *,
+    deputy: bool = True,
+) -> AgentFacts:
+    """The agent as the policy sees them for a message on ``channel``: presence, calendar,
+    load against capacity there, and (one level only) their deputy."""
+    record = read.agents.get(agent_id)
+    if record is None:  # the agent left the directory: treat as deactivated
+        return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
+    presence = read.routing.presence.get(agent_id, state.AVAILABLE)
+    team = read.teams.get(record.team_id) if record.team_id else None
+    stand_in = read.routing.deputies.get(agent_id) if deputy else None
+    return AgentFacts(
+        id=record.id,
+        team_id=record.team_id,
+        active=record.active,
+        presence=presence.status,
+        until=presence.until,
+        schedule=agent_schedule(record, team, settings.timezone),
+        load=read.routing.loads.get((agent_id, channel), 0) + taken[(agent_id, channel)],
+        capacity=capacity_of(record.capacity).get(channel),
+        deputy=_agent_facts(stand_in, channel, read, settings, taken, deputy=False)
+        if stand_in
+        else None,
+    )
 
 
 def _thread_refs(message: InboundMessage) -> list[str]:
@@ -164,12 +229,6 @@ def _thread_refs(message: InboundMessage) -> list[str]:
         return []
     refs = [message.thread.in_reply_to or "", *reversed(message.thread.references)]
     return refs if any(refs) else []
-
-
-def _agent_facts(agent_id: str, presence: str, record: AgentRecord | None) -> AgentFacts:
-    if record is None:  # the agent left the directory: treat as deactivated
-        return AgentFacts(id=agent_id, team_id=None, active=False, presence="offline")
-    return AgentFacts(id=record.id, team_id=record.team_id, active=record.active, presence=presence)
 
 
 def _teams_in_view(
@@ -218,4 +277,8 @@ def _dials(
     if route.kind == "agent":
         agent = agents.get(route.target)
         return (agent.dial if agent else None), team_dial(route.fallback_team)
+    if route.opens_at is not None:  # closed, nobody on call: the recorded message, if any
+        team = teams.get(route.target)
+        if team is not None and team.after_hours_dial:
+            return team.after_hours_dial, None
     return team_dial(route.target), None

@@ -9,18 +9,19 @@ import, not per message, and a changed directory is seen once the entries expire
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from datetime import date
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Select, and_, bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ingest.errors import TransientError
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import Identity
-from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.models import Agent, CompanyHoliday, Customer, CustomerIdentity, Team
+from routers.store.expiring import Expiring, read_many
 from routers.store.transactions import Transactions
 
 log = structlog.get_logger("omniroute.directory")
@@ -39,6 +40,14 @@ class TeamRecord:
     name: str
     dial: str | None
     email: str | None
+    # issue 15: the team's calendar (``routers.availability.team_schedule``) and stand-in
+    timezone: str | None = None
+    hours: str | None = None
+    holidays: str | None = None
+    after_hours: str | None = None
+    after_hours_dial: str | None = None
+    #: holidays.csv's rows for the team: (day, name, hours or None)
+    company_days: tuple[tuple[date, str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,9 @@ class AgentRecord:
     team_id: str | None
     dial: str | None
     active: bool
+    deputy: str | None = None
+    capacity: str | None = None
+    hours: str | None = None
 
 
 def lookup_keys(identity: Identity, region: str) -> list[tuple[str, str]]:
@@ -130,159 +142,65 @@ def _customers_of_kinds(kinds: int) -> Select[Any]:
 
 def agents_by_ids(connection: Connection, agent_ids: list[str]) -> dict[str, AgentRecord]:
     rows = connection.execute(_AGENTS, {"ids": agent_ids}).all()
-    return {r.id: AgentRecord(r.id, r.name, r.team_id, r.dial, bool(r.active)) for r in rows}
+    return {
+        r.id: AgentRecord(
+            r.id, r.name, r.team_id, r.dial, bool(r.active), r.deputy, r.capacity, r.hours
+        )
+        for r in rows
+    }
 
 
 def teams_by_ids(connection: Connection, team_ids: list[str]) -> dict[str, TeamRecord]:
     rows = connection.execute(_TEAMS, {"ids": team_ids}).all()
-    return {r.id: TeamRecord(r.id, r.name, r.dial, r.email) for r in rows}
+    days: dict[str, list[tuple[date, str, str | None]]] = {}
+    if any(r.hours or r.holidays or r.timezone for r in rows):  # a calendar needs its days
+        for d in connection.execute(_TEAM_DAYS, {"ids": [r.id for r in rows]}):
+            days.setdefault(d.team_id, []).append((d.day, d.name, d.hours))
+    return {
+        r.id: TeamRecord(
+            r.id,
+            r.name,
+            r.dial,
+            r.email,
+            r.timezone,
+            r.hours,
+            r.holidays,
+            r.after_hours,
+            r.after_hours_dial,
+            tuple(sorted(days.get(r.id, ()))),
+        )
+        for r in rows
+    }
 
 
-_agent, _team = Agent.__table__.c, Team.__table__.c
-_AGENTS = select(_agent.id, _agent.name, _agent.team_id, _agent.dial, _agent.active).where(
-    _agent.id.in_(bindparam("ids", expanding=True))
-)
-_TEAMS = select(_team.id, _team.name, _team.dial, _team.email).where(
-    _team.id.in_(bindparam("ids", expanding=True))
+_agent, _team, _day = Agent.__table__.c, Team.__table__.c, CompanyHoliday.__table__.c
+_AGENTS = select(
+    _agent.id,
+    _agent.name,
+    _agent.team_id,
+    _agent.dial,
+    _agent.active,
+    _agent.deputy,
+    _agent.capacity,
+    _agent.hours,
+).where(_agent.id.in_(bindparam("ids", expanding=True)))
+_TEAMS = select(
+    _team.id,
+    _team.name,
+    _team.dial,
+    _team.email,
+    _team.timezone,
+    _team.hours,
+    _team.holidays,
+    _team.after_hours,
+    _team.after_hours_dial,
+).where(_team.id.in_(bindparam("ids", expanding=True)))
+_TEAM_DAYS = select(_day.team_id, _day.day, _day.name, _day.hours).where(
+    _day.team_id.in_(bindparam("ids", expanding=True))
 )
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-class _Expiring(Generic[K, V]):
-    """A bounded map whose entries are fresh for ``ttl`` seconds and may be served stale
-    for another ``ttl`` while one reader refreshes them; the oldest go first when full."""
-
-    def __init__(self, ttl: float, max_entries: int, clock: Callable[[], float]) -> None:
-        self._ttl = ttl
-        self._max = max_entries
-        self._clock = clock
-        self._entries: dict[K, tuple[float, V]] = {}
-        # keys a caller is reading now -> that read's answer (every key it found)
-        self.loading: dict[K, asyncio.Future[dict[K, Any]]] = {}
-
-    def get(self, key: K) -> tuple[bool, V | None]:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > self._clock():
-            return True, entry[1]
-        return False, None
-
-    def stale(self, key: K) -> tuple[bool, V | None]:
-        """An entry past its ``ttl`` but within the grace period after it."""
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] + self._ttl > self._clock():
-            return True, entry[1]
-        return False, None
-
-    def put(self, key: K, value: V) -> None:
-        if self._ttl <= 0:
-            return
-        self._entries.pop(key, None)
-        if len(self._entries) >= self._max:
-            del self._entries[next(iter(self._entries))]
-        self._entries[key] = (self._clock() + self._ttl, value)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-async def _many(
-    cache: "_Expiring[K, V | None]",
-    keys: Collection[K],
-    read: Callable[[list[K]], Awaitable[dict[K, V]]],
-    spawn: Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"],
-) -> dict[K, V | None]:
-    """The cached values of ``keys``; the missing ones are read by one ``read`` call.
-
-    Every read runs in a task of its own (``spawn``), so a caller that gives up (a PBX
-    answer's deadline) does not fail the others waiting for the same keys. A key another
-    caller is reading right now is awaited, not read again: when an entry expires, the
-    requests in flight wait for one query instead of each making its own. A key just past
-    its time is answered from the cache while one background read refreshes it, so a busy
-    entry never makes a request wait for the database.
-    """
-    found: dict[K, V | None] = {}
-    if not keys:
-        return found
-    waiting: dict[K, asyncio.Future[dict[K, V]]] = {}
-    mine: list[K] = []
-    stale: list[K] = []
-    for key in keys:
-        hit, value = cache.get(key)
-        if hit:
-            found[key] = value
-            continue
-        pending = cache.loading.get(key)
-        old, value = cache.stale(key)
-        if old:
-            found[key] = value
-            if pending is None:
-                stale.append(key)
-        elif pending is not None:
-            waiting[key] = pending
-        else:
-            mine.append(key)
-    if stale:
-        spawn(_load(cache, stale, _reading(cache, stale), read, quiet=True))
-    if mine:
-        reading = _reading(cache, mine)
-        waiting.update(dict.fromkeys(mine, reading))
-        spawn(_load(cache, mine, reading, read))
-    answers: dict[asyncio.Future[dict[K, V]], dict[K, V]] = {}
-    for key, future in waiting.items():
-        if future not in answers:
-            answers[future] = await asyncio.shield(future)
-        found[key] = answers[future].get(key)
-    return found
-
-
-def _reading(cache: "_Expiring[K, V | None]", keys: list[K]) -> "asyncio.Future[dict[K, V]]":
-    """Mark ``keys`` as being read (before the read starts): later callers wait for it."""
-    future: asyncio.Future[dict[K, V]] = asyncio.get_running_loop().create_future()
-    future.add_done_callback(_retrieved)
-    for key in keys:
-        cache.loading[key] = future
-    return future
-
-
-async def _load(
-    cache: "_Expiring[K, V | None]",
-    keys: list[K],
-    future: "asyncio.Future[dict[K, V]]",
-    read: Callable[[list[K]], Awaitable[dict[K, V]]],
-    *,
-    quiet: bool = False,
-) -> None:
-    """Read ``keys`` into the cache and resolve ``future`` with what was found; the
-    callers waiting get its error. ``quiet``: a background refresh, whose failure is only
-    logged."""
-    try:
-        loaded = await read(keys)
-    except BaseException as exc:
-        failure = exc if isinstance(exc, Exception) else TransientError("lookup cancelled")
-        for key in keys:
-            cache.loading.pop(key, None)
-        future.set_exception(failure)
-        if quiet and isinstance(exc, Exception):
-            log.warning("directory.refresh_failed", error=str(exc)[:300])
-            return
-        if isinstance(exc, Exception):
-            return  # the waiting callers have it
-        raise
-    for key in keys:
-        cache.put(key, loaded.get(key))
-        cache.loading.pop(key, None)
-    future.set_result(loaded)
-
-
-def _retrieved(future: "asyncio.Future[Any]") -> None:
-    """Mark a failure as seen: a load nobody else waited for must not warn at exit."""
-    if not future.cancelled():
-        future.exception()
 
 
 class DirectoryCache:
@@ -308,11 +226,11 @@ class DirectoryCache:
     ) -> None:
         self.ttl = ttl
         self._run = run
-        self._customers: _Expiring[tuple[str, str], CustomerRecord | None] = _Expiring(
+        self._customers: Expiring[tuple[str, str], CustomerRecord | None] = Expiring(
             ttl, max_entries, clock
         )
-        self._teams: _Expiring[str, TeamRecord | None] = _Expiring(ttl, max_entries, clock)
-        self._agents: _Expiring[str, AgentRecord | None] = _Expiring(ttl, max_entries, clock)
+        self._teams: Expiring[str, TeamRecord | None] = Expiring(ttl, max_entries, clock)
+        self._agents: Expiring[str, AgentRecord | None] = Expiring(ttl, max_entries, clock)
         self._reads: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak refs
 
     async def find_customers(
@@ -322,16 +240,18 @@ class DirectoryCache:
         is read by one query."""
         keyed = [lookup_keys(identity, region) for identity in identities]
         wanted = dict.fromkeys(key for keys in keyed for key in keys)
-        known = await _many(self._customers, wanted, self._reader(customers_by_keys), self._spawn)
+        known = await read_many(
+            self._customers, wanted, self._reader(customers_by_keys), self._spawn
+        )
         return [next((c for key in keys if (c := known[key]) is not None), None) for keys in keyed]
 
     async def get_agents(self, agent_ids: set[str]) -> dict[str, AgentRecord | None]:
         """Agents by id; the ones not cached are read by one query."""
-        return await _many(self._agents, agent_ids, self._reader(agents_by_ids), self._spawn)
+        return await read_many(self._agents, agent_ids, self._reader(agents_by_ids), self._spawn)
 
     async def get_teams(self, team_ids: set[str]) -> dict[str, TeamRecord | None]:
         """Teams by id; the ones not cached are read by one query."""
-        return await _many(self._teams, team_ids, self._reader(teams_by_ids), self._spawn)
+        return await read_many(self._teams, team_ids, self._reader(teams_by_ids), self._spawn)
 
     def _reader(
         self, query: Callable[[Connection, list[K]], dict[K, V]]

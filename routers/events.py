@@ -21,7 +21,7 @@ from ingest.consumers import Consumer, Needs, QueueConsumer
 from ingest.errors import RefusedError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
-from ingest.schema import AgentReplied, AgentStatus, Event
+from ingest.schema import AgentReplied, AgentStatus, AssignmentClosed, Event
 from ingest.topology import EVENTS_QUEUE
 from routers import directory, state
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
@@ -69,11 +69,42 @@ class EventsWorker(QueueWorker):
                 if isinstance(event, AgentReplied):
                     await self._replied(session, event)
                 elif isinstance(event, AgentStatus):
+                    await self._status(session, event)
+                elif isinstance(event, AssignmentClosed):
                     await check_agent(session, event.agent_id)
-                    await state.set_presence(session, event.agent_id, event.status, event.at)
-                    log.info("events.agent_status", agent_id=event.agent_id, status=event.status)
+                    closed = await state.close_assignment(
+                        session, event.message_id, event.agent_id, event.at
+                    )
+                    log.info(
+                        "events.assignment_closed",
+                        agent_id=event.agent_id,
+                        message_id=event.message_id,
+                        was_open=closed,
+                    )
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
+
+    async def _status(self, session: AsyncSession, event: AgentStatus) -> None:
+        await check_agent(session, event.agent_id)
+        if event.deputy is not None:
+            await check_agent(session, event.deputy)
+            if event.deputy == event.agent_id:
+                raise RefusedError("unknown_agent", "an agent cannot be their own deputy")
+        await state.set_presence(
+            session,
+            event.agent_id,
+            event.status,
+            event.at,
+            until=event.until,
+            deputy=event.deputy,
+        )
+        log.info(
+            "events.agent_status",
+            agent_id=event.agent_id,
+            status=event.status,
+            until=event.until.isoformat() if event.until else None,
+            deputy=event.deputy,
+        )
 
     async def _replied(self, session: AsyncSession, event: AgentReplied) -> None:
         await check_agent(session, event.agent_id)

@@ -7,8 +7,13 @@ explain`` shows the same thinking the router applied.
 ``"<rule>: <what it found>"`` to the route. Adding a rule = one function + one line in
 ``CHAIN`` + its rows in the table of ``tests/test_policy.py``.
 
-An unavailable agent never receives a message: the chain goes on to the team, whose reason
-names the rule it fell back from (``thread_owner_fallback``, ``last_agent_fallback``).
+An agent who cannot take a message never receives it (issue 15; ``routers.availability``):
+one who is away, offline or off work goes to their deputy when the deputy can take it
+(reason ``deputy``, ``route.for_agent``), else, like one at capacity, on to the team,
+whose reason names the rule it fell back from (``thread_owner_fallback``,
+``last_agent_fallback``, ``thread_owner_busy``, ``last_agent_busy``). A team that is closed
+hands the message to its open after-hours team (``after_hours``, ``holiday``), or keeps it
+with ``route.opens_at``.
 
 A sender that is not proven (issue 13: an email that fails DMARC or has no pass, when
 ``require_authenticated_email``; a call whose caller ID failed STIR/SHAKEN) is matched to
@@ -16,32 +21,27 @@ the customer only to find their team: no thread owner, no last agent, reason
 ``unverified_sender``; the decider then leaves the customer's context out of the route.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, NamedTuple
 
 from ingest.schema import InboundMessage, ReasonName, Route, RouteKind
 from ingest.sender_auth import describe, failed_verstat, verified
+from routers.availability import AgentFacts
 from routers.directory import CustomerRecord, TeamRecord
+from routers.schedule import Schedule
 from routers.settings import RoutingSettings
 
 UNVERIFIED: ReasonName = "unverified_sender"
 
 
 @dataclass(frozen=True)
-class AgentFacts:
-    id: str
-    team_id: str | None
-    active: bool
-    presence: str
+class TeamFacts:
+    """A team a route may name, with its calendar (None: always open)."""
 
-    @property
-    def available(self) -> bool:
-        return self.active and self.presence == "available"
-
-    def why_not(self) -> str:
-        return "deactivated" if not self.active else self.presence
+    record: TeamRecord
+    schedule: Schedule | None = None
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,16 @@ class Facts:
     directory and the routing state.
 
     ``team`` is the customer's team as the directory has it (None when the customer has
-    none, or names one the directory lacks), for the rules that ask about a team."""
+    none, or names one the directory lacks), for the rules that ask about a team.
+    ``teams`` holds every team a route may name (the customer's, the address's, the
+    default, and their after-hours teams) with their calendars (issue 15)."""
 
     customer: CustomerRecord | None
     thread_owner: AgentFacts | None = None
     last_agent: AgentFacts | None = None
     last_agent_at: datetime | None = None
     team: TeamRecord | None = None
+    teams: Mapping[str, TeamFacts] = field(default_factory=dict)
 
     @property
     def agents(self) -> tuple[AgentFacts, ...]:
@@ -73,6 +76,10 @@ class Verdict(NamedTuple):
     kind: RouteKind
     target: str | None
     reason: ReasonName
+    #: the agent a deputy stands in for
+    for_agent: str | None = None
+    #: when the team, closed now, opens next
+    opens_at: datetime | None = None
 
 
 @dataclass
@@ -89,6 +96,17 @@ class Walk:
         self.steps.append(f"{self.rule}: {text}")
 
 
+AgentRule = Literal["thread_owner", "last_agent"]
+_BUSY: dict[AgentRule, ReasonName] = {
+    "thread_owner": "thread_owner_busy",
+    "last_agent": "last_agent_busy",
+}
+_FALLBACK: dict[AgentRule, ReasonName] = {
+    "thread_owner": "thread_owner_fallback",
+    "last_agent": "last_agent_fallback",
+}
+
+
 Rule = Callable[[InboundMessage, Facts, RoutingSettings, datetime, Walk], Verdict | None]
 
 
@@ -102,7 +120,7 @@ def decide(
         verdict = rule(message, facts, settings, now, walk)
         if verdict is None:
             continue
-        kind, target, reason = verdict
+        kind, target, reason, for_agent, opens_at = verdict
         known = facts.customer
         return Route.model_validate(
             {
@@ -112,6 +130,8 @@ def decide(
                 "decided_at": now,
                 "steps": walk.steps,
                 "fallback_team": known.team_id if kind == "agent" and known else None,
+                "for_agent": for_agent,
+                "opens_at": opens_at,
             }
         )
     raise RuntimeError("the routing chain ended without a decision")  # triage always decides
@@ -202,7 +222,7 @@ def sender(
 def thread_owner(
     message: InboundMessage, facts: Facts, settings: RoutingSettings, now: datetime, walk: Walk
 ) -> Verdict | None:
-    """An email answering one we sent for an agent goes to that agent, if available."""
+    """An email answering one we sent for an agent goes to that agent, if they can take it."""
     owner = facts.thread_owner
     if facts.customer is None:
         walk.step("no customer")
@@ -212,12 +232,9 @@ def thread_owner(
         walk.step(f"not used on {message.channel}")
     elif owner is None:
         walk.step("no message of ours is referenced")
-    elif owner.available:
-        walk.step(f"{owner.id} sent the message this one answers")
-        return Verdict("agent", owner.id, "thread_owner")
     else:
-        walk.step(f"{owner.id} is {owner.why_not()}, not taken")
-        walk.fallback = "thread_owner_fallback"
+        said = f"{owner.id} sent the message this one answers"
+        return _agent(owner, now, walk, said, "thread_owner", first=True)
     return None
 
 
@@ -236,12 +253,8 @@ def last_agent(
         walk.step("nobody has answered this customer yet")
     elif now - at > settings.sticky_for:
         walk.step(f"{last.id} answered at {at.isoformat()}, longer ago than {settings.sticky_for}")
-    elif not last.available:
-        walk.step(f"{last.id} is {last.why_not()}, not taken")
-        walk.fallback = walk.fallback or "last_agent_fallback"
     else:
-        walk.step(f"{last.id} answered at {at.isoformat()}")
-        return Verdict("agent", last.id, "last_agent")
+        return _agent(last, now, walk, f"{last.id} answered at {at.isoformat()}", "last_agent")
     return None
 
 
@@ -256,9 +269,8 @@ def dedicated_team(
     if not team:
         walk.step("the customer has no team")
         return None
-    walk.step(team)
     reason: ReasonName = UNVERIFIED if walk.unproven else walk.fallback or "dedicated_team"
-    return Verdict("team", team, reason)
+    return _team(team, reason, facts, now, walk, team)
 
 
 def address(
@@ -268,8 +280,8 @@ def address(
     mapped = address_team(message, settings)
     arrived = message.recipient.address if message.recipient else "?"
     if mapped:
-        walk.step(f"{arrived} belongs to team {mapped}")
-        return Verdict("team", mapped, _no_team_reason(facts, walk))
+        said = f"{arrived} belongs to team {mapped}"
+        return _team(mapped, _no_team_reason(facts, walk), facts, now, walk, said)
     walk.step(
         f"{arrived} belongs to no team" if message.recipient else "no address arrived with it"
     )
@@ -281,8 +293,8 @@ def default_team(
 ) -> Verdict | None:
     """``routing.default_team``, for what no team above took."""
     if settings.default_team:
-        walk.step(settings.default_team)
-        return Verdict("team", settings.default_team, _no_team_reason(facts, walk))
+        team, reason = settings.default_team, _no_team_reason(facts, walk)
+        return _team(team, reason, facts, now, walk, team)
     walk.step("routing.default_team is not set")
     return None
 
@@ -306,6 +318,62 @@ CHAIN: tuple[Rule, ...] = (
     default_team,
     triage,
 )
+
+
+def _agent(
+    agent: AgentFacts, now: datetime, walk: Walk, said: str, took: AgentRule, *, first: bool = False
+) -> Verdict | None:
+    """``agent`` if at work and under capacity; else their deputy if that one can take it
+    (never the deputy's deputy); else None, having told the team rules why (``first``: the
+    thread owner's reason wins over any other)."""
+    why = agent.absent(now)
+    if why is None:
+        full = agent.busy()
+        if full is None:
+            walk.step(said)
+            return Verdict("agent", agent.id, took)
+        walk.step(f"{agent.id} is {full}, not taken")
+        _fell_back(walk, _BUSY[took], first)
+        return None
+    deputy = agent.deputy if agent.active else None
+    if deputy is None:
+        walk.step(f"{agent.id} is {why}, not taken")
+    elif (cannot := deputy.absent(now) or deputy.busy()) is None:
+        walk.step(f"{agent.id} is {why}; deputy {deputy.id} stands in")
+        return Verdict("agent", deputy.id, "deputy", for_agent=agent.id)
+    else:
+        walk.step(f"{agent.id} is {why}; deputy {deputy.id} is {cannot}, not taken")
+    _fell_back(walk, _FALLBACK[took], first)
+    return None
+
+
+def _fell_back(walk: Walk, reason: ReasonName, first: bool) -> None:
+    walk.fallback = reason if first else walk.fallback or reason
+
+
+def _team(
+    team_id: str, reason: ReasonName, facts: Facts, now: datetime, walk: Walk, said: str
+) -> Verdict:
+    """``team_id`` while it is open; when closed, its after-hours team if that one is open
+    (reason ``after_hours`` or ``holiday``), else the team itself with when it opens."""
+    team = facts.teams.get(team_id)
+    schedule = team.schedule if team is not None else None
+    status = schedule.status(now) if schedule is not None else None
+    if team is None or schedule is None or status is None or status.open:
+        walk.step(said)
+        return Verdict("team", team_id, reason)
+    closed = f"{said}; team {team_id} {schedule.describe(now)}"
+    other_id = team.record.after_hours
+    if not other_id:
+        walk.step(f"{closed}; no after-hours team, it waits there")
+        return Verdict("team", team_id, reason, opens_at=status.opens_at)
+    other = facts.teams.get(other_id)
+    if other is not None and (other.schedule is None or other.schedule.status(now).open):
+        walk.step(f"{closed}; after-hours team {other_id} takes it")
+        return Verdict("team", other_id, "holiday" if status.reason == "holiday" else "after_hours")
+    why = "is closed too" if other is not None else "is not in the directory"
+    walk.step(f"{closed}; after-hours team {other_id} {why}, it waits there")
+    return Verdict("team", team_id, reason, opens_at=status.opens_at)
 
 
 def address_team(message: InboundMessage, settings: RoutingSettings) -> str | None:

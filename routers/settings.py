@@ -5,6 +5,7 @@ from datetime import timedelta
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ingest.schema import Channel
+from routers.schedule import parse_timezone
 
 
 class RoutingSettings(BaseModel):
@@ -36,6 +37,16 @@ class RoutingSettings(BaseModel):
         description="days the record of routed messages and sent replies is kept (it serves "
         "recent contacts, reply threading and duplicate removal)",
     )
+    timezone: str = Field(
+        default="UTC",
+        description="IANA time zone of a team's hours when teams.csv gives none (issue 15)",
+    )
+    load_window: timedelta = Field(
+        default=timedelta(hours=8),
+        description="how long a message routed to an agent and not answered counts towards "
+        "the agent's capacity on its channel (an assignment.closed event or the agent's reply "
+        "ends it sooner)",
+    )
     require_authenticated_email: bool | None = Field(
         default=None,
         description="a mail whose sender is not proven (DMARC fail, or no SPF, DKIM or DMARC "
@@ -55,7 +66,12 @@ class RoutingSettings(BaseModel):
             raise ValueError(f"unknown region {value!r} (use an ISO 3166 code such as TR or US)")
         return region
 
-    @field_validator("sticky_for")
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        return parse_timezone(value).key
+
+    @field_validator("sticky_for", "load_window")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value.total_seconds() < 0:

@@ -9,11 +9,11 @@ overwrites it, so redelivered or reordered events cannot move a customer backwar
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import RecentContact
-from routers.models import AgentPresence, LastAgent, ThreadOwner
+from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOwner
 from routers.store.routed_log import recent_contacts
 from routers.store.sql import upsert
 from routers.store.values import aware, strip_brackets, utc
@@ -31,16 +31,36 @@ async def last_agent(session: AsyncSession, customer_id: str) -> LastContact | N
     return None if row is None else LastContact(row.agent_id, row.channel, aware(row.at))
 
 
+@dataclass(frozen=True)
+class Presence:
+    """An agent's last ``agent.status``; an agent who never sent one is available."""
+
+    status: str = "available"
+    #: away or offline until then (None: until the next event); past: back at work
+    until: datetime | None = None
+    #: who stands in meanwhile, before agents.csv's deputy
+    deputy: str | None = None
+
+
+AVAILABLE = Presence()
+
+
 @dataclass
 class RoutingState:
     """The state a batch's decisions read besides the directory."""
 
-    #: customer id -> their last agent and that agent's presence (absent: nobody answered)
-    last: dict[str, tuple[LastContact, str]] = field(default_factory=dict)
+    #: customer id -> their last agent (absent: nobody answered)
+    last: dict[str, LastContact] = field(default_factory=dict)
     #: customer id -> their recent contacts, newest first
     recent: dict[str, list[RecentContact]] = field(default_factory=dict)
-    #: message index -> (the agent owning the thread it answers, their presence)
-    owners: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: message index -> the agent owning the thread it answers
+    owners: dict[int, str] = field(default_factory=dict)
+    #: agent id -> presence, for those agents and their deputies (absent: ``AVAILABLE``)
+    presence: dict[str, Presence] = field(default_factory=dict)
+    #: agent id -> who stands in for them (the presence event's, else agents.csv's)
+    deputies: dict[str, str] = field(default_factory=dict)
+    #: (agent id, channel) -> open assignments, for agents with a capacity (absent: 0)
+    loads: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def read_routing_state(
@@ -48,33 +68,52 @@ def read_routing_state(
     customer_ids: list[str],
     recent_limit: int,
     threads: dict[int, list[str]],
+    load_since: datetime,
 ) -> RoutingState:
     """All of a batch's routing state in one unit of work (``routers.store.transactions``):
-    the last agents of ``customer_ids``, their ``recent_limit`` recent contacts, and the
-    owner of each thread in ``threads`` (message index -> the Message-IDs it answers)."""
+    the last agents of ``customer_ids``, their ``recent_limit`` recent contacts, the owner
+    of each thread in ``threads`` (message index -> the Message-IDs it answers), and of
+    every agent found and their deputies: presence, deputy and open load since
+    ``load_since``."""
     found = RoutingState()
     for index, refs in threads.items():  # replies to ours: rare beside new messages
         owner = _thread_owner(connection, refs)
         if owner is not None:
-            found.owners[index] = (owner, _presence_of(connection, owner))
+            found.owners[index] = owner
     if customer_ids:
-        found.last = _last_agents_presence(connection, customer_ids)
+        found.last = {
+            r.customer_id: LastContact(r.agent_id, r.channel, aware(r.at))
+            for r in connection.execute(_LAST_AGENTS, {"ids": customer_ids})
+        }
         if recent_limit > 0:
             found.recent = recent_contacts(connection, customer_ids, recent_limit)
+    agents = set(found.owners.values()) | {last.agent_id for last in found.last.values()}
+    capped = _agent_state(connection, agents, found)
+    deputies = set(found.deputies.values()) - agents
+    capped |= _agent_state(connection, deputies, found)
+    if capped:
+        for r in connection.execute(_LOADS, {"ids": sorted(capped), "since": utc(load_since)}):
+            found.loads[(r.agent_id, r.channel)] = int(r.open)
     return found
 
 
-def _last_agents_presence(
-    connection: Connection, customer_ids: list[str]
-) -> dict[str, tuple[LastContact, str]]:
-    rows = connection.execute(_LAST_AGENTS, {"ids": customer_ids})
-    return {
-        r.customer_id: (
-            LastContact(r.agent_id, r.channel, aware(r.at)),
-            "available" if r.status is None else str(r.status),
-        )
-        for r in rows
-    }
+def _agent_state(connection: Connection, agent_ids: set[str], found: RoutingState) -> set[str]:
+    """Read the presence and deputy of ``agent_ids`` into ``found``; the ones with a
+    capacity, whose load the caller reads next."""
+    if not agent_ids:
+        return set()
+    capped = set()
+    for r in connection.execute(_AGENT_STATE, {"ids": sorted(agent_ids)}):
+        if r.status is not None:
+            found.presence[r.id] = Presence(
+                r.status, aware(r.until) if r.until else None, r.presence_deputy
+            )
+        deputy = r.presence_deputy or r.deputy
+        if deputy and deputy != r.id:
+            found.deputies[r.id] = deputy
+        if r.capacity:
+            capped.add(r.id)
+    return capped
 
 
 def _thread_owner(connection: Connection, message_ids: list[str]) -> str | None:
@@ -86,12 +125,6 @@ def _thread_owner(connection: Connection, message_ids: list[str]) -> str | None:
     return owner
 
 
-def _presence_of(connection: Connection, agent_id: str) -> str:
-    """An agent with no status event yet counts as available: presence is opt-in."""
-    status: str | None = connection.scalar(_PRESENCE, {"agent": agent_id})
-    return "available" if status is None else status
-
-
 async def record_reply(
     session: AsyncSession,
     *,
@@ -101,9 +134,20 @@ async def record_reply(
     at: datetime,
     message_id: str | None = None,
 ) -> None:
-    """Remember who answered whom: the customer's last agent, and the thread owner."""
+    """Remember who answered whom: the customer's last agent, and the thread owner; the
+    agent's open assignments for that customer, routed before the answer, are done."""
     at = utc(at)
     if customer_id is not None:
+        await session.execute(
+            update(Assignment)
+            .where(
+                Assignment.agent_id == agent_id,
+                Assignment.customer_id == customer_id,
+                Assignment.closed_at.is_(None),
+                Assignment.assigned_at <= at,
+            )
+            .values(closed_at=at)
+        )
         await upsert(
             session,
             LastAgent.__table__,  # type: ignore[arg-type]
@@ -127,34 +171,83 @@ async def record_reply(
         )
 
 
-async def set_presence(session: AsyncSession, agent_id: str, status: str, at: datetime) -> None:
+async def set_presence(
+    session: AsyncSession,
+    agent_id: str,
+    status: str,
+    at: datetime,
+    *,
+    until: datetime | None = None,
+    deputy: str | None = None,
+) -> None:
+    """Store an ``agent.status`` unless a later one is already stored."""
     at = utc(at)
     await upsert(
         session,
         AgentPresence.__table__,  # type: ignore[arg-type]
-        [{"agent_id": agent_id, "status": status, "at": at}],
+        [
+            {
+                "agent_id": agent_id,
+                "status": status,
+                "at": at,
+                "until": utc(until) if until else None,
+                "deputy": deputy,
+            }
+        ],
         ["agent_id"],
         where=lambda excluded: AgentPresence.__table__.c.at <= excluded.at,
     )
 
 
+async def close_assignment(
+    session: AsyncSession, message_id: str, agent_id: str, at: datetime
+) -> bool:
+    """An ``assignment.closed``: the message no longer counts towards the agent's load.
+    False when there was no open assignment of that message to that agent."""
+    result = await session.execute(
+        update(Assignment)
+        .where(
+            Assignment.message_id == message_id,
+            Assignment.agent_id == agent_id,
+            Assignment.closed_at.is_(None),
+        )
+        .values(closed_at=utc(at))
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
 # The decider's statements, built once.
 _last, _presence = LastAgent.__table__.c, AgentPresence.__table__.c
-_LAST_AGENTS = (
-    select(_last.customer_id, _last.agent_id, _last.channel, _last.at, _presence.status)
-    .join_from(
-        LastAgent.__table__,
-        AgentPresence.__table__,
-        _presence.agent_id == _last.agent_id,
-        isouter=True,
-    )
-    .where(_last.customer_id.in_(bindparam("ids", expanding=True)))
+_agent, _assigned = Agent.__table__.c, Assignment.__table__.c
+_LAST_AGENTS = select(_last.customer_id, _last.agent_id, _last.channel, _last.at).where(
+    _last.customer_id.in_(bindparam("ids", expanding=True))
 )
-
 _THREAD_OWNER = (
     select(ThreadOwner.__table__.c.agent_id)
     .where(ThreadOwner.__table__.c.message_id.in_(bindparam("ids", expanding=True)))
     .order_by(ThreadOwner.__table__.c.at.desc())
     .limit(1)
 )
-_PRESENCE = select(_presence.status).where(_presence.agent_id == bindparam("agent"))
+_AGENT_STATE = (
+    select(
+        _agent.id,
+        _agent.deputy,
+        _agent.capacity,
+        _presence.status,
+        _presence.until,
+        _presence.deputy.label("presence_deputy"),
+    )
+    .join_from(
+        Agent.__table__, AgentPresence.__table__, _presence.agent_id == _agent.id, isouter=True
+    )
+    .where(_agent.id.in_(bindparam("ids", expanding=True)))
+)
+_LOADS = (
+    select(_assigned.agent_id, _assigned.channel, func.count().label("open"))
+    .where(
+        _assigned.agent_id.in_(bindparam("ids", expanding=True)),
+        _assigned.closed_at.is_(None),
+        _assigned.assigned_at > bindparam("since"),
+    )
+    .group_by(_assigned.agent_id, _assigned.channel)
+)

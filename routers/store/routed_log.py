@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Insert, Select, and_, bindparam, func, or_, s
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import InboundMessage, RecentContact, RoutedMessage
-from routers.models import RoutedRecord
+from routers.models import Assignment, RoutedRecord
 from routers.store.sql import insert_for, insert_new
 from routers.store.values import aware, strip_brackets, utc
 
@@ -30,6 +30,16 @@ def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> lis
         _claim_insert(connection.dialect.name), [_routed_row(r) for r in batch]
     )
     owners = {(r.channel, r.external_id): r.id for r in written}
+    # a message newly routed to an agent is theirs until they answer (issue 15: load);
+    # a copy or a redelivery found its claim and adds nothing
+    assigned = [
+        _assignment_row(routed)
+        for routed in batch
+        if routed.route.kind == "agent"
+        and owners.get((routed.message.channel, routed.message.external_id)) == routed.message.id
+    ]
+    if assigned:
+        connection.execute(_assignment_insert(connection.dialect.name), assigned)
     wanted: dict[str, list[str]] = {}
     for routed in batch:
         message = routed.message
@@ -73,6 +83,17 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
         "reason": routed.route.reason,
         "routed_at": utc(routed.route.decided_at),
         "message": kept.model_dump_json(),
+    }
+
+
+def _assignment_row(routed: RoutedMessage) -> dict[str, Any]:
+    return {
+        "message_id": routed.message.id,
+        "agent_id": routed.route.target,
+        "customer_id": routed.customer.id if routed.customer else None,
+        "channel": routed.message.channel,
+        "assigned_at": utc(routed.route.decided_at),
+        "closed_at": None,
     }
 
 
@@ -171,3 +192,9 @@ def _claim_insert(dialect: str) -> Insert:
     return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"]).returning(  # type: ignore[attr-defined, no-any-return]
         _record.channel, _record.external_id, _record.id
     )
+
+
+@functools.cache
+def _assignment_insert(dialect: str) -> Insert:
+    stmt: Insert = insert_for(dialect, Assignment.__table__)  # type: ignore[arg-type]
+    return stmt.on_conflict_do_nothing(index_elements=["message_id"])  # type: ignore[attr-defined, no-any-return]
