@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument(
         "--verstat", help="voice: the caller ID's STIR/SHAKEN verdict, e.g. TN-Validation-Failed-A"
     )
+    explain.add_argument(
+        "--at",
+        metavar="TIME",
+        help="decide as of this RFC 3339 time (hours, holidays, who is away until when), "
+        "e.g. 2026-12-31T23:30+03:00; default: now",
+    )
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     tail = sub.add_parser("tail", help="print routed messages live")

@@ -8,13 +8,14 @@ usual path of a customer's mail is what shows by default; ``--auth dmarc=fail`` 
 
 import argparse
 import json
+from datetime import datetime
 from typing import Any
 
 from config.registry import IDENTITY_KINDS
 from config.settings import Settings
 from ingest.errors import ConfigError
 from ingest.identities import IdentityKind
-from ingest.schema import Identity, InboundMessage, Thread
+from ingest.schema import Identity, InboundMessage, Thread, utcnow
 from ingest.sender_auth import METHODS
 from routers.decider import DirectoryDecider
 from routers.policy import trace
@@ -47,6 +48,20 @@ def sender_meta(
     return meta
 
 
+def decision_time(text: str | None) -> datetime | None:
+    """``--at``: an RFC 3339 instant with its offset (a naive one would mean a different
+    moment in every time zone of the directory)."""
+    if text is None:
+        return None
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"--at {text!r}: not an RFC 3339 time (2026-12-31T23:30+03:00)") from None
+    if at.tzinfo is None:
+        raise ConfigError(f"--at {text!r}: give the offset (…+03:00, or Z for UTC)")
+    return at
+
+
 async def explain(args: argparse.Namespace, settings: Settings) -> int:
     kind = KINDS[args.channel]
     meta = sender_meta(
@@ -63,10 +78,12 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         thread=Thread(in_reply_to=args.in_reply_to) if args.in_reply_to else None,
         meta=meta,
     )
+    at = decision_time(args.at)
     await require_current(settings.directory_url)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
-        decision, facts = await DirectoryDecider(engine, settings.routing).explain(message)
+        decider = DirectoryDecider(engine, settings.routing, clock=lambda: at or utcnow())
+        decision, facts = await decider.explain(message)
     finally:
         await engine.dispose()
     route = decision.route
@@ -101,12 +118,18 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         assumed = " (assumed; --auth to change)" if args.auth is None else ""
         required = "required" if settings.routing.require_authenticated_email else "not required"
         print(f"auth:      {shown}{assumed}, {required}")
+    if at is not None:
+        print(f"at:        {at.isoformat()}")
     print("chain:")
     for number, link in enumerate(chain, 1):
         said = link.rule if link.step is None else f"{link.rule}: {link.step}"
         print(f"  {number}. {link.outcome:<11} {said}")
     print(f"route:     {route.routing_key}")
     print(f"reason:    {route.reason}")
+    if route.for_agent:
+        print(f"for:       {route.for_agent} (a deputy stands in)")
+    if route.opens_at:
+        print(f"opens at:  {route.opens_at.isoformat()}")
     if args.channel == "voice":
         print(f"dial:      {decision.dial or '-'}")
         if decision.fallback_dial:

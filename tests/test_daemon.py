@@ -8,10 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from ingest.bus import Bus
 from ingest.schema import Identity, InboundMessage
 from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
+from routers.models import Team
+from routers.store.engine import create_engine
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
 
@@ -148,7 +151,7 @@ def test_bad_configuration_is_one_line_and_exit_2(daemon: DaemonProcess, tmp_pat
 def test_directory_migrate(daemon: DaemonProcess) -> None:
     result = daemon.cli("directory", "migrate")
     assert result.returncode == 0, result.stderr
-    assert "schema revision 0001" in result.stdout
+    assert "schema revision 0002" in result.stdout
 
 
 async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None:
@@ -171,6 +174,52 @@ async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None
     check = await asyncio.to_thread(daemon.cli, "check")
     assert check.returncode == 0, check.stdout + check.stderr
     assert "broker" in check.stdout
+
+
+async def test_explain_at_a_time_shows_the_calendar_that_decided(
+    daemon: DaemonProcess, sqlite_url: str
+) -> None:
+    """Issue 15: ``--at`` decides as of that time, and the step names the rule that applied."""
+    await seeded(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                update(Team)
+                .where(Team.id == "billing")
+                .values(
+                    hours="Mon-Fri 09:00-18:00",
+                    timezone="Europe/Istanbul",
+                    holidays="TR",
+                    after_hours_dial="sip:voicemail-billing@pbx.test",
+                )
+            )
+    finally:
+        await engine.dispose()
+
+    def explain(at: str, *more: str) -> subprocess.CompletedProcess[str]:
+        return daemon.cli(
+            "route", "explain", "--channel", "voice", "--from", "+905321112233", "--at", at, *more
+        )
+
+    saturday = await asyncio.to_thread(explain, "2026-12-26T23:30+03:00")
+    assert saturday.returncode == 0, saturday.stderr
+    assert (
+        "dedicated_team: billing; team billing closed: Sat 23:30 Europe/Istanbul, opens Mon 09:00"
+        "; no after-hours team, it waits there"
+    ) in saturday.stdout
+    assert "opens at:  2026-12-28T09:00:00+03:00" in saturday.stdout
+    assert "dial:      sip:voicemail-billing@pbx.test" in saturday.stdout
+    monday = json.loads((await asyncio.to_thread(explain, "2026-12-28T06:30Z", "--json")).stdout)
+    assert monday["route"]["reason"] == "dedicated_team"
+    assert monday["route"]["opens_at"] is None
+    assert monday["dial"] == "+902125550100"
+    republic_day = await asyncio.to_thread(explain, "2026-10-29T10:00+03:00")
+    assert "holiday Cumhuriyet Bayramı" in republic_day.stdout
+    naive = await asyncio.to_thread(explain, "2026-12-26T23:30")
+    assert naive.returncode == 2
+    assert naive.stderr.count("\n") == 1
+    assert "--at '2026-12-26T23:30': give the offset" in naive.stderr
 
 
 async def test_explain_shows_why_an_unproven_sender_is_not_the_customer(
