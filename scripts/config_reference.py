@@ -100,11 +100,36 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     return out
 
 
+ROUTING = """
+## Routing steps and reasons
+
+The policy's rules, in order: `bounce`, `customer`, `sender`, `thread_owner`, `last_agent`,
+`dedicated_team`, `address`, `default_team`, `triage` (README, "How a message is routed").
+Every reason `route.reason` can take is listed by `omniroute schema`. What the keys above
+and the directory's columns decide:
+
+| reason | set by |
+|---|---|
+| `thread_owner`, `last_agent` | the agent who sent the thread / last answered (`routing.sticky_for`, `routing.sticky_channels`) |
+| `deputy` | the agent is away, offline (until an `agent.status`'s `until`) or outside their hours, and their deputy can take it; `route.for_agent` names the agent |
+| `thread_owner_fallback`, `last_agent_fallback` | the agent cannot take it and no deputy can: the customer's team |
+| `thread_owner_busy`, `last_agent_busy` | agents.csv `capacity` reached on the message's channel (open assignments within `routing.load_window`) |
+| `dedicated_team` | the customer's team |
+| `after_hours`, `holiday` | the team is closed (teams.csv `timezone` (default `routing.timezone`), `hours`, `holidays`; holidays.csv) and its `after_hours` team is open |
+| `unknown_sender`, `no_team` | the address's team (`routing.address_teams`), `routing.default_team`, or `triage` |
+| `unverified_sender` | `routing.require_authenticated_email`, `email.trusted_authserv_ids` |
+| `bounce` | a delivery report: `triage` |
+
+A team that is closed with no open after-hours team keeps the message and sets
+`route.opens_at`; a call gets the team's `after_hours_dial`.
+"""
+
+
 def render() -> str:
     lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, text in rows(Settings):
         lines.append(f"| `{key}` | {typ} | {default} | {text} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ROUTING
 
 
 def main() -> int:
