@@ -17,9 +17,15 @@ def line(routed: RoutedMessage, redact_identities: bool) -> str:
         sender = redact(sender)
     customer = routed.customer.id if routed.customer else "-"
     when = routed.route.decided_at.strftime("%Y-%m-%d %H:%M:%S")
+    route = routed.route
+    why: str = route.reason
+    if route.for_agent:
+        why += f" (for {route.for_agent})"
+    if route.opens_at:
+        why += f" (opens {route.opens_at.isoformat(timespec='minutes')})"
     return (
         f"{when}  {message.channel:<7}  {sender:<28}  {customer:<16}  "
-        f"{routed.route.routing_key:<24}  {routed.route.reason}"
+        f"{route.routing_key:<24}  {why}"
     )
 
 

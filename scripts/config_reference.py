@@ -100,26 +100,59 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     return out
 
 
-ROUTING = """
+ROUTING_INTRO = """
 ## Routing steps and reasons
 
 The policy's rules, in order: `bounce`, `customer`, `sender`, `thread_owner`, `last_agent`,
 `dedicated_team`, `address`, `default_team`, `triage` (README, "How a message is routed").
 Every reason `route.reason` can take is listed by `omniroute schema`. What the keys above
 and the directory's columns decide:
-
-| reason | set by |
-|---|---|
-| `thread_owner`, `last_agent` | the agent who sent the thread / last answered (`routing.sticky_for`, `routing.sticky_channels`) |
-| `deputy` | the agent is away, offline (until an `agent.status`'s `until`) or outside their hours, and their deputy can take it; `route.for_agent` names the agent |
-| `thread_owner_fallback`, `last_agent_fallback` | the agent cannot take it and no deputy can: the customer's team |
-| `thread_owner_busy`, `last_agent_busy` | agents.csv `capacity` reached on the message's channel (open assignments within `routing.load_window`) |
-| `dedicated_team` | the customer's team |
-| `after_hours`, `holiday` | the team is closed (teams.csv `timezone` (default `routing.timezone`), `hours`, `holidays`; holidays.csv) and its `after_hours` team is open |
-| `unknown_sender`, `no_team` | the address's team (`routing.address_teams`), `routing.default_team`, or `triage` |
-| `unverified_sender` | `routing.require_authenticated_email`, `email.trusted_authserv_ids` |
-| `bounce` | a delivery report: `triage` |
-
+"""
+#: (reasons, what sets them)
+ROUTING_ROWS = [
+    (
+        "`thread_owner`, `last_agent`",
+        "the agent who sent the thread / last answered (`routing.sticky_for`, "
+        "`routing.sticky_channels`)",
+    ),
+    (
+        "`deputy`",
+        "the agent is away, offline (until an `agent.status`'s `until`) or "
+        "outside their hours, and their deputy can take it; `route.for_agent` "
+        "names the agent",
+    ),
+    (
+        "`thread_owner_fallback`, `last_agent_fallback`",
+        "the agent cannot take it and no deputy can: the customer's team",
+    ),
+    (
+        "`thread_owner_busy`, `last_agent_busy`",
+        "agents.csv `capacity` reached on the message's channel (open assignments"
+        " within `routing.load_window`)",
+    ),
+    (
+        "`dedicated_team`",
+        "the customer's team",
+    ),
+    (
+        "`after_hours`, `holiday`",
+        "the team is closed (teams.csv `timezone` (default `routing.timezone`), "
+        "`hours`, `holidays`; holidays.csv) and its `after_hours` team is open",
+    ),
+    (
+        "`unknown_sender`, `no_team`",
+        "the address's team (`routing.address_teams`), `routing.default_team`, or `triage`",
+    ),
+    (
+        "`unverified_sender`",
+        "`routing.require_authenticated_email`, `email.trusted_authserv_ids`",
+    ),
+    (
+        "`bounce`",
+        "a delivery report: `triage`",
+    ),
+]
+ROUTING_OUTRO = """
 A team that is closed with no open after-hours team keeps the message and sets
 `route.opens_at`; a call gets the team's `after_hours_dial`.
 """
@@ -129,7 +162,10 @@ def render() -> str:
     lines = [HEADER, "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, text in rows(Settings):
         lines.append(f"| `{key}` | {typ} | {default} | {text} |")
-    return "\n".join(lines) + "\n" + ROUTING
+    table = ["| reason | set by |", "|---|---|", *(f"| {a} | {b} |" for a, b in ROUTING_ROWS)]
+    return (
+        "\n".join(lines) + "\n" + ROUTING_INTRO + "\n" + "\n".join(table) + "\n" + ROUTING_OUTRO
+    )
 
 
 def main() -> int:

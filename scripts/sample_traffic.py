@@ -7,12 +7,20 @@ It waits for the router's consumer, so it can start alongside the daemon.
 import argparse
 import asyncio
 import sys
+from datetime import timedelta
 
 from config.settings import config_path, load_settings
 from config.tail import line
 from ingest.bus import Bus
 from ingest.errors import OmnirouteError
-from ingest.schema import AgentReplied, AgentStatus, InboundMessage, RoutedMessage, new_id
+from ingest.schema import (
+    AgentReplied,
+    AgentStatus,
+    InboundMessage,
+    RoutedMessage,
+    new_id,
+    utcnow,
+)
 from ingest.topology import EVENTS, INBOUND, ROUTED, ROUTER_QUEUE
 
 
@@ -48,7 +56,10 @@ def samples() -> list[InboundMessage | AgentReplied | AgentStatus]:
         msg("voice", "phone", "+1 415 555 0112", "call"),
         AgentReplied(agent_id="mehmet", customer_id="c-1001", channel="email"),
         msg("email", "email", "kemal.ozturk@example.com.tr", "Teşekkürler, bir sorum daha var"),
-        AgentStatus(agent_id="mehmet", status="away"),
+        # away for two hours, with Ayşe standing in: his customer reaches her (reason deputy)
+        AgentStatus(
+            agent_id="mehmet", status="away", until=utcnow() + timedelta(hours=2), deputy="ayse"
+        ),
         msg("sms", "phone", "+905321112233", "Mehmet Bey orada mı?"),
     ]
 
