@@ -83,14 +83,6 @@ class AgentFacts:
     #: who stands in while this agent is away or off work (never followed further)
     deputy: "AgentFacts | None" = None
 
-    @property
-    def available(self) -> bool:
-        """Active and available by presence, whatever the clock (the pre-issue-15 view)."""
-        return self.active and self.presence == "available"
-
-    def why_not(self) -> str:
-        return "deactivated" if not self.active else self.presence
-
     def absent(self, now: datetime) -> str | None:
         """Why the agent is not at work at ``now``, or None when they are."""
         if not self.active:
