@@ -110,7 +110,7 @@ class DirectoryDecider:
                 ref = CustomerRef(
                     id=customer.id, name=customer.name, team=customer.team_id, recent=list(recent)
                 )
-            dial, fallback = _dials(route, teams, agents, settings)
+            dial, fallback = _dials(route, teams, agents, settings, facts.teams.get)
             answers.append(
                 (Decision(customer=ref, route=route, dial=dial, fallback_dial=fallback), facts)
             )
@@ -265,6 +265,7 @@ def _dials(
     teams: dict[str, TeamRecord | None],
     agents: dict[str, AgentRecord | None],
     settings: RoutingSettings,
+    calendar: Callable[[str], TeamFacts | None],
 ) -> tuple[str | None, str | None]:
     """Dial strings for voice: the agent's with the team's as fallback, or the team's."""
 
@@ -277,8 +278,16 @@ def _dials(
     if route.kind == "agent":
         agent = agents.get(route.target)
         return (agent.dial if agent else None), team_dial(route.fallback_team)
-    if route.opens_at is not None:  # closed, nobody on call: the recorded message, if any
-        team = teams.get(route.target)
-        if team is not None and team.after_hours_dial:
-            return team.after_hours_dial, None
+    team = teams.get(route.target)
+    if team is not None and team.after_hours_dial and _closed(calendar(route.target), route):
+        return team.after_hours_dial, None  # nobody on call: the recorded message
     return team_dial(route.target), None
+
+
+def _closed(team: TeamFacts | None, route: Route) -> bool:
+    """Whether the team a route names is closed at the decision's time (its after-hours team
+    was closed too, or it has none); a team that never opens has no ``opens_at``."""
+    if route.opens_at is not None:
+        return True
+    schedule = team.schedule if team is not None else None
+    return schedule is not None and not schedule.status(route.decided_at).open

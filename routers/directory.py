@@ -153,7 +153,7 @@ def agents_by_ids(connection: Connection, agent_ids: list[str]) -> dict[str, Age
 def teams_by_ids(connection: Connection, team_ids: list[str]) -> dict[str, TeamRecord]:
     rows = connection.execute(_TEAMS, {"ids": team_ids}).all()
     days: dict[str, list[tuple[date, str, str | None]]] = {}
-    if any(r.hours or r.holidays or r.timezone for r in rows):  # a calendar needs its days
+    if rows:  # a company day closes a team even with no weekly hours (always open else)
         for d in connection.execute(_TEAM_DAYS, {"ids": [r.id for r in rows]}):
             days.setdefault(d.team_id, []).append((d.day, d.name, d.hours))
     return {

@@ -400,11 +400,6 @@ async def test_holiday_sends_the_team_to_its_after_hours_team(desk: Desk) -> Non
     assert await desk.where(desk.sms()) == [("team.oncall", "holiday")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 bug: a team whose hours are 'closed' has no next opening within 400 "
-    "days, so its route carries no opens_at and voice dials its ordinary line",
-)
 async def test_voice_to_a_team_that_is_never_open_answers_its_after_hours_dial(
     desk: Desk,
 ) -> None:
@@ -416,11 +411,6 @@ async def test_voice_to_a_team_that_is_never_open_answers_its_after_hours_dial(
     assert decision.dial == "sip:lab-closed@pbx.test"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 bug: holidays.csv rows of a team with no hours, holidays or timezone "
-    "are not read (routers.directory.teams_by_ids), so its company day is ignored",
-)
 async def test_a_company_day_closes_a_team_without_weekly_hours(desk: Desk) -> None:
     """A team open around the clock is closed on its holidays.csv day (the picnic)."""
     assert await desk.where(desk.message("email", FUN_MAIL, "email")) == [
