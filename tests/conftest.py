@@ -4,8 +4,6 @@ or a PostgreSQL database created for the test), and the opened bus on that vhost
 import asyncio
 import contextlib
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,31 +15,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.bus import Bus
 from ingest.settings import BusSettings
 from routers.store.engine import create_engine, migrate
+from tests.support import broker
 
-pytest_plugins = ["tests.daemon_fixtures"]
+#: fixtures every test may ask for: the daemon as a process, the phone app (Twilio and PBX)
+pytest_plugins = ["tests.daemon_fixtures", "tests.phone_fixtures"]
 
-AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
 PG_DSN = os.environ.get("OMNIROUTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-
-
-def _rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
 
 
 @pytest.fixture
 def vhost() -> Iterator[str]:
     """A RabbitMQ vhost of the test's own, so queues never leak between tests."""
-    name = f"omniroute-test-{uuid.uuid4().hex[:10]}"
-    _rabbitmqctl("add_vhost", name)
-    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    _rabbitmqctl("delete_vhost", name)
+    with broker.fresh_vhost() as name:
+        yield name
 
 
 @pytest.fixture
 def amqp_url(vhost: str) -> str:
-    return f"amqp://guest:guest@{AMQP_HOST}/{vhost}"
+    return broker.vhost_url(vhost)
 
 
 @pytest.fixture

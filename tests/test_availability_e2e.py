@@ -6,7 +6,6 @@ again after answering (the load counted once across both processes), a message a
 hour goes to the after-hours team, an away agent's customer reaches the deputy."""
 
 import asyncio
-import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +33,7 @@ from routers.models import (
 from routers.schedule import DAYS
 from routers.store.engine import create_engine, migrate, sessionmaker
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
+from tests.support.broker import take
 
 ACME, GLOBEX, INITECH = "ayse@acme.test", "it@globex.test", "cfo@initech.test"
 
@@ -126,28 +126,10 @@ class Pair:
     async def routed(self, count: int, timeout: float = 30) -> list[tuple[str, RoutedMessage]]:
         """Exactly ``count`` messages off omniroute.routed (routing key, message): fails if
         fewer come within ``timeout``, or if one more comes within a second after."""
-        got: list[tuple[str, RoutedMessage]] = []
-        channel = await self.bus.connection.channel()
-        queue = await channel.get_queue(ROUTED_QUEUE)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while len(got) < count + 1:
-                message = await queue.get(fail=False, timeout=10)
-                if message is not None:
-                    await message.ack()
-                    routed = RoutedMessage.model_validate_json(message.body)
-                    got.append((message.routing_key or "", routed))
-                    if len(got) == count:
-                        deadline = loop.time() + 1.0  # anything more is a copy too many
-                    continue
-                if loop.time() >= deadline:
-                    break
-                await asyncio.sleep(0.02)
-        finally:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await channel.close()
+        taken = await take(self.bus, ROUTED_QUEUE, count, timeout, partial=True)
+        if len(taken) == count:  # anything more within a second is a copy too many
+            taken += await take(self.bus, ROUTED_QUEUE, 1, 1.0, partial=True)
+        got = [(m.routing_key, m.model(RoutedMessage)) for m in taken]
         assert len(got) == count, [(key, r.route.reason) for key, r in got]
         return got
 

@@ -5,7 +5,6 @@ import asyncio
 import random
 from collections.abc import Sequence
 
-import aio_pika
 import aiormq
 import pytest
 
@@ -17,7 +16,7 @@ from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
-from tests.conftest import _rabbitmqctl
+from tests.support.broker import depth, rabbitmqctl, take
 
 
 async def _publish(bus: Bus, bodies: list[bytes]) -> None:
@@ -31,17 +30,8 @@ async def _publish(bus: Bus, bodies: list[bytes]) -> None:
 
 
 async def _depths(bus: Bus) -> tuple[int, int]:
-    """(ready + unacked in omniroute.router, ready in omniroute.dead), from the broker."""
-    channel = await bus.connection.channel()
-    try:
-        router = await channel.declare_queue(ROUTER_QUEUE, passive=True)
-        dead = await channel.declare_queue(DEAD_QUEUE, passive=True)
-        return (
-            router.declaration_result.message_count or 0,
-            dead.declaration_result.message_count or 0,
-        )
-    finally:
-        await channel.close()
+    """(messages in omniroute.router, in omniroute.dead), from the broker."""
+    return await depth(bus, ROUTER_QUEUE), await depth(bus, DEAD_QUEUE)
 
 
 async def _consume(bus: Bus, handler: object, *, prefetch: int) -> BatchConsumer:
@@ -135,17 +125,7 @@ async def test_a_handler_that_raises_fails_the_whole_batch_as_one(bus: Bus) -> N
         raise ValueError("boom")
 
     consumer = await _consume(bus, handler, prefetch=10)
-    channel = await bus.connection.channel()
-    dead = await channel.get_queue(DEAD_QUEUE)
-    got: list[aio_pika.abc.AbstractIncomingMessage] = []
-    async with asyncio.timeout(10):
-        while len(got) < 2:
-            message = await dead.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            got.append(message)
-            await message.ack()
+    got = await take(bus, DEAD_QUEUE, 2, timeout=10)
     await consumer.stop(timeout=5)
     assert sorted(m.body for m in got) == [b"a", b"b"]
     assert all(str(m.headers[REASON_HEADER]) == "bug: ValueError: boom" for m in got)
@@ -199,7 +179,7 @@ async def test_consumes_again_after_the_broker_closes_the_connection(bus: Bus, v
 
     consumer = await _consume(bus, handler, prefetch=10)
     await _until(lambda: len(seen) >= 1, 10)
-    _rabbitmqctl("close_all_connections", "-p", vhost, "test: connection closed")
+    rabbitmqctl("close_all_connections", "-p", vhost, "test: connection closed")
     await _until(lambda: not consumer.active, 10)
     release.set()
     await _until(lambda: consumer.active, 30)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -37,8 +36,8 @@ from ingest.topology import (
     ROUTER_QUEUE,
 )
 from routers.settings import EventsSettings
-from tests.conftest import AMQP_HOST
 from tests.seed import seed
+from tests.support.broker import drained, rabbitmqctl, take, vhost_url
 from tests.test_event_trust import (
     ACME_PHONE,
     dispatcher,
@@ -47,7 +46,7 @@ from tests.test_event_trust import (
     presence,
     settled,
 )
-from tests.test_poison import RecordingSender, running, take_all
+from tests.test_poison import RecordingSender, running
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- ticket-system-permissions"
@@ -68,18 +67,13 @@ def recipe() -> list[str]:
     return commands
 
 
-def _rabbitmqctl(*args: str) -> None:
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-    subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)
-
-
 @dataclass(frozen=True)
 class User:
     name: str
     password: str
 
     def url(self, vhost: str) -> str:
-        return f"amqp://{self.name}:{self.password}@{AMQP_HOST}/{vhost}"
+        return vhost_url(vhost, self.name, self.password)
 
 
 @pytest.fixture
@@ -100,19 +94,19 @@ def tickets(vhost: str) -> Iterator[User]:
         yield user
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
-            _rabbitmqctl("delete_user", user.name)
+            rabbitmqctl("delete_user", user.name)
 
 
 @pytest.fixture
 def omniroute_user(vhost: str) -> Iterator[User]:
     """omniroute's own broker user (not guest, so guest can play a stranger)."""
     user = User(f"omniroute-{secrets.token_hex(5)}", secrets.token_hex(16))
-    _rabbitmqctl("add_user", user.name, user.password)
+    rabbitmqctl("add_user", user.name, user.password)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, user.name, ".*", ".*", ".*")
+        rabbitmqctl("set_permissions", "-p", vhost, user.name, ".*", ".*", ".*")
         yield user
     finally:
-        _rabbitmqctl("delete_user", user.name)
+        rabbitmqctl("delete_user", user.name)
 
 
 @contextlib.asynccontextmanager
@@ -167,14 +161,6 @@ async def _nack(message: aio_pika.abc.AbstractIncomingMessage) -> None:
     await message.nack()
 
 
-async def get_one(channel: AbstractChannel, queue_name: str) -> aio_pika.abc.AbstractMessage:
-    queue = await channel.get_queue(queue_name)
-    async with asyncio.timeout(10):
-        while (got := await queue.get(fail=False, no_ack=True, timeout=10)) is None:
-            await asyncio.sleep(0.05)
-    return got
-
-
 async def test_the_recipe_user_can_do_exactly_a_ticket_systems_part(
     vhost: str, amqp_url: str, tickets: User
 ) -> None:
@@ -185,12 +171,12 @@ async def test_the_recipe_user_can_do_exactly_a_ticket_systems_part(
         channel = await conn.channel()
         # consume omniroute.routed
         await bus.publish_body(ROUTED, "triage", b'{"n": 1}', message_id="m1", type_=None)
-        assert (await get_one(channel, ROUTED_QUEUE)).body == b'{"n": 1}'
+        assert [got.body for got in await take(channel, ROUTED_QUEUE, 1)] == [b'{"n": 1}']
         # its own queue, bound to the routed exchange
         own = await channel.declare_queue(f"{PREFIX}billing", durable=True)
         await own.bind(ROUTED, "team.billing")
         await bus.publish_body(ROUTED, "team.billing", b'{"n": 2}', message_id="m2", type_=None)
-        assert (await get_one(channel, own.name)).body == b'{"n": 2}'
+        assert [got.body for got in await take(channel, own.name, 1)] == [b'{"n": 2}']
         # publish events and reply requests, confirmed, with its own user_id
         await publish(channel, EVENTS, "agent.status", b"{}", user_id=mine)
         await publish(channel, OUTBOUND, "sms", b"{}", user_id=mine)
@@ -257,14 +243,13 @@ async def test_with_the_recipe_user_trusted_its_messages_are_believed_and_guests
                 message_id="t-2",
                 user_id=tickets.name,
             )
-            dead = await take_all(bus, DEAD_QUEUE, 2, timeout=20)
+            dead = await take(bus, DEAD_QUEUE, 2, timeout=20, partial=True)
             # omniroute's own outbound.sent, stamped with its user, reached the events worker
-            (sent,) = await take_all(bus, heard.name, 1, timeout=20)
+            (sent,) = await take(bus, heard.name, 1, timeout=20)
             async with asyncio.timeout(10):
                 while await last_agent(engine, "globex") != "bob":
                     await asyncio.sleep(0.05)
-                while (await bus.queue_depth(EVENTS_QUEUE))[0]:
-                    await asyncio.sleep(0.05)
+                await drained(bus, EVENTS_QUEUE)
         await settled(bus, EVENTS_QUEUE, OUTBOUND_QUEUE)
         await own.close()
 

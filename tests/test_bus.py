@@ -13,6 +13,7 @@ from ingest.errors import UnroutableError
 from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
+from tests.support.broker import rabbitmqctl, take
 
 
 def _msg() -> InboundMessage:
@@ -24,24 +25,15 @@ def _msg() -> InboundMessage:
 async def test_topology_is_idempotent_and_as_designed(amqp_url: str, vhost: str) -> None:
     """Every start declares the topology again; a second declare must not fail, and the
     queues are quorum queues that dead-letter with a delivery limit (DESIGN.md)."""
-    import shutil
-    import subprocess
-
     for _ in range(2):
         b = Bus(amqp_url, BusSettings(delivery_limit=7))
         await b.open()
         await b.close()
-    ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     listed = await asyncio.to_thread(
-        subprocess.run,
-        [ctl, "-q", "list_queues", "-p", vhost, "name", "arguments", "--formatter", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
+        rabbitmqctl, "list_queues", "-p", vhost, "name", "arguments", "--formatter", "json"
     )
     # rabbitmqctl lists each argument as [name, type, value]
-    queues = {q["name"]: {a[0]: a[-1] for a in q["arguments"]} for q in json.loads(listed.stdout)}
+    queues = {q["name"]: {a[0]: a[-1] for a in q["arguments"]} for q in json.loads(listed)}
     assert set(queues) == {
         "omniroute.router",
         "omniroute.routed",
@@ -93,14 +85,7 @@ async def test_poison_goes_to_dead_with_reason_and_consumer_keeps_going(bus: Bus
     await bus.publish_body(INBOUND, "email", b"{not json", message_id="bad", type_=None)
     good = _msg()
     await bus.publish(INBOUND, "email", good, message_id=good.id)
-    channel = await bus.connection.channel()
-    dead = await channel.get_queue(DEAD_QUEUE)
-    got = None
-    async with asyncio.timeout(10):
-        while got is None:
-            got = await dead.get(fail=False)
-            if got is None:
-                await asyncio.sleep(0.05)
+    [got] = await take(bus, DEAD_QUEUE, 1)
     assert got.body == b"{not json"
     assert str(got.headers[REASON_HEADER]).startswith("invalid JSON")
     async with asyncio.timeout(10):

@@ -44,7 +44,8 @@ from routers.models import AgentPresence, ThreadOwner
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from tests.seed import seed
-from tests.test_poison import RecordingSender, running, take_all
+from tests.support.broker import drained, take
+from tests.test_poison import RecordingSender, running
 
 ROUTING = RoutingSettings(default_region="TR")
 FAR = datetime(9999, 12, 31, tzinfo=UTC)
@@ -91,7 +92,7 @@ def dispatcher(
 
 async def reasons_of_dead(bus: Bus, count: int) -> dict[str, str]:
     """``count`` dead letters (message id -> reason); fewer when fewer came in 20 s."""
-    dead = await take_all(bus, DEAD_QUEUE, count, timeout=20)
+    dead = await take(bus, DEAD_QUEUE, count, timeout=20, partial=True)
     return {str(d.message_id): str((d.headers or {}).get(REASON_HEADER)) for d in dead}
 
 
@@ -232,7 +233,7 @@ async def test_a_reply_request_from_an_unknown_agent_is_not_sent(
             await bus.publish(OUTBOUND, "sms", bad, message_id=bad.id)
             await bus.publish(OUTBOUND, "sms", good, message_id=good.id)
             dead = await reasons_of_dead(bus, 1)
-            said = await take_all(bus, heard.name, 2, timeout=20)
+            said = await take(bus, heard.name, 2, timeout=20, partial=True)
         await settled(bus, OUTBOUND_QUEUE)
         await outcomes.close()
         text = metrics.render().decode()
@@ -280,10 +281,8 @@ async def test_with_trusted_publishers_a_message_without_user_id_is_dead_lettere
             await bus.publish(OUTBOUND, "sms", mine, message_id=mine.id)
             dead = await reasons_of_dead(bus, len(anonymous))
             # the dispatcher's outbound.sent reached omniroute.events, and its events worker
-            (sent,) = await take_all(bus, heard.name, 1, timeout=20)
-            async with asyncio.timeout(10):
-                while (await bus.queue_depth(EVENTS_QUEUE))[0]:
-                    await asyncio.sleep(0.05)
+            (sent,) = await take(bus, heard.name, 1, timeout=20)
+            await drained(bus, EVENTS_QUEUE, timeout=10)
         await settled(bus, EVENTS_QUEUE, OUTBOUND_QUEUE)
         await raw.close()
     refused = "untrusted_publisher: no user_id property: not in events.trusted_publishers"
@@ -299,7 +298,7 @@ async def test_omniroute_stamps_its_broker_user_on_what_it_publishes(bus: Bus) -
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(EVENTS, "#")
     await publish(bus, AgentStatus(agent_id="ana", status="away"), "stamped")
-    (got,) = await take_all(bus, queue.name, 1, timeout=10)
+    (got,) = await take(bus, queue.name, 1, timeout=10)
     await channel.close()
     assert got.user_id == "guest"
 

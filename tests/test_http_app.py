@@ -1,5 +1,4 @@
 """The HTTP app: health, readiness, metrics, body limits, and the embedded uvicorn server."""
-# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
 import socket
@@ -12,16 +11,7 @@ from connectors.settings import HttpSettings
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.topology import ROUTER_QUEUE
-from tests.phone_fixtures import (  # noqa: F401 -- fixtures
-    ACCOUNT_SID,
-    PUBLIC_URL,
-    AppFactory,
-    make_phones,
-    phone_amqp_url,
-    phone_bus,
-    phone_vhost,
-    signature,
-)
+from tests.phone_fixtures import ACCOUNT_SID, PUBLIC_URL, AppFactory, signature
 
 
 def bare_app(health: Health, metrics: Metrics) -> httpx.AsyncClient:

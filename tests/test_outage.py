@@ -2,6 +2,7 @@
 instead of spending the broker's delivery limit in seconds."""
 
 import asyncio
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from ingest.bus import Bus
@@ -13,8 +14,9 @@ from routers.decider import DirectoryDecider
 from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
 from routers.store.engine import create_engine, migrate
 from routers.worker import RouterWorker
-from tests.phone_fixtures import TcpProxy
 from tests.seed import seed
+from tests.support.broker import Taken, take
+from tests.support.net import TcpProxy
 
 
 async def test_directory_outage_holds_messages_and_dead_letters_none(
@@ -56,17 +58,14 @@ async def test_directory_outage_holds_messages_and_dead_letters_none(
             await bus.publish(INBOUND, m.channel, m, message_id=m.id)
         await asyncio.sleep(5)  # the outage: longer than two immediate requeues would last
         await proxy.start()
-        channel = await bus.connection.channel()
-        routed = await channel.get_queue(ROUTED_QUEUE)
-        seen: set[str] = set()
-        async with asyncio.timeout(60):
-            while len(seen) < len(messages):
-                got = await routed.get(fail=False)
-                if got is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                seen.add(got.message_id or "")
-                await got.ack()
+
+        def ids(taken: Sequence[Taken]) -> set[str]:
+            return {got.message_id or "" for got in taken}
+
+        taken = await take(
+            bus, ROUTED_QUEUE, until=lambda got: len(ids(got)) >= len(messages), timeout=60
+        )
+        seen = ids(taken)
         assert seen == {m.id for m in messages}
         dead, _ = await bus.queue_depth(DEAD_QUEUE)
         assert dead == 0

@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,6 +32,7 @@ from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
 from routers.store.engine import create_engine, sessionmaker
 from routers.worker import RouterWorker
 from tests.phone_fixtures import ACME_PHONE, REGION, seed_directory
+from tests.support.broker import take
 from tests.support.net import free_port
 
 DELIVERY_LIMIT = 3
@@ -104,26 +104,6 @@ async def running(*runs: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIte
             await asyncio.gather(*tasks)
 
 
-async def take_all(bus: Bus, queue_name: str, count: int, timeout: float) -> list[Any]:
-    """Take ``count`` messages off a queue (acked), polling at most ``timeout`` seconds."""
-    channel = await bus.connection.channel()
-    got: list[AbstractIncomingMessage] = []
-    try:
-        queue = await channel.get_queue(queue_name)
-        async with asyncio.timeout(timeout):
-            while len(got) < count:
-                message = await queue.get(fail=False, no_ack=True, timeout=10)
-                if message is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                got.append(message)
-    except TimeoutError:
-        pass
-    finally:
-        await channel.close()
-    return got
-
-
 def workers(bus: Bus, engine: AsyncEngine, sender: RecordingSender) -> list[Any]:
     health = Health()
     settings = RouterSettings(prefetch=16)
@@ -177,8 +157,8 @@ async def test_garbage_and_oversized_bodies_on_every_queue_end_in_dead_and_block
         )
         await bus.publish(OUTBOUND, "sms", reply, message_id=reply.id)
 
-        dead = await take_all(bus, DEAD_QUEUE, len(sent), timeout=40)
-        routed = await take_all(bus, ROUTED_QUEUE, 1, timeout=10)
+        dead = await take(bus, DEAD_QUEUE, len(sent), timeout=40, partial=True)
+        routed = await take(bus, ROUTED_QUEUE, 1, timeout=10, partial=True)
         async with asyncio.timeout(10):
             while not sender.sent:
                 await asyncio.sleep(0.05)
@@ -234,7 +214,7 @@ async def test_a_message_that_keeps_failing_transiently_is_dead_lettered_by_deli
             )
             async with running(dispatcher.run):
                 await bus.publish(OUTBOUND, "sms", reply, message_id=reply.id)
-                dead = await take_all(bus, DEAD_QUEUE, 1, timeout=30)
+                dead = await take(bus, DEAD_QUEUE, 1, timeout=30, partial=True)
     finally:
         await unreachable.dispose()
     assert len(dead) == 1, "the message must leave the queue within the delivery limit"

@@ -1,5 +1,4 @@
 """The local spool: accepted input survives a broker outage, a restart and a torn file."""
-# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
 import itertools
@@ -19,19 +18,9 @@ from ingest.schema import Identity, InboundMessage
 from ingest.sink import BusSink
 from ingest.spool import SpooledSink, SpoolFull
 from ingest.topology import ROUTER_QUEUE
-from tests.conftest import AMQP_HOST
-from tests.phone_fixtures import (  # noqa: F401 -- fixtures
-    ACCOUNT_SID,
-    BUS_SETTINGS,
-    AppFactory,
-    TcpProxy,
-    make_phones,
-    phone_amqp_url,
-    phone_bus,
-    phone_vhost,
-    take,
-)
-from tests.support.net import free_port
+from tests.phone_fixtures import ACCOUNT_SID, BUS_SETTINGS, AppFactory
+from tests.support.broker import AMQP_HOST, take
+from tests.support.net import TcpProxy, free_port
 
 
 def sms(message_sid: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 stopped the way the daemon does it, for end-to-end tests of a channel."""
 
 import asyncio
-import contextlib
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -14,6 +13,7 @@ from routers.decider import DirectoryDecider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
+from tests.support.broker import take
 
 
 class Workers:
@@ -64,21 +64,6 @@ class Workers:
             await asyncio.gather(*self.tasks)
 
     async def next_from(self, queue_name: str, timeout: float = 15) -> tuple[str, bytes]:
-        """The next message on a queue, acked: (routing key, body); bounded."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        channel = await self.bus.connection.channel()
-        try:
-            queue = await channel.get_queue(queue_name)
-            while True:  # the deadline is checked between polls, never by cancelling one
-                got = await queue.get(fail=False, timeout=10)
-                if got is not None:
-                    await got.ack()
-                    return got.routing_key or "", got.body
-                if loop.time() >= deadline:
-                    raise TimeoutError(f"nothing on {queue_name} within {timeout}s")
-                await asyncio.sleep(0.02)
-        finally:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await channel.close()
+        """The next message on a queue, taken off it: (routing key, body); bounded."""
+        [got] = await take(self.bus, queue_name, 1, timeout)
+        return got.routing_key, got.body

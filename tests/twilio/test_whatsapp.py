@@ -1,7 +1,6 @@
 """WhatsApp through Twilio (issue 14): the Messaging webhook's ``whatsapp:`` messages, replies
 through the Messages API with ``whatsapp:`` addresses, and one customer known by phone
 whatever the channel, over the real broker, directory, router and dispatcher."""
-# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
 import json
@@ -22,22 +21,17 @@ from routers.decider import DirectoryDecider
 from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
-from tests.phone_fixtures import (  # noqa: F401 -- fixtures
+from tests.phone_fixtures import (
     ACCOUNT_SID,
     ACME_PHONE,
     AUTH_TOKEN,
     PUBLIC_URL,
     REGION,
     AppFactory,
-    FakeTwilioApi,
     Phones,
-    fake_twilio,
-    make_phones,
-    phone_amqp_url,
-    phone_bus,
-    phone_vhost,
-    take,
 )
+from tests.support.broker import take
+from tests.twilio.fake_api import FakeTwilioApi
 
 SMS_FROM = "+902125550000"
 WHATSAPP_FROM = "+14155238886"  # Twilio's WhatsApp sandbox number
@@ -232,7 +226,7 @@ async def test_whatsapp_form_twilio_never_sends_is_refused(
 ) -> None:
     """Issue 13's refusals hold on WhatsApp: repeated parameters and malformed SIDs are
     forgeries even when signed."""
-    from tests.test_twilio import post_form, signed_as_twilio
+    from tests.twilio.test_twilio import post_form, signed_as_twilio
 
     phones = await make_phones()
     path = "/webhooks/twilio/sms"

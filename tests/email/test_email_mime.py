@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from connectors.email.mime import UNKNOWN_SENDER, html_to_text, normalise
 from ingest.schema import InboundMessage
 
-CORPUS = Path(__file__).parent / "data" / "email"
+CORPUS = Path(__file__).parent.parent / "data" / "email"
 MAILS = sorted(CORPUS.rglob("*.eml"))
 LOCATOR = {"mailbox": "support", "uidvalidity": 7, "uid": 42}
 SMALL = sorted((p for p in MAILS if p.stat().st_size < 20_000), key=lambda p: p.name)

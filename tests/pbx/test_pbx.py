@@ -1,5 +1,4 @@
 """The caller-ID route API for any PBX, over HTTP, on the real directory and broker."""
-# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from routers import state
 from routers.models import Team
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
-from tests.phone_fixtures import (  # noqa: F401 -- fixtures
+from tests.phone_fixtures import (
     ACME_PHONE,
     AGENT_DIAL,
     API_TOKEN,
@@ -28,12 +27,8 @@ from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     REGION,
     TEAM_DIAL,
     AppFactory,
-    make_phones,
-    phone_amqp_url,
-    phone_bus,
-    phone_vhost,
-    take,
 )
+from tests.support.broker import take
 
 
 async def test_route_answers_json_and_publishes_the_call(make_phones: AppFactory) -> None:

@@ -1,20 +1,14 @@
-"""A fake X API v2 on a loopback port, shaped like the documented responses, for tweepy's
-real AsyncClient to talk to; and helpers to read what the connector published."""
+"""A fake X API v2, shaped like the documented responses, for tweepy's real AsyncClient to
+talk to (tests/twitter/conftest.py serves it on a loopback port), and its data."""
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from connectors.settings import TwitterSettings
-from ingest.bus import Bus
-from ingest.schema import InboundMessage
-from ingest.topology import ROUTER_QUEUE
 
 ACCOUNT_ID = "1500000000000000001"
 ACCOUNT_HANDLE = "AcmeSupport"
@@ -285,31 +279,3 @@ class FakeX:
             },
             status=201,
         )
-
-
-@pytest.fixture(name="fake_x")
-async def fake_x_fixture() -> AsyncIterator[FakeX]:
-    """The fake X API on 127.0.0.1, on a port of its own."""
-    fake = FakeX()
-    server = TestServer(fake.app(), host="127.0.0.1")  # port 0: the OS picks one
-    await server.start_server()
-    fake.base_url = str(server.make_url("")).rstrip("/")
-    yield fake
-    await server.close()
-
-
-async def published(bus: Bus, *, limit: int = 100) -> list[InboundMessage]:
-    """Everything waiting in ``omniroute.router``, taken off the queue (bounded)."""
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTER_QUEUE)
-        out: list[InboundMessage] = []
-        for _ in range(limit):
-            message = await queue.get(fail=False, timeout=5)
-            if message is None:
-                break
-            out.append(InboundMessage.model_validate_json(message.body))
-            await message.ack()
-        return out
-    finally:
-        await channel.close()

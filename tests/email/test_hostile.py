@@ -4,8 +4,6 @@ interleaved with good mail, on a real Dovecot and RabbitMQ, while a prober keeps
 sender kept, none is fetched again after a restart, the daemon's memory stays bounded and
 HTTP keeps answering within a second throughout."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.email_fixtures, then requested by name)
-
 import asyncio
 import contextlib
 import os
@@ -21,8 +19,10 @@ from ingest.schema import RoutedMessage
 from ingest.topology import ROUTED_QUEUE
 from tests import hostile_mail
 from tests.daemon_fixtures import DaemonProcess
-from tests.email_fixtures import USER, Dovecot, dovecot, free_port, mailbox_toml  # noqa: F401
 from tests.seed import seeded
+from tests.support.broker import Taken, take
+from tests.support.mail import USER, Dovecot, mailbox_toml
+from tests.support.net import free_port
 
 TOKEN = "hostile-test-token"
 GOOD = 40
@@ -52,25 +52,14 @@ def peak_rss_kib(pid: int) -> int:
 
 
 async def drain_routed(bus: Bus, seconds: float) -> list[RoutedMessage]:
-    """The mail on omniroute.routed until ``seconds`` pass without any."""
-    out: list[RoutedMessage] = []
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTED_QUEUE)
-        quiet_until = time.monotonic() + seconds
-        while time.monotonic() < quiet_until:
-            got = await queue.get(fail=False)
-            if got is None:
-                await asyncio.sleep(0.05)
-                continue
-            routed = RoutedMessage.model_validate_json(got.body)
-            await got.ack()
-            if routed.message.channel == "email":  # each /v1/route probe is a call too
-                out.append(routed)
-                quiet_until = time.monotonic() + seconds
-    finally:
-        await channel.close()
-    return out
+    """The mail on omniroute.routed until ``seconds`` pass without any (the test's own
+    timeout bounds it)."""
+
+    def mail(got: Taken) -> bool:  # each /v1/route probe is a call too
+        return got.model(RoutedMessage).message.channel == "email"
+
+    taken = await take(bus, ROUTED_QUEUE, quiet=seconds, keep=mail, timeout=150, partial=True)
+    return [got.model(RoutedMessage) for got in taken]
 
 
 class Prober:

@@ -1,6 +1,5 @@
 """Twilio webhooks and the SMS sender, over HTTP with real signatures, the real broker and
 the real directory and router."""
-# ruff: noqa: F811 -- pytest fixtures imported from tests.phone_fixtures are used by name
 
 import asyncio
 import json
@@ -25,7 +24,7 @@ from routers.decider import DirectoryDecider
 from routers.settings import RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from routers.worker import RouterWorker
-from tests.phone_fixtures import (  # noqa: F401 -- fixtures
+from tests.phone_fixtures import (
     ACCOUNT_SID,
     ACME_PHONE,
     AGENT_DIAL,
@@ -35,16 +34,11 @@ from tests.phone_fixtures import (  # noqa: F401 -- fixtures
     REGION,
     TEAM_DIAL,
     AppFactory,
-    FakeTwilioApi,
     Phones,
-    fake_twilio,
-    make_phones,
-    phone_amqp_url,
-    phone_bus,
-    phone_vhost,
     signature,
-    take,
 )
+from tests.support.broker import take
+from tests.twilio.fake_api import FakeTwilioApi
 
 
 def sms(sid: str, sender: str = "0532 111 22 33", **extra: str) -> dict[str, str]:

@@ -2,11 +2,9 @@
 the router run as one real process on a real Dovecot and RabbitMQ, are killed mid-drain and
 started again, and every Message-ID must reach ``omniroute.routed`` at least once."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.email_fixtures, then requested by name)
-
 import asyncio
-import contextlib
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,13 +13,9 @@ from ingest.bus import Bus
 from ingest.schema import RoutedMessage
 from ingest.topology import ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
-from tests.email_fixtures import (  # noqa: F401
-    Dovecot,
-    dovecot,
-    fill_maildir,
-    mailbox_toml,
-)
 from tests.seed import seeded
+from tests.support.broker import Taken, take
+from tests.support.mail import Dovecot, fill_maildir, mailbox_toml
 
 MAILS = 2000
 
@@ -44,22 +38,14 @@ def email_config(daemon: DaemonProcess, server: Dovecot) -> None:
 async def collect(bus: Bus, counts: dict[str, int], want: set[str], timeout: float) -> None:
     """Take everything off omniroute.routed (bounded) until every wanted Message-ID arrived,
     counting each Message-ID's copies into ``counts``."""
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTED_QUEUE)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not want <= counts.keys():
-                    got = await queue.get(fail=False)
-                    if got is None:
-                        await asyncio.sleep(0.05)
-                        continue
-                    routed = RoutedMessage.model_validate_json(got.body)
-                    key = routed.message.external_id
-                    counts[key] = counts.get(key, 0) + 1
-                    await got.ack()
-    finally:
-        await channel.close()
+
+    def arrived(taken: Sequence[Taken]) -> bool:  # asked again after each message taken
+        if taken:
+            key = taken[-1].model(RoutedMessage).message.external_id
+            counts[key] = counts.get(key, 0) + 1
+        return want <= counts.keys()
+
+    await take(bus, ROUTED_QUEUE, until=arrived, timeout=timeout, partial=True)
 
 
 @pytest.mark.slow

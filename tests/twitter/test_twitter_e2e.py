@@ -16,14 +16,7 @@ from ingest.sink import BusSink
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE
 from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.seed import seed
-from tests.twitter_fixtures import (
-    ACCOUNT_ID,
-    FakeX,
-    dm_event,
-    fake_x_fixture,  # noqa: F401 (registers the fake_x fixture)
-    tweet,
-    user,
-)
+from tests.twitter.fake_api import ACCOUNT_ID, FakeX, dm_event, tweet, user
 from tests.workers import Workers
 
 ACME = user("9876543210", "AcmeLtd", "Acme Ltd")  # the seeded customer's handle is "acmeltd"

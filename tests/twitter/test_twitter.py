@@ -18,7 +18,8 @@ from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest
 from ingest.sink import BusSink
 from routers.store.connector_state import DbCursorStore, DbSeenStore
-from tests.twitter_fixtures import (
+from tests.support.broker import published
+from tests.twitter.fake_api import (
     ACCOUNT,
     ACCOUNT_ID,
     ALICE,
@@ -27,8 +28,6 @@ from tests.twitter_fixtures import (
     FakeX,
     Scripted,
     dm_event,
-    fake_x_fixture,  # noqa: F401 (registers the fake_x fixture)
-    published,
     rate_limited,
     tweet,
 )

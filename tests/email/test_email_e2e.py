@@ -2,8 +2,6 @@
 (IDLE), the real router and outbound dispatcher on RabbitMQ, the SQLite directory, and
 aiosmtpd receiving the replies: issue 4's story from a customer's mail to their agent."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.email_fixtures, then requested by name)
-
 import asyncio
 import email
 import json
@@ -25,19 +23,12 @@ from ingest.sink import BusSink
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
 from routers.settings import RoutingSettings
 from routers.store.connector_state import DbCursorStore, DbSeenStore
-from tests.email_fixtures import (  # noqa: F401 (fixtures)
-    PASSWORD,
-    USER,
-    Dovecot,
-    SmtpSink,
-    dovecot,
-    make_mail,
-    smtp_server,
-)
 from tests.seed import seed
+from tests.support.broker import drained
+from tests.support.mail import PASSWORD, USER, Dovecot, SmtpSink, make_mail
 from tests.workers import Workers
 
-CORPUS = Path(__file__).parent / "data" / "email" / "flanker"
+CORPUS = Path(__file__).parent.parent / "data" / "email" / "flanker"
 DOMAIN = "omniroute.test"
 CUSTOMER = "Ayşe Yılmaz <ayse@acme.test>"
 
@@ -104,10 +95,7 @@ class Stack(Workers):
     async def quiet(self, seconds: float = 1.5) -> None:
         """Wait until the router and dispatcher queues are empty and nothing is in flight,
         then a little longer, so a late automatic answer would have had time to happen."""
-        async with asyncio.timeout(15):
-            for name in (ROUTER_QUEUE, OUTBOUND_QUEUE):
-                while (await self.bus.queue_depth(name))[0]:
-                    await asyncio.sleep(0.05)
+        await drained(self.bus, ROUTER_QUEUE, OUTBOUND_QUEUE, timeout=15)
         await asyncio.sleep(seconds)
 
 

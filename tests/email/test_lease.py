@@ -4,11 +4,11 @@ Two real ``omniroute run --component email`` processes share a Dovecot mailbox, 
 PostgreSQL directory and a vhost, each with its own HTTP port (as on two hosts)."""
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -18,9 +18,9 @@ from ingest.bus import Bus
 from ingest.topology import ROUTER_QUEUE
 from routers.store.lease import FileLease, PgLease
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
-from tests.email_fixtures import Dovecot, dovecot, free_port, mailbox_toml, make_mail
-
-__all__ = ["dovecot"]
+from tests.support.broker import Taken, take
+from tests.support.mail import Dovecot, mailbox_toml, make_mail
+from tests.support.net import free_port
 
 
 def _config(root: Path, amqp_url: str, pg_url: str, imap_port: int, http_port: int) -> Path:
@@ -62,23 +62,14 @@ async def _wait_state(
 
 async def _router_ids(bus: Bus, want: set[str], timeout: float) -> set[str]:
     """Take messages from omniroute.router until every wanted Message-ID was seen (bounded)."""
-    got: set[str] = set()
-    channel = await bus.connection.channel()
-    queue = await channel.get_queue(ROUTER_QUEUE)
-    try:
-        async with asyncio.timeout(timeout):
-            while not want <= got:
-                message = await queue.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                got.add(json.loads(message.body)["external_id"])
-                await message.ack()
-    except TimeoutError:
-        pass
-    finally:
-        await channel.close()
-    return got
+
+    def ids(taken: Sequence[Taken]) -> set[str]:
+        return {got.json()["external_id"] for got in taken}
+
+    taken = await take(
+        bus, ROUTER_QUEUE, until=lambda taken: want <= ids(taken), timeout=timeout, partial=True
+    )
+    return ids(taken)
 
 
 def _append(server: Dovecot, ids: list[str]) -> None:

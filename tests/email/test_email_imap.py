@@ -1,7 +1,5 @@
 """The email channel against a real Dovecot, a real RabbitMQ and aiosmtpd."""
 
-# ruff: noqa: F811  (pytest fixtures imported from tests.email_fixtures, then requested by name)
-
 import asyncio
 import email
 import json
@@ -24,23 +22,10 @@ from ingest.health import Health
 from ingest.protocols import ReplyContext
 from ingest.schema import Identity, InboundMessage, ReplyRequest, Thread
 from ingest.sink import BusSink
-from ingest.topology import ROUTER_QUEUE
 from routers.store.connector_state import DbCursorStore, DbSeenStore
-from tests.email_fixtures import (  # noqa: F401 (fixtures)
-    PASSWORD,
-    USER,
-    Dovecot,
-    SmtpSink,
-    TcpProxy,
-    dovecot,
-    dovecot_tls,
-    email_bus,
-    free_port,
-    imap_proxy,
-    make_mail,
-    module_bus,
-    smtp_server,
-)
+from tests.support.broker import published
+from tests.support.mail import PASSWORD, USER, Dovecot, SmtpSink, make_mail
+from tests.support.net import TcpProxy, free_port
 
 
 def mailbox(server: Dovecot, name: str = "support", **overrides: object) -> MailboxSettings:
@@ -72,19 +57,6 @@ def make_connector(
         seen=DbSeenStore(engine),
         health=health or Health(),
     )
-
-
-async def published(bus: Bus) -> list[InboundMessage]:
-    """Everything waiting on omniroute.router, taken off the queue."""
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTER_QUEUE)
-        out = []
-        while (message := await queue.get(no_ack=True, fail=False, timeout=5)) is not None:
-            out.append(InboundMessage.model_validate_json(message.body))
-        return out
-    finally:
-        await channel.close()
 
 
 async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
