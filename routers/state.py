@@ -6,6 +6,7 @@ Writes are idempotent and order-safe: an event older than what is stored never
 overwrites it, so redelivered or reordered events cannot move a customer backwards.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -92,9 +93,21 @@ def read_routing_state(
     deputies = set(found.deputies.values()) - agents
     capped |= _agent_state(connection, deputies, found)
     if capped:
-        for r in connection.execute(_LOADS, {"ids": sorted(capped), "since": utc(load_since)}):
-            found.loads[(r.agent_id, r.channel)] = int(r.open)
+        found.loads = open_loads(connection, capped, load_since)
     return found
+
+
+def open_loads(
+    connection: Connection,
+    agent_ids: Iterable[str],
+    since: datetime,
+    *,
+    besides: Iterable[str] = (),
+) -> dict[tuple[str, str], int]:
+    """(agent, channel) -> messages routed to the agent since ``since`` and not answered
+    or closed, leaving out the messages ``besides`` (a batch's own redeliveries)."""
+    params = {"ids": sorted(agent_ids), "since": utc(since), "besides": sorted(besides)}
+    return {(r.agent_id, r.channel): int(r.open) for r in connection.execute(_LOADS, params)}
 
 
 def _agent_state(connection: Connection, agent_ids: set[str], found: RoutingState) -> set[str]:
@@ -248,6 +261,7 @@ _LOADS = (
         _assigned.agent_id.in_(bindparam("ids", expanding=True)),
         _assigned.closed_at.is_(None),
         _assigned.assigned_at > bindparam("since"),
+        _assigned.message_id.not_in(bindparam("besides", expanding=True)),
     )
     .group_by(_assigned.agent_id, _assigned.channel)
 )

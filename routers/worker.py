@@ -14,6 +14,8 @@ write lock), their publishes confirmed together, and they are acked with one fra
 
 import asyncio
 import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -31,16 +33,17 @@ from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
 from ingest.metrics import Metrics
 from ingest.protocols import Decider, Decision
-from ingest.schema import InboundMessage, RoutedMessage
+from ingest.schema import InboundMessage, RoutedMessage, utcnow
 from ingest.topology import ROUTED, ROUTER_QUEUE
+from routers import capacity
 from routers.settings import RouterSettings, RoutingSettings
-from routers.store import routed_log
 from routers.store.transactions import Transactions, transactions_of
 
 log = structlog.get_logger("omniroute.router")
 
-#: a message's claim: the id owning its channel id, or what the claim failed with
-Claim = str | BaseException
+#: a message's claim: the id owning its channel id with the routed message as recorded (its
+#: agent route sent to the team if the agent filled up meanwhile), or what the claim failed with
+Claim = tuple[str, RoutedMessage] | BaseException
 
 
 class ClaimBatch:
@@ -52,9 +55,12 @@ class ClaimBatch:
     transaction of its own, so one bad row only fails its own message.
     """
 
-    def __init__(self, run: Transactions, max_batch: int) -> None:
+    def __init__(
+        self, run: Transactions, max_batch: int, load_since: Callable[[], datetime]
+    ) -> None:
         self._run = run
         self._max = max_batch
+        self._load_since = load_since
         self._pending: list[tuple[list[RoutedMessage], asyncio.Future[list[Claim]]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -106,8 +112,9 @@ class ClaimBatch:
             return [_claim_failure(refused)]
         return [await self._alone(routed) for routed in rows]
 
-    async def _commit(self, batch: list[RoutedMessage]) -> list[str]:
-        return await self._run(lambda connection: routed_log.claim_routed_many(connection, batch))
+    async def _commit(self, batch: list[RoutedMessage]) -> list[tuple[str, RoutedMessage]]:
+        since = self._load_since()
+        return await self._run(lambda connection: capacity.claim(connection, batch, since))
 
     async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
@@ -147,7 +154,9 @@ class RouterWorker(QueueWorker):
         metrics: Metrics | None = None,
     ) -> None:
         super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
-        self._claims = ClaimBatch(transactions_of(engine), max_batch=settings.prefetch)
+        self._claims = ClaimBatch(
+            transactions_of(engine), max_batch=settings.prefetch, load_since=self._load_since
+        )
         self._decider = decider
         self.routing = routing
         self._settings = settings
@@ -166,6 +175,9 @@ class RouterWorker(QueueWorker):
             max_batch=max(1, self._prefetch // 2),
             concurrency=2,
         )
+
+    def _load_since(self) -> datetime:
+        return utcnow() - self.routing.load_window
 
     async def handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:
         """Route the deliveries that arrived together; one outcome per delivery (None: done,
@@ -195,17 +207,19 @@ class RouterWorker(QueueWorker):
         # after a crash before the ack) finds its own claim and is published again.
         claims = await self._claims.claim_many(routed)
         publishing: list[tuple[int, RoutedMessage]] = []
-        for (index, message, _), item, claim in zip(decided, routed, claims, strict=True):
+        for (index, message, _), claim in zip(decided, claims, strict=True):
             if isinstance(claim, BaseException):
                 outcomes[index] = claim
-            elif claim != message.id:
+                continue
+            owner, item = claim
+            if owner != message.id:
                 self.duplicates += 1
                 log.info(
                     "router.duplicate",
                     message_id=message.id,
                     channel=message.channel,
                     external_id=message.external_id,
-                    first=claim,
+                    first=owner,
                 )
             else:
                 publishing.append((index, item))

@@ -6,7 +6,8 @@ presence with ``until`` and a deputy stored by ``state.set_presence``.
 The decider's clock is the test's: loads age out of ``routing.load_window``, an ``until``
 passes, a team closes, without sleeping."""
 
-from dataclasses import dataclass, field
+import asyncio
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 
 import pytest
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.protocols import Decision
 from ingest.schema import Channel, Identity, IdentityKindField, InboundMessage, RoutedMessage
-from routers import state
+from routers import capacity, state
 from routers.decider import DirectoryDecider
 from routers.models import (
     Agent,
@@ -26,8 +27,7 @@ from routers.models import (
     Team,
 )
 from routers.settings import RoutingSettings
-from routers.store import routed_log
-from routers.store.engine import sessionmaker
+from routers.store.engine import create_engine, sessionmaker
 from routers.store.transactions import transactions_of
 
 # A working Monday in Istanbul; the Saturday after it; billing works Mon-Fri 09:00-18:00.
@@ -165,8 +165,15 @@ class Desk:
             RoutedMessage(message=m, customer=d.customer, route=d.route)
             for m, d in zip(messages, decisions, strict=True)
         ]
-        await self._run(lambda connection: routed_log.claim_routed_many(connection, routed))
-        return decisions
+        claimed = await self.claim(routed)
+        return [replace(d, route=r.route) for d, r in zip(decisions, claimed, strict=True)]
+
+    async def claim(self, routed: list[RoutedMessage]) -> list[RoutedMessage]:
+        """The router's claim: the capacity checked again, the record and assignments written;
+        the routed messages as recorded."""
+        since = self.clock.now - self.settings.load_window
+        claims = await self._run(lambda connection: capacity.claim(connection, routed, since))
+        return [item for _, item in claims]
 
     async def where(self, *messages: InboundMessage) -> list[tuple[str, str]]:
         """(routing key, reason) of each message, routed as one batch."""
@@ -416,3 +423,28 @@ async def test_a_company_day_closes_a_team_without_weekly_hours(desk: Desk) -> N
     assert await desk.where(desk.message("email", FUN_MAIL, "email")) == [
         ("team.oncall", "holiday")
     ]
+
+
+async def test_two_routers_deciding_at_once_keep_the_capacity(desk: Desk) -> None:
+    """Two routers (two engines, two deciders) both decide an email for Ana, one below her
+    capacity, before either claims: the claim counts again, so only one becomes hers; the
+    other goes to the team with the reason and a step saying why."""
+    assert await desk.where(desk.email()) == [ANA]  # 1 of 2 open
+    other = Desk(create_engine(desk.engine.url.render_as_string(hide_password=False)), desk.clock)
+    try:
+        first, second = desk.email(), desk.email()
+        mine, theirs = await asyncio.gather(
+            desk.decider.decide_many([first]), other.decider.decide_many([second])
+        )
+        assert mine[0].route.routing_key == theirs[0].route.routing_key == "agent.ana"
+        claimed = await asyncio.gather(
+            desk.claim([RoutedMessage(message=first, route=mine[0].route)]),
+            other.claim([RoutedMessage(message=second, route=theirs[0].route)]),
+        )
+    finally:
+        await other.engine.dispose()
+    routes = sorted((c[0].route.routing_key, c[0].route.reason) for c in claimed)
+    assert routes == sorted([ANA, BUSY])
+    (busy,) = [c[0].route for c in claimed if c[0].route.kind == "team"]
+    assert busy.steps[-1].startswith("capacity: ana reached 2 open on email meanwhile")
+    assert await desk.open_load("ana") == 2

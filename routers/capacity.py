@@ -1,0 +1,87 @@
+"""An agent's capacity, checked again where it is spent: in the claim's transaction.
+
+The decider reads each agent's load before deciding, but two routers (or one router's two
+batches) deciding at the same instant both see the agent one below capacity, and both send
+them a message. The claim is where the message becomes the agent's (``routers.store.
+routed_log`` writes the assignment), so it counts the agent's open assignments again there,
+under a lock per agent on PostgreSQL (SQLite has one writer at a time): a message past the
+capacity goes to the team it would have fallen back to, with the ``*_busy`` reason and a step
+saying so, before anything is recorded or published.
+"""
+
+from datetime import datetime
+
+from sqlalchemy import Connection, bindparam, select, text
+
+from ingest.schema import ReasonName, Route, RoutedMessage
+from routers import state
+from routers.availability import capacity_of
+from routers.models import Agent
+from routers.store import routed_log
+
+#: the first key of omniroute's advisory locks (the second is the agent id's hash), so they
+#: cannot meet another application's single-key locks on the same database
+_LOCK_SPACE = 0x6F72
+_LOCK = text("SELECT pg_advisory_xact_lock(:space, hashtext(:agent))")
+_CAPACITIES = select(Agent.id, Agent.capacity).where(Agent.id.in_(bindparam("ids", expanding=True)))
+_BUSY: dict[str, ReasonName] = {"thread_owner": "thread_owner_busy"}
+
+
+def claim(
+    connection: Connection, batch: list[RoutedMessage], load_since: datetime
+) -> list[tuple[str, RoutedMessage]]:
+    """Each message's claim (the id owning its channel id) and the routed message as it is
+    recorded and must be published: its agent route replaced when the agent is full."""
+    checked = within_capacity(connection, batch, load_since)
+    return list(zip(routed_log.claim_routed_many(connection, checked), checked, strict=True))
+
+
+def within_capacity(
+    connection: Connection, batch: list[RoutedMessage], load_since: datetime
+) -> list[RoutedMessage]:
+    """``batch`` with every agent route past the agent's capacity sent to the team."""
+    agents = sorted({r.route.target for r in batch if r.route.kind == "agent" and r.route.target})
+    if not agents:
+        return batch
+    limits = {
+        row.id: found
+        for row in connection.execute(_CAPACITIES, {"ids": agents})
+        if (found := capacity_of(row.capacity))
+    }
+    if not limits:
+        return batch
+    if connection.dialect.name == "postgresql":
+        for agent in sorted(limits):  # one order for every router: no deadlock
+            connection.execute(_LOCK, {"space": _LOCK_SPACE, "agent": agent})
+    ids = [r.message.id for r in batch]
+    open_now = state.open_loads(connection, limits, load_since, besides=ids)
+    checked: list[RoutedMessage] = []
+    for routed in batch:
+        route, channel = routed.route, routed.message.channel
+        limit = limits.get(route.target or "", {}).get(channel) if route.kind == "agent" else None
+        if limit is not None and route.target is not None:
+            key = (route.target, channel)
+            if open_now.get(key, 0) >= limit:
+                routed = routed.model_copy(update={"route": _to_team(route, channel, limit)})
+            else:
+                open_now[key] = open_now.get(key, 0) + 1
+        checked.append(routed)
+    return checked
+
+
+def _to_team(route: Route, channel: str, limit: int) -> Route:
+    team = route.fallback_team
+    step = (
+        f"capacity: {route.target} reached {limit} open on {channel} meanwhile (another "
+        f"router's messages), so {'team ' + team if team else 'triage'} takes it"
+    )
+    return route.model_copy(
+        update={
+            "kind": "team" if team else "triage",
+            "target": team,
+            "reason": _BUSY.get(route.reason, "last_agent_busy"),
+            "fallback_team": None,
+            "for_agent": None,
+            "steps": [*route.steps, step],
+        }
+    )
