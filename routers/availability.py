@@ -88,7 +88,12 @@ class AgentFacts:
         if not self.active:
             return "deactivated"
         if self.presence != "available" and (self.until is None or self.until > now):
-            return self.presence + (f" until {self.until.isoformat()}" if self.until else "")
+            if self.until is None:
+                return self.presence
+            until = self.until  # shown in the agent's own zone where their calendar gives one
+            if self.schedule is not None:
+                until = until.astimezone(self.schedule.timezone)
+            return f"{self.presence} until {until.isoformat(timespec='minutes')}"
         if self.schedule is not None:
             status = self.schedule.status(now)
             if not status.open:

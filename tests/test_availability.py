@@ -340,7 +340,7 @@ async def test_away_until_with_a_deputy(desk: Desk) -> None:
     assert decisions[0].dial == "client:bob"
     assert await desk.open_load("bob") == 1
     assert (
-        "last_agent: ana is away until 2026-05-04T10:00:00+00:00; "
+        "last_agent: ana is away until 2026-05-04T13:00+03:00; "
         "deputy bob is at capacity (1 of 1 open), not taken" in decisions[1].route.steps
     )
 
