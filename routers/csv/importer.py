@@ -1,4 +1,5 @@
-"""CSV import of the directory: teams, agents and customers with their identities.
+"""CSV import of the directory: teams, agents, customers with their identities, and the
+teams' company days (holidays.csv).
 
 Sole purpose: load an operator's directory file of any size into the database, applying
 every valid row and naming every rejected one by line and reason, without ever moving an
@@ -117,6 +118,7 @@ async def _run(
                         )
                     )
             if not pending:
+                await _finish(session, writer, progress)
                 return
             rows = await pending.popleft()
             try:
@@ -143,3 +145,24 @@ async def _run(
     finally:
         for future in pending:
             future.cancel()
+
+
+async def _finish(
+    session: AsyncSession, writer: BatchWriter, progress: Callable[[ImportReport], None] | None
+) -> None:
+    """The writer's last transaction: rows that named a team or agent defined further down
+    the file, and the company days the file no longer lists."""
+    report = writer.report
+    try:
+        async with session.begin():
+            rejects = await writer.finish(session)
+    except SQLAlchemyError as exc:
+        raise ImportAborted(
+            "database error applying the rows that name a later team or agent, or removing "
+            f"company days; nothing of that was applied: {exc}",
+            report,
+        ) from exc
+    if rejects:
+        report.rejects = sorted(report.rejects + rejects)
+        if progress is not None:
+            progress(report)

@@ -34,6 +34,7 @@ class ImportReport:
     updated: int = 0
     identities_added: int = 0
     identities_removed: int = 0
+    removed: int = 0  # holidays: company days the file no longer lists
     rows: int = 0  # data rows read, blank lines excluded
     rejects: list[Rejected] = field(default_factory=list)
 

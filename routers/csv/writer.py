@@ -11,6 +11,13 @@ Invariants:
   database itself.
 - A customer row replaces that customer's identity set; an identity owned by another
   customer rejects the row.
+- A row updates only the columns its file has (an old header leaves issue 15's as they
+  are).
+- A team's ``after_hours`` team and an agent's ``deputy`` exist when the row is applied:
+  in the directory, in the same batch, or further down the file (such rows wait in memory
+  for ``finish``; only they do).
+- holidays.csv is the whole calendar of each team it has an accepted row for: ``finish``
+  removes that team's company days the file does not name (a rejected row's date stays).
 """
 
 import uuid
@@ -20,21 +27,25 @@ from typing import Any
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from routers.csv.format import Identity, Row
+from routers.csv.format import Identity, Row, holiday_key
 from routers.csv.report import ImportReport, Rejected
-from routers.models import Agent, Customer, CustomerIdentity, Team
+from routers.models import Agent, CompanyHoliday, Customer, CustomerIdentity, Team
 from routers.store.sql import upsert
 
 CHUNK = 1_000  # rows per statement: keeps bound parameters far below SQLite's and asyncpg's limits
 
 TEAMS: Table = Team.__table__  # type: ignore[assignment]
 IDENTITIES: Table = CustomerIdentity.__table__  # type: ignore[assignment]
+HOLIDAYS: Table = CompanyHoliday.__table__  # type: ignore[assignment]
 #: the table each kind of row is stored in
 TABLES: dict[str, Table] = {
     "teams": TEAMS,
     "agents": Agent.__table__,  # type: ignore[dict-item]
     "customers": Customer.__table__,  # type: ignore[dict-item]
+    "holidays": HOLIDAYS,
 }
+#: the column naming another row of the same kind, and what the operator calls it
+REFERENCES = {"teams": ("after_hours", "after_hours team"), "agents": ("deputy", "deputy")}
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -61,6 +72,10 @@ class BatchWriter:
         self.report = report
         self.table = TABLES[kind]
         self.tables = [self.table, seen] + ([IDENTITIES] if kind == "customers" else [])
+        #: rows naming an after_hours team or deputy not known yet (see the module doc)
+        self.waiting: list[Row] = []
+        #: holidays: the teams with an accepted row, whose calendar the file replaces
+        self.calendars: set[str] = set()
 
     async def apply(self, session: AsyncSession, rows: list[Row]) -> list[Rejected]:
         rejects: list[Rejected] = []
@@ -78,9 +93,7 @@ class BatchWriter:
             if row.id is not None:
                 first = earlier.get(row.id, first_line.get(row.id))
                 if first is not None:
-                    rejects.append(
-                        Rejected(row.line, f"duplicate id {row.id!r} (first on line {first})")
-                    )
+                    rejects.append(Rejected(row.line, _duplicate(row.id, first, self.kind)))
                     continue
                 first_line[row.id] = row.line
             if row.error is not None:
@@ -100,17 +113,12 @@ class BatchWriter:
         removed: list[Identity] = []
         if self.kind == "customers":
             good, added, removed = await self._claims(session, good, rejects)
+        if self.kind in REFERENCES:
+            good = await self._known(session, good)
+        if self.kind == "holidays":
+            self.calendars.update(r.values["team_id"] for r in good)
 
-        ids = [r.id for r in good]
-        existing = {
-            i for (i,) in await _select_in(session, [self.table.c.id], self.table.c.id, ids)
-        }
-        # New rows go through one executemany INSERT (compiled once; a row created meanwhile
-        # fails the batch loudly); existing ones through the upsert, which compiles per call.
-        for chunk in _chunks([r.values for r in good if r.id not in existing]):
-            await session.execute(insert(self.table), chunk)
-        for chunk in _chunks([r.values for r in good if r.id in existing]):
-            await upsert(session, self.table, chunk, ["id"])
+        await self._store(session, good)
         # After the customers: a new identity's owner must exist (foreign key).
         ident = IDENTITIES.c
         for identity_kind in ("email", "phone", "twitter"):
@@ -121,11 +129,97 @@ class BatchWriter:
                 )
         for chunk in _chunks(added):
             await session.execute(insert(IDENTITIES), chunk)
-        self.report.updated += sum(1 for i in ids if i in existing)
-        self.report.inserted += sum(1 for i in ids if i not in existing)
         self.report.identities_added += len(added)
         self.report.identities_removed += len(removed)
         return rejects
+
+    async def finish(self, session: AsyncSession) -> list[Rejected]:
+        """After the last batch: apply the rows that waited for a team or agent named
+        further down the file (rejecting those it never defined), and drop the company
+        days the holidays file no longer lists."""
+        rejects: list[Rejected] = []
+        if self.waiting:
+            column, what = REFERENCES[self.kind]
+            rows, self.waiting = self.waiting, []
+            good = await self._known(session, rows, last=True)
+            applied = {r.id for r in good}
+            rejects = [
+                Rejected(
+                    r.line, f"unknown {what} {r.values[column]!r}: not in the file or the directory"
+                )
+                for r in rows
+                if r.id not in applied
+            ]
+            await self._store(session, good)
+        if self.calendars:
+            await self._drop_unlisted(session)
+        return rejects
+
+    async def _store(self, session: AsyncSession, rows: list[Row]) -> None:
+        """Insert the new rows, update the existing ones (only the columns given)."""
+        if self.kind == "holidays":
+            h = HOLIDAYS.c
+            found = await _select_in(
+                session, [h.team_id, h.day], h.team_id, (r.values["team_id"] for r in rows)
+            )
+            existing = {holiday_key(team, day) for team, day in found}
+            keys = ["team_id", "day"]
+        else:
+            ids = [r.id for r in rows]
+            existing = {
+                i for (i,) in await _select_in(session, [self.table.c.id], self.table.c.id, ids)
+            }
+            keys = ["id"]
+        # New rows go through one executemany INSERT (compiled once; a row created meanwhile
+        # fails the batch loudly); existing ones through the upsert, which compiles per call.
+        for chunk in _chunks([r.values for r in rows if r.id not in existing]):
+            await session.execute(insert(self.table), chunk)
+        for chunk in _chunks([r.values for r in rows if r.id in existing]):
+            await upsert(session, self.table, chunk, keys)
+        self.report.updated += sum(1 for r in rows if r.id in existing)
+        self.report.inserted += sum(1 for r in rows if r.id not in existing)
+
+    async def _known(
+        self, session: AsyncSession, rows: list[Row], *, last: bool = False
+    ) -> list[Row]:
+        """The rows whose after_hours team or deputy exists, in the directory or among
+        these rows (themselves kept, so never a dangling name); the others wait for
+        ``finish`` unless this is it (``last``)."""
+        column = REFERENCES[self.kind][0]
+        naming: dict[str, list[Row]] = {}  # name -> the rows naming it
+        for row in rows:
+            if (target := row.values.get(column)) is not None:
+                naming.setdefault(target, []).append(row)
+        table = self.table
+        known = {i for (i,) in await _select_in(session, [table.c.id], table.c.id, naming)}
+        found = known | {r.id for r in rows}
+        # Rows naming what is neither stored nor here wait, and so does every row naming a
+        # waiting row that is not stored yet (a chain of deputies), transitively.
+        stack = [r for name, rs in naming.items() if name not in found for r in rs]
+        wait: set[str | None] = set()
+        while stack:
+            row = stack.pop()
+            if row.id not in wait:
+                wait.add(row.id)
+                if row.id not in known:
+                    stack += naming.get(row.id or "", [])
+        if not last:
+            self.waiting += [r for r in rows if r.id in wait]
+        return [r for r in rows if r.id not in wait]
+
+    async def _drop_unlisted(self, session: AsyncSession) -> None:
+        h = HOLIDAYS.c
+        found = await _select_in(session, [h.team_id, h.day], h.team_id, self.calendars)
+        stored = {holiday_key(team, day): (team, day) for team, day in found}
+        seen = self.seen.c
+        listed = {k for (k,) in await _select_in(session, [seen.id], seen.id, stored)}
+        gone: dict[str, list[Any]] = {}
+        for key, (team, day) in stored.items():
+            if key not in listed:
+                gone.setdefault(team, []).append(day)
+        for team, days in gone.items():
+            await session.execute(delete(HOLIDAYS).where(h.team_id == team, h.day.in_(days)))
+        self.report.removed += sum(len(days) for days in gone.values())
 
     async def _claims(
         self, session: AsyncSession, rows: list[Row], rejects: list[Rejected]
@@ -179,10 +273,17 @@ async def seen_table(conn: AsyncConnection) -> Table:
     table = Table(
         name,
         MetaData(),
-        Column("id", String(200), primary_key=True),
+        Column("id", String(240), primary_key=True),  # a holiday's key: date, space, team
         Column("line", Integer, nullable=False),
         prefixes=["TEMPORARY"],
     )
     await conn.run_sync(table.create)
     await conn.commit()
     return table
+
+
+def _duplicate(key: str, first: int, kind: str) -> str:
+    if kind == "holidays":
+        day, _, team = key.partition(" ")
+        return f"duplicate date {day} for team {team!r} (first on line {first})"
+    return f"duplicate id {key!r} (first on line {first})"
