@@ -16,6 +16,8 @@ from ingest.errors import AuthError, ConfigError, OmnirouteError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+#: what ``directory import`` and ``export`` take (routers.csv.format's kinds)
+DIRECTORY_KINDS = ("teams", "agents", "customers", "holidays")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     directory = sub.add_parser("directory", help="manage the customer directory")
     dsub = directory.add_subparsers(dest="action", required=True, metavar="ACTION")
     dsub.add_parser("migrate", help="apply database migrations")
-    imp = dsub.add_parser("import", help="import teams, agents or customers from CSV")
+    imp = dsub.add_parser("import", help="import teams, agents, customers or holidays from CSV")
     imp.add_argument("file", type=Path)
-    imp.add_argument("--kind", choices=("teams", "agents", "customers"))
+    imp.add_argument("--kind", choices=DIRECTORY_KINDS, help="default: read from the header")
     imp.add_argument("--dry-run", action="store_true", help="validate only, change nothing")
-    exp = dsub.add_parser("export", help="export teams, agents or customers as CSV")
-    exp.add_argument("--kind", choices=("teams", "agents", "customers"), required=True)
+    exp = dsub.add_parser("export", help="export teams, agents, customers or holidays as CSV")
+    exp.add_argument("--kind", choices=DIRECTORY_KINDS, required=True)
     exp.add_argument("--output", type=Path, help="file to write (default: stdout)")
+    show = dsub.add_parser("show", help="a team's or agent's record, calendar, presence, load")
+    show.add_argument("what", choices=("team", "agent"))
+    show.add_argument("id")
+    show.add_argument("--at", metavar="TIME", help="as of this RFC 3339 time; default: now")
+
+    agent = sub.add_parser("agent", help="agents' presence")
+    asub = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = asub.add_parser("status", help="publish an agent.status event")
+    status.add_argument("id", help="the agent")
+    status.add_argument("status", choices=("available", "away", "offline"))
+    status.add_argument(
+        "--until",
+        metavar="TIME",
+        help="away or offline until this RFC 3339 time, e.g. 2026-12-31T18:00+03:00",
+    )
+    status.add_argument(
+        "--deputy", metavar="ID", help="the agent who takes their customers meanwhile"
+    )
 
     route = sub.add_parser("route", help="routing tools")
     rsub = route.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -152,6 +172,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | N
         from config.directory_cli import run as run_directory
 
         return await run_directory(args, settings)
+    if args.command == "agent":
+        from config.agent_cli import run as run_agent
+
+        return await run_agent(args, settings)
     if args.command == "route":
         from config.explain import explain
 

@@ -1,4 +1,4 @@
-"""``omniroute directory migrate|import|export``."""
+"""``omniroute directory migrate|import|export|show``."""
 
 import argparse
 import sys
@@ -19,6 +19,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = create_engine(url, settings.directory)
     try:
+        if args.action == "show":
+            from config.directory_show import show
+
+            return await show(engine, args, settings)
         if args.action == "import":
             report = await import_csv(
                 engine,
@@ -30,9 +34,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             for reject in report.rejects:
                 print(f"{args.file}:{reject.line}: rejected: {reject.reason}", file=sys.stderr)
             verb = "would import" if args.dry_run else "imported"
+            # holidays.csv replaces each listed team's calendar: say what it took out
+            removed = f", {report.removed} removed" if report.kind == "holidays" else ""
             print(
-                f"{verb} {report.kind}: {report.inserted} new, {report.updated} updated, "
-                f"{len(report.rejects)} rejected"
+                f"{verb} {report.kind}: {report.inserted} new, {report.updated} updated"
+                f"{removed}, {len(report.rejects)} rejected"
             )
             return 1 if report.rejects else 0
         if args.output is not None:

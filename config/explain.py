@@ -11,6 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
+from config.instants import instant
 from config.registry import IDENTITY_KINDS
 from config.settings import Settings
 from ingest.errors import ConfigError
@@ -51,15 +52,7 @@ def sender_meta(
 def decision_time(text: str | None) -> datetime | None:
     """``--at``: an RFC 3339 instant with its offset (a naive one would mean a different
     moment in every time zone of the directory)."""
-    if text is None:
-        return None
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ConfigError(f"--at {text!r}: not an RFC 3339 time (2026-12-31T23:30+03:00)") from None
-    if at.tzinfo is None:
-        raise ConfigError(f"--at {text!r}: give the offset (…+03:00, or Z for UTC)")
-    return at
+    return None if text is None else instant(text, "--at")
 
 
 async def explain(args: argparse.Namespace, settings: Settings) -> int:
