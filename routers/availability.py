@@ -11,14 +11,22 @@ that channel still awaiting the agent's answer, at most; a channel left out is u
 
 import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import get_args
 
 import structlog
 
 from ingest.schema import Channel
 from routers.directory import AgentRecord, TeamRecord
-from routers.schedule import ALWAYS, CompanyDay, Schedule, WeeklyHours, parse_spans, parse_timezone
+from routers.schedule import (
+    ALWAYS,
+    CompanyDay,
+    Schedule,
+    Span,
+    WeeklyHours,
+    parse_spans,
+    parse_timezone,
+)
 
 log = structlog.get_logger("omniroute.availability")
 
@@ -125,25 +133,42 @@ def agent_schedule(
     """The agent's own hours in their team's zone and holidays, else the team's calendar."""
     if not agent.hours:
         return team_schedule(team, default_timezone) if team is not None else None
-    return _schedule(team, agent.hours, default_timezone, who=f"agent {agent.id}")
+    return _schedule(team, agent.hours, default_timezone, agent=agent.id)
 
 
 def _schedule(
-    team: TeamRecord | None, hours: str | None, default_timezone: str, who: str = ""
+    team: TeamRecord | None, hours: str | None, default_timezone: str, agent: str | None = None
 ) -> Schedule | None:
-    who = who or f"team {team.id if team else '?'}"
+    """``hours`` in the team's zone with its holidays; ``agent``: the hours are that agent's
+    own, so a team's half day counts only where it meets them."""
+    who = f"agent {agent}" if agent else f"team {team.id if team else '?'}"
     try:
         zone = parse_timezone((team.timezone if team else None) or default_timezone)
+        weekly = WeeklyHours.parse(hours) if hours else ALWAYS
         days = tuple(
-            CompanyDay(day, name, parse_spans(spans) if spans else None)
+            CompanyDay(
+                day,
+                name,
+                _within(parse_spans(spans), weekly, day, own=agent is not None) if spans else None,
+            )
             for day, name, spans in (team.company_days if team else ())
         )
-        return Schedule(
-            zone,
-            WeeklyHours.parse(hours) if hours else ALWAYS,
-            (team.holidays if team else None) or None,
-            days,
-        )
+        return Schedule(zone, weekly, (team.holidays if team else None) or None, days)
     except ValueError as exc:
         log.warning("availability.calendar_ignored", who=who, error=str(exc))
         return None
+
+
+def _within(spans: tuple[Span, ...], weekly: WeeklyHours, day: date, own: bool) -> tuple[Span, ...]:
+    """A team's half day for an agent with their own hours: the part of the half day they
+    work (an agent on 13:00-22:00 does not work a half day of 09:00-13:00). For the team
+    itself, the half day's hours stand as given."""
+    if not own:
+        return spans
+    shared = [
+        Span(max(a.start, b.start), min(a.end, b.end))
+        for a in spans
+        for b in weekly.days[day.weekday()]
+        if min(a.end, b.end) > max(a.start, b.start)
+    ]
+    return tuple(shared)

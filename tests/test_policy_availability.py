@@ -8,13 +8,13 @@ midnight; Kurban Bayramı 2026 (27-30 May, its arife 26 May a half day closing a
 tests/test_schedule.py checked against the holidays package)."""
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import pytest
 
 from ingest.schema import Channel, Identity, IdentityKindField, InboundMessage, Thread
-from routers.availability import AgentFacts
-from routers.directory import CustomerRecord, TeamRecord
+from routers.availability import AgentFacts, agent_schedule
+from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import CHAIN, Facts, TeamFacts, decide, trace
 from routers.schedule import Schedule, WeeklyHours, parse_timezone
 from routers.settings import RoutingSettings
@@ -712,3 +712,29 @@ def test_a_deputy_route_is_dialled_with_the_customers_team_as_fallback() -> None
         "ana",
     )
     assert route.fallback_team == "billing"
+
+
+def test_a_team_half_day_counts_for_an_agent_only_where_it_meets_their_own_hours() -> None:
+    """John works 13:00-22:00; the team's half day on 31 December is 09:00-13:00: he is off
+    all that day, not at work in the morning; Ana, on the team's hours, works the morning."""
+    team = TeamRecord(
+        "billing",
+        "Billing",
+        None,
+        None,
+        timezone="Europe/Istanbul",
+        hours="Mon-Fri 09:00-18:00",
+        company_days=((date(2026, 12, 31), "Yılbaşı arifesi", "09:00-13:00"),),
+    )
+    john = AgentRecord("john", "John", "billing", None, True, hours="Mon-Fri 13:00-22:00")
+    ana = AgentRecord("ana", "Ana", "billing", None, True)
+    noon = datetime(2026, 12, 31, 12, 0, tzinfo=IST)
+    evening = datetime(2026, 12, 31, 15, 0, tzinfo=IST)
+    johns, anas = agent_schedule(john, team, "UTC"), agent_schedule(ana, team, "UTC")
+    assert johns is not None
+    assert anas is not None
+    assert not johns.status(noon).open
+    assert not johns.status(evening).open
+    assert anas.status(noon).open
+    assert not anas.status(evening).open
+    assert johns.status(datetime(2026, 12, 30, 15, 0, tzinfo=IST)).open
