@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -31,7 +32,7 @@ from routers.csv.importer import import_csv
 from routers.decider import DirectoryDecider
 from routers.settings import RoutingSettings
 from routers.store.connector_state import DbSeenStore
-from tests.support.broker import fresh_vhost, vhost_url
+from tests.support.broker import fresh_vhost, opened_bus, purge, vhost_url
 
 BUS_SETTINGS = BusSettings(queue_type="quorum", delivery_limit=3, publish_timeout=3.0)
 
@@ -122,14 +123,9 @@ def phone_amqp_url(phone_vhost: str) -> str:
 @pytest.fixture
 async def phone_bus(phone_amqp_url: str) -> AsyncIterator[Bus]:
     """An opened bus on the module's vhost, every queue purged."""
-    bus = Bus(phone_amqp_url, BUS_SETTINGS, name="phones-test")
-    await bus.open()
-    channel = await bus.connection.channel()
-    for name in QUEUES:
-        await (await channel.get_queue(name)).purge()
-    await channel.close()
-    yield bus
-    await bus.close()
+    async with opened_bus(phone_amqp_url, settings=BUS_SETTINGS, name="phones-test") as bus:
+        await purge(bus, *QUEUES)
+        yield bus
 
 
 def webhook_app(
@@ -229,3 +225,26 @@ async def make_phones(
     yield make
     for client in clients:
         await client.aclose()
+
+
+def call(sid: str, caller: str = ACME_PHONE, **extra: str) -> dict[str, str]:
+    return {
+        "CallSid": sid,
+        "AccountSid": ACCOUNT_SID,
+        "From": caller,
+        "To": "+902125550000",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+        **extra,
+    }
+
+
+def parse_twiml(text: str) -> ElementTree.Element:
+    return ElementTree.fromstring(text)  # noqa: S314 -- our own app's answer, not untrusted
+
+
+def dial_of(twiml: str) -> tuple[ElementTree.Element, list[tuple[str, str]]]:
+    root = parse_twiml(twiml)
+    dial = root.find("Dial")
+    assert dial is not None, twiml
+    return dial, [(child.tag, (child.text or "").strip()) for child in dial]

@@ -2,9 +2,11 @@
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.http import build_app
 from connectors.pbx import PbxRoutes
@@ -16,6 +18,7 @@ from ingest.protocols import Decision
 from ingest.schema import InboundMessage
 from ingest.topology import ROUTER_QUEUE
 from routers import state
+from routers.csv.importer import import_csv
 from routers.models import Team
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
@@ -27,6 +30,8 @@ from tests.phone_fixtures import (
     REGION,
     TEAM_DIAL,
     AppFactory,
+    call,
+    dial_of,
 )
 from tests.support.broker import take
 
@@ -217,3 +222,27 @@ async def test_both_ways_in_answer_alike_when_no_decision_can_be_taken() -> None
 class _Nowhere:
     async def submit(self, message: InboundMessage) -> None:
         raise AssertionError("a call without a decision is not recorded")
+
+
+async def test_a_closed_team_answers_its_after_hours_dial(
+    make_phones: AppFactory, engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Issue 15: a caller whose team is closed hears its after-hours dial (voicemail), on
+    /v1/route as on the Twilio voice webhook; the route says when the team opens."""
+    phones = await make_phones()
+    teams = tmp_path / "closed.csv"
+    teams.write_text(
+        "id,name,dial,email,timezone,hours,after_hours_dial\n"
+        "t-istanbul,Istanbul,+902125550100,istanbul@example.test,Europe/Istanbul,"
+        "closed,sip:voicemail-istanbul@pbx.example.test\n"
+    )
+    report = await import_csv(engine, teams, kind=None, region=REGION, dry_run=False)
+    assert not report.rejects, report.rejects
+    text = await phones.route(caller=ACME_PHONE, format="text")
+    assert text.text == "sip:voicemail-istanbul@pbx.example.test"
+    body = (await phones.route(caller=ACME_PHONE, call_id="c-closed")).json()
+    assert body["route"]["target"] == "t-istanbul"
+    assert body["dial"] == "sip:voicemail-istanbul@pbx.example.test"
+    twiml = await phones.twilio("/webhooks/twilio/voice", call("CA" + "7" * 32))
+    assert twiml.status_code == 200, twiml.text
+    assert dial_of(twiml.text)[1] == [("Sip", "sip:voicemail-istanbul@pbx.example.test")]

@@ -5,7 +5,6 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from urllib.parse import urlencode
-from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -35,6 +34,9 @@ from tests.phone_fixtures import (
     TEAM_DIAL,
     AppFactory,
     Phones,
+    call,
+    dial_of,
+    parse_twiml,
     signature,
 )
 from tests.support.broker import take
@@ -51,22 +53,6 @@ def sms(sid: str, sender: str = "0532 111 22 33", **extra: str) -> dict[str, str
         "NumMedia": "0",
         **extra,
     }
-
-
-def call(sid: str, caller: str = ACME_PHONE, **extra: str) -> dict[str, str]:
-    return {
-        "CallSid": sid,
-        "AccountSid": ACCOUNT_SID,
-        "From": caller,
-        "To": "+902125550000",
-        "CallStatus": "ringing",
-        "Direction": "inbound",
-        **extra,
-    }
-
-
-def parse_twiml(text: str) -> ElementTree.Element:
-    return ElementTree.fromstring(text)  # noqa: S314 -- our own app's answer, not untrusted
 
 
 def inbound(delivery: object) -> InboundMessage:
@@ -308,13 +294,6 @@ async def test_sms_with_media_and_ack_text(make_phones: AppFactory) -> None:
     # but Twilio's retry of the first one gets the first answer again
     retry = await phones.twilio("/webhooks/twilio/sms", params)
     assert [m.text for m in parse_twiml(retry.text).iter("Message")] == ["Thanks, we got it"]
-
-
-def dial_of(twiml: str) -> tuple[ElementTree.Element, list[tuple[str, str]]]:
-    root = parse_twiml(twiml)
-    dial = root.find("Dial")
-    assert dial is not None, twiml
-    return dial, [(child.tag, (child.text or "").strip()) for child in dial]
 
 
 async def test_call_from_known_number_dials_their_team(make_phones: AppFactory) -> None:
