@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 
 from config.registry import Shared
 from config.settings import Settings
-from connectors.pbx import PbxRoutes
+from connectors.pbx.routes import PbxRoutes
 from ingest.protocols import Channel, CheckRow, HttpRoutes, Intake, Sender
 
 

@@ -141,7 +141,7 @@ FastPath = Callable[[Scope, Receive, Send], Awaitable[bool]]
 
 class FastPaths:
     """Offers each request to the fast paths before the app: a hot endpoint can skip the
-    framework's per-request work (see ``connectors.pbx``)."""
+    framework's per-request work (see ``connectors.pbx.routes``)."""
 
     def __init__(self, app: ASGIApp, *, paths: Sequence[FastPath]) -> None:
         self.app = app

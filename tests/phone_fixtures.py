@@ -17,7 +17,7 @@ from twilio.request_validator import RequestValidator
 
 from config.channel_twilio import BusEvents
 from connectors.http import build_app
-from connectors.pbx import PbxRoutes
+from connectors.pbx.routes import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings, SpoolSettings, TwilioSettings
 from connectors.twilio import TwilioRoutes
 from ingest.bus import Bus

@@ -9,7 +9,7 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from connectors.http import build_app
-from connectors.pbx import PbxRoutes
+from connectors.pbx.routes import PbxRoutes
 from connectors.settings import ApiSettings, HttpSettings
 from ingest.errors import TransientError
 from ingest.health import Health
