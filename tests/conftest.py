@@ -1,7 +1,6 @@
 """Shared fixtures: a fresh RabbitMQ vhost per test, a fresh directory database (SQLite file
 or a PostgreSQL database created for the test), and the opened bus on that vhost."""
 
-import asyncio
 import contextlib
 import os
 import uuid
@@ -13,7 +12,6 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
-from ingest.settings import BusSettings
 from routers.store.engine import create_engine, migrate
 from tests.support import broker
 
@@ -37,10 +35,8 @@ def amqp_url(vhost: str) -> str:
 
 @pytest.fixture
 async def bus(amqp_url: str) -> AsyncIterator[Bus]:
-    b = Bus(amqp_url, BusSettings(), name="test")
-    await b.open()
-    yield b
-    await b.close()
+    async with broker.opened_bus(amqp_url) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -48,21 +44,30 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/directory.db"
 
 
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A PostgreSQL database created for this test and dropped after it."""
+@contextlib.asynccontextmanager
+async def _created_database() -> AsyncIterator[str]:
+    """The URL of a PostgreSQL database created for the block and dropped after it."""
     name = f"omniroute_test_{uuid.uuid4().hex[:10]}"
     conn = await asyncpg.connect(f"{PG_DSN}/postgres")
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    yield f"{PG_DSN}/{name}"
-    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield f"{PG_DSN}/{name}"
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(f"{PG_DSN}/postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A PostgreSQL database created for this test and dropped after it."""
+    async with _created_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -71,18 +76,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/directory.db"
         return
-    name = f"omniroute_test_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    yield f"{PG_DSN}/{name}"
-    conn = await asyncpg.connect(f"{PG_DSN}/postgres")
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with _created_database() as url:
+        yield url
 
 
 @contextlib.asynccontextmanager
@@ -107,10 +102,3 @@ async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated SQLite directory for tests that do not care about the backend."""
     async with _migrated(sqlite_url) as eng:
         yield eng
-
-
-async def wait_for(predicate: "asyncio.Future[object] | object", timeout: float = 10.0) -> None:
-    """Poll a condition (bounded), for the few places where there is no event to await."""
-    async with asyncio.timeout(timeout):
-        while not (predicate() if callable(predicate) else predicate):
-            await asyncio.sleep(0.05)

@@ -1,9 +1,10 @@
 """Fixtures of the email tests: a Dovecot of the test's own (plain, or offering STARTTLS),
 an SMTP server that records what it accepts, a proxy that takes the IMAP server away, and
-one vhost per test module. The servers themselves are tests/support/mail.py's."""
+one vhost per test module. The servers themselves, and the two Dovecot fixtures, are
+tests/support/mail.py's."""
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from aiosmtpd.controller import Controller
@@ -11,21 +12,11 @@ from aiosmtpd.controller import Controller
 from ingest.bus import Bus
 from ingest.settings import BusSettings
 from ingest.topology import ROUTER_QUEUE
-from tests.support.broker import fresh_vhost, vhost_url
-from tests.support.mail import Dovecot, Recorder, SmtpSink, start_dovecot
+from tests.support.broker import fresh_vhost, opened_bus, purge, vhost_url
+from tests.support.mail import Dovecot, Recorder, SmtpSink
+from tests.support.mail import dovecot as dovecot
+from tests.support.mail import dovecot_tls as dovecot_tls
 from tests.support.net import TcpProxy, free_port
-
-
-@pytest.fixture
-def dovecot() -> Iterator[Dovecot]:
-    """A Dovecot of this test's own (plain IMAP, no STARTTLS offered) on a loopback port."""
-    yield from start_dovecot(tls=False)
-
-
-@pytest.fixture
-def dovecot_tls() -> Iterator[Dovecot]:
-    """A Dovecot offering STARTTLS with a self-signed certificate (``server.cert``)."""
-    yield from start_dovecot(tls=True)
 
 
 @pytest.fixture
@@ -54,23 +45,13 @@ async def imap_proxy(dovecot: Dovecot) -> AsyncIterator[TcpProxy]:
 async def module_bus() -> AsyncIterator[Bus]:
     """One vhost and bus for a whole test module: creating a vhost costs seconds."""
     with fresh_vhost("omniroute-test-email") as name:
-        bus = Bus(
-            vhost_url(name),
-            BusSettings(queue_type="quorum", delivery_limit=3),
-            name="test-email",
-        )
-        await bus.open()
-        yield bus
-        await bus.close()
+        settings = BusSettings(queue_type="quorum", delivery_limit=3)
+        async with opened_bus(vhost_url(name), settings=settings, name="test-email") as bus:
+            yield bus
 
 
 @pytest.fixture
 async def email_bus(module_bus: Bus) -> Bus:
     """The module's bus with ``omniroute.router`` emptied before the test."""
-    channel = await module_bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTER_QUEUE)
-        await queue.purge()
-    finally:
-        await channel.close()
+    await purge(module_bus, ROUTER_QUEUE)
     return module_bus

@@ -1,6 +1,8 @@
 """The broker as tests use it (issue 14: one of each, not one per test module): rabbitmqctl,
-a vhost of a test's own, and reading a queue: ``take`` messages off it (``published``: what
-an intake published), its ``depth``, ``drained`` (nothing ready any more) and
+a vhost of a test's own, a bus opened on it (``opened_bus``), ``publish_inbound`` as an
+intake does, and a queue: ``take`` messages off it (``published``: what an intake
+published; ``tally``: every wanted id, with its copies), ``purge`` it, its ``depth``,
+``filled`` (at least so many ready), ``drained`` (nothing ready any more) and
 ``wait_consumers``."""
 
 import asyncio
@@ -14,15 +16,20 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pydantic import BaseModel
 
 from ingest.bus import Bus
+from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.schema import InboundMessage
-from ingest.topology import ROUTER_QUEUE
+from ingest.settings import BusSettings
+from ingest.topology import INBOUND, ROUTER_QUEUE
+from tests.support.waiting import until as until_true
 
 AMQP_HOST = os.environ.get("OMNIROUTE_TEST_AMQP_HOST", "127.0.0.1:5672")
-#: how long ``take`` and the waits sleep between two looks at an empty queue
+#: how long ``take`` sleeps between two looks at an empty queue
 POLL = 0.02
 
 M = TypeVar("M", bound=BaseModel)
@@ -55,6 +62,25 @@ def fresh_vhost(prefix: str = "omniroute-test") -> Iterator[str]:
         rabbitmqctl("delete_vhost", name)
 
 
+@contextlib.asynccontextmanager
+async def opened_bus(
+    url: str,
+    *,
+    settings: BusSettings | None = None,
+    name: str = "test",
+    health: Health | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Bus]:
+    """A bus on ``url`` (``BusSettings()`` unless given), opened, which declares omniroute's
+    topology there, and closed when the block ends."""
+    bus = Bus(url, settings or BusSettings(), name=name, health=health, metrics=metrics)
+    await bus.open()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
 @dataclass(frozen=True)
 class Taken:
     """A message taken off a queue, with what tests look at."""
@@ -64,6 +90,9 @@ class Taken:
     message_id: str | None
     user_id: str | None
     headers: dict[str, Any]
+    #: the AMQP ``type`` property (``omniroute.routed.v1``, say)
+    message_type: str | None
+    delivery_mode: DeliveryMode
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> "Taken":
@@ -73,6 +102,8 @@ class Taken:
             message_id=message.message_id,
             user_id=message.user_id,
             headers=dict(message.headers or {}),
+            message_type=message.type,
+            delivery_mode=message.delivery_mode,
         )
 
     def json(self) -> Any:
@@ -152,9 +183,54 @@ async def take(
     return taken
 
 
+async def tally(
+    bus: Bus,
+    queue: str,
+    want: set[str],
+    timeout: float,
+    *,
+    key: Callable[[Taken], str] = lambda taken: taken.message_id or "",
+) -> dict[str, int]:
+    """Take messages off ``queue`` until each of ``want`` came (``key`` names a message: its
+    message id unless given), or ``timeout`` seconds passed; how many copies of each name
+    came (names not wanted too). The caller asserts what is missing."""
+    counts: dict[str, int] = {}
+
+    def arrived(taken: Sequence[Taken]) -> bool:  # asked again after each message taken
+        if taken:
+            name = key(taken[-1])
+            counts[name] = counts.get(name, 0) + 1
+        return want <= counts.keys()
+
+    await take(bus, queue, until=arrived, timeout=timeout, partial=True)
+    return counts
+
+
+async def publish_inbound(bus: Bus, messages: Sequence[InboundMessage], at_once: int = 250) -> None:
+    """Publish ``messages`` to omniroute.inbound as an intake does (keyed by channel, the
+    omniroute id as message id), ``at_once`` confirms awaited together."""
+    for start in range(0, len(messages), at_once):
+        await asyncio.gather(
+            *(
+                bus.publish(INBOUND, m.channel, m, message_id=m.id)
+                for m in messages[start : start + at_once]
+            )
+        )
+
+
 async def published(bus: Bus) -> list[InboundMessage]:
     """Everything an intake published that waits in ``omniroute.router`` now, taken off it."""
     return [m.model(InboundMessage) for m in await take(bus, ROUTER_QUEUE, quiet=0)]
+
+
+async def purge(bus: Bus, *queues: str) -> None:
+    """Empty ``queues``: a vhost shared by a module's tests starts each test empty."""
+    channel = await bus.connection.channel()
+    try:
+        for queue in queues:
+            await (await channel.get_queue(queue)).purge()
+    finally:
+        await channel.close()
 
 
 async def depth(bus: Bus, queue: str) -> int:
@@ -168,17 +244,40 @@ async def depth(bus: Bus, queue: str) -> int:
         await channel.close()
 
 
+async def filled(
+    bus: Bus,
+    queue: str,
+    n: int,
+    timeout: float = 60.0,
+    *,
+    meanwhile: Callable[[], object] | None = None,
+) -> None:
+    """Wait (bounded) until at least ``n`` messages are ready in ``queue``: work done that
+    far, by a daemon in another process, say. ``meanwhile()`` is called at each look (an
+    ``assert`` that the process still runs)."""
+
+    async def enough() -> bool:
+        if meanwhile is not None:
+            meanwhile()
+        return (await bus.queue_depth(queue))[0] >= n
+
+    await until_true(enough, timeout, f"{n} messages ready in {queue}")
+
+
 async def drained(bus: Bus, *queues: str, timeout: float = 15.0) -> None:
-    """Wait (bounded) until nothing is ready in any of ``queues``, one after the other."""
-    async with asyncio.timeout(timeout):
-        for queue in queues:
-            while (await bus.queue_depth(queue))[0]:
-                await asyncio.sleep(POLL)
+    """Wait (bounded) until nothing is ready in any of ``queues``."""
+
+    async def empty() -> bool:
+        return not any([(await bus.queue_depth(queue))[0] for queue in queues])
+
+    await until_true(empty, timeout, f"nothing ready in {', '.join(queues)}")
 
 
 async def wait_consumers(bus: Bus, queue: str, n: int = 1, timeout: float = 30.0) -> None:
     """Wait (bounded) until at least ``n`` consumers read ``queue``, e.g. a daemon started
     in another process."""
-    async with asyncio.timeout(timeout):
-        while (await bus.queue_depth(queue))[1] < n:
-            await asyncio.sleep(POLL)
+
+    async def consumed() -> bool:
+        return (await bus.queue_depth(queue))[1] >= n
+
+    await until_true(consumed, timeout, f"{n} consumers on {queue}")

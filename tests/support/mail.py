@@ -1,6 +1,7 @@
 """Mail servers for tests and benchmarks: a real Dovecot on a loopback port with a
 throwaway maildir, and an aiosmtpd handler that records what it receives; mail to put in
-them. The pytest fixtures over them are tests/email/conftest.py's."""
+them. The ``dovecot`` and ``dovecot_tls`` fixtures are here, for tests/email/conftest.py
+(which has the other email fixtures) and test_lifecycle.py alike."""
 
 import contextlib
 import imaplib
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
+import pytest
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import Envelope, Session
 
@@ -271,6 +273,18 @@ def start_dovecot(tls: bool) -> Iterator[Dovecot]:
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    """A Dovecot of this test's own (plain IMAP, no STARTTLS offered) on a loopback port."""
+    yield from start_dovecot(tls=False)
+
+
+@pytest.fixture
+def dovecot_tls() -> Iterator[Dovecot]:
+    """A Dovecot offering STARTTLS with a self-signed certificate (``server.cert``)."""
+    yield from start_dovecot(tls=True)
 
 
 class Recorder:

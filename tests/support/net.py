@@ -1,9 +1,12 @@
-"""Loopback ports and a TCP proxy that breaks the network on purpose (aio-pika's own tests
-do the same): ``cut()`` drops every connection at once and refuses new ones; ``start()``
-(or ``restore()``) listens again on the same port."""
+"""Loopback ports (a free one, whether one listens, waiting until it does) and a TCP proxy
+that breaks the network on purpose (aio-pika's own tests do the same): ``cut()`` drops every
+connection at once and refuses new ones; ``start()`` (or ``restore()``) listens again on the
+same port."""
 
 import asyncio
 import socket
+
+from tests.support.waiting import until
 
 
 def free_port() -> int:
@@ -12,6 +15,18 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on the loopback ``port`` now."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def wait_listening(port: int, timeout: float = 30.0) -> None:
+    """Wait (bounded) until something accepts connections on the loopback ``port``: a
+    daemon started in another process has opened its HTTP port."""
+    await until(lambda: listening(port), timeout, f"a listener on port {port}")
 
 
 class TcpProxy:
