@@ -100,6 +100,49 @@ async def seed_last_agents(engine, customers: int) -> None:  # type: ignore[no-u
                                      customer_id=f"c{i:08d}", channel="email", at=at)
 
 
+async def calendars_on(url: str) -> None:
+    """Issue 15's worst case for the router: every team has weekly hours, a time zone, the
+    TR holiday calendar, company days and an after-hours team; every agent a capacity on
+    every channel. The hours cover the whole week, so the routes stay those of the plain
+    directory while every calendar, presence and load is still read and computed."""
+    from datetime import date
+
+    from sqlalchemy import insert, select, update
+
+    from routers.models import Agent, CompanyHoliday, Team
+    from routers.store.engine import create_engine
+
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            teams = list((await connection.execute(select(Team.id).order_by(Team.id))).scalars())
+            for i, team in enumerate(teams):
+                await connection.execute(
+                    update(Team)
+                    .where(Team.id == team)
+                    .values(
+                        timezone="Europe/Istanbul",
+                        hours="Mon-Sun 00:00-24:00",
+                        holidays="TR",
+                        after_hours=teams[(i + 1) % len(teams)],
+                        after_hours_dial="sip:voicemail@pbx.example.com",
+                    )
+                )
+                await connection.execute(
+                    insert(CompanyHoliday),
+                    [
+                        {"team_id": team, "day": date(2027, 1, 2), "name": "Inventory"},
+                        {"team_id": team, "day": date(2027, 12, 31), "name": "Eve",
+                         "hours": "09:00-13:00"},
+                    ],
+                )
+            await connection.execute(
+                update(Agent).values(capacity="email=1000;sms=50;whatsapp=50;twitter=100")
+            )
+    finally:
+        await engine.dispose()
+
+
 def known_email(i: int) -> str:
     """An address ``gen_directory`` gave customer ``i`` (any case: the router normalises)."""
     return f"Customer{i}@Example{i % 97}.com"

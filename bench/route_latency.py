@@ -18,6 +18,7 @@ Usage: route_latency.py [--customers 100000] [--rates 100,300,1000] [--duration 
 """
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -125,6 +126,8 @@ def main(a: argparse.Namespace) -> None:
                 else:
                     db = work / f"{target}.sqlite"
                     shutil.copyfile(template, db)
+                    if a.calendars:
+                        asyncio.run(benchlib.calendars_on(f"sqlite:///{db}"))
                     ttl = 0.0 if target.endswith("nocache") else None
                     procs.append(start_daemon(work, amqp_url, f"sqlite:///{db}", port, ttl))
                     pids[target] = procs[-1].pid
@@ -217,6 +220,9 @@ if __name__ == "__main__":
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--targets", default="floor,omniroute,omniroute-nocache")
+    p.add_argument("--calendars", action="store_true",
+                   help="issue 15: hours, holidays and after-hours teams for every team, a "
+                   "capacity for every agent (benchlib.calendars_on)")
     p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.floor:

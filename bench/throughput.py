@@ -18,7 +18,7 @@ A fresh vhost is created for the run and deleted at the end; every round routes 
 fresh copy of the directory, so the duplicate-removal record starts empty each time.
 
 Usage: throughput.py [--customers 100000] [-n 20000] [--workers 1] [--rounds 3]
-       [--known 0.7] [--prefetch 256] [--database-url postgresql://...]
+       [--known 0.7] [--prefetch 256] [--database-url postgresql://...] [--calendars]
 """
 
 import argparse
@@ -249,6 +249,8 @@ async def main(a: argparse.Namespace) -> None:
                 fwdq_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i],
                                                 queue_type="quorum", quiet=True))
             db_url, copy = fresh_db(template, f"{run}-{r}", a.database_url)
+            if a.calendars and (copy is not None or r == 0):
+                await benchlib.calendars_on(db_url)
             try:
                 # new message and channel ids each round: a --database-url directory keeps
                 # the routed records of the rounds before
@@ -333,6 +335,9 @@ if __name__ == "__main__":
     p.add_argument("--database-url", default=None, help="an imported directory (default: SQLite)")
     p.add_argument("--quorum-forwarder", action="store_true",
                    help="also time the forwarder on quorum queues")
+    p.add_argument("--calendars", action="store_true",
+                   help="issue 15: hours, holidays and after-hours teams for every team, a "
+                   "capacity for every agent (benchlib.calendars_on)")
     p.add_argument("--profile", help="py-spy the first router process into PROFILE.<round>.json")
     p.add_argument("--cache-ttl", type=float, default=None,
                    help="router.directory_cache_ttl (default: the setting's default)")
