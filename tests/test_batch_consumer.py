@@ -16,7 +16,8 @@ from ingest.errors import PoisonError, TransientError
 from ingest.health import Health
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
-from tests.support.broker import depth, rabbitmqctl, take
+from tests.support.broker import depth, opened_bus, rabbitmqctl, take
+from tests.support.waiting import until
 
 
 async def _publish(bus: Bus, bodies: list[bytes]) -> None:
@@ -60,9 +61,7 @@ async def test_batches_finishing_out_of_order_settle_every_message_once(bus: Bus
 
     consumer = await _consume(bus, handler, prefetch=64)
     consumer._channel.close_callbacks.add(lambda *_: closed.set())
-    async with asyncio.timeout(60):
-        while len(seen) < n:
-            await asyncio.sleep(0.05)
+    await until(lambda: len(seen) >= n, 60, f"{n} messages handled")
     closed_by_broker = closed.is_set()
     await consumer.stop(timeout=10)
     assert not closed_by_broker, "the broker closed the channel (a tag acked twice?)"
@@ -95,13 +94,9 @@ async def test_each_message_gets_its_own_outcome(bus: Bus) -> None:
         return outcomes
 
     settings = BusSettings(transient_retry_for=30)
-    retrying = Bus(bus._url, settings, health=Health())  # noqa: SLF001
-    await retrying.open()
-    try:
+    async with opened_bus(bus._url, settings=settings, health=Health()) as retrying:  # noqa: SLF001
         consumer = await _consume(retrying, handler, prefetch=10)
-        async with asyncio.timeout(30):
-            while done != {"ok-1", "ok-2", "flaky"}:
-                await asyncio.sleep(0.05)
+        await until(lambda: done == {"ok-1", "ok-2", "flaky"}, 30, "all but the poison done")
         await consumer.stop(timeout=10)
         assert attempts["flaky"] == 3
         assert attempts["poison"] == 1
@@ -112,8 +107,6 @@ async def test_each_message_gets_its_own_outcome(bus: Bus) -> None:
         assert got.headers[REASON_HEADER] == "cannot be routed"
         await got.ack()
         assert await _depths(retrying) == (0, 0)
-    finally:
-        await retrying.close()
 
 
 async def test_a_handler_that_raises_fails_the_whole_batch_as_one(bus: Bus) -> None:
@@ -142,23 +135,12 @@ async def test_a_cancelled_confirm_is_an_outage_not_poison(bus: Bus) -> None:
         attempts += 1
         return [asyncio.CancelledError() if attempts == 1 else None for _ in batch]
 
-    retrying = Bus(bus._url, BusSettings(transient_retry_for=30), health=Health())  # noqa: SLF001
-    await retrying.open()
-    try:
+    settings = BusSettings(transient_retry_for=30)
+    async with opened_bus(bus._url, settings=settings, health=Health()) as retrying:  # noqa: SLF001
         consumer = await _consume(retrying, handler, prefetch=10)
-        async with asyncio.timeout(20):
-            while attempts < 2:
-                await asyncio.sleep(0.05)
+        await until(lambda: attempts >= 2, 20, "a second attempt")
         await consumer.stop(timeout=10)
         assert await _depths(retrying) == (0, 0), "handled, acked, nothing dead-lettered"
-    finally:
-        await retrying.close()
-
-
-async def _until(condition: object, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.05)
 
 
 async def test_consumes_again_after_the_broker_closes_the_connection(bus: Bus, vhost: str) -> None:
@@ -178,15 +160,15 @@ async def test_consumes_again_after_the_broker_closes_the_connection(bus: Bus, v
         return [None] * len(batch)
 
     consumer = await _consume(bus, handler, prefetch=10)
-    await _until(lambda: len(seen) >= 1, 10)
+    await until(lambda: len(seen) >= 1, 10)
     rabbitmqctl("close_all_connections", "-p", vhost, "test: connection closed")
-    await _until(lambda: not consumer.active, 10)
+    await until(lambda: not consumer.active, 10)
     release.set()
-    await _until(lambda: consumer.active, 30)
+    await until(lambda: consumer.active, 30)
     await _publish(bus, [f"after{i}".encode() for i in range(5)])
     wanted = {f"before{i}" for i in range(5)} | {f"after{i}" for i in range(5)}
-    await _until(lambda: wanted <= set(seen) and seen.count("before0") >= 1, 30)
-    await _until(lambda: consumer.in_flight == 0, 10)
+    await until(lambda: wanted <= set(seen) and seen.count("before0") >= 1, 30)
+    await until(lambda: consumer.in_flight == 0, 10)
     await consumer.stop(timeout=10)
     assert await _depths(bus) == (0, 0), "everything handled and acked on the new channel"
 
@@ -203,11 +185,11 @@ async def test_consumes_again_after_the_broker_cancels_the_consumer(bus: Bus) ->
     consumer = await _consume(bus, handler, prefetch=10)
     admin = await bus.connection.channel()
     await admin.queue_delete(ROUTER_QUEUE)
-    await _until(lambda: not consumer.active, 10)
+    await until(lambda: not consumer.active, 10)
     await bus.declare_topology()  # the queue is declared again, as a restarted daemon would
-    await _until(lambda: consumer.active, 30)
+    await until(lambda: consumer.active, 30)
     await _publish(bus, [b"back"])
-    await _until(lambda: seen == ["back"], 10)
+    await until(lambda: seen == ["back"], 10)
     await consumer.stop(timeout=10)
     await admin.close()
 

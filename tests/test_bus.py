@@ -14,6 +14,7 @@ from ingest.schema import Identity, InboundMessage
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, INBOUND, REASON_HEADER, ROUTER_QUEUE
 from tests.support.broker import rabbitmqctl, take
+from tests.support.waiting import until
 
 
 def _msg() -> InboundMessage:
@@ -88,9 +89,7 @@ async def test_poison_goes_to_dead_with_reason_and_consumer_keeps_going(bus: Bus
     [got] = await take(bus, DEAD_QUEUE, 1)
     assert got.body == b"{not json"
     assert str(got.headers[REASON_HEADER]).startswith("invalid JSON")
-    async with asyncio.timeout(10):
-        while good.id not in seen:
-            await asyncio.sleep(0.05)
+    await until(lambda: good.id in seen, 10, "the good message behind it handled")
     await consumer.stop(timeout=5)
 
 

@@ -18,6 +18,7 @@ from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 from tests.seed import seed
+from tests.support.broker import take
 
 
 class SlowSms:
@@ -34,22 +35,6 @@ class SlowSms:
             raise PermanentSendError("invalid number")
         self.sent.append(reply.id)
         return SendResult(external_id=f"SM-{reply.id}")
-
-
-async def _events(bus: Bus, n: int) -> list[dict[str, object]]:
-    channel = await bus.connection.channel()
-    queue = await channel.get_queue(EVENTS_QUEUE)
-    out: list[dict[str, object]] = []
-    async with asyncio.timeout(15):
-        while len(out) < n:
-            got = await queue.get(fail=False)
-            if got is None:
-                await asyncio.sleep(0.05)
-                continue
-            out.append(json.loads(got.body))
-            await got.ack()
-    await channel.close()
-    return out
 
 
 async def test_copies_in_flight_send_once_and_teach_last_agent(
@@ -85,7 +70,7 @@ async def test_copies_in_flight_send_once_and_teach_last_agent(
             bus.publish(OUTBOUND, "sms", reply, message_id=reply.id),
             bus.publish(OUTBOUND, "sms", bad, message_id=bad.id),
         )
-        events = await _events(bus, 3)
+        events = [got.json() for got in await take(bus, EVENTS_QUEUE, 3, timeout=15)]
     finally:
         stop.set()
         await task
@@ -118,7 +103,8 @@ async def test_an_unreadable_request_is_answered_with_outbound_failed(
     try:
         body = json.dumps({"id": "r-bad", "channel": "fax", "agent_id": "ana"}).encode()
         await bus.publish_body(OUTBOUND, "fax", body, message_id="r-bad", type_=None)
-        (event,) = await _events(bus, 1)
+        (taken,) = await take(bus, EVENTS_QUEUE, 1, timeout=15)
+        event = taken.json()
     finally:
         stop.set()
         await task

@@ -3,9 +3,6 @@ or customer the directory does not have, or a publisher outside events.trusted_p
 ends in omniroute.dead with its reason instead of steering routing state, and the work
 behind it flows. Real RabbitMQ; the directory on SQLite and on PostgreSQL."""
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +25,6 @@ from ingest.schema import (
     ReplyRequest,
     utcnow,
 )
-from ingest.settings import BusSettings
 from ingest.topology import (
     DEAD_QUEUE,
     EVENTS,
@@ -44,23 +40,12 @@ from routers.models import AgentPresence, ThreadOwner
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from tests.seed import seed
-from tests.support.broker import drained, take
+from tests.support.broker import opened_bus, take
 from tests.test_poison import RecordingSender, running
 
 ROUTING = RoutingSettings(default_region="TR")
 FAR = datetime(9999, 12, 31, tzinfo=UTC)
 ACME_PHONE = "+905321112233"
-
-
-@contextlib.asynccontextmanager
-async def metered_bus(amqp_url: str) -> AsyncIterator[tuple[Bus, Metrics]]:
-    metrics = Metrics()
-    bus = Bus(amqp_url, BusSettings(), name="trust-test", metrics=metrics)
-    await bus.open()
-    try:
-        yield bus, metrics
-    finally:
-        await bus.close()
 
 
 def events_worker(bus: Bus, engine: AsyncEngine, trust: EventsSettings) -> EventsWorker:
@@ -125,7 +110,8 @@ async def test_events_dated_past_the_clock_skew_are_dead_lettered_and_pin_nothin
 ) -> None:
     """A wrong clock in a ticket system must not pin a customer or an absence for ever."""
     await seed(db)
-    async with metered_bus(amqp_url) as (bus, metrics):
+    metrics = Metrics()
+    async with opened_bus(amqp_url, name="trust-test", metrics=metrics) as bus:
         worker = events_worker(bus, db, EventsSettings())
         async with running(worker.run):
             soon = utcnow() + timedelta(minutes=2)  # inside the default 5 min
@@ -143,9 +129,8 @@ async def test_events_dated_past_the_clock_skew_are_dead_lettered_and_pin_nothin
                 await publish(bus, event, key)
             await publish(bus, AgentStatus(agent_id="bob", status="away", at=soon), "bob-soon")
             dead = await reasons_of_dead(bus, len(far))
-            async with asyncio.timeout(10):
-                while await presence(db, "bob") != "away":
-                    await asyncio.sleep(0.05)
+            await worker.idle()
+            assert await presence(db, "bob") == "away", "an event inside the skew is believed"
         await settled(bus, EVENTS_QUEUE)
         text = metrics.render().decode()
     assert set(dead) == set(far), dead
@@ -178,7 +163,7 @@ async def test_events_naming_an_unknown_agent_or_no_customer_are_dead_lettered(
             "unknown_customer",
         ),
     }
-    async with metered_bus(amqp_url) as (bus, _):
+    async with opened_bus(amqp_url, name="trust-test", metrics=Metrics()) as bus:
         worker = events_worker(bus, db, EventsSettings())
         async with running(worker.run):
             for key, (event, _) in refused.items():
@@ -198,9 +183,8 @@ async def test_events_naming_an_unknown_agent_or_no_customer_are_dead_lettered(
                 "replied-acme",
             )
             dead = await reasons_of_dead(bus, len(refused))
-            async with asyncio.timeout(10):
-                while await last_agent(db, "acme") != "bob":
-                    await asyncio.sleep(0.05)
+            await worker.idle()
+            assert await last_agent(db, "acme") == "bob"
         await settled(bus, EVENTS_QUEUE)
     assert {k: r.split(":")[0] for k, r in dead.items()} == {
         k: code for k, (_, code) in refused.items()
@@ -222,7 +206,8 @@ async def test_a_reply_request_from_an_unknown_agent_is_not_sent(
     await seed(db)
     sender = RecordingSender()
     to = Identity(kind="phone", address=ACME_PHONE)
-    async with metered_bus(amqp_url) as (bus, metrics):
+    metrics = Metrics()
+    async with opened_bus(amqp_url, name="trust-test", metrics=metrics) as bus:
         outcomes = await bus.connection.channel()
         heard = await outcomes.declare_queue(exclusive=True)
         await heard.bind(EVENTS, "outbound.*")
@@ -258,7 +243,7 @@ async def test_with_trusted_publishers_a_message_without_user_id_is_dead_lettere
     sender = RecordingSender()
     trust = EventsSettings(trusted_publishers=["tickets"])  # omniroute itself is guest here
     to = Identity(kind="phone", address=ACME_PHONE)
-    async with metered_bus(amqp_url) as (bus, _):
+    async with opened_bus(amqp_url, name="trust-test", metrics=Metrics()) as bus:
         assert bus.user == "guest"
         events, replies = events_worker(bus, db, trust), dispatcher(bus, db, sender, trust)
         raw = await bus.connection.channel()
@@ -282,7 +267,7 @@ async def test_with_trusted_publishers_a_message_without_user_id_is_dead_lettere
             dead = await reasons_of_dead(bus, len(anonymous))
             # the dispatcher's outbound.sent reached omniroute.events, and its events worker
             (sent,) = await take(bus, heard.name, 1, timeout=20)
-            await drained(bus, EVENTS_QUEUE, timeout=10)
+            await events.idle()
         await settled(bus, EVENTS_QUEUE, OUTBOUND_QUEUE)
         await raw.close()
     refused = "untrusted_publisher: no user_id property: not in events.trusted_publishers"

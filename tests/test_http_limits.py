@@ -25,6 +25,8 @@ from connectors.settings import HttpSettings
 from ingest.health import Health
 from ingest.metrics import Metrics
 from tests.daemon_fixtures import ROOT, DaemonProcess
+from tests.support.net import free_port
+from tests.support.waiting import until
 
 LOCAL = "127.0.0.1"
 Events = list[MutableMapping[str, Any]]
@@ -279,9 +281,7 @@ async def test_busy_connections_leave_a_reserve_for_probes_and_the_pbx() -> None
             finally:
                 for sock in held:
                     sock.close()
-            async with asyncio.timeout(5):
-                while not named(events, "http.connections_normal"):
-                    await asyncio.sleep(0.05)
+            await until(lambda: named(events, "http.connections_normal"), 5)
     normal = named(events, "http.connections_normal")
     assert len(normal) == 1
     assert normal[0]["refused"] >= 1
@@ -345,9 +345,7 @@ async def test_out_of_descriptors_is_logged_once_and_accept_backs_off() -> None:
                         assert not named(events, "http.accept_recovered")
                     finally:
                         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-                    async with asyncio.timeout(5):
-                        while not named(events, "http.accept_recovered"):
-                            await asyncio.sleep(0.05)
+                    await until(lambda: named(events, "http.accept_recovered"), 5)
                     assert b'"ok"' in await ask(port, "/healthz")
                 finally:
                     helper.stdin.close()
@@ -359,13 +357,6 @@ async def test_out_of_descriptors_is_logged_once_and_accept_backs_off() -> None:
     assert len(named(events, "http.accept_recovered")) == 1
     assert [m for m in reported if "accept" in m] == []
     assert cpu < 0.3, f"{cpu:.2f} s of CPU in 2 s while accept() failed"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _nofile_256() -> None:
@@ -391,16 +382,18 @@ async def test_daemon_with_256_descriptors_keeps_answering_under_1200_idle_conne
     """The real daemon at LimitNOFILE=256 and default limits: the limits are lowered to fit,
     /healthz, /readyz and /v1/route answer within 1 s through waves of idle connections,
     accept() never fails, and everything works once the flood is gone."""
-    port = _free_port()
+    port = free_port()
     text = daemon.config.read_text().replace("port = 0", f"port = {port}\nheader_timeout = 2")
     daemon.config.write_text(text)
     daemon.env["OMNIROUTE_API__TOKEN"] = "limits-token"
     log = tmp_path / "daemon.log"
     proc = _run_with_256_descriptors(daemon, log)
-    async with asyncio.timeout(60):
-        while b'"daemon.ready"' not in log.read_bytes():
-            assert proc.poll() is None, log.read_text()
-            await asyncio.sleep(0.2)
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return b'"daemon.ready"' in log.read_bytes()
+
+    await until(ready, 60, "daemon.ready logged")
 
     probes = [
         ("/healthz", ""),

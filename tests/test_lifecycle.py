@@ -12,14 +12,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 
 from ingest.bus import Bus
 from ingest.schema import Identity, InboundMessage
 from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
-from tests.email_fixtures import PASSWORD, USER, Dovecot, dovecot, free_port
 from tests.seed import seeded
+from tests.support.broker import filled, publish_inbound, take
+from tests.support.mail import PASSWORD, USER, Dovecot, dovecot
+from tests.support.net import free_port, listening
+from tests.support.waiting import until
 
 __all__ = ["dovecot"]
 
@@ -97,50 +99,16 @@ def _stranger(i: int) -> InboundMessage:
 
 
 async def _route_one(bus: Bus, message: InboundMessage, timeout: float = 15) -> str:
-    """Publish one message and return the routing key it was routed with."""
+    """Publish one message and return the routing key it was routed with (what is routed
+    before it, taken off the queue and dropped)."""
     await bus.publish(INBOUND, message.channel, message, message_id=message.id)
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(ROUTED_QUEUE)
-        async with asyncio.timeout(timeout):
-            while True:
-                got = await queue.get(fail=False)
-                if got is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                await got.ack()
-                if got.message_id == message.id:
-                    return str(got.routing_key)
-    finally:
-        await channel.close()
+    [got] = await take(bus, ROUTED_QUEUE, 1, timeout, keep=lambda got: got.message_id == message.id)
+    return got.routing_key
 
 
 async def _ids_in(bus: Bus, queue_name: str) -> list[str]:
-    """Every message id left in a queue (taken and acked: the queue is read once, at the end)."""
-    out: list[str] = []
-    channel = await bus.connection.channel()
-    try:
-        queue = await channel.get_queue(queue_name)
-        while True:
-            got: AbstractIncomingMessage | None = await queue.get(fail=False, timeout=5)
-            if got is None:
-                return out
-            out.append(got.message_id or "")
-            await got.ack()
-    finally:
-        await channel.close()
-
-
-async def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.05)
-    assert check(), what
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+    """Every message id left in a queue (taken off it: the queue is read once, at the end)."""
+    return [got.message_id or "" for got in await take(bus, queue_name, quiet=0, timeout=60)]
 
 
 @pytest.mark.slow
@@ -162,7 +130,7 @@ async def test_notify_watchdog_and_sighup_reload(
     proc = daemon.start("router", log=log)
 
     ready = await notes.wait("READY=1")
-    assert _listening(port), "READY=1 was sent before the HTTP port listened"
+    assert listening(port), "READY=1 was sent before the HTTP port listened"
     assert notes.lines("STATUS=migrating"), notes.seen
     assert notes.lines("STATUS=running", since=ready)
     await notes.wait("WATCHDOG=1", since=ready, timeout=5)
@@ -190,7 +158,7 @@ async def test_notify_watchdog_and_sighup_reload(
     proc.send_signal(signal.SIGHUP)
     refused = await notes.wait("STATUS=reload refused", since=mark, timeout=10)
     assert notes.lines("READY=1", since=refused)
-    await _until(lambda: '"daemon.reload_refused"' in log.read_text(), 5, "no refusal logged")
+    await until(lambda: '"daemon.reload_refused"' in log.read_text(), 5, "a refusal logged")
     assert proc.poll() is None
     assert await _route_one(bus, _stranger(3)) == "team.network", "the old config must go on"
 
@@ -217,19 +185,11 @@ async def test_sigterm_mid_flow_drains_readyz_503_and_loses_nothing(
     _systemd_env(daemon, path)
     # enough that the 1 s readiness grace and the drain cannot empty the queue
     messages = [_stranger(i) for i in range(5000)]
-    for start in range(0, len(messages), 250):
-        await asyncio.gather(
-            *(
-                bus.publish(INBOUND, m.channel, m, message_id=m.id)
-                for m in messages[start : start + 250]
-            )
-        )
+    await publish_inbound(bus, messages)
     log = tmp_path / "daemon.log"
     proc = daemon.start("router", log=log)
     await notes.wait("READY=1")
-    async with asyncio.timeout(30):
-        while (await bus.queue_depth(ROUTED_QUEUE))[0] < 50:
-            await asyncio.sleep(0.02)
+    await filled(bus, ROUTED_QUEUE, 50, timeout=30)
 
     async with httpx.AsyncClient(timeout=2) as client:
         assert (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
@@ -292,13 +252,13 @@ async def test_sighup_adds_and_removes_mailboxes_and_log_level(
         return dict(body["components"])
 
     async def wait_components(check: Callable[[dict[str, dict[str, str]]], bool]) -> None:
-        async with asyncio.timeout(20):
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if check(await components()):
-                        return
-                assert proc.poll() is None
-                await asyncio.sleep(0.1)
+        async def checked() -> bool:
+            assert proc.poll() is None
+            with contextlib.suppress(httpx.TransportError):
+                return check(await components())
+            return False
+
+        await until(checked, 20, "the mailboxes' components as wanted")
 
     await wait_components(lambda c: c.get("email.first", {}).get("state") == "up")
     daemon.config.write_text(

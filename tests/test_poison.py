@@ -32,8 +32,9 @@ from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
 from routers.store.engine import create_engine, sessionmaker
 from routers.worker import RouterWorker
 from tests.phone_fixtures import ACME_PHONE, REGION, seed_directory
-from tests.support.broker import take
+from tests.support.broker import opened_bus, take
 from tests.support.net import free_port
+from tests.support.waiting import until
 
 DELIVERY_LIMIT = 3
 BIG = 4 * 1024 * 1024  # far above anything omniroute publishes itself
@@ -76,19 +77,8 @@ class RecordingSender:
         return SendResult(external_id=f"SM-{reply.id}")
 
 
-@asynccontextmanager
-async def opened_bus(amqp_url: str) -> AsyncIterator[Bus]:
-    bus = Bus(
-        amqp_url,
-        # short in-process retries, so the delivery limit is what ends a doomed message
-        BusSettings(delivery_limit=DELIVERY_LIMIT, publish_timeout=10.0, transient_retry_for=0.2),
-        name="poison-test",
-    )
-    await bus.open()
-    try:
-        yield bus
-    finally:
-        await bus.close()
+#: short in-process retries, so the delivery limit is what ends a doomed message
+BUS = BusSettings(delivery_limit=DELIVERY_LIMIT, publish_timeout=10.0, transient_retry_for=0.2)
 
 
 @asynccontextmanager
@@ -134,7 +124,10 @@ async def test_garbage_and_oversized_bodies_on_every_queue_end_in_dead_and_block
     await seed_directory(engine, tmp_path)
     sender = RecordingSender()
     bodies = poison_bodies()
-    async with opened_bus(amqp_url) as bus, running(*workers(bus, engine, sender)):
+    async with (
+        opened_bus(amqp_url, settings=BUS, name="poison-test") as bus,
+        running(*workers(bus, engine, sender)),
+    ):
         sent: dict[str, bytes] = {}
         for queue_name, (exchange, key) in FEEDS.items():
             for n, (_, body) in enumerate(bodies):
@@ -159,9 +152,7 @@ async def test_garbage_and_oversized_bodies_on_every_queue_end_in_dead_and_block
 
         dead = await take(bus, DEAD_QUEUE, len(sent), timeout=40, partial=True)
         routed = await take(bus, ROUTED_QUEUE, 1, timeout=10, partial=True)
-        async with asyncio.timeout(10):
-            while not sender.sent:
-                await asyncio.sleep(0.05)
+        await until(lambda: sender.sent, 10, "the valid reply request sent")
         async with sessionmaker(engine)() as session:
             presence = await session.scalar(
                 select(AgentPresence.status).where(AgentPresence.agent_id == "a-ayse")
@@ -196,7 +187,7 @@ async def test_a_message_that_keeps_failing_transiently_is_dead_lettered_by_deli
     )
     sender = RecordingSender()
     try:
-        async with opened_bus(amqp_url) as bus:
+        async with opened_bus(amqp_url, settings=BUS, name="poison-test") as bus:
             dispatcher = OutboundDispatcher(
                 bus=bus,
                 engine=unreachable,

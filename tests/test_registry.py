@@ -26,6 +26,7 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.schema import Channel
 from tests.daemon_fixtures import DaemonProcess
+from tests.support.waiting import until
 
 #: the libraries of the channels a default configuration leaves off
 CHANNEL_LIBRARIES = ("aioimaplib", "aiosmtplib", "tweepy", "twilio")
@@ -146,9 +147,7 @@ async def _until_logged(log: Path, event: str, timeout: float = 30) -> None:
     def logged() -> bool:
         return log.exists() and f'"{event}"' in log.read_text()
 
-    async with asyncio.timeout(timeout):
-        while not await asyncio.to_thread(logged):
-            await asyncio.sleep(0.1)
+    await until(lambda: asyncio.to_thread(logged), timeout, f"{event} logged")
 
 
 def _imported(text: str) -> set[str]:

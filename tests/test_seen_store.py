@@ -6,6 +6,7 @@ import asyncio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routers.store.connector_state import DbSeenStore
+from tests.support.waiting import until
 
 
 async def test_concurrent_callers_each_learn_whether_their_own_id_was_new(
@@ -34,6 +35,5 @@ async def test_a_caller_that_gives_up_leaves_its_id_unmarked(engine: AsyncEngine
     await asyncio.sleep(0)
     gives_up.cancel()
     assert await first
-    async with asyncio.timeout(10):  # the writer unmarks it right after its transaction
-        while not await store.first_time("sms", "SM-cancelled"):
-            await asyncio.sleep(0.01)
+    # the writer unmarks it right after its transaction
+    await until(lambda: store.first_time("sms", "SM-cancelled"), 10, "SM-cancelled unmarked")

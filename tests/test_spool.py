@@ -21,6 +21,7 @@ from ingest.topology import ROUTER_QUEUE
 from tests.phone_fixtures import ACCOUNT_SID, BUS_SETTINGS, AppFactory
 from tests.support.broker import AMQP_HOST, take
 from tests.support.net import TcpProxy, free_port
+from tests.support.waiting import until
 
 
 def sms(message_sid: str) -> dict[str, str]:
@@ -88,9 +89,7 @@ async def test_webhooks_answer_200_while_broker_is_away_and_spool_drains_when_ba
         deliveries = await take(phones.bus, ROUTER_QUEUE, 4, timeout=20)
         received = [InboundMessage.model_validate_json(d.body).external_id for d in deliveries]
         assert received == [sid(100), *sids]
-        async with asyncio.timeout(5):
-            while phones.spool.depth:
-                await asyncio.sleep(0.05)
+        await until(lambda: not phones.spool.depth, 5, "the spool emptied")
         assert entries(phones.spool.directory) == []
     finally:
         stop.set()
@@ -225,9 +224,7 @@ async def test_drain_waits_for_an_earlier_write_in_flight_instead_of_spinning(
     try:
         await proxy.cut()
         first = asyncio.create_task(spool.submit(message(1)))  # its write is held
-        async with asyncio.timeout(10):
-            while not spool.depth:
-                await asyncio.sleep(0.01)
+        await until(lambda: spool.depth, 10, "message 1 spooled")
         await spool.submit(message(2))  # spooled behind it, and on disk
         assert entries(tmp_path) == ["000000000002.msg"]
         await proxy.start()

@@ -14,6 +14,7 @@ from routers.dispatcher import DispatchSettings, OutboundDispatcher
 from routers.settings import RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
 from tests.support.broker import take
+from tests.support.waiting import until
 
 
 class Workers:
@@ -54,9 +55,7 @@ class Workers:
             asyncio.create_task(self.dispatcher.run(self.stop, drain_timeout=5)),
             *(asyncio.create_task(run(self.stop)) for run in intake),
         ]
-        async with asyncio.timeout(15):
-            while not self.health.ready()[0]:
-                await asyncio.sleep(0.02)
+        await until(lambda: self.health.ready()[0], 15, "every worker and intake up")
 
     async def close(self) -> None:
         self.stop.set()

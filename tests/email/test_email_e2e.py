@@ -20,11 +20,10 @@ from connectors.settings import EmailSettings, MailboxSettings, SmtpSettings
 from ingest.bus import Bus
 from ingest.schema import ReplyRequest, RoutedMessage
 from ingest.sink import BusSink
-from ingest.topology import EVENTS_QUEUE, OUTBOUND, OUTBOUND_QUEUE, ROUTED_QUEUE, ROUTER_QUEUE
+from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE
 from routers.settings import RoutingSettings
 from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.seed import seed
-from tests.support.broker import drained
 from tests.support.mail import PASSWORD, USER, Dovecot, SmtpSink, make_mail
 from tests.workers import Workers
 
@@ -93,9 +92,11 @@ class Stack(Workers):
         return key, RoutedMessage.model_validate_json(body)
 
     async def quiet(self, seconds: float = 1.5) -> None:
-        """Wait until the router and dispatcher queues are empty and nothing is in flight,
-        then a little longer, so a late automatic answer would have had time to happen."""
-        await drained(self.bus, ROUTER_QUEUE, OUTBOUND_QUEUE, timeout=15)
+        """Wait until the router and the dispatcher say their queues are empty and nothing
+        is in flight, then a little longer, so a late automatic answer would have had time
+        to happen."""
+        await self.router.idle(timeout=15)
+        await self.dispatcher.idle(timeout=15)
         await asyncio.sleep(seconds)
 
 

@@ -3,7 +3,6 @@
 import asyncio
 import email
 import json
-from collections.abc import Callable
 from email import policy
 from email.message import EmailMessage
 
@@ -26,6 +25,7 @@ from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.support.broker import published
 from tests.support.mail import PASSWORD, USER, Dovecot, SmtpSink, make_mail
 from tests.support.net import TcpProxy, free_port
+from tests.support.waiting import until
 
 
 def mailbox(server: Dovecot, name: str = "support", **overrides: object) -> MailboxSettings:
@@ -57,12 +57,6 @@ def make_connector(
         seen=DbSeenStore(engine),
         health=health or Health(),
     )
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
 
 
 class ProbeSink:

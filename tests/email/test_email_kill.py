@@ -4,7 +4,6 @@ started again, and every Message-ID must reach ``omniroute.routed`` at least onc
 
 import asyncio
 import signal
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from ingest.schema import RoutedMessage
 from ingest.topology import ROUTED_QUEUE, ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
-from tests.support.broker import Taken, take
+from tests.support.broker import Taken, filled, tally
 from tests.support.mail import Dovecot, fill_maildir, mailbox_toml
 
 MAILS = 2000
@@ -35,17 +34,9 @@ def email_config(daemon: DaemonProcess, server: Dovecot) -> None:
     daemon.config.write_text(text, encoding="utf-8")
 
 
-async def collect(bus: Bus, counts: dict[str, int], want: set[str], timeout: float) -> None:
-    """Take everything off omniroute.routed (bounded) until every wanted Message-ID arrived,
-    counting each Message-ID's copies into ``counts``."""
-
-    def arrived(taken: Sequence[Taken]) -> bool:  # asked again after each message taken
-        if taken:
-            key = taken[-1].model(RoutedMessage).message.external_id
-            counts[key] = counts.get(key, 0) + 1
-        return want <= counts.keys()
-
-    await take(bus, ROUTED_QUEUE, until=arrived, timeout=timeout, partial=True)
+def external_id(taken: Taken) -> str:
+    """The mail's Message-ID, as a routed message names it."""
+    return taken.model(RoutedMessage).message.external_id
 
 
 @pytest.mark.slow
@@ -61,20 +52,20 @@ async def test_sigkill_mid_drain_loses_no_mail(
     log = tmp_path / "daemon.log"
 
     proc = daemon.start("email", "router", log=log)
-    async with asyncio.timeout(60):
-        while (await bus.queue_depth(ROUTED_QUEUE))[0] < MAILS // 5:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            await asyncio.sleep(0.02)
+
+    def running() -> None:
+        assert proc.poll() is None, log.read_text()[-3000:]
+
+    await filled(bus, ROUTED_QUEUE, MAILS // 5, timeout=60, meanwhile=running)
     proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(proc.wait, 10)
     at_kill = (await bus.queue_depth(ROUTED_QUEUE))[0]
     assert at_kill < MAILS, "the kill must land mid-drain for this test to mean anything"
     taken = sum("$Omniroute" in f for f in (await asyncio.to_thread(dovecot.flags)).values())
 
-    counts: dict[str, int] = {}
-    await collect(bus, counts, set(), timeout=1)  # what made it out before the kill
     daemon.start("email", "router", log=log)
-    await collect(bus, counts, set(ids), timeout=90)
+    # what made it out before the kill is counted too: it is still in omniroute.routed
+    counts = await tally(bus, ROUTED_QUEUE, set(ids), timeout=90, key=external_id)
 
     lost = [i for i in ids if i not in counts]
     duplicated = sum(c - 1 for c in counts.values())

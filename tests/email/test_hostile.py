@@ -22,7 +22,7 @@ from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
 from tests.support.broker import Taken, take
 from tests.support.mail import USER, Dovecot, mailbox_toml
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_listening
 
 TOKEN = "hostile-test-token"
 GOOD = 40
@@ -89,16 +89,6 @@ class Prober:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await stop.wait()
-
-
-async def wait_listening(port: int, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                return
-            await asyncio.sleep(0.1)
 
 
 #: the pre-checks opened wide: the parse workers' own limits must then contain each attack

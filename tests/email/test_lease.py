@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -18,9 +17,10 @@ from ingest.bus import Bus
 from ingest.topology import ROUTER_QUEUE
 from routers.store.lease import FileLease, PgLease
 from tests.daemon_fixtures import ROOT, DaemonProcess, write_config
-from tests.support.broker import Taken, take
+from tests.support.broker import tally
 from tests.support.mail import Dovecot, mailbox_toml, make_mail
 from tests.support.net import free_port
+from tests.support.waiting import until
 
 
 def _config(root: Path, amqp_url: str, pg_url: str, imap_port: int, http_port: int) -> Path:
@@ -54,22 +54,16 @@ async def _state(port: int) -> str | None:
 async def _wait_state(
     port: int, want: str, proc: "subprocess.Popen[bytes]", timeout: float
 ) -> None:
-    async with asyncio.timeout(timeout):
-        while await _state(port) != want:
-            assert proc.poll() is None, "the daemon exited"
-            await asyncio.sleep(0.1)
+    async def reached() -> bool:
+        assert proc.poll() is None, "the daemon exited"
+        return await _state(port) == want
+
+    await until(reached, timeout, f"email.support {want}")
 
 
 async def _router_ids(bus: Bus, want: set[str], timeout: float) -> set[str]:
     """Take messages from omniroute.router until every wanted Message-ID was seen (bounded)."""
-
-    def ids(taken: Sequence[Taken]) -> set[str]:
-        return {got.json()["external_id"] for got in taken}
-
-    taken = await take(
-        bus, ROUTER_QUEUE, until=lambda taken: want <= ids(taken), timeout=timeout, partial=True
-    )
-    return ids(taken)
+    return set(await tally(bus, ROUTER_QUEUE, want, timeout, key=lambda t: t.json()["external_id"]))
 
 
 def _append(server: Dovecot, ids: list[str]) -> None:

@@ -15,6 +15,7 @@ from connectors.email.scan import Limits, precheck, scan_head
 from connectors.settings import EmailSettings
 from tests import hostile_mail
 from tests.hostile_mail import SENDER, every_class, good
+from tests.support.waiting import until
 
 KWARGS = {
     "mailbox": "support",
@@ -142,12 +143,14 @@ async def test_a_killed_worker_is_retried_once_then_a_crash_of_that_mail_only() 
     mail gets a fresh worker."""
 
     async def kill_the_worker(seen: set[int]) -> None:
-        async with asyncio.timeout(10):
-            while not (fresh := [w for w in pool._all if w.process.pid not in seen]):
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.3)
-        seen.add(fresh[0].process.pid)
-        os.kill(fresh[0].process.pid, 9)
+        def fresh() -> list[asyncio.subprocess.Process]:
+            return [w.process for w in pool._all if w.process.pid not in seen]
+
+        await until(fresh, 10, "a fresh worker")
+        process = fresh()[0]
+        await asyncio.sleep(0.3)  # into the slow mail
+        seen.add(process.pid)
+        os.kill(process.pid, 9)
 
     wide = EmailSettings(parse_workers=1, max_header_bytes=1024 * 1024)
     async with ParsePool(pool_settings(wide)) as pool:
@@ -170,7 +173,8 @@ async def test_a_worker_that_died_idle_costs_no_mail() -> None:
         (worker,) = pool._all
         os.kill(worker.process.pid, 15)  # ignored: the pool ends workers by closing stdin
         os.kill(worker.process.pid, 9)
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(10):
+            await worker.process.wait()  # dead before the next mail
         assert (await pool.parse(good("second"), **KWARGS)).subject == "second"
 
 

@@ -19,6 +19,7 @@ from ingest.schema import Identity, InboundMessage, ReplyRequest
 from ingest.sink import BusSink
 from routers.store.connector_state import DbCursorStore, DbSeenStore
 from tests.support.broker import published
+from tests.support.waiting import until
 from tests.twitter.fake_api import (
     ACCOUNT,
     ACCOUNT_ID,
@@ -249,9 +250,7 @@ async def test_server_error_backs_off_marks_down_once_and_recovers(
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(conn.run(stop))
         try:
-            async with asyncio.timeout(10):
-                while health.components["twitter"].state != "up":
-                    await asyncio.sleep(0.02)
+            await until(lambda: health.components["twitter"].state == "up", 10, "twitter up")
         finally:
             stop.set()
             await asyncio.wait_for(task, 5)
