@@ -12,11 +12,13 @@ from sqlalchemy import update
 
 from ingest.bus import Bus
 from ingest.schema import Identity, InboundMessage
-from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
+from ingest.topology import ROUTED_QUEUE, ROUTER_QUEUE
 from routers.models import Team
 from routers.store.engine import create_engine
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
+from tests.support.broker import filled, publish_inbound, tally, wait_consumers
+from tests.support.net import free_port, wait_listening
 
 
 def _messages(n: int) -> list[InboundMessage]:
@@ -36,33 +38,6 @@ def _messages(n: int) -> list[InboundMessage]:
     return out
 
 
-async def _wait_consumers(bus: Bus, queue: str, timeout: float = 30) -> None:
-    async with asyncio.timeout(timeout):
-        while (await bus.queue_depth(queue))[1] == 0:
-            await asyncio.sleep(0.1)
-
-
-async def _collect(bus: Bus, want: set[str], timeout: float) -> dict[str, int]:
-    """Drain omniroute.routed until every wanted id arrived; count each id's copies."""
-    counts: dict[str, int] = {}
-    channel = await bus.connection.channel()
-    queue = await channel.get_queue(ROUTED_QUEUE)
-    try:
-        async with asyncio.timeout(timeout):
-            while not want <= counts.keys():
-                got = await queue.get(fail=False)
-                if got is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                counts[got.message_id or ""] = counts.get(got.message_id or "", 0) + 1
-                await got.ack()
-    except TimeoutError:
-        pass
-    finally:
-        await channel.close()
-    return counts
-
-
 @pytest.mark.slow
 async def test_sigkill_mid_flow_loses_nothing(
     daemon: DaemonProcess, bus: Bus, sqlite_url: str, tmp_path: Path
@@ -70,25 +45,17 @@ async def test_sigkill_mid_flow_loses_nothing(
     """A router killed between receive and ack redelivers; every message is routed."""
     await seeded(sqlite_url)
     messages = _messages(4000)
-    for start in range(0, len(messages), 250):
-        await asyncio.gather(
-            *(
-                bus.publish(INBOUND, m.channel, m, message_id=m.id)
-                for m in messages[start : start + 250]
-            )
-        )
+    await publish_inbound(bus, messages)
     proc = daemon.start("router", log=tmp_path / "daemon.log")
-    await _wait_consumers(bus, ROUTER_QUEUE)
-    async with asyncio.timeout(60):
-        while (await bus.queue_depth(ROUTED_QUEUE))[0] < 300:
-            await asyncio.sleep(0.02)
+    await wait_consumers(bus, ROUTER_QUEUE)
+    await filled(bus, ROUTED_QUEUE, 300)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     left, _ = await bus.queue_depth(ROUTER_QUEUE)
     assert left > 0, "the kill must land mid-flow for this test to mean anything"
 
     daemon.start("router", log=tmp_path / "daemon.log")
-    counts = await _collect(bus, {m.id for m in messages}, timeout=90)
+    counts = await tally(bus, ROUTED_QUEUE, {m.id for m in messages}, timeout=90)
     lost = [m.id for m in messages if m.id not in counts]
     duplicated = sum(c - 1 for c in counts.values())
     print(f"offered={len(messages)} routed={len(counts)} lost={len(lost)} duplicated={duplicated}")
@@ -102,20 +69,17 @@ async def test_sigterm_drains_and_exits_zero(
     """systemd stops the unit with SIGTERM: in-flight work finishes, exit status 0."""
     await seeded(sqlite_url)
     messages = _messages(600)
-    for m in messages:
-        await bus.publish(INBOUND, m.channel, m, message_id=m.id)
+    await publish_inbound(bus, messages)
     proc = daemon.start("router", "events", log=tmp_path / "daemon.log")
-    await _wait_consumers(bus, ROUTER_QUEUE)
-    async with asyncio.timeout(60):
-        while (await bus.queue_depth(ROUTED_QUEUE))[0] < 100:
-            await asyncio.sleep(0.02)
+    await wait_consumers(bus, ROUTER_QUEUE)
+    await filled(bus, ROUTED_QUEUE, 100)
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(proc.wait, 25) == 0
     log = (tmp_path / "daemon.log").read_text()
     assert '"daemon.stopped"' in log
     assert "Traceback" not in log
     daemon.start("router", log=tmp_path / "daemon.log")
-    counts = await _collect(bus, {m.id for m in messages}, timeout=60)
+    counts = await tally(bus, ROUTED_QUEUE, {m.id for m in messages}, timeout=60)
     assert {m.id for m in messages} <= counts.keys()
 
 
@@ -330,25 +294,16 @@ async def test_http_answers_while_the_broker_is_away_at_start(
 ) -> None:
     """A restart during a broker outage must still take webhooks in (the spool keeps them),
     so HTTP comes up first; readiness says what is missing."""
-    import socket
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     text = daemon.config.read_text()
     text = text.replace(text.splitlines()[0], 'amqp_url = "amqp://guest:guest@127.0.0.1:1/"')
     daemon.config.write_text(text.replace("port = 0", f"port = {port}"), encoding="utf-8")
     proc = daemon.start(log=tmp_path / "daemon.log")
+    await wait_listening(port)
     async with httpx.AsyncClient(timeout=2) as client:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    health = await client.get(f"http://127.0.0.1:{port}/healthz")
-                    break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.1)
+        health = await client.get(f"http://127.0.0.1:{port}/healthz")
         assert health.status_code == 200
         ready = await client.get(f"http://127.0.0.1:{port}/readyz")
         assert ready.status_code == 503
