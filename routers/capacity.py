@@ -4,16 +4,17 @@ The decider reads each agent's load before deciding, but two routers (or one rou
 batches) deciding at the same instant both see the agent one below capacity, and both send
 them a message. The claim is where the message becomes the agent's (``routers.store.
 routed_log`` writes the assignment), so it counts the agent's open assignments again there,
-under a lock per agent on PostgreSQL (SQLite has one writer at a time): a message past the
+under a lock per agent on PostgreSQL (on SQLite, the database's one write lock): a message past the
 capacity goes to the team it would have fallen back to, with the ``*_busy`` reason and a step
 saying so, before anything is recorded or published.
 """
 
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, bindparam, select, text, update
 
-from ingest.schema import ReasonName, Route, RoutedMessage
+from ingest.schema import Channel, ReasonName, Route, RoutedMessage
 from routers import state
 from routers.availability import capacity_of
 from routers.models import Agent
@@ -28,12 +29,17 @@ _BUSY: dict[str, ReasonName] = {"thread_owner": "thread_owner_busy"}
 
 
 def claim(
-    connection: Connection, batch: list[RoutedMessage], load_since: datetime
+    connection: Connection,
+    batch: list[RoutedMessage],
+    load_since: datetime,
+    offers: Mapping[Channel, timedelta] | None = None,
 ) -> list[tuple[str, RoutedMessage]]:
     """Each message's claim (the id owning its channel id) and the routed message as it is
-    recorded and must be published: its agent route replaced when the agent is full."""
+    recorded and must be published: its agent route replaced when the agent is full. An
+    agent route on a channel of ``offers`` is an offer with that timeout (issue 16)."""
     checked = within_capacity(connection, batch, load_since)
-    return list(zip(routed_log.claim_routed_many(connection, checked), checked, strict=True))
+    claims = routed_log.claim_routed_many(connection, checked, offers)
+    return list(zip(claims, checked, strict=True))
 
 
 def within_capacity(
@@ -53,6 +59,13 @@ def within_capacity(
     if connection.dialect.name == "postgresql":
         for agent in sorted(limits):  # one order for every router: no deadlock
             connection.execute(_LOCK, {"space": _LOCK_SPACE, "agent": agent})
+    else:
+        # SQLite reads outside the write lock until the first write of the transaction:
+        # write first (the rows as they are), so no other writer commits between the
+        # count below and the claim's insert
+        connection.execute(
+            update(Agent).where(Agent.id.in_(sorted(limits))).values(capacity=Agent.capacity)
+        )
     ids = [r.message.id for r in batch]
     open_now = state.open_loads(connection, limits, load_since, besides=ids)
     checked: list[RoutedMessage] = []
