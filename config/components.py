@@ -37,6 +37,7 @@ from ingest.sink import BusSink
 from routers.decider import DirectoryDecider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
+from routers.offers import OfferTimers
 from routers.store.connector_state import DbCursorStore, DbSeenStore
 from routers.store.lease import lease_for
 from routers.store.maintenance import Pruner
@@ -91,6 +92,7 @@ class Wiring:
         self.pruner: Pruner | None = None
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
+        self.timers: OfferTimers | None = None
         self._channels: dict[str, Channel[Settings]] = {}
         self._spool: SpooledSink | None = None
         self._lease: Lease | None = None
@@ -182,6 +184,20 @@ class Wiring:
                 trust=settings.events,
             )
             plan.workers["dispatcher"] = _with_drain(dispatcher.run, drain)
+        if self.enabled("timers"):
+            timers = self.timers = OfferTimers(
+                bus=self.bus,
+                engine=self.engine,
+                decider=self.decider,
+                routing=settings.routing,
+                health=self.health,
+            )
+            plan.workers["timers"] = timers.run
+            # nudged from this process; an offer another process writes is found within 30 s
+            if self.router is not None:
+                self.router.on_offer = timers.nudge
+            if self.events is not None:
+                self.events.on_due = timers.nudge
 
     def senders(self) -> dict[str, Sender]:
         """The outbound sender of every enabled channel, by the channel it answers on."""
@@ -246,7 +262,7 @@ class Wiring:
         self.decider.settings = settings.routing
         if self.pruner is not None:
             self.pruner.routing = settings.routing
-        for worker in (self.router, self.events, self.dispatcher):
+        for worker in (self.router, self.events, self.dispatcher, self.timers):
             if worker is not None:
                 worker.routing = settings.routing
         for checker in (self.events, self.dispatcher):

@@ -46,7 +46,7 @@ class Entry:
 
 
 #: what every process may run besides the channels, in start order
-CORE = ("router", "events", "dispatcher")
+CORE = ("router", "events", "dispatcher", "timers")
 #: keys of the core a reload cannot apply (credentials included: systemd fills
 #: $CREDENTIALS_DIRECTORY only at start)
 CORE_RESTART = (

@@ -123,6 +123,14 @@ class CustomerRef(_Model):
     recent: list[RecentContact] = Field(default_factory=list)
 
 
+class PreviousRoute(_Model):
+    """Where an earlier attempt sent the message (issue 16: offers, escalation)."""
+
+    kind: RouteKind
+    target: str | None = Field(default=None, max_length=200)
+    reason: Reason
+
+
 class Route(_Model):
     kind: RouteKind
     target: str | None = Field(default=None, max_length=200)
@@ -141,6 +149,16 @@ class Route(_Model):
         default=None,
         description="when the team, closed now, opens next (its own time zone); the message "
         "waits for it there",
+    )
+    attempt: int = Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="1 for the first decision; each re-route (an offer that timed out or was "
+        "declined) adds one, and the AMQP message_id becomes <id>#<attempt>",
+    )
+    previous: PreviousRoute | None = Field(
+        default=None, description="where the attempt before this one sent the message"
     )
 
     @property
@@ -202,6 +220,26 @@ class AgentStatus(_Model):
     )
 
 
+class AssignmentAccepted(_Model):
+    """A ticket system says the agent took the message offered to them: the offer's timer
+    stops (an ``agent.replied`` or a reply from them to that customer counts the same)."""
+
+    type: Literal["assignment.accepted"] = "assignment.accepted"
+    message_id: str = Field(min_length=1, max_length=64)
+    agent_id: str = Field(min_length=1, max_length=200)
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
+class AssignmentDeclined(_Model):
+    """The agent will not take the message: it is routed again at once, without them."""
+
+    type: Literal["assignment.declined"] = "assignment.declined"
+    message_id: str = Field(min_length=1, max_length=64)
+    agent_id: str = Field(min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=500)
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
 class AssignmentClosed(_Model):
     """A ticket system says the agent is done with a message without answering it through
     omniroute: it no longer counts towards the agent's load."""
@@ -231,7 +269,13 @@ class OutboundFailed(_Model):
 
 
 Event = Annotated[
-    AgentReplied | AgentStatus | AssignmentClosed | OutboundSent | OutboundFailed,
+    AgentReplied
+    | AgentStatus
+    | AssignmentAccepted
+    | AssignmentDeclined
+    | AssignmentClosed
+    | OutboundSent
+    | OutboundFailed,
     Field(discriminator="type"),
 ]
 
@@ -241,6 +285,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "omniroute.reply.v1": ReplyRequest,
     "omniroute.event.agent.replied.v1": AgentReplied,
     "omniroute.event.agent.status.v1": AgentStatus,
+    "omniroute.event.assignment.accepted.v1": AssignmentAccepted,
+    "omniroute.event.assignment.declined.v1": AssignmentDeclined,
     "omniroute.event.assignment.closed.v1": AssignmentClosed,
     "omniroute.event.outbound.sent.v1": OutboundSent,
     "omniroute.event.outbound.failed.v1": OutboundFailed,

@@ -17,7 +17,7 @@ address's, ``routing.default_team``), whose dial strings the answer needs.
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -69,15 +69,28 @@ class DirectoryDecider:
         return (await self.explain_many([message]))[0]
 
     async def decide_many(
-        self, messages: Sequence[InboundMessage], *, context: bool = True
+        self,
+        messages: Sequence[InboundMessage],
+        *,
+        context: bool = True,
+        without_agents: bool = False,
     ) -> list[Decision]:
         """Decisions in message order. ``context=False`` skips what the route itself does
         not need (recent contacts; the last agent on channels that are not sticky): a
-        caller-ID answer, whose caller's context travels in the routed voice message."""
-        return [decision for decision, _ in await self.explain_many(messages, context=context)]
+        caller-ID answer, whose caller's context travels in the routed voice message.
+        ``without_agents``: decide as if nobody owned the thread or had answered the
+        customer (an offer that timed out or was declined goes on to the team)."""
+        explained = await self.explain_many(
+            messages, context=context, without_agents=without_agents
+        )
+        return [decision for decision, _ in explained]
 
     async def explain_many(
-        self, messages: Sequence[InboundMessage], *, context: bool = True
+        self,
+        messages: Sequence[InboundMessage],
+        *,
+        context: bool = True,
+        without_agents: bool = False,
     ) -> list[tuple[Decision, Facts]]:
         settings = self.settings  # one snapshot: a reload mid-batch changes nothing here
         now = self._clock()
@@ -87,6 +100,8 @@ class DirectoryDecider:
             taken: Counter[tuple[str, str]] = Counter()  # this batch's own assignments
             for index, message in enumerate(messages):
                 facts = _facts(index, message, read, settings, taken)
+                if without_agents:
+                    facts = replace(facts, thread_owner=None, last_agent=None)
                 route = decide(message, facts, settings, now)
                 if route.kind == "agent" and route.target:
                     taken[(route.target, message.channel)] += 1

@@ -7,6 +7,7 @@ have, or an ``agent.replied`` that names no customer and no thread, is dead-lett
 """
 
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -21,7 +22,14 @@ from ingest.consumers import Consumer, Needs, QueueConsumer
 from ingest.errors import RefusedError, TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
-from ingest.schema import AgentReplied, AgentStatus, AssignmentClosed, Event
+from ingest.schema import (
+    AgentReplied,
+    AgentStatus,
+    AssignmentAccepted,
+    AssignmentClosed,
+    AssignmentDeclined,
+    Event,
+)
 from ingest.topology import EVENTS_QUEUE
 from routers import directory, state
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
@@ -53,6 +61,8 @@ class EventsWorker(QueueWorker):
         #: replaced as a whole on reload, like ``routing``
         self.trust = trust or EventsSettings()
         self._settings = settings
+        #: called when an event made an offer due now (a decline): the timer worker's nudge
+        self.on_due: Callable[[], None] | None = None
 
     def _consumer_for(
         self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
@@ -64,12 +74,35 @@ class EventsWorker(QueueWorker):
         check_publisher(trust, delivery.user_id, self._bus.user)
         event = EVENTS.validate_json(delivery.body)
         check_time(trust, event.at)
+        declined = False
         try:
             async with self._sessions.begin() as session:
                 if isinstance(event, AgentReplied):
                     await self._replied(session, event)
                 elif isinstance(event, AgentStatus):
                     await self._status(session, event)
+                elif isinstance(event, AssignmentAccepted):
+                    await check_agent(session, event.agent_id)
+                    took = await state.accept_offer(
+                        session, event.message_id, event.agent_id, event.at
+                    )
+                    log.info(
+                        "events.offer_accepted",
+                        agent_id=event.agent_id,
+                        message_id=event.message_id,
+                        was_open=took,
+                    )
+                elif isinstance(event, AssignmentDeclined):
+                    await check_agent(session, event.agent_id)
+                    declined = await state.decline_offer(
+                        session, event.message_id, event.agent_id, event.at
+                    )
+                    log.info(
+                        "events.offer_declined",
+                        agent_id=event.agent_id,
+                        message_id=event.message_id,
+                        was_open=declined,
+                    )
                 elif isinstance(event, AssignmentClosed):
                     await check_agent(session, event.agent_id)
                     closed = await state.close_assignment(
@@ -83,6 +116,8 @@ class EventsWorker(QueueWorker):
                     )
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
+        if declined and self.on_due is not None:
+            self.on_due()  # committed: the timer worker finds the offer due now
 
     async def _status(self, session: AsyncSession, event: AgentStatus) -> None:
         await check_agent(session, event.agent_id)

@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     String,
     Text,
     UniqueConstraint,
@@ -126,6 +127,14 @@ class Assignment(Base):
     channel: Mapped[str] = mapped_column(String(16))
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # issue 16: the message is an offer until accepted; at ``offer_due_at`` (or at once when
+    # declined) the timer worker routes it again without the agent
+    offer_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: why the offer ended: offer_timeout or declined (None: open, accepted or answered)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    #: the attempt that made this offer (1: the first decision)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class RoutedRecord(Base):

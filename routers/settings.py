@@ -47,6 +47,13 @@ class RoutingSettings(BaseModel):
         "the agent's capacity on its channel (an assignment.closed event or the agent's reply "
         "ends it sooner)",
     )
+    offer_timeout: dict[Channel, timedelta] = Field(
+        default_factory=dict,
+        description="per channel: a message routed to an agent is an offer; not accepted "
+        "(assignment.accepted, or the agent's reply to that customer) within this time, or "
+        "declined, it is routed again without the agent (reason offer_timeout or declined, "
+        "route.attempt 2, AMQP message_id <id>#2). A channel left out: no offers (issue 16)",
+    )
     require_authenticated_email: bool | None = Field(
         default=None,
         description="a mail whose sender is not proven (DMARC fail, or no SPF, DKIM or DMARC "
@@ -70,6 +77,14 @@ class RoutingSettings(BaseModel):
     @classmethod
     def _timezone(cls, value: str) -> str:
         return parse_timezone(value).key
+
+    @field_validator("offer_timeout")
+    @classmethod
+    def _offers(cls, value: dict[Channel, timedelta]) -> dict[Channel, timedelta]:
+        for channel, after in value.items():
+            if after.total_seconds() <= 0:
+                raise ValueError(f"{channel}: must be positive")
+        return value
 
     @field_validator("sticky_for", "load_window")
     @classmethod

@@ -159,7 +159,7 @@ async def record_reply(
                 Assignment.closed_at.is_(None),
                 Assignment.assigned_at <= at,
             )
-            .values(closed_at=at)
+            .values(closed_at=at, offer_due_at=None)  # an answer accepts the offer too
         )
         await upsert(
             session,
@@ -210,6 +210,48 @@ async def set_presence(
         ["agent_id"],
         where=lambda excluded: AgentPresence.__table__.c.at <= excluded.at,
     )
+
+
+async def accept_offer(
+    session: AsyncSession, message_id: str, agent_id: str, at: datetime
+) -> bool:
+    """``assignment.accepted``: the offer's timer stops; the message stays the agent's load
+    until they answer. False when no open offer of that message was the agent's."""
+    result = await session.execute(
+        update(Assignment)
+        .where(
+            Assignment.message_id == message_id,
+            Assignment.agent_id == agent_id,
+            Assignment.outcome.is_(None),
+            Assignment.accepted_at.is_(None),
+        )
+        .values(accepted_at=utc(at), offer_due_at=None)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def decline_offer(
+    session: AsyncSession, message_id: str, agent_id: str, at: datetime
+) -> bool:
+    """``assignment.declined``: the offer is due at once (the timer worker routes the message
+    again without the agent) and is no load of theirs any more. Also after an acceptance
+    (the agent gives it back); not once the message was routed on."""
+    at = utc(at)
+    result = await session.execute(
+        update(Assignment)
+        .where(
+            Assignment.message_id == message_id,
+            Assignment.agent_id == agent_id,
+            Assignment.outcome.is_(None),
+        )
+        .values(
+            outcome="declined",
+            offer_due_at=at,
+            accepted_at=None,
+            closed_at=func.coalesce(Assignment.closed_at, at),
+        )
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 async def close_assignment(

@@ -15,7 +15,6 @@ write lock), their publishes confirmed together, and they are acked with one fra
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -56,11 +55,11 @@ class ClaimBatch:
     """
 
     def __init__(
-        self, run: Transactions, max_batch: int, load_since: Callable[[], datetime]
+        self, run: Transactions, max_batch: int, routing: Callable[[], RoutingSettings]
     ) -> None:
         self._run = run
         self._max = max_batch
-        self._load_since = load_since
+        self._routing = routing  # the live settings: a reload changes them
         self._pending: list[tuple[list[RoutedMessage], asyncio.Future[list[Claim]]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -113,8 +112,9 @@ class ClaimBatch:
         return [await self._alone(routed) for routed in rows]
 
     async def _commit(self, batch: list[RoutedMessage]) -> list[tuple[str, RoutedMessage]]:
-        since = self._load_since()
-        return await self._run(lambda connection: capacity.claim(connection, batch, since))
+        routing = self._routing()
+        since, offers = utcnow() - routing.load_window, routing.offer_timeout
+        return await self._run(lambda c: capacity.claim(c, batch, since, offers))
 
     async def _alone(self, routed: RoutedMessage) -> Claim:
         try:
@@ -155,13 +155,15 @@ class RouterWorker(QueueWorker):
     ) -> None:
         super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
         self._claims = ClaimBatch(
-            transactions_of(engine), max_batch=settings.prefetch, load_since=self._load_since
+            transactions_of(engine), max_batch=settings.prefetch, routing=lambda: self.routing
         )
         self._decider = decider
         self.routing = routing
         self._settings = settings
         self.routed = 0
         self.duplicates = 0
+        #: called after a batch made offers (issue 16): the timer worker's nudge
+        self.on_offer: Callable[[], None] | None = None
 
     def _consumer_for(
         self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
@@ -175,9 +177,6 @@ class RouterWorker(QueueWorker):
             max_batch=max(1, self._prefetch // 2),
             concurrency=2,
         )
-
-    def _load_since(self) -> datetime:
-        return utcnow() - self.routing.load_window
 
     async def handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:
         """Route the deliveries that arrived together; one outcome per delivery (None: done,
@@ -227,11 +226,16 @@ class RouterWorker(QueueWorker):
             ROUTED,
             [(item.route.routing_key, item, item.message.id) for _, item in publishing],
         )
+        offers = self.routing.offer_timeout
+        offered = False
         for (index, item), result in zip(publishing, results, strict=True):
             if result is not None:
                 outcomes[index] = result
                 continue
             self._routed(item, started)
+            offered = offered or (item.route.kind == "agent" and item.message.channel in offers)
+        if offered and self.on_offer is not None:
+            self.on_offer()  # the timer worker may be asleep past this offer's due time
         return outcomes
 
     async def _decide(

@@ -88,7 +88,15 @@ def _field_exists(model: type[BaseModel], key: str) -> bool:
 def test_every_list_of_components_and_channels_comes_from_the_table() -> None:
     """Settings, ``--component`` and ``route explain --channel`` cannot drift apart, and
     the spellings operators use keep working (DESIGN.md: extend, never rename)."""
-    assert COMPONENTS == ("router", "events", "dispatcher", "webhooks", "email", "twitter")
+    assert COMPONENTS == (
+        "router",
+        "events",
+        "dispatcher",
+        "timers",
+        "webhooks",
+        "email",
+        "twitter",
+    )
     assert Settings().components == list(COMPONENTS)
     parser = build_parser()
     assert _choices(parser, "run") == COMPONENTS

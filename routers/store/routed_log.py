@@ -7,18 +7,24 @@ dispatcher), and whom did a customer reach lately (the recent contacts the polic
 """
 
 import functools
+from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Insert, Select, and_, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ingest.schema import InboundMessage, RecentContact, RoutedMessage
+from ingest.schema import Channel, InboundMessage, RecentContact, RoutedMessage
 from routers.models import Assignment, RoutedRecord
 from routers.store.sql import insert_for, insert_new
 from routers.store.values import aware, strip_brackets, utc
 
 
-def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> list[str]:
+def claim_routed_many(
+    connection: Connection,
+    batch: list[RoutedMessage],
+    offers: Mapping[Channel, timedelta] | None = None,
+) -> list[str]:
     """Claim many messages' channel ids: each row is inserted unless its channel id is
     recorded (a copy later in the batch loses to an earlier one, as it would one statement
     later). The insert returns the rows it wrote; only the channel ids it did not write (a
@@ -33,7 +39,7 @@ def claim_routed_many(connection: Connection, batch: list[RoutedMessage]) -> lis
     # a message newly routed to an agent is theirs until they answer (issue 15: load);
     # a copy or a redelivery found its claim and adds nothing
     assigned = [
-        _assignment_row(routed)
+        _assignment_row(routed, (offers or {}).get(routed.message.channel))
         for routed in batch
         if routed.route.kind == "agent"
         and owners.get((routed.message.channel, routed.message.external_id)) == routed.message.id
@@ -86,14 +92,21 @@ def _routed_row(routed: RoutedMessage) -> dict[str, Any]:
     }
 
 
-def _assignment_row(routed: RoutedMessage) -> dict[str, Any]:
+def _assignment_row(routed: RoutedMessage, offer: timedelta | None) -> dict[str, Any]:
+    """The agent's assignment; with ``offer`` (``routing.offer_timeout`` of its channel),
+    also an offer that the timer worker ends at its due time unless it is accepted."""
+    at = utc(routed.route.decided_at)
     return {
         "message_id": routed.message.id,
         "agent_id": routed.route.target,
         "customer_id": routed.customer.id if routed.customer else None,
         "channel": routed.message.channel,
-        "assigned_at": utc(routed.route.decided_at),
+        "assigned_at": at,
         "closed_at": None,
+        "offer_due_at": at + offer if offer else None,
+        "accepted_at": None,
+        "outcome": None,
+        "attempt": routed.route.attempt,
     }
 
 
