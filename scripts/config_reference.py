@@ -163,9 +163,7 @@ def render() -> str:
     for key, typ, default, text in rows(Settings):
         lines.append(f"| `{key}` | {typ} | {default} | {text} |")
     table = ["| reason | set by |", "|---|---|", *(f"| {a} | {b} |" for a, b in ROUTING_ROWS)]
-    return (
-        "\n".join(lines) + "\n" + ROUTING_INTRO + "\n" + "\n".join(table) + "\n" + ROUTING_OUTRO
-    )
+    return "\n".join(lines) + "\n" + ROUTING_INTRO + "\n" + "\n".join(table) + "\n" + ROUTING_OUTRO
 
 
 def main() -> int:
