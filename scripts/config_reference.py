@@ -131,6 +131,11 @@ ROUTING_ROWS = [
         " within `routing.load_window`)",
     ),
     (
+        "`offer_timeout`, `declined`",
+        "an offer (`routing.offer_timeout`) not accepted in time, or declined: routed again"
+        " without the agent, `route.attempt` + 1, `route.previous`",
+    ),
+    (
         "`dedicated_team`",
         "the customer's team",
     ),
