@@ -9,6 +9,7 @@ Capacity is written ``email=20;sms=5;whatsapp=5;twitter=10`` in agents.csv: mess
 that channel still awaiting the agent's answer, at most; a channel left out is unlimited.
 """
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -100,7 +101,8 @@ class AgentFacts:
                 return self.presence
             until = self.until  # shown in the agent's own zone where their calendar gives one
             if self.schedule is not None:
-                until = until.astimezone(self.schedule.timezone)
+                with contextlib.suppress(OverflowError):  # year 9999 east of UTC
+                    until = until.astimezone(self.schedule.timezone)
             return f"{self.presence} until {until.isoformat(timespec='minutes')}"
         if self.schedule is not None:
             status = self.schedule.status(now)

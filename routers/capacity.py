@@ -25,7 +25,13 @@ from routers.store import routed_log
 _LOCK_SPACE = 0x6F72
 _LOCK = text("SELECT pg_advisory_xact_lock(:space, hashtext(:agent))")
 _CAPACITIES = select(Agent.id, Agent.capacity).where(Agent.id.in_(bindparam("ids", expanding=True)))
-_BUSY: dict[str, ReasonName] = {"thread_owner": "thread_owner_busy"}
+#: the reason the policy gives when the agent of a route cannot take it (a deputy at
+#: capacity falls back as the agent they stood in for would)
+_BUSY: dict[str, ReasonName] = {
+    "thread_owner": "thread_owner_busy",
+    "last_agent": "last_agent_busy",
+    "deputy": "last_agent_fallback",
+}
 
 
 def claim(

@@ -6,8 +6,8 @@ Nothing is believed unchecked (``routers.trust``): an event from a publisher out
 have, or an ``agent.replied`` that names no customer and no thread, is dead-lettered.
 """
 
-
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -29,6 +29,7 @@ from ingest.schema import (
     AssignmentClosed,
     AssignmentDeclined,
     Event,
+    utcnow,
 )
 from ingest.topology import EVENTS_QUEUE
 from routers import directory, state
@@ -37,6 +38,8 @@ from routers.store.engine import sessionmaker
 from routers.trust import check_agent, check_customer, check_publisher, check_time
 
 log = structlog.get_logger("omniroute.events")
+#: the longest absence an ``agent.status`` may announce with ``until``
+MAX_AWAY = timedelta(days=366)
 EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
 
 
@@ -120,6 +123,9 @@ class EventsWorker(QueueWorker):
             self.on_due()  # committed: the timer worker finds the offer due now
 
     async def _status(self, session: AsyncSession, event: AgentStatus) -> None:
+        if event.until is not None and event.until > utcnow() + MAX_AWAY:
+            # a year and more is no absence but a pinned state (or a hostile one)
+            raise RefusedError("future_timestamp", f"until more than {MAX_AWAY.days} days ahead")
         await check_agent(session, event.agent_id)
         if event.deputy is not None:
             await check_agent(session, event.deputy)

@@ -135,6 +135,9 @@ class Assignment(Base):
     outcome: Mapped[str | None] = mapped_column(String(16))
     #: the attempt that made this offer (1: the first decision)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
+    #: the whole InboundMessage while the offer is open (the routed record keeps only a
+    #: short copy): a message routed again keeps its text and attachments
+    message: Mapped[str | None] = mapped_column(Text)
 
 
 class RoutedRecord(Base):

@@ -7,13 +7,15 @@ that customer, stops it; ``assignment.declined`` makes it due at once. ``OfferTi
 the due ones: the message is decided again without its thread owner or last agent (so the
 team, or its after-hours team), with reason ``offer_timeout`` or ``declined``, ``attempt``
 one more, ``previous`` the agent, and published as ``<id>#<attempt>`` so that ticket systems
-deduplicating on ``message_id`` take it as new and can recall the agent's copy.
+deduplicating on ``message_id`` take it as new and can recall the agent's copy. The whole
+message is kept with the offer (the routed record keeps only a short copy).
 
 Timers are rows, so they survive a restart (one due while the daemon was down fires at
 start) and every instance may run the worker: a batch of due rows is taken by pushing their
 due time ``RETRY`` ahead in one transaction (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite
 writes one at a time), published, then closed. A crash in between fires that batch again
-after ``RETRY``, with the same message ids (at least once, deduplicated downstream). The
+after ``RETRY``, with the same message ids: at least once, deduplicated downstream by
+``message_id``. The
 worker sleeps until the next due time, at most ``max_sleep``, and is woken early by
 ``nudge()`` when this process writes a nearer one (a decline, a new offer).
 """
@@ -97,6 +99,7 @@ class OfferTimers:
         self._health.set(self.name, "up")
         try:
             while not stop.is_set():
+                self._wake.clear()  # before looking: a nudge from here on is not lost
                 try:
                     await self.drain()
                     wait = await self._until_next()
@@ -105,6 +108,9 @@ class OfferTimers:
                     # would have the watchdog restart the daemon, which cannot help
                     if not failing:
                         log.warning("offers.failing", error=str(exc)[:300])
+                    failing, wait = True, backoff.next()
+                except Exception:  # a bug: logged, retried later, the daemon goes on
+                    log.exception("offers.bug")
                     failing, wait = True, backoff.next()
                 else:
                     if failing:
@@ -123,7 +129,6 @@ class OfferTimers:
         return fired
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
-        self._wake.clear()
         waiting = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             await asyncio.wait(waiting, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -194,19 +199,36 @@ class OfferTimers:
 
 
 def _next_due(connection: Connection) -> datetime | None:
-    found = connection.scalar(select(func.min(_assign.offer_due_at)).where(_DUE, _OPEN))
+    found = connection.scalar(
+        select(func.min(_assign.offer_due_at))
+        .join_from(Assignment.__table__, RoutedRecord.__table__, _record.id == _assign.message_id)
+        .where(_DUE, _OPEN)
+    )
     return aware(found) if found is not None else None
 
 
 def _take_due(connection: Connection, now: datetime, limit: int) -> list[Due]:
     """Take up to ``limit`` due offers for this worker by moving their due time ``RETRY``
     ahead (rows another worker holds are skipped), with what re-routing them needs."""
+    # an offer whose routed record was pruned (the record is kept routing.routed_log_days)
+    # cannot say where it was: it is closed, never retried for ever
+    connection.execute(
+        update(Assignment)
+        .where(
+            _DUE,
+            _OPEN,
+            _assign.offer_due_at <= utc(now),
+            ~select(_record.id).where(_record.id == _assign.message_id).exists(),
+        )
+        .values(offer_due_at=None, outcome="expired", closed_at=utc(now))
+    )
     query = (
         select(
             _assign.message_id,
             _assign.agent_id,
             _assign.attempt,
             _assign.outcome,
+            _assign.message.label("offered"),
             _record.message,
             _record.route_kind,
             _record.route_target,
@@ -227,30 +249,48 @@ def _take_due(connection: Connection, now: datetime, limit: int) -> list[Due]:
         .where(Assignment.message_id.in_([r.message_id for r in rows]))
         .values(offer_due_at=utc(now + RETRY))
     )
-    return [
-        Due(
-            message=InboundMessage.model_validate_json(r.message),
-            agent_id=r.agent_id,
-            attempt=int(r.attempt or 1),
-            reason="declined" if r.outcome == "declined" else "offer_timeout",
-            previous=PreviousRoute(kind=r.route_kind, target=r.route_target, reason=r.reason),
-        )
-        for r in rows
-    ]
+    taken: list[Due] = []
+    for r in rows:
+        try:  # the whole message kept with the offer, else the record's short copy
+            due = Due(
+                message=InboundMessage.model_validate_json(r.offered or r.message),
+                agent_id=r.agent_id,
+                attempt=int(r.attempt or 1),
+                reason="declined" if r.outcome == "declined" else "offer_timeout",
+                previous=PreviousRoute(kind=r.route_kind, target=r.route_target, reason=r.reason),
+            )
+        except ValueError as exc:  # e.g. written by a newer omniroute: not retried for ever
+            log.error("offers.unreadable", message_id=r.message_id, error=str(exc)[:300])
+            connection.execute(
+                update(Assignment)
+                .where(Assignment.message_id == r.message_id)
+                .values(offer_due_at=None, outcome="unreadable", closed_at=utc(now))
+            )
+            continue
+        taken.append(due)
+    return taken
 
 
 def _fired(connection: Connection, done: list[RoutedMessage], now: datetime) -> None:
     """The offers ended: no timer, the agent's load freed, the record names the new route."""
     for item in done:
-        connection.execute(
+        ended = connection.execute(
             update(Assignment)
-            .where(Assignment.message_id == item.message.id)
+            .where(Assignment.message_id == item.message.id, Assignment.accepted_at.is_(None))
             .values(
                 offer_due_at=None,
                 outcome=item.route.reason,
                 closed_at=func.coalesce(Assignment.closed_at, utc(now)),
+                message=None,
             )
         )
+        if not ended.rowcount:  # accepted while it was being routed again: both have it
+            log.warning("offers.accepted_meanwhile", message_id=item.message.id)
+            connection.execute(
+                update(Assignment)
+                .where(Assignment.message_id == item.message.id)
+                .values(offer_due_at=None, message=None)
+            )
         connection.execute(
             update(RoutedRecord)
             .where(RoutedRecord.id == item.message.id)

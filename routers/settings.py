@@ -82,6 +82,8 @@ class RoutingSettings(BaseModel):
     @classmethod
     def _offers(cls, value: dict[Channel, timedelta]) -> dict[Channel, timedelta]:
         for channel, after in value.items():
+            if channel == "voice":  # a call is answered or not within seconds, by the PBX
+                raise ValueError("voice: calls are not offered (the PBX rings the agent)")
             if after.total_seconds() <= 0:
                 raise ValueError(f"{channel}: must be positive")
         return value

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ingest.schema import RecentContact
+from ingest.schema import RecentContact, utcnow
 from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOwner
 from routers.store.routed_log import recent_contacts
 from routers.store.sql import upsert
@@ -236,13 +236,16 @@ async def decline_offer(
     """``assignment.declined``: the offer is due at once (the timer worker routes the message
     again without the agent) and is no load of theirs any more. Also after an acceptance
     (the agent gives it back); not once the message was routed on."""
-    at = utc(at)
+    at = min(utc(at), utcnow())  # a publisher's clock ahead must not delay the re-route
     result = await session.execute(
         update(Assignment)
         .where(
             Assignment.message_id == message_id,
             Assignment.agent_id == agent_id,
             Assignment.outcome.is_(None),
+            Assignment.closed_at.is_(None),
+            # an offer, open or accepted: not a message on a channel without offers
+            or_(Assignment.offer_due_at.is_not(None), Assignment.accepted_at.is_not(None)),
         )
         .values(
             outcome="declined",
@@ -266,7 +269,7 @@ async def close_assignment(
             Assignment.agent_id == agent_id,
             Assignment.closed_at.is_(None),
         )
-        .values(closed_at=utc(at))
+        .values(closed_at=utc(at), offer_due_at=None)
     )
     return bool(getattr(result, "rowcount", 0))
 

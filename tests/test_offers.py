@@ -5,27 +5,33 @@ the real broker and directory; the timer's clock is set ahead instead of waiting
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
 from ingest.health import Health
 from ingest.schema import (
     AgentReplied,
+    AgentStatus,
     AssignmentAccepted,
     AssignmentDeclined,
+    Attachment,
     Identity,
     InboundMessage,
     RoutedMessage,
     utcnow,
 )
-from ingest.topology import EVENTS, INBOUND, ROUTED_QUEUE
+from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, REASON_HEADER, ROUTED_QUEUE
 from routers.decider import DirectoryDecider
 from routers.events import EventsWorker
-from routers.offers import OfferTimers
+from routers.models import RoutedRecord
+from routers.offers import RETRY, OfferTimers
 from routers.settings import RouterSettings, RoutingSettings
+from routers.store.engine import sessionmaker
 from routers.worker import RouterWorker
 from tests.seed import seed
 from tests.support.broker import Taken, take
@@ -62,6 +68,7 @@ class Desk:
         self.events = EventsWorker(
             bus=bus, engine=engine, routing=routing, settings=RouterSettings(), health=self.health
         )
+        self.timers_engine = engine
         self.timers = OfferTimers(
             bus=bus,
             engine=engine,
@@ -91,12 +98,12 @@ class Desk:
         await self.bus.publish(EVENTS, event.type, event, message_id=f"ev-{id(event)}")
         await self.events.idle()
 
-    async def send(self) -> InboundMessage:
+    async def send(self, **more: Any) -> InboundMessage:
         message = InboundMessage(
             channel="email",
             external_id=f"<{utcnow().timestamp()}@acme.test>",
             sender=Identity(kind="email", address="ayse@acme.test"),
-            text="Faturam nerede?",
+            **{"text": "Faturam nerede?", **more},
         )
         await self.bus.publish(INBOUND, message.channel, message, message_id=message.id)
         await self.router.idle()
@@ -108,19 +115,20 @@ class Desk:
 
 
 @pytest.fixture
-async def desk(bus: Bus, engine: AsyncEngine) -> AsyncIterator[Desk]:
-    """Ana answered Acme; email offers last a minute (the timer's clock is moved instead)."""
-    await seed(engine)
+async def desk(bus: Bus, db: AsyncEngine) -> AsyncIterator[Desk]:
+    """Ana answered Acme; email offers last a minute (the timer's clock is moved instead).
+    On SQLite and on PostgreSQL (FOR UPDATE SKIP LOCKED)."""
+    await seed(db)
     routing = RoutingSettings(default_region="TR", offer_timeout={"email": OFFER})
-    d = Desk(bus, engine, routing)
+    d = Desk(bus, db, routing)
     await d.start()
     await d.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
     yield d
     await d.close()
 
 
-async def offered(desk: Desk) -> InboundMessage:
-    message = await desk.send()
+async def offered(desk: Desk, **more: Any) -> InboundMessage:
+    message = await desk.send(**more)
     got, routed = await desk.routed()
     assert (got.message_id, routed.route.routing_key) == (message.id, "agent.ana")
     assert (routed.route.attempt, routed.route.previous) == (1, None)
@@ -144,7 +152,8 @@ async def test_an_offer_not_accepted_in_time_goes_to_the_team(desk: Desk) -> Non
         "last_agent",
     )
     assert route.steps[-1] == "offer: ana did not accept it in time, routed again"
-    assert await desk.timers.drain() == 0, "fired once"
+    desk.clock.ahead = OFFER + RETRY * 2  # past the time a worker holds what it took
+    assert await desk.timers.drain() == 0, "fired once, and closed"
 
 
 async def test_a_declined_offer_goes_to_the_team_at_once(desk: Desk) -> None:
@@ -210,3 +219,57 @@ async def test_the_running_timer_fires_when_the_offer_is_due(bus: Bus, engine: A
         assert timedelta(seconds=0.5) < late < timedelta(seconds=10), late
     finally:
         await d.close()
+
+
+async def test_a_message_routed_again_keeps_its_whole_text_and_attachments(desk: Desk) -> None:
+    """The routed record keeps a short copy; the offer keeps the message the agent got."""
+    long = "Fatura " * 1000
+    attachment = Attachment(filename="fatura.pdf", content_type="application/pdf", size=3)
+    message = await offered(desk, text=long, attachments=[attachment])
+    desk.clock.ahead = OFFER * 2
+    assert await desk.timers.drain() == 1
+    _, routed = await desk.routed()
+    assert routed.message.text == long
+    assert [a.filename for a in routed.message.attachments] == ["fatura.pdf"]
+    assert routed.message.id == message.id
+
+
+async def test_a_decline_without_an_offer_changes_nothing(bus: Bus, engine: AsyncEngine) -> None:
+    """Offers off: a decline is not a way to move a message (README: off until configured)."""
+    await seed(engine)
+    d = Desk(bus, engine, RoutingSettings(default_region="TR"))
+    await d.start()
+    try:
+        await d.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
+        message = await offered(d)
+        await d.event(AssignmentDeclined(message_id=message.id, agent_id="ana"))
+        assert await d.timers.drain() == 0
+    finally:
+        await d.close()
+
+
+async def test_an_offer_whose_record_was_pruned_is_closed_not_retried(desk: Desk) -> None:
+    """The routed record is kept routing.routed_log_days: an offer outliving it ends,
+    and the worker does not find it due again and again."""
+    message = await offered(desk)
+    async with sessionmaker(desk.timers_engine).begin() as session:
+        await session.execute(delete(RoutedRecord).where(RoutedRecord.id == message.id))
+    desk.clock.ahead = OFFER * 2
+    assert await desk.timers.drain() == 0
+    assert await desk.timers._until_next() == desk.timers._max_sleep
+
+
+async def test_an_absence_until_year_9999_is_refused(desk: Desk) -> None:
+    """A hostile or mistaken ``until`` would pin the agent away for ever (and past year
+    9999 east of UTC, break every decision naming them): dead-lettered, routing goes on."""
+    far = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
+    await desk.bus.publish(
+        EVENTS,
+        "agent.status",
+        AgentStatus(agent_id="ana", status="away", until=far),
+        message_id="ev-far",
+    )
+    await desk.events.idle()
+    (dead,) = await take(desk.bus, DEAD_QUEUE, 1)
+    assert str(dead.headers[REASON_HEADER]).startswith("future_timestamp: until more than 366")
+    await offered(desk)  # Ana is still available: the last agent takes it

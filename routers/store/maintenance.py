@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import utcnow
-from routers.models import RoutedRecord, SeenId, SentReply
+from routers.models import Assignment, RoutedRecord, SeenId, SentReply
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 
@@ -25,6 +25,7 @@ async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
     removed = 0
     for stmt in (
         delete(RoutedRecord).where(RoutedRecord.routed_at < cutoff),
+        delete(Assignment).where(Assignment.assigned_at < cutoff),
         delete(SentReply).where(SentReply.at < cutoff),
         delete(SeenId).where(SeenId.at < cutoff),
     ):

@@ -107,6 +107,7 @@ def _assignment_row(routed: RoutedMessage, offer: timedelta | None) -> dict[str,
         "accepted_at": None,
         "outcome": None,
         "attempt": routed.route.attempt,
+        "message": routed.message.model_dump_json() if offer else None,
     }
 
 

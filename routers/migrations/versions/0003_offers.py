@@ -21,6 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("offer_due_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("accepted_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("outcome", sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column("message", sa.Text(), nullable=True))
         batch_op.add_column(
             sa.Column("attempt", sa.Integer(), nullable=False, server_default=sa.text("1"))
         )
@@ -31,6 +32,7 @@ def downgrade() -> None:
     with op.batch_alter_table("assignments", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_assignments_offer_due_at"))
         batch_op.drop_column("attempt")
+        batch_op.drop_column("message")
         batch_op.drop_column("outcome")
         batch_op.drop_column("accepted_at")
         batch_op.drop_column("offer_due_at")
