@@ -310,8 +310,13 @@ async def test_a_batch_sends_the_agent_only_what_fits(desk: Desk) -> None:
     batch's own assignments count, not only the stored ones."""
     assert await desk.where(desk.email()) == [ANA]
     desk.clock.advance(timedelta(minutes=1))
-    got = await desk.where(*(desk.email() for _ in range(5)))
+    decisions = await desk.route(*(desk.email() for _ in range(5)))
+    got = [(d.route.routing_key, d.route.reason) for d in decisions]
     assert got == [ANA] + [BUSY] * 4
+    # decided so by the policy (the claim's recount is only the guard against other routers)
+    for decision in decisions[1:]:
+        assert "last_agent: ana is at capacity (2 of 2 open), not taken" in decision.route.steps
+        assert not decision.route.steps[-1].startswith("capacity:")
     assert await desk.open_load("ana") == 2
 
 
