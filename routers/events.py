@@ -6,8 +6,8 @@ Nothing is believed unchecked (``routers.trust``): an event from a publisher out
 have, or an ``agent.replied`` that names no customer and no thread, is dead-lettered.
 """
 
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -38,6 +38,14 @@ from routers.store.engine import sessionmaker
 from routers.trust import check_agent, check_customer, check_publisher, check_time
 
 log = structlog.get_logger("omniroute.events")
+#: what an assignment event changes, and the log event that says so
+_ASSIGNMENT: dict[
+    str, tuple[Callable[[AsyncSession, str, str, datetime], Awaitable[bool]], str]
+] = {
+    "assignment.accepted": (state.accept_offer, "events.offer_accepted"),
+    "assignment.declined": (state.decline_offer, "events.offer_declined"),
+    "assignment.closed": (state.close_assignment, "events.assignment_closed"),
+}
 #: the longest absence an ``agent.status`` may announce with ``until``
 MAX_AWAY = timedelta(days=366)
 EVENTS: TypeAdapter[Event] = TypeAdapter(Event)
@@ -84,38 +92,14 @@ class EventsWorker(QueueWorker):
                     await self._replied(session, event)
                 elif isinstance(event, AgentStatus):
                     await self._status(session, event)
-                elif isinstance(event, AssignmentAccepted):
+                elif isinstance(event, AssignmentAccepted | AssignmentDeclined | AssignmentClosed):
+                    # one agent's one message; outbound.* events are omniroute's own news
                     await check_agent(session, event.agent_id)
-                    took = await state.accept_offer(
-                        session, event.message_id, event.agent_id, event.at
-                    )
+                    change, said = _ASSIGNMENT[event.type]
+                    changed = await change(session, event.message_id, event.agent_id, event.at)
+                    declined = changed and isinstance(event, AssignmentDeclined)
                     log.info(
-                        "events.offer_accepted",
-                        agent_id=event.agent_id,
-                        message_id=event.message_id,
-                        was_open=took,
-                    )
-                elif isinstance(event, AssignmentDeclined):
-                    await check_agent(session, event.agent_id)
-                    declined = await state.decline_offer(
-                        session, event.message_id, event.agent_id, event.at
-                    )
-                    log.info(
-                        "events.offer_declined",
-                        agent_id=event.agent_id,
-                        message_id=event.message_id,
-                        was_open=declined,
-                    )
-                elif isinstance(event, AssignmentClosed):
-                    await check_agent(session, event.agent_id)
-                    closed = await state.close_assignment(
-                        session, event.message_id, event.agent_id, event.at
-                    )
-                    log.info(
-                        "events.assignment_closed",
-                        agent_id=event.agent_id,
-                        message_id=event.message_id,
-                        was_open=closed,
+                        said, agent_id=event.agent_id, message_id=event.message_id, was_open=changed
                     )
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc

@@ -18,6 +18,7 @@ from ingest.schema import (
     AgentReplied,
     AgentStatus,
     AssignmentAccepted,
+    AssignmentClosed,
     AssignmentDeclined,
     Attachment,
     Identity,
@@ -273,3 +274,12 @@ async def test_an_absence_until_year_9999_is_refused(desk: Desk) -> None:
     (dead,) = await take(desk.bus, DEAD_QUEUE, 1)
     assert str(dead.headers[REASON_HEADER]).startswith("future_timestamp: until more than 366")
     await offered(desk)  # Ana is still available: the last agent takes it
+
+
+async def test_a_closed_assignment_is_no_offer_any_more(desk: Desk) -> None:
+    """``assignment.closed`` through the events worker: no load, and no timer left."""
+    message = await offered(desk)
+    await desk.event(AssignmentClosed(message_id=message.id, agent_id="ana"))
+    desk.clock.ahead = OFFER * 2
+    assert await desk.timers.drain() == 0
+    assert await desk.timers._until_next() == desk.timers._max_sleep
