@@ -11,10 +11,6 @@ from routers.store.sql import insert_new
 from routers.store.values import utc
 
 
-async def reply_sent(session: AsyncSession, request_id: str) -> bool:
-    return (await session.get(SentReply, request_id)) is not None
-
-
 async def record_sent(
     session: AsyncSession, request_id: str, channel: str, external_id: str | None, at: datetime
 ) -> None:

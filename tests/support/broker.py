@@ -2,8 +2,7 @@
 a vhost of a test's own, a bus opened on it (``opened_bus``), ``publish_inbound`` as an
 intake does, and a queue: ``take`` messages off it (``published``: what an intake
 published; ``tally``: every wanted id, with its copies), ``purge`` it, its ``depth``,
-``filled`` (at least so many ready), ``drained`` (nothing ready any more) and
-``wait_consumers``."""
+``filled`` (at least so many ready) and ``wait_consumers``."""
 
 import asyncio
 import contextlib
@@ -262,15 +261,6 @@ async def filled(
         return (await bus.queue_depth(queue))[0] >= n
 
     await until_true(enough, timeout, f"{n} messages ready in {queue}")
-
-
-async def drained(bus: Bus, *queues: str, timeout: float = 15.0) -> None:
-    """Wait (bounded) until nothing is ready in any of ``queues``."""
-
-    async def empty() -> bool:
-        return not any([(await bus.queue_depth(queue))[0] for queue in queues])
-
-    await until_true(empty, timeout, f"nothing ready in {', '.join(queues)}")
 
 
 async def wait_consumers(bus: Bus, queue: str, n: int = 1, timeout: float = 30.0) -> None:
