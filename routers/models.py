@@ -36,6 +36,10 @@ class Team(Base):
     holidays: Mapped[str | None] = mapped_column(String(16))
     after_hours: Mapped[str | None] = mapped_column(String(200))
     after_hours_dial: Mapped[str | None] = mapped_column(String(400))
+    # issue 16: how soon a customer's message must have a first answer, per channel, counted
+    # in the team's opening hours (``email=4h;sms=15m``), and whom it escalates to then
+    first_response: Mapped[str | None] = mapped_column(String(400))
+    escalate_to: Mapped[str | None] = mapped_column(String(200))
 
 
 class CompanyHoliday(Base):
@@ -70,6 +74,8 @@ class Customer(Base):
     id: Mapped[str] = mapped_column(String(200), primary_key=True)
     name: Mapped[str] = mapped_column(String(400))
     team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), index=True)
+    #: issue 16: the language of acknowledgements (``tr``, ``en``); None: ack.default_language
+    language: Mapped[str | None] = mapped_column(String(16))
 
 
 class CustomerIdentity(Base):
@@ -159,6 +165,38 @@ class RoutedRecord(Base):
     reason: Mapped[str] = mapped_column(String(64))
     routed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     message: Mapped[str] = mapped_column(Text)
+    #: the attempt of the route recorded (issue 16: offers and escalation route again)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Waiting(Base):
+    """A customer's message waiting for its first answer (issue 16): at ``due_at``, counted
+    in the opening hours of the team it went to, it escalates one ``level``. Any answer to
+    that customer (or to this message) stops it."""
+
+    __tablename__ = "waiting"
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[str | None] = mapped_column(String(200), index=True)
+    #: the team whose first-response time runs (the route's team, or its agent's)
+    team_id: Mapped[str] = mapped_column(String(200))
+    channel: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: None: nothing more to escalate (answered, or the chain ended)
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    level: Mapped[int] = mapped_column(Integer, default=0)
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: the whole InboundMessage, to route it again
+    message: Mapped[str] = mapped_column(Text)
+
+
+class AckSent(Base):
+    """The last acknowledgement a customer got (issue 16): at most one per ``ack.quiet_for``
+    across channels and instances. ``key`` is ``customer:<id>``, or ``<kind>:<address>``
+    for an unknown sender."""
+
+    __tablename__ = "acks"
+    key: Mapped[str] = mapped_column(String(600), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Cursor(Base):
@@ -190,6 +228,7 @@ class SentReply(Base):
 
 
 __all__ = [
+    "AckSent",
     "Agent",
     "AgentPresence",
     "Assignment",
@@ -204,4 +243,5 @@ __all__ = [
     "SentReply",
     "Team",
     "ThreadOwner",
+    "Waiting",
 ]
