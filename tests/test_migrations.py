@@ -41,7 +41,9 @@ async def test_a_first_schema_directory_upgrades_with_its_rows(tmp_path: Path) -
         assert await current_revision(url) == "0004"
         async with engine.connect() as connection:
             team = (
-                await connection.execute(sa.text("SELECT id, hours, timezone, first_response, escalate_to FROM teams"))
+                await connection.execute(
+                    sa.text("SELECT id, hours, timezone, first_response, escalate_to FROM teams")
+                )
             ).one()
             agent = (
                 await connection.execute(sa.text("SELECT id, deputy, capacity FROM agents"))
