@@ -34,7 +34,13 @@ from connectors.settings import (
 from ingest.errors import ConfigError
 from ingest.settings import BusSettings
 from routers.dispatcher import DispatchSettings
-from routers.settings import DirectorySettings, EventsSettings, RouterSettings, RoutingSettings
+from routers.settings import (
+    AckSettings,
+    DirectorySettings,
+    EventsSettings,
+    RouterSettings,
+    RoutingSettings,
+)
 
 COMPONENTS = registry.COMPONENTS  # derived from the channel table: never listed here
 _TOML: ContextVar[Path | None] = ContextVar("omniroute_toml", default=None)
@@ -91,6 +97,7 @@ class Settings(BaseSettings):
     directory: DirectorySettings = DirectorySettings()
     dispatch: DispatchSettings = DispatchSettings()
     events: EventsSettings = EventsSettings()
+    ack: AckSettings | None = None
     http: HttpSettings = HttpSettings()
     api: ApiSettings = ApiSettings()
     twilio: TwilioSettings = TwilioSettings()

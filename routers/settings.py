@@ -1,6 +1,8 @@
 """Settings of the routing policy and the router worker."""
 
 from datetime import timedelta
+from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -54,6 +56,13 @@ class RoutingSettings(BaseModel):
         "declined, it is routed again without the agent (reason offer_timeout or declined, "
         "route.attempt 2, AMQP message_id <id>#2). A channel left out: no offers (issue 16)",
     )
+    max_escalations: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="how many times a message without a first answer escalates along teams.csv's "
+        "escalate_to chain (issue 16); 0: sla.breached is still published, nothing re-routed",
+    )
     require_authenticated_email: bool | None = Field(
         default=None,
         description="a mail whose sender is not proven (DMARC fail, or no SPF, DKIM or DMARC "
@@ -93,6 +102,50 @@ class RoutingSettings(BaseModel):
     def _positive(cls, value: timedelta) -> timedelta:
         if value.total_seconds() < 0:
             raise ValueError("must not be negative")
+        return value
+
+
+class AckSettings(BaseModel):
+    """``[ack]``: an acknowledgement to the customer on the first message of a conversation
+    (issue 16). Absent: none is sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    quiet_for: timedelta = Field(
+        default=timedelta(hours=24),
+        description="a message is the first of a conversation when the customer had no contact "
+        "for this long; a customer gets at most one acknowledgement in this time, across "
+        "channels and instances",
+    )
+    default_language: Literal["tr", "en"] = Field(
+        default="en",
+        description="the templates' language for a customer without customers.csv's language",
+    )
+    unknown_senders: bool = Field(
+        default=False, description="acknowledge senders the directory does not know too"
+    )
+    channels: list[Channel] = Field(
+        default=["email", "sms", "whatsapp", "twitter"],
+        description="channels on which an acknowledgement is sent (never voice)",
+    )
+    templates: Path | None = Field(
+        default=None,
+        description="a directory of the operator's own templates (<channel>.<language>.txt, "
+        "<language>.txt), used before the ones shipped with omniroute",
+    )
+
+    @field_validator("quiet_for")
+    @classmethod
+    def _quiet(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, value: list[Channel]) -> list[Channel]:
+        if "voice" in value:
+            raise ValueError("voice: a call cannot be acknowledged by a message")
         return value
 
 

@@ -212,9 +212,7 @@ async def set_presence(
     )
 
 
-async def accept_offer(
-    session: AsyncSession, message_id: str, agent_id: str, at: datetime
-) -> bool:
+async def accept_offer(session: AsyncSession, message_id: str, agent_id: str, at: datetime) -> bool:
     """``assignment.accepted``: the offer's timer stops; the message stays the agent's load
     until they answer. False when no open offer of that message was the agent's."""
     result = await session.execute(

@@ -35,9 +35,7 @@ T = TypeVar("T")
 #: one writer at a time anyway
 _THREADS = 2
 
-_of_engine: "weakref.WeakKeyDictionary[AsyncEngine, Transactions]" = (
-    weakref.WeakKeyDictionary()
-)
+_of_engine: "weakref.WeakKeyDictionary[AsyncEngine, Transactions]" = weakref.WeakKeyDictionary()
 
 
 class Transactions:
