@@ -32,6 +32,8 @@ class CustomerRecord:
     id: str
     name: str
     team_id: str | None
+    #: issue 16: the language of acknowledgements (None: ack.default_language)
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class TeamRecord:
     after_hours_dial: str | None = None
     #: holidays.csv's rows for the team: (day, name, hours or None)
     company_days: tuple[tuple[date, str, str | None], ...] = ()
+    # issue 16: per-channel first-response times (routers.first_response) and escalation
+    first_response: str | None = None
+    escalate_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,12 +98,12 @@ async def customer_by_key(session: AsyncSession, kind: str, address: str) -> Cus
     """The customer owning one normalised (kind, address), or None."""
     row = (
         await session.execute(
-            select(Customer.id, Customer.name, Customer.team_id)
+            select(Customer.id, Customer.name, Customer.team_id, Customer.language)
             .join(CustomerIdentity, CustomerIdentity.customer_id == Customer.id)
             .where(CustomerIdentity.kind == kind, CustomerIdentity.address == address)
         )
     ).first()
-    return None if row is None else CustomerRecord(id=row.id, name=row.name, team_id=row.team_id)
+    return None if row is None else CustomerRecord(row.id, row.name, row.team_id, row.language)
 
 
 def customers_by_keys(
@@ -113,7 +118,7 @@ def customers_by_keys(
         params[f"kind{i}"] = kind
         params[f"addresses{i}"] = [address for k, address in keys if k == kind]
     rows = connection.execute(_customers_of_kinds(len(kinds)), params).all()
-    return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id) for r in rows}
+    return {(r.kind, r.address): CustomerRecord(r.id, r.name, r.team_id, r.language) for r in rows}
 
 
 @functools.cache
@@ -122,7 +127,14 @@ def _customers_of_kinds(kinds: int) -> Select[Any]:
     # row-value "(kind, address) IN (VALUES ...)", but searches the key index for this
     identity, customer = CustomerIdentity.__table__.c, Customer.__table__.c
     return (
-        select(identity.kind, identity.address, customer.id, customer.name, customer.team_id)
+        select(
+            identity.kind,
+            identity.address,
+            customer.id,
+            customer.name,
+            customer.team_id,
+            customer.language,
+        )
         .join_from(
             CustomerIdentity.__table__, Customer.__table__, identity.customer_id == customer.id
         )
@@ -168,6 +180,8 @@ def teams_by_ids(connection: Connection, team_ids: list[str]) -> dict[str, TeamR
             r.after_hours,
             r.after_hours_dial,
             tuple(sorted(days.get(r.id, ()))),
+            r.first_response,
+            r.escalate_to,
         )
         for r in rows
     }
@@ -194,6 +208,8 @@ _TEAMS = select(
     _team.holidays,
     _team.after_hours,
     _team.after_hours_dial,
+    _team.first_response,
+    _team.escalate_to,
 ).where(_team.id.in_(bindparam("ids", expanding=True)))
 _TEAM_DAYS = select(_day.team_id, _day.day, _day.name, _day.hours).where(
     _day.team_id.in_(bindparam("ids", expanding=True))

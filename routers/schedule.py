@@ -18,13 +18,9 @@ is closed when Friday is a holiday, whatever Saturday is. Overlapping ranges mer
 text is ``ALWAYS`` (around the clock); ``closed`` is ``CLOSED`` (open only on company days
 with hours). Example: ``Mon-Fri 09:00-12:00,13:00-18:00; Sat 10:00-14:00``.
 
-Holidays: ``country`` ("TR", or "DE-BY" with a subdivision) picks a calendar of the
-``holidays`` package, named in the country's language ("Kurban Bayramı"). A public holiday
-closes all day. Its HALF_DAY category means different things per country (China: for some
-groups; Estonia: three hours shorter), so it counts only where the names say when the
-holiday begins: Turkey and Iceland, 13:00 (Turkey's arife of Ramazan and Kurban Bayramı and
-28 October; public offices close at 13:00): open only before 13:00, within the weekly
-hours. A company day replaces a country holiday.
+Holidays: ``country`` ("TR", or "DE-BY") closes the public holidays of its calendar all day,
+and Turkey's and Iceland's half days from 13:00 (``routers.public_holidays``). A company
+day replaces a country holiday.
 
 Time: hours are wall-clock times in the schedule's zone. Nothing opens in a skipped hour
 until the clock jumps (then the new wall time decides); a repeated hour is judged by its
@@ -37,17 +33,14 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
 from typing import Literal, NamedTuple, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import holidays
+from routers.public_holidays import check_country, holidays_of
 
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 DAY = 24 * 60  # minutes
 HORIZON = timedelta(days=400)
-# The minute from which a country's HALF_DAY holidays close; see the module docstring.
-HALF_DAY_FROM = {"TR": 13 * 60, "IS": 13 * 60}
 _DAY_INDEX = {name.lower(): i for i, name in enumerate(DAYS)}
 _TIME = re.compile(r"(\d{1,2}):(\d\d)")
 Reason = Literal["open", "closed", "holiday"]
@@ -204,36 +197,6 @@ def parse_timezone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r}") from None
 
 
-def check_country(code: str) -> str:
-    """``code`` in canonical form ("TR", "DE-BY"), or ValueError if the holidays package
-    has no calendar for it."""
-    country, dash, subdiv = code.strip().upper().partition("-")
-    subdivs = holidays.list_supported_countries(include_aliases=False).get(country)
-    if subdivs is None:
-        raise ValueError(f"unknown holiday country {code!r} (ISO 3166-1 alpha-2, e.g. TR)")
-    known = [name for name in subdivs if name.upper() == subdiv]
-    if dash and not known:
-        raise ValueError(f"unknown subdivision {code!r} ({country}: {', '.join(subdivs)})")
-    return f"{country}-{known[0]}" if dash else country
-
-
-@lru_cache(maxsize=1024)
-def _holidays(country: str, year: int) -> dict[date, tuple[str, int | None]]:
-    """A country's holidays of a year, built once: date -> (name, None for a whole day or
-    the minute a half day begins). A public holiday wins over a half day."""
-    code, _, subdiv = country.partition("-")
-    language = holidays.country_holidays(code).default_language  # not the process locale
-    half = HALF_DAY_FROM.get(code)
-    out: dict[date, tuple[str, int | None]] = {}
-    for category in (holidays.HALF_DAY,) * (half is not None) + (holidays.PUBLIC,):
-        begins = half if category == holidays.HALF_DAY else None
-        found = holidays.country_holidays(
-            code, subdiv or None, years=year, categories=category, language=language
-        )
-        out.update((day, (name, begins)) for day, name in found.items())
-    return out
-
-
 class _Day(NamedTuple):
     spans: tuple[Span, ...]  # the hours in force that day
     weekly: tuple[Span, ...]  # the weekly hours, to tell "holiday" from "closed"
@@ -299,7 +262,7 @@ class Schedule:
         weekly = self.hours.days[day.weekday()]
         if (company := self._company.get(day)) is not None:
             return _Day(company.hours or (), weekly, company.name)
-        if self.country and (holiday := _holidays(self.country, day.year).get(day)):
+        if self.country and (holiday := holidays_of(self.country, day.year).get(day)):
             name, until = holiday  # None: all day; else a half day, open before ``until``
             half = () if until is None else [Span(s, min(e, until)) for s, e in weekly if s < until]
             return _Day(tuple(half), weekly, name)
@@ -380,13 +343,28 @@ class Schedule:
             opens = status.opens_at
             later = f"opens {_later(local, opens)}" if opens else "not open within 400 days"
             return f"{state}: {now}, {later}"
+        if (then := self._closing(local)) is None:
+            return f"open{name}: {now}, no closing within 400 days"
+        return f"open{name}: {now}, until {_later(local, then)}"
+
+    def open_until(self, at: datetime) -> datetime | None:
+        """When the open stretch holding ``at`` ends (``at`` when closed); None: not within
+        400 days. Issue 16's first-response clock runs only inside such stretches."""
+        if not self.status(at).open:
+            return at
+        if (wall := self._closing(_local(at, self.timezone))) is None:
+            return None
+        closes = wall.replace(tzinfo=self.timezone).astimezone(UTC)  # instants, not wall times
+        return max(at.astimezone(UTC), closes).astimezone(self.timezone)
+
+    def _closing(self, local: datetime) -> datetime | None:
+        """The wall time at which the open ranges holding wall ``local`` close, or None."""
         end: int | None = (minute := self._minutes(local))
         while end is not None and end < self._minutes(local) + HORIZON.days * DAY:
             minute, end = end, self._end_of(end)
         if end is not None:
-            return f"open{name}: {now}, no closing within 400 days"
-        then = datetime.fromordinal(minute // DAY) + timedelta(minutes=minute % DAY)
-        return f"open{name}: {now}, until {_later(local, then)}"
+            return None
+        return datetime.fromordinal(minute // DAY) + timedelta(minutes=minute % DAY)
 
 
 def _later(now: datetime, then: datetime) -> str:

@@ -431,7 +431,7 @@ async def test_export_never_writes_a_formula_and_import_undoes_the_escape(
         ["quoted", "''=Quoted", "", ""],
         ["sum", "'@SUM(1+1)*cmd|' /C calc'!A0", "", ""],
     ]
-    customers = list(csv.reader(io.StringIO(files["customers"].read_text())))
+    customers = [row[:6] for row in csv.reader(io.StringIO(files["customers"].read_text()))]
     assert customers[1:] == [
         ["f-1", "'=1+2", "plus", "eq@example.com", "'+905321112233;+905321112244", "acme"],
         ["f-2", "'-2+3", "minus", "", "'+905321112255", "id:12345"],

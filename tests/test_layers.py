@@ -84,10 +84,16 @@ def test_the_routers_plumbing_imports_no_routing():
     """``routers.store`` (the database plumbing) and ``routers.csv`` (the directory's import
     and export) sit beneath the routing: of ``routers`` they import each other, the models
     and the settings, never the decider, the workers or the routing state. The import checks
-    issue 15's columns with the parsers the router reads them with: ``routers.schedule``
-    (hours, zones, holiday countries) and ``routers.availability``'s ``parse_capacity``."""
+    issue 15's and 16's columns with the parsers the router reads them with:
+    ``routers.schedule`` and ``routers.public_holidays`` (hours, zones, holiday countries),
+    ``routers.availability``'s ``parse_capacity`` and ``routers.first_response``."""
     beneath = ("routers.store", "routers.csv", "routers.models", "routers.settings")
-    parsers = ("routers.schedule", "routers.availability")
+    parsers = (
+        "routers.schedule",
+        "routers.public_holidays",
+        "routers.availability",
+        "routers.first_response",
+    )
 
     def within(name: str, packages: tuple[str, ...]) -> bool:
         return any(name == p or name.startswith(f"{p}.") for p in packages)

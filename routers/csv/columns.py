@@ -1,5 +1,6 @@
-"""Issue 15's directory columns, checked and put in canonical form: a team's time zone, hours
-and holiday country, an agent's hours and capacity, a holidays.csv date and hours.
+"""Issue 15's and 16's directory columns, checked and put in canonical form: a team's time
+zone, hours, holiday country, first-response times and escalation target, an agent's hours
+and capacity, a customer's language, a holidays.csv date and hours.
 
 Sole purpose: turn what an operator typed into what the router reads back (with
 ``routers.schedule`` and ``routers.availability``, the very parsers it uses), so a typo is a
@@ -13,7 +14,9 @@ from datetime import date
 
 #: the widths of the columns these values are stored in (routers.models)
 LIMITS = {"timezone": 64, "hours": 400, "holidays": 16, "capacity": 400}
+LIMITS |= {"first_response": 400, "escalate_to": 200, "language": 16}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_LANGUAGE = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})?")
 
 
 def _fits(column: str, value: str) -> str:
@@ -40,7 +43,7 @@ def hours(text: str) -> str | None:
 
 def country(text: str) -> str | None:
     """A holiday calendar of the ``holidays`` package, upper-cased (``TR``, ``DE-BY``)."""
-    from routers.schedule import check_country
+    from routers.public_holidays import check_country
 
     return _fits("holidays", check_country(text)) if text.strip() else None
 
@@ -72,3 +75,31 @@ def spans(text: str) -> str | None:
     if not text.strip():
         return None
     return _fits("hours", ",".join(str(span) for span in parse_spans(text)))
+
+
+def first_response(text: str) -> str | None:
+    """Per-channel first-response times in canonical form (``email=4h;sms=15m;voice=-``)."""
+    from routers import first_response as times
+
+    return _fits("first_response", times.canonical(times.parse(text))) or None
+
+
+def escalate_to(text: str) -> str | None:
+    """A team id or ``agent:<id>``; whether it exists, and that a chain of teams does not
+    loop, the writer checks."""
+    from routers.first_response import target
+
+    if not text.strip():
+        return None
+    kind, who = target(text)
+    return _fits("escalate_to", f"agent:{who}" if kind == "agent" else who)
+
+
+def language(text: str) -> str | None:
+    """An ISO 639 language tag, lower case (``tr``, ``en``, ``pt-br``)."""
+    value = text.strip().lower().replace("_", "-")
+    if not value:
+        return None
+    if not _LANGUAGE.fullmatch(value):
+        raise ValueError(f"bad language {text.strip()[:40]!r}: use an ISO 639 code, e.g. tr or en")
+    return _fits("language", value)

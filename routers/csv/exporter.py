@@ -85,4 +85,5 @@ def _export_row(kind: str, row: Any, identities: dict[str, dict[str, list[str]]]
         row["name"],
         _cell(row["team_id"]),
         *(";".join(held.get(k, [])) for _, k in IDENTITY_COLUMNS),
+        _cell(row["language"]),
     ]

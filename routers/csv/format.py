@@ -38,19 +38,20 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "teams": (
         *("id", "name", "dial", "email"),
         *("timezone", "hours", "holidays", "after_hours", "after_hours_dial"),
+        *("first_response", "escalate_to"),
     ),
     "agents": (
         *("id", "name", "team", "email", "phone", "dial", "active"),
         *("deputy", "capacity", "hours"),
     ),
-    "customers": ("id", "name", "team", "emails", "phones", "twitter"),
+    "customers": ("id", "name", "team", "emails", "phones", "twitter", "language"),
     "holidays": ("team", "date", "name", "hours"),
 }
-#: the columns a header must have; the others are issue 15's, optional
+#: the columns a header must have; the others are issue 15's and 16's, optional
 REQUIRED: dict[str, tuple[str, ...]] = {
     "teams": COLUMNS["teams"][:4],
     "agents": COLUMNS["agents"][:7],
-    "customers": COLUMNS["customers"],
+    "customers": COLUMNS["customers"][:6],
     "holidays": COLUMNS["holidays"][:3],
 }
 IDENTITY_COLUMNS = (("emails", "email"), ("phones", "phone"), ("twitter", "twitter"))
@@ -58,7 +59,7 @@ _DIAL = re.compile(r"[A-Za-z0-9+:@._/-]{1,128}")  # nothing a PBX dialplan could
 _TRUE = {"", "true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 _LIMITS = {"id": 200, "name": 400, "email": 400, "phone": 100}
-_LIMITS |= {"team": 200, "after_hours": 200, "deputy": 200, "holiday": 200}
+_LIMITS |= {"team": 200, "after_hours": 200, "deputy": 200, "holiday": 200, "escalate_to": 200}
 _ADDRESS_LIMIT = 512
 # OWASP's CSV-injection rule: a spreadsheet runs a cell starting with one of these as a
 # formula. Export prefixes such a cell (and one that already starts with quotes before one
@@ -215,6 +216,8 @@ def _issue15(row: Row, record: dict[str, str], kind: str) -> None:
             "timezone": columns.timezone,
             "holidays": columns.country,
             "after_hours_dial": _dial,
+            "first_response": columns.first_response,
+            "escalate_to": columns.escalate_to,
         }
     else:
         checks["capacity"] = columns.capacity
@@ -228,6 +231,8 @@ def _issue15(row: Row, record: dict[str, str], kind: str) -> None:
         target = row.values[column] = _text(record, column)
         if target is not None and target == row.id:
             raise _Reject(f"{column} {target!r} is the {who}")
+    if row.values.get("escalate_to") == row.id:
+        raise _Reject(f"escalate_to {row.id!r} is the team itself")
 
 
 def _parse_holiday(record: dict[str, str]) -> Row:
@@ -287,6 +292,8 @@ def _parse_values(kind: str, record: dict[str, str], region: str) -> Row:
                 raise _Reject(f"{identity_kind} longer than {_ADDRESS_LIMIT} characters")
             identities.add((identity_kind, address))
     row.identities = frozenset(identities)
+    if "language" in record:
+        row.values["language"] = _checked(columns.language, record["language"])
     return row
 
 

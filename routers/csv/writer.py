@@ -13,9 +13,12 @@ Invariants:
   customer rejects the row.
 - A row updates only the columns its file has (an old header leaves issue 15's as they
   are).
-- A team's ``after_hours`` team and an agent's ``deputy`` exist when the row is applied:
-  in the directory, in the same batch, or further down the file (such rows wait in memory
-  for ``finish``; only they do).
+- A team's ``after_hours`` and ``escalate_to`` teams and an agent's ``deputy`` exist when
+  the row is applied: in the directory, in the same batch, or further down the file (such
+  rows wait in memory for ``finish``; only they do). ``escalate_to agent:<id>`` is not
+  checked here (agents are imported after teams): the timer worker says when it is wrong.
+- A chain of ``escalate_to`` teams never loops: a row that would close a loop, with the
+  directory as stored and the rows applied before it, is rejected.
 - holidays.csv is the whole calendar of each team it has an accepted row for: ``finish``
   removes that team's company days the file does not name (a rejected row's date stays).
 """
@@ -44,8 +47,19 @@ TABLES: dict[str, Table] = {
     "customers": Customer.__table__,  # type: ignore[dict-item]
     "holidays": HOLIDAYS,
 }
-#: the column naming another row of the same kind, and what the operator calls it
-REFERENCES = {"teams": ("after_hours", "after_hours team"), "agents": ("deputy", "deputy")}
+#: the columns naming another row of the same kind, and what the operator calls them
+REFERENCES = {
+    "teams": (("after_hours", "after_hours team"), ("escalate_to", "escalate_to team")),
+    "agents": (("deputy", "deputy"),),
+}
+
+
+def _names(kind: str, row: Row) -> Iterator[tuple[str, str]]:
+    """The rows of its own kind a row names: (column, id)."""
+    for column, _ in REFERENCES[kind]:
+        target = row.values.get(column)
+        if target is not None and not (column == "escalate_to" and target.startswith("agent:")):
+            yield column, target
 
 
 def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
@@ -115,6 +129,8 @@ class BatchWriter:
             good, added, removed = await self._claims(session, good, rejects)
         if self.kind in REFERENCES:
             good = await self._known(session, good)
+        if self.kind == "teams":
+            good = await self._no_loops(session, good, rejects)
         if self.kind == "holidays":
             self.calendars.update(r.values["team_id"] for r in good)
 
@@ -139,17 +155,22 @@ class BatchWriter:
         days the holidays file no longer lists."""
         rejects: list[Rejected] = []
         if self.waiting:
-            column, what = REFERENCES[self.kind]
             rows, self.waiting = self.waiting, []
             good = await self._known(session, rows, last=True)
             applied = {r.id for r in good}
-            rejects = [
-                Rejected(
-                    r.line, f"unknown {what} {r.values[column]!r}: not in the file or the directory"
-                )
-                for r in rows
-                if r.id not in applied
-            ]
+            labels, table = dict(REFERENCES[self.kind]), self.table
+            named = {t for r in rows for _, t in _names(self.kind, r)}
+            stored = {i for (i,) in await _select_in(session, [table.c.id], table.c.id, named)}
+            for row in rows:
+                if row.id not in applied:
+                    names = list(_names(self.kind, row))
+                    column, target = next(
+                        ((c, t) for c, t in names if t not in stored | applied), names[0]
+                    )
+                    why = f"unknown {labels[column]} {target!r}: not in the file or the directory"
+                    rejects.append(Rejected(row.line, why))
+            if self.kind == "teams":
+                good = await self._no_loops(session, good, rejects)
             await self._store(session, good)
         if self.calendars:
             await self._drop_unlisted(session)
@@ -185,10 +206,9 @@ class BatchWriter:
         """The rows whose after_hours team or deputy exists, in the directory or among
         these rows (themselves kept, so never a dangling name); the others wait for
         ``finish`` unless this is it (``last``)."""
-        column = REFERENCES[self.kind][0]
         naming: dict[str, list[Row]] = {}  # name -> the rows naming it
         for row in rows:
-            if (target := row.values.get(column)) is not None:
+            for _, target in _names(self.kind, row):
                 naming.setdefault(target, []).append(row)
         table = self.table
         known = {i for (i,) in await _select_in(session, [table.c.id], table.c.id, naming)}
@@ -206,6 +226,39 @@ class BatchWriter:
         if not last:
             self.waiting += [r for r in rows if r.id in wait]
         return [r for r in rows if r.id not in wait]
+
+    async def _no_loops(
+        self, session: AsyncSession, rows: list[Row], rejects: list[Rejected]
+    ) -> list[Row]:
+        """The rows whose ``escalate_to`` chain ends, with the directory as stored and the
+        rows before them applied; the others are rejected with the loop they would close.
+        Teams are few: the whole chain table is read."""
+        if not any("escalate_to" in r.values for r in rows):
+            return rows
+        chain = {
+            team: target
+            for team, target in (await session.execute(select(TEAMS.c.id, TEAMS.c.escalate_to)))
+            if target is not None and not target.startswith("agent:")
+        }
+        good: list[Row] = []
+        for row in rows:
+            assert row.id is not None
+            target = row.values.get("escalate_to", chain.get(row.id))
+            path = [row.id]
+            while target is not None and not target.startswith("agent:") and target not in path:
+                path.append(target)
+                target = chain.get(target)
+            if target == row.id:
+                loop = " -> ".join([*path, row.id])
+                rejects.append(Rejected(row.line, f"escalate_to loops: {loop}"))
+                continue
+            if "escalate_to" in row.values:
+                if (value := row.values["escalate_to"]) and not value.startswith("agent:"):
+                    chain[row.id] = value
+                else:
+                    chain.pop(row.id, None)
+            good.append(row)
+        return good
 
     async def _drop_unlisted(self, session: AsyncSession) -> None:
         h = HOLIDAYS.c
