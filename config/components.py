@@ -3,7 +3,8 @@ component it runs, built by their factories from the settings and the collaborat
 here. A channel's module (and its third-party library) is imported only when that channel
 is enabled, never as a side effect of importing this module.
 
-- ``router``: ``routers.worker.RouterWorker`` and the routed-log pruner;
+- ``router``: ``routers.worker.RouterWorker`` and the routed-log pruner, with
+  ``routers.acks.Acknowledger`` when ``[ack]`` is set;
 - ``events``: ``routers.events.EventsWorker``;
 - ``dispatcher``: ``routers.dispatcher.OutboundDispatcher`` with the senders of every
   enabled channel, whichever process takes that channel's input in;
@@ -34,6 +35,8 @@ from ingest.health import Health, State
 from ingest.metrics import Metrics
 from ingest.protocols import Channel, HttpRoutes, InboundSink, Intake, Lease, Sender
 from ingest.sink import BusSink
+from routers import ack_text
+from routers.acks import Acknowledger
 from routers.decider import DirectoryDecider
 from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
@@ -82,6 +85,8 @@ class Wiring:
         self.bus = bus
         self.engine = engine
         self.metrics = metrics
+        #: checked now, so that a bad template stops `omniroute run` and `check` in one line
+        self.ack_templates = _ack_templates(settings)
         self.decider = DirectoryDecider(
             engine, settings.routing, cache_ttl=settings.router.directory_cache_ttl
         )
@@ -157,6 +162,7 @@ class Wiring:
                 health=self.health,
                 metrics=self.metrics,
             )
+            router.acks = self._acknowledger(settings, self.ack_templates)
             plan.workers["router"] = _with_drain(router.run, drain)
             # the record of routed messages is the router's: it keeps it bounded too
             self.pruner = Pruner(self.engine, settings.routing)
@@ -258,8 +264,12 @@ class Wiring:
         connections and starts a new pool at once, while connections in use finish their
         transaction and are closed when returned. Leases keep their own connections.
         """
+        templates = _ack_templates(settings)  # a bad template refuses the reload here
         self.settings = settings
+        self.ack_templates = templates
         self.decider.settings = settings.routing
+        if self.router is not None:
+            self.router.acks = self._acknowledger(settings, templates)
         if self.pruner is not None:
             self.pruner.routing = settings.routing
         for worker in (self.router, self.events, self.dispatcher, self.timers):
@@ -274,12 +284,42 @@ class Wiring:
         self.decider.directory.clear()
         log.info("components.directory_reopened")
 
+    def _acknowledger(
+        self, settings: Settings, templates: ack_text.Templates | None
+    ) -> Acknowledger | None:
+        """The router's acknowledgements (issue 16), only when ``[ack]`` is configured."""
+        if settings.ack is None or templates is None:
+            return None
+        return Acknowledger(
+            bus=self.bus,
+            engine=self.engine,
+            directory=self.decider.directory,
+            settings=settings.ack,
+            routing=settings.routing,
+            templates=templates,
+            metrics=self.metrics,
+        )
+
     async def close(self) -> None:
         for close in [*(c.close for c in self._channels.values()), *self._closers]:
             try:
                 await close()
             except Exception:  # closing must go on for the others
                 log.exception("components.close_failed")
+
+
+def _ack_templates(settings: Settings) -> ack_text.Templates | None:
+    """The acknowledgement templates when ``[ack]`` is set, checked. ``twilio.sms_ack_text``
+    answers every SMS itself: with ``[ack]`` answering SMS too, a customer's first SMS would
+    get two answers, so the two together are refused."""
+    if settings.ack is None:
+        return None
+    if settings.twilio.sms_ack_text and "sms" in settings.ack.channels:
+        raise ConfigError(
+            "twilio.sms_ack_text and [ack] would both answer an SMS: remove "
+            "twilio.sms_ack_text ([ack] supersedes it), or leave sms out of ack.channels"
+        )
+    return ack_text.load(settings.ack.templates)
 
 
 def _with_drain(run: Callable[..., Coroutine[Any, Any, None]], drain: float) -> WorkerLoop:

@@ -83,6 +83,15 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.acks = Counter(
+            "acks",
+            "Acknowledgements to customers (issue 16), by channel and result: published to "
+            "omniroute.outbound, or failed (directory, broker or deadline; the routed message "
+            "is acked regardless)",
+            ["channel", "result"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format (``content_type``)."""

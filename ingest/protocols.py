@@ -35,6 +35,9 @@ class ReplyContext:
 
     original: InboundMessage | None = None
     customer_id: str | None = None
+    #: an automatic answer, not an agent's (issue 16's acknowledgement): a mail says so
+    #: with ``Auto-Submitted: auto-replied`` (RFC 3834), so no responder answers it
+    auto_reply: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,13 @@ A request is checked, not believed (``routers.trust``): one from a publisher out
 ``events.trusted_publishers`` is dead-lettered unread and unanswered; one naming an agent
 the directory does not have is dead-lettered and answered with ``outbound.failed``. Its
 recorded time is omniroute's own clock, so it has no date to doubt.
+
+An acknowledgement (issue 16, ``routers.acks``) is a request omniroute published itself:
+header ``x-omniroute-ack`` under omniroute's own broker ``user_id`` (the header from anyone
+else is ignored, and the request checked like any other). It is sent as an automatic
+answer (``ReplyContext.auto_reply``: ``Auto-Submitted: auto-replied`` on a mail), never to
+a message marked as a bounce or an auto-reply, and recorded only as sent: nobody becomes
+the customer's last agent or the thread's owner, and no assignment or timer ends.
 """
 
 import asyncio
@@ -37,9 +44,10 @@ from ingest.errors import (
 from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import ReplyContext, Sender, SendResult
-from ingest.schema import OutboundFailed, OutboundSent, ReplyRequest, utcnow
+from ingest.schema import InboundMessage, OutboundFailed, OutboundSent, ReplyRequest, utcnow
 from ingest.topology import EVENTS, OUTBOUND_QUEUE
 from routers import directory, state
+from routers.acks import ACK_HEADER
 from routers.models import SentReply
 from routers.settings import EventsSettings, RoutingSettings
 from routers.store import routed_log, sent_replies
@@ -98,27 +106,30 @@ class OutboundDispatcher(QueueWorker):
         except ValidationError as exc:
             await self._refuse(delivery.body, exc)
             raise  # dead-lettered with the reason by the consumer
+        own = self._bus.user is not None and delivery.user_id == self._bus.user
+        ack = own and bool((delivery.headers or {}).get(ACK_HEADER))
         structlog.contextvars.bind_contextvars(message_id=reply.id, channel=reply.channel)
         try:
-            await self._dispatch(reply)
+            await self._dispatch(reply, ack=ack)
         finally:
             structlog.contextvars.unbind_contextvars("message_id", "channel")
 
-    async def _dispatch(self, reply: ReplyRequest) -> None:
+    async def _dispatch(self, reply: ReplyRequest, *, ack: bool = False) -> None:
         # Two copies of one request in flight at once (a ticket system that published
         # twice) would both pass the "already sent?" check: the second waits its turn.
         if reply.id in self._sending:
             raise TransientError(f"request {reply.id} is being sent already")
         self._sending.add(reply.id)
         try:
-            await self._dispatch_once(reply)
+            await self._dispatch_once(reply, ack)
         finally:
             self._sending.discard(reply.id)
 
-    async def _dispatch_once(self, reply: ReplyRequest) -> None:
+    async def _dispatch_once(self, reply: ReplyRequest, ack: bool) -> None:
         try:
             async with self._sessions() as session:
-                await check_agent(session, reply.agent_id)
+                if not ack:  # an acknowledgement's agent_id is omniroute's own, no agent
+                    await check_agent(session, reply.agent_id)
                 sent = await session.get(SentReply, reply.id)
                 found = (
                     await routed_log.find_routed(session, reply.in_reply_to)
@@ -150,7 +161,11 @@ class OutboundDispatcher(QueueWorker):
         if sender is None:
             await self._fail(reply, f"no sender is configured for channel {reply.channel}")
             return
-        context = ReplyContext(original=found[0] if found else None, customer_id=customer_id)
+        original = found[0] if found else None
+        if ack and original is not None and _automatic(original):
+            log.warning("dispatcher.ack_dropped", why="the message is automatic")
+            return  # never answer an automatic message automatically (RFC 3834)
+        context = ReplyContext(original=original, customer_id=customer_id, auto_reply=ack)
         try:
             result = await self._send_with_retries(sender, reply, context)
         except PermanentSendError as exc:
@@ -169,14 +184,15 @@ class OutboundDispatcher(QueueWorker):
                 await sent_replies.record_sent(
                     session, reply.id, reply.channel, result.external_id, now
                 )
-                await state.record_reply(
-                    session,
-                    agent_id=reply.agent_id,
-                    customer_id=customer_id,
-                    channel=reply.channel,
-                    at=now,
-                    message_id=result.thread_message_id,
-                )
+                if not ack:  # an acknowledgement is nobody's answer
+                    await state.record_reply(
+                        session,
+                        agent_id=reply.agent_id,
+                        customer_id=customer_id,
+                        channel=reply.channel,
+                        at=now,
+                        message_id=result.thread_message_id,
+                    )
         except SQLAlchemyError as exc:
             # Sent but not recorded: a redelivery would send it twice. Say so loudly; the
             # broker requeues and the send is retried (at-least-once).
@@ -185,7 +201,7 @@ class OutboundDispatcher(QueueWorker):
         await self._announce(reply, result)
         if self._metrics is not None:
             self._metrics.outbound.labels(reply.channel, "sent").inc()
-        log.info("dispatcher.sent", agent_id=reply.agent_id, customer=customer_id)
+        log.info("dispatcher.sent", agent_id=reply.agent_id, customer=customer_id, ack=ack)
 
     async def _send_with_retries(
         self, sender: Sender, reply: ReplyRequest, context: ReplyContext
@@ -237,3 +253,8 @@ class OutboundDispatcher(QueueWorker):
             request_id=reply.id, channel=reply.channel, agent_id=reply.agent_id, reason=reason
         )
         await self._bus.publish(EVENTS, event.type, event, message_id=f"failed:{reply.id}")
+
+
+def _automatic(message: InboundMessage) -> bool:
+    """A bounce or an auto-reply, as the email connector marked it (``connectors.email.mime``)."""
+    return bool(message.meta.get("bounce") or message.meta.get("auto_reply"))

@@ -35,6 +35,7 @@ from ingest.protocols import Decider, Decision
 from ingest.schema import InboundMessage, RoutedMessage, utcnow
 from ingest.topology import ROUTED, ROUTER_QUEUE
 from routers import capacity
+from routers.acks import Acknowledger
 from routers.settings import RouterSettings, RoutingSettings
 from routers.store.transactions import Transactions, transactions_of
 
@@ -164,6 +165,9 @@ class RouterWorker(QueueWorker):
         self.duplicates = 0
         #: called after a batch made offers (issue 16): the timer worker's nudge
         self.on_offer: Callable[[], None] | None = None
+        #: acknowledges new conversations once their routed publish is confirmed (issue 16,
+        #: ``[ack]``); replaced as a whole on reload
+        self.acks: Acknowledger | None = None
 
     def _consumer_for(
         self, needs: Needs, channel: AbstractChannel, queue: AbstractQueue
@@ -228,14 +232,19 @@ class RouterWorker(QueueWorker):
         )
         offers = self.routing.offer_timeout
         offered = False
+        confirmed: list[RoutedMessage] = []
         for (index, item), result in zip(publishing, results, strict=True):
             if result is not None:
                 outcomes[index] = result
                 continue
             self._routed(item, started)
+            confirmed.append(item)
             offered = offered or (item.route.kind == "agent" and item.message.channel in offers)
         if offered and self.on_offer is not None:
             self.on_offer()  # the timer worker may be asleep past this offer's due time
+        acks = self.acks
+        if acks is not None and confirmed:
+            await acks.acknowledge(confirmed)  # bounded, and never raises (routers.acks)
         return outcomes
 
     async def _decide(

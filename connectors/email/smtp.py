@@ -1,5 +1,6 @@
 """Replies out by SMTP (aiosmtplib), threaded so the customer's answer routes back to
-the agent who wrote (``In-Reply-To``/``References``, RFC 5322 section 3.6.4)."""
+the agent who wrote (``In-Reply-To``/``References``, RFC 5322 section 3.6.4); an automatic
+answer (an acknowledgement) carries ``Auto-Submitted: auto-replied`` (RFC 3834)."""
 
 import asyncio
 import contextlib
@@ -66,6 +67,11 @@ class SmtpSender:
                 msg["In-Reply-To"] = _bracket(parent)
             if references:
                 msg["References"] = " ".join(_bracket(r) for r in references)
+            if context.auto_reply:
+                # RFC 3834 section 5: an automatic answer says so, and compliant responders
+                # (omniroute among them) never answer it; Exchange honours the second
+                msg["Auto-Submitted"] = "auto-replied"
+                msg["X-Auto-Response-Suppress"] = "All"
             msg.set_content(reply.text)
         except (ValueError, TypeError) as exc:
             raise PermanentSendError(f"reply cannot be written as a mail: {exc}") from exc
