@@ -8,6 +8,12 @@ signal or the deadline cancels what is left, and the broker redelivers anything 
 
 SIGHUP reloads what can change live (log level, routing, mailboxes) and reopens the
 directory pool; a configuration that does not load is refused and the old one kept.
+
+Readiness (issue 19): ``/readyz`` and systemd's READY=1 read the same ``Health``. The
+directory, the broker and every worker are registered before HTTP listens, so each is
+"starting" until it reports: the directory once migrated, the broker once the topology is
+declared on a live connection, a worker once it consumes. READY=1 is sent the first time
+those core facts are ready (``/readyz`` also waits for the mailboxes and the X account).
 """
 
 import asyncio
@@ -61,6 +67,8 @@ class Daemon:
         self._notifier = Notifier()
         self._tasks: set[asyncio.Task[None]] = set()
         self._wiring: components.Wiring | None = None
+        #: READY=1 was sent: the start-up is over for systemd (reloads may notify from then)
+        self._announced = False
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -94,14 +102,14 @@ class Daemon:
     async def _reload(self) -> None:
         async with self._reloading:  # two quick SIGHUPs apply one after the other
             monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self._notifier.notify(
+            self._reload_notify(
                 "RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading configuration"
             )
             try:
                 new = await asyncio.to_thread(load_settings, self._config_file)
             except ConfigError as exc:
                 log.error("daemon.reload_refused", error=str(exc))
-                self._notifier.notify("READY=1", "STATUS=reload refused: old configuration kept")
+                self._reload_notify("READY=1", "STATUS=reload refused: old configuration kept")
                 return
             old = self.settings
             # what this process runs was chosen at start (``--component``), not by the file
@@ -119,11 +127,19 @@ class Daemon:
                     await self._wiring.reload(new)
             except Exception:  # a half-applied reload must not end the daemon
                 log.exception("daemon.reload_failed")
-                self._notifier.notify("READY=1", "STATUS=running (reload failed, see log)")
+                self._reload_notify("READY=1", "STATUS=running (reload failed, see log)")
                 return
             self.settings = new
             log.info("daemon.reloaded", level=new.log.level)
-            self._notifier.notify("READY=1", "STATUS=running (configuration reloaded)")
+            self._reload_notify("READY=1", "STATUS=running (configuration reloaded)")
+
+    def _reload_notify(self, *states: str) -> None:
+        """A reload's RELOADING=1 and READY=1 once started; before, the READY=1 to come is
+        the start's (``_announce``), so only the status."""
+        if self._announced:
+            self._notifier.notify(*states)
+        else:
+            self._notifier.notify(*(s for s in states if s.startswith("STATUS=")))
 
     async def _run(self) -> int:
         settings = self.settings
@@ -132,7 +148,8 @@ class Daemon:
             return 0
         engine = create_engine(settings.directory_url, settings.directory)
         self.health.register("directory")
-        self.health.set("directory", "up")
+        self.health.set("directory", "up")  # it answered: the migration ran on it
+        self.health.register("broker")  # "starting" until the topology is declared
         bus = Bus(
             settings.amqp_url.get_secret_value(),
             settings.bus,
@@ -187,6 +204,7 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 await bus.open()
+                self.health.set("broker", "up")
                 if waiting:
                     log.info("daemon.broker_connected", url=url)
                 return True
@@ -205,6 +223,10 @@ class Daemon:
         intake: list[asyncio.Task[None]] = []
         workers: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
+            for name in plan.workers:  # "starting" until consuming: /readyz waits for them
+                self.health.register(name)
+            core = ("directory", "broker", *plan.workers)
+            intake.append(group.create_task(self._announce(core, plan), name="readiness"))
             for name, run in plan.intake.items():
                 # intake reports its own health (email.<mailbox>, twitter, the spool's probe);
                 # the loop's own entry only shows a crash, and "starting" must not block /readyz
@@ -222,22 +244,11 @@ class Daemon:
             self._notifier.notify("STATUS=connecting to the broker")
             if not self._stop.is_set() and await self._open_bus(bus):
                 for name, run in plan.workers.items():
-                    self.health.register(name)
                     workers.append(
                         group.create_task(
                             supervise(name, run, self._stop_workers, self.health), name=name
                         )
                     )
-            if not self._stop.is_set():
-                # what start-up built (modules, models, the app) lives as long as the process:
-                # out of the collector's way, a full collection no longer walks it and stalls
-                # the loop for tens of milliseconds under load
-                gc.freeze()
-                log.info("daemon.ready", components=sorted([*plan.workers, *plan.intake]))
-                self._notifier.notify("READY=1", "STATUS=running")
-                watchdog = watchdog_interval() or settings.watchdog_interval
-                if watchdog:
-                    intake.append(group.create_task(self._watchdog(watchdog), name="watchdog"))
             await self._stop.wait()
             self.health.draining = True
             try:
@@ -260,6 +271,39 @@ class Daemon:
                     task.cancel()
         log.info("daemon.stopped")
         return 0
+
+    async def _announce(self, core: tuple[str, ...], plan: components.Plan) -> None:
+        """READY=1, once: the first time ``Health`` finds the core ready (the directory, the
+        broker, every worker consuming, no probe failing), which are ``/readyz``'s facts
+        but for the mailboxes and the X account (one unreachable mailbox must not fail the
+        unit's start); then the watchdog. Woken by every state change, and each second for
+        the probes, which change without telling."""
+        changed = asyncio.Event()
+
+        def wake(_name: str, _state: str) -> None:
+            changed.set()
+
+        self.health.listeners.append(wake)
+        try:
+            while not self._stop.is_set() and not self.health.ready(only=core)[0]:
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await _first(changed.wait(), self._stop.wait())
+        finally:
+            self.health.listeners.remove(wake)
+        if self._stop.is_set():
+            return
+        # what start-up built (modules, models, the app) lives as long as the process: out
+        # of the collector's way, a full collection no longer walks it and stalls the loop
+        # for tens of milliseconds under load
+        gc.freeze()
+        log.info("daemon.ready", components=sorted([*plan.workers, *plan.intake]))
+        self._notifier.notify("READY=1", "STATUS=running")
+        self._announced = True
+        watchdog = watchdog_interval() or self.settings.watchdog_interval
+        if watchdog:
+            await self._watchdog(watchdog)
 
     def _alive(self) -> list[str]:
         """What would make a restart worth it: a core worker down, or a consumer gone while

@@ -11,8 +11,17 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -20,6 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
 
 from config import registry
 from connectors.settings import (
@@ -30,6 +40,7 @@ from connectors.settings import (
     SpoolSettings,
     TwilioSettings,
     TwitterSettings,
+    url_problem,
 )
 from ingest.errors import ConfigError
 from ingest.settings import BusSettings
@@ -41,6 +52,7 @@ from routers.settings import (
     RouterSettings,
     RoutingSettings,
 )
+from routers.store.engine import normalise_url
 
 COMPONENTS = registry.COMPONENTS  # derived from the channel table: never listed here
 _TOML: ContextVar[Path | None] = ContextVar("omniroute_toml", default=None)
@@ -107,6 +119,25 @@ class Settings(BaseSettings):
     spool: SpoolSettings = SpoolSettings()
     log: LogSettings = LogSettings()
 
+    @field_validator("amqp_url", mode="before")
+    @classmethod
+    def _amqp_url(cls, value: object) -> object:
+        """One broker URL (issue 19: a JSON list in ``OMNIROUTE_AMQP_URL`` started a daemon
+        that connected nowhere yet answered ``/readyz`` 200); the error never shows it."""
+        if isinstance(value, list | tuple):
+            raise ValueError(f"is a list, not one URL {AMQP_EXPECTED}")
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and (problem := amqp_url_problem(text)) is not None:
+            raise ValueError(f"{problem} {AMQP_EXPECTED}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is not None and (problem := database_url_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _resolve_require_authenticated_email(self) -> "Settings":
         """The router gets a plain bool: unset means "on once trusted servers are named"."""
@@ -137,6 +168,43 @@ class Settings(BaseSettings):
         if toml is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
+
+
+AMQP_EXPECTED = "(expected amqp://user:password@host[:port][/vhost], or amqps://…)"
+#: the drivers the directory runs on (``routers.store.engine.normalise_url`` picks them)
+DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def amqp_url_problem(url: str) -> str | None:
+    """What is wrong with one broker URL, or None. One node: a comma is refused rather than
+    read as part of a host name (several nodes are issue 18's); ``heartbeat`` a number."""
+    if "," in url and not url.lstrip().startswith("["):
+        return "names several nodes"
+    if (problem := url_problem(url, ("amqp", "amqps"))) is not None:
+        return problem
+    heartbeat = parse_qs(urlsplit(url).query).get("heartbeat", ["0"])
+    if len(heartbeat) != 1 or not heartbeat[0].isdigit():
+        return "has a heartbeat that is not a whole number of seconds"
+    return None
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is wrong with ``database_url``, or None; the error never shows the URL."""
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "has spaces or control characters"
+    try:
+        parsed = make_url(normalise_url(url))
+    except ConfigError as exc:
+        return str(exc).removeprefix("database_url: ").split(":", 1)[0]
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535"
+    if parsed.drivername not in DATABASE_DRIVERS:
+        return f"driver {parsed.drivername} is not supported (use sqlite:// or postgresql://)"
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        return "has a port that is not a number from 1 to 65535"
+    if parsed.drivername.startswith("sqlite") and not parsed.database:
+        return "names no SQLite file (sqlite:////absolute/path.db)"
+    return None
 
 
 class SecretFilesSource(PydanticBaseSettingsSource):

@@ -2,7 +2,9 @@
 composition root can validate every section without importing a disabled channel's library."""
 
 import ipaddress
+import re
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -18,6 +20,73 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+#: one label of a host name (RFC 1123; ``_`` as well, which some internal names carry)
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+
+
+def host_problem(host: str) -> str | None:
+    """What makes ``host`` unusable as a host to connect to or bind, or None: a name or an
+    IP address, without a scheme, a port or a path (issue 19: a malformed value is refused
+    when the configuration loads, not found out at the first connection)."""
+    if not host:
+        return "is empty"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if "://" in host:
+        return "is a URL: give the host name alone (the port has its own key)"
+    if ":" in host or "/" in host or "@" in host:
+        return "must be a host name or IP address alone, without port, path or user"
+    try:
+        name = host.encode("idna").decode("ascii").removesuffix(".")
+    except UnicodeError:
+        return "is not a host name"
+    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
+        return "is not a host name or IP address"
+    return None
+
+
+def url_problem(url: str, schemes: tuple[str, ...], *, path: bool = True) -> str | None:
+    """What makes ``url`` unusable, or None: one of ``schemes``, a valid host and port, no
+    spaces or control characters; without ``path``, no path, query or fragment either.
+    Never repeats the URL itself: some carry a password."""
+    expected = " or ".join(f"{scheme}://" for scheme in schemes)
+    if url.lstrip().startswith("["):
+        return f"is a list, not one {expected} URL"
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return "has spaces or control characters"
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in schemes or not url[len(parts.scheme) :].startswith("://"):
+        return f"must start with {expected}"
+    try:
+        port = parts.port
+    except ValueError:
+        return "has a port that is not a number from 1 to 65535"
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "names no host"
+    if (problem := host_problem(parts.hostname)) is not None:
+        return f"host {problem}"
+    if not path and (parts.path.strip("/") or parts.query or parts.fragment):
+        return "must be scheme and host only (with a port if need be): no path or query"
+    return None
+
+
+def _checked_url(value: str | None, schemes: tuple[str, ...], *, path: bool = True) -> str | None:
+    if value is not None and (problem := url_problem(value, schemes, path=path)) is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _checked_host(value: str) -> str:
+    if (problem := host_problem(value)) is not None:
+        raise ValueError(f"{value[:60]!r} {problem}")
+    return value
 
 
 class HttpSettings(_Section):
@@ -64,9 +133,13 @@ class HttpSettings(_Section):
     @field_validator("public_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        _checked_url(value, ("http", "https"))
         return value.rstrip("/") if value else value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _checked_host(value)
 
 
 class ApiSettings(_Section):
@@ -115,6 +188,11 @@ class MailboxSettings(_Section):
         default=1.0, gt=0, description="first reconnect delay after a failure, in seconds"
     )
     backoff_max: float = Field(default=300.0, gt=0, description="cap of the reconnect delay")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _checked_host(value)
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "MailboxSettings":
@@ -218,6 +296,11 @@ class SmtpSettings(_Section):
         default=None, description="PEM file of the CA that signed the server's certificate"
     )
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _checked_host(value)
+
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "SmtpSettings":
         if self.security == "none" and not is_loopback_host(self.host):
@@ -244,6 +327,11 @@ class TwilioSettings(_Section):
     decide_timeout: float = Field(default=5.0, gt=0, description="deadline of one decision")
     send_timeout: float = Field(default=15.0, gt=0, description="deadline of one API call")
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base_url(cls, value: str | None) -> str | None:
+        return _checked_url(value, ("http", "https"))
+
 
 class TwitterSettings(_Section):
     user_id: str
@@ -265,6 +353,11 @@ class TwitterSettings(_Section):
     backfill_pages: int = Field(
         default=1, ge=1, le=50, description="pages read per endpoint when no cursor is stored yet"
     )
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _api_base_url(cls, value: str | None) -> str | None:
+        return _checked_url(value, ("http", "https"))
 
 
 class SpoolSettings(_Section):

@@ -4,6 +4,9 @@ show their password in a log), a published message's properties, and what a fail
 publish means."""
 
 import asyncio
+import contextlib
+import logging
+import socket
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -12,6 +15,7 @@ import aio_pika
 import aiormq
 import yarl
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from ingest.errors import AuthError, TransientError, UnroutableError
 from ingest.settings import BusSettings
@@ -62,19 +66,90 @@ def broker_user(url: str) -> str | None:
     return parsed.user or "guest"
 
 
+#: what aiormq and aio-pika log about a broker outage that the ``Bus`` reports once itself
+#: (``bus.connection_lost`` with the reason, ``bus.reconnected``; the daemon's
+#: ``daemon.broker_unreachable``): by logger, the message templates. A cut connection logged
+#: a traceback and two errors, a long outage a warning every reconnect (issue 19).
+_OUTAGE_NOISE = {
+    "aiormq.connection": {
+        "Cancelling cause reader exited abnormally",
+        "Server connection %r was stuck. No frames were received in %d seconds.",
+        'Unexpected connection close from remote "%s", '
+        "Connection.Close(reply_code=%r, reply_text=%r)",
+        "error when creating transport: %r",
+    },
+    "aio_pika.robust_connection": {
+        'Connection attempt to "%s" failed: %s. Reconnecting after %r seconds.',
+        'Connection attempt to "%s" cancelled. Reconnecting after %r seconds.',
+    },
+    "aio_pika.tools": {"Callback %r error: %s: %s"},
+}
+#: what an outage raises; anything else (a bad CA file, a bug) is still logged in full
+_OUTAGE_ERRORS = (ConnectionError, TimeoutError, socket.gaierror, aiormq.exceptions.AMQPError)
+
+
+class _OutageNoise(logging.Filter):
+    """Drops the libraries' own lines about an expected outage (kept, at debug level, when
+    the operator asked for debug logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in _OUTAGE_NOISE.get(record.name, ()) or not _outage(record):
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _outage(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    if record.name == "aio_pika.tools":  # a channel's close callback on a connection gone
+        return len(args) == 3 and args[1] == "RuntimeError" and str(args[2]).endswith("closed")
+    if record.exc_info:
+        return isinstance(record.exc_info[1], _OUTAGE_ERRORS)
+    if record.msg == "error when creating transport: %r":
+        return bool(args) and isinstance(args[0], _OUTAGE_ERRORS)
+    return True
+
+
+_QUIET = _OutageNoise()
+
+
+def quiet_outage_noise() -> None:
+    """Install the filter (idempotent): the Bus says an outage once, in one line."""
+    for name in _OUTAGE_NOISE:
+        logging.getLogger(name).addFilter(_QUIET)
+
+
 async def connect(url: str, settings: BusSettings, name: str) -> AbstractRobustConnection:
-    """Open a robust connection; refused credentials are an ``AuthError``, not a retry loop."""
+    """Open a robust connection; refused credentials are an ``AuthError``, not a retry loop.
+
+    A first attempt that fails closes its connection: left open, aio-pika's recovery goes on
+    retrying it in the background for ever, and connects it, unused, once the broker
+    answers (issue 19: seen with a broker that accepts TCP and never answers AMQP)."""
+    quiet_outage_noise()
+    connection = aio_pika.RobustConnection(
+        make_url(with_heartbeat(url, settings.heartbeat)),
+        client_properties={"connection_name": name},
+    )
     try:
         async with asyncio.timeout(settings.connect_timeout):
-            return await aio_pika.connect_robust(
-                with_heartbeat(url, settings.heartbeat),
-                timeout=settings.connect_timeout,
-                client_properties={"connection_name": name},
-            )
-    except aiormq.exceptions.ProbableAuthenticationError as exc:
-        raise AuthError(f"broker refused the credentials in amqp_url ({redact_url(url)})") from exc
-    except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-        raise TransientError(f"broker at {redact_url(url)} unreachable: {exc!r}") from exc
+            await connection.connect(timeout=settings.connect_timeout)
+        return connection
+    except BaseException as exc:
+        await asyncio.shield(_close_quietly(connection))
+        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+            raise AuthError(
+                f"broker refused the credentials in amqp_url ({redact_url(url)})"
+            ) from exc
+        if isinstance(exc, (TimeoutError, OSError, aiormq.exceptions.AMQPError)):
+            raise TransientError(f"broker at {redact_url(url)} unreachable: {exc!r}") from exc
+        raise
+
+
+async def _close_quietly(connection: AbstractRobustConnection) -> None:
+    with contextlib.suppress(Exception):  # closing what never opened: nothing to report
+        await connection.close()
 
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)

@@ -39,6 +39,7 @@ from ingest.settings import BusSettings
 
 log = structlog.get_logger("omniroute.bus")
 
+
 class Bus:
     """One process's link to the broker: topology, publishing with confirms, consumers.
 
@@ -104,9 +105,12 @@ class Bus:
     def _probe(self) -> str | None:
         return None if self.connected else "connection lost, reconnecting"
 
-    def _on_lost(self, *_: Any) -> None:
+    def _on_lost(self, _connection: Any = None, error: BaseException | None = None) -> None:
+        """The one line an outage gets (aiormq's and aio-pika's own are filtered out by
+        ``ingest.amqp``), with the reason."""
         if not self._closing:
-            log.warning("bus.connection_lost")
+            reason = f"{type(error).__name__}: {error}"[:300] if error is not None else None
+            log.warning("bus.connection_lost", error=reason)
 
     def _on_back(self, *_: Any) -> None:
         log.info("bus.reconnected")

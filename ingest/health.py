@@ -4,7 +4,7 @@ Sole purpose: one place where each component says whether it is up, and why not,
 mailbox that is down shows in ``/readyz`` without taking the others down with it.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,13 +76,14 @@ class Health:
             if (kind is None or probe.kind == kind) and (problem := probe.check())
         ]
 
-    def ready(self) -> tuple[bool, list[str]]:
-        """Ready when not draining and every required component is up (or on standby); else
-        the reasons."""
+    def ready(self, only: Collection[str] | None = None) -> tuple[bool, list[str]]:
+        """Ready when not draining, every probe finds nothing and every required component
+        (of ``only``, when given) is up or on standby; else the reasons. A component that
+        has not reported yet is "starting": never ready (issue 19)."""
         problems = [
             f"{name}: {c.state}" + (f" ({c.reason})" if c.reason else "")
             for name, c in sorted(self.components.items())
-            if c.required and c.state not in READY_STATES
+            if c.required and c.state not in READY_STATES and (only is None or name in only)
         ]
         problems += self.probe_problems()
         if self.draining:

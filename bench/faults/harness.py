@@ -7,6 +7,7 @@ counters. A scenario script keeps only its fault and the figures that belong to 
 import argparse
 import asyncio
 import contextlib
+import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any
 
 from bench.faults.common import (
     AMQP_HOST,
+    RESULTS,
     Collector,
     Daemon,
     Vhost,
@@ -88,14 +90,19 @@ class Stage:
 
     def counters(self, fault_start: float, fault_end: float, **extra: Any) -> Result:
         """The counters (see ``common``) with the scenario's own figures, and the number of
-        tracebacks in the daemon's log last."""
+        tracebacks in the daemon's log last; a log with a traceback is kept as
+        ``results/<scenario>.daemon.log`` (the work directory is deleted)."""
+        tracebacks = self.daemon.tracebacks()
+        if tracebacks:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.daemon.log, RESULTS / f"{self.name}.daemon.log")
         return counters(
             self.name,
             self.offered,
             self.collector,
             fault_start=fault_start,
             fault_end=fault_end,
-            extra={**extra, "tracebacks": self.daemon.tracebacks()},
+            extra={**extra, "tracebacks": tracebacks},
         )
 
 
