@@ -39,6 +39,7 @@ from routers import ack_text
 from routers.acks import Acknowledger
 from routers.decider import DirectoryDecider
 from routers.dispatcher import OutboundDispatcher
+from routers.escalations import EscalationTimers
 from routers.events import EventsWorker
 from routers.offers import OfferTimers
 from routers.store.connector_state import DbCursorStore, DbSeenStore
@@ -98,6 +99,7 @@ class Wiring:
         self.events: EventsWorker | None = None
         self.dispatcher: OutboundDispatcher | None = None
         self.timers: OfferTimers | None = None
+        self.escalations: EscalationTimers | None = None
         self._channels: dict[str, Channel[Settings]] = {}
         self._spool: SpooledSink | None = None
         self._lease: Lease | None = None
@@ -204,6 +206,16 @@ class Wiring:
                 self.router.on_offer = timers.nudge
             if self.events is not None:
                 self.events.on_due = timers.nudge
+            # issue 16: a first answer's due time is written minutes to hours ahead, so a
+            # look every 30 s (max_sleep) finds it in time without a nudge
+            escalations = self.escalations = EscalationTimers(
+                bus=self.bus,
+                engine=self.engine,
+                decider=self.decider,
+                routing=settings.routing,
+                health=self.health,
+            )
+            plan.workers["escalations"] = escalations.run
 
     def senders(self) -> dict[str, Sender]:
         """The outbound sender of every enabled channel, by the channel it answers on."""
@@ -272,7 +284,7 @@ class Wiring:
             self.router.acks = self._acknowledger(settings, templates)
         if self.pruner is not None:
             self.pruner.routing = settings.routing
-        for worker in (self.router, self.events, self.dispatcher, self.timers):
+        for worker in (self.router, self.events, self.dispatcher, self.timers, self.escalations):
             if worker is not None:
                 worker.routing = settings.routing
         for checker in (self.events, self.dispatcher):

@@ -160,6 +160,13 @@ class Route(_Model):
     previous: PreviousRoute | None = Field(
         default=None, description="where the attempt before this one sent the message"
     )
+    respond_by: AwareDatetime | None = Field(
+        default=None,
+        description="when the customer's first answer is due: the team's first_response time "
+        "for the channel, counted in its opening hours; unanswered by then, omniroute "
+        "publishes sla.breached and routes the message again to the team's escalate_to "
+        "(reason escalated)",
+    )
 
     @property
     def routing_key(self) -> str:
@@ -250,6 +257,25 @@ class AssignmentClosed(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
+class SlaBreached(_Model):
+    """Omniroute's news: a customer's message had no answer within its team's first-response
+    time; ``level`` 1 is the first escalation (the message goes to the team's
+    ``escalate_to``), 2 the next along the chain."""
+
+    type: Literal["sla.breached"] = "sla.breached"
+    message_id: str = Field(min_length=1, max_length=64)
+    customer_id: str | None = Field(default=None, max_length=200)
+    team: str = Field(max_length=200, description="the team whose first-response time ran out")
+    due_at: AwareDatetime
+    level: int = Field(ge=1)
+    escalated_to: str | None = Field(
+        default=None,
+        description="the routing key the message went to (None: the chain ended, or "
+        "routing.max_escalations was reached)",
+    )
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
 class OutboundSent(_Model):
     type: Literal["outbound.sent"] = "outbound.sent"
     request_id: str
@@ -275,7 +301,8 @@ Event = Annotated[
     | AssignmentDeclined
     | AssignmentClosed
     | OutboundSent
-    | OutboundFailed,
+    | OutboundFailed
+    | SlaBreached,
     Field(discriminator="type"),
 ]
 
@@ -290,6 +317,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "omniroute.event.assignment.closed.v1": AssignmentClosed,
     "omniroute.event.outbound.sent.v1": OutboundSent,
     "omniroute.event.outbound.failed.v1": OutboundFailed,
+    "omniroute.event.sla.breached.v1": SlaBreached,
 }
 
 

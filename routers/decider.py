@@ -26,11 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.errors import TransientError
 from ingest.protocols import Decision
 from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
-from routers import directory, state
+from routers import directory, first_response, state
 from routers.availability import AgentFacts, agent_schedule, capacity_of, team_schedule
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import UNVERIFIED, Facts, TeamFacts, address_team, decide
 from routers.settings import RoutingSettings
+from routers.store.routed_log import clock_team
 from routers.store.transactions import transactions_of
 
 
@@ -115,7 +116,8 @@ class DirectoryDecider:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
         agents.update(read.agents)
         answers: list[tuple[Decision, Facts]] = []
-        for route, facts in decided:
+        for message, (route, facts) in zip(messages, decided, strict=True):
+            route = _respond_by(route, message.channel, teams, settings)
             customer = facts.customer
             ref = None
             # An unproven sender (issue 13) gets the customer's team, never their context:
@@ -273,6 +275,19 @@ def _teams_to_dial(decided: list[tuple[Route, Facts]], settings: RoutingSettings
         else:
             teams.add(route.target)
     return teams
+
+
+def _respond_by(
+    route: Route, channel: str, teams: dict[str, TeamRecord | None], settings: RoutingSettings
+) -> Route:
+    """The route with its first answer's due time, when its team sets one (issue 16)."""
+    team_id = clock_team(route)
+    team = teams.get(team_id) if team_id else None
+    if team is None or not team.first_response:
+        return route
+    schedule = team_schedule(team, settings.timezone)
+    due = first_response.respond_by(team, schedule, channel, route.decided_at)
+    return route if due is None else route.model_copy(update={"respond_by": due})
 
 
 def _dials(

@@ -192,6 +192,7 @@ class OutboundDispatcher(QueueWorker):
                         channel=reply.channel,
                         at=now,
                         message_id=result.thread_message_id,
+                        answers=found[0].id if found else None,
                     )
         except SQLAlchemyError as exc:
             # Sent but not recorded: a redelivery would send it twice. Say so loudly; the

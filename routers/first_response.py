@@ -16,10 +16,13 @@ Pure and I/O-free: the decider asks per message, on its hot path.
 import re
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from ingest.schema import Channel
 from routers.schedule import Schedule
+
+if TYPE_CHECKING:
+    from routers.directory import TeamRecord
 
 CHANNELS: tuple[str, ...] = get_args(Channel)
 _DURATION = re.compile(r"(?:(\d{1,4})h)?(?:(\d{1,5})m)?(?:(\d{1,6})s)?")
@@ -64,6 +67,8 @@ def parse(text: str | None) -> dict[str, timedelta | None]:
             )
         if channel in out:
             raise ValueError(f"first_response names {channel} twice")
+        if channel == "voice" and value != "-":  # the call is over: nobody to answer later
+            raise ValueError("first_response: voice must be '-' (the PBX handles a missed call)")
         out[channel] = None if value == "-" else duration(value)
     return out
 
@@ -82,6 +87,21 @@ def target(text: str) -> tuple[str, str]:
             raise ValueError("escalate_to 'agent:' names no agent")
         return "agent", who.strip()
     return "team", text.strip()
+
+
+def respond_by(
+    team: "TeamRecord | None", schedule: Schedule | None, channel: str, at: datetime
+) -> datetime | None:
+    """When a message on ``channel`` routed to ``team`` at ``at`` must have its first
+    answer; None when the team sets no time for it. A malformed stored column (written by
+    hand, not by the import) counts as none: routing never fails on it."""
+    if team is None or not team.first_response:
+        return None
+    try:
+        after = parse(team.first_response).get(channel)
+    except ValueError:
+        return None
+    return None if after is None else add_working_time(schedule, at, after)
 
 
 def add_working_time(schedule: Schedule | None, start: datetime, after: timedelta) -> datetime:

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import RecentContact, utcnow
-from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOwner
+from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOwner, Waiting
 from routers.store.routed_log import recent_contacts
 from routers.store.sql import upsert
 from routers.store.values import aware, strip_brackets, utc
@@ -146,10 +146,21 @@ async def record_reply(
     channel: str,
     at: datetime,
     message_id: str | None = None,
+    answers: str | None = None,
 ) -> None:
     """Remember who answered whom: the customer's last agent, and the thread owner; the
-    agent's open assignments for that customer, routed before the answer, are done."""
+    agent's open assignments for that customer, routed before the answer, are done, and
+    the customer's messages received before it wait for a first answer no more (issue 16:
+    escalation), as does ``answers``, the message replied to (an unknown sender's)."""
     at = utc(at)
+    answered = [Waiting.customer_id == customer_id] if customer_id is not None else []
+    answered += [Waiting.message_id == answers] if answers else []
+    if answered:
+        await session.execute(
+            update(Waiting)
+            .where(or_(*answered), Waiting.answered_at.is_(None), Waiting.received_at <= at)
+            .values(answered_at=at, due_at=None)
+        )
     if customer_id is not None:
         await session.execute(
             update(Assignment)

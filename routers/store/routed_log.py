@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import Connection, Insert, Select, and_, bindparam, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ingest.schema import Channel, InboundMessage, RecentContact, RoutedMessage
-from routers.models import Assignment, RoutedRecord
+from ingest.schema import Channel, InboundMessage, RecentContact, Route, RoutedMessage
+from routers.models import Assignment, RoutedRecord, Waiting
 from routers.store.sql import insert_for, insert_new
 from routers.store.values import aware, strip_brackets, utc
 
@@ -46,6 +46,16 @@ def claim_routed_many(
     ]
     if assigned:
         connection.execute(_assignment_insert(connection.dialect.name), assigned)
+    # a message with a first-response time waits for an answer (issue 16: escalation)
+    waiting = [
+        row
+        for routed in batch
+        if routed.route.respond_by is not None
+        and owners.get((routed.message.channel, routed.message.external_id)) == routed.message.id
+        and (row := _waiting_row(routed)) is not None
+    ]
+    if waiting:
+        connection.execute(_waiting_insert(connection.dialect.name), waiting)
     wanted: dict[str, list[str]] = {}
     for routed in batch:
         message = routed.message
@@ -108,6 +118,31 @@ def _assignment_row(routed: RoutedMessage, offer: timedelta | None) -> dict[str,
         "outcome": None,
         "attempt": routed.route.attempt,
         "message": routed.message.model_dump_json() if offer else None,
+    }
+
+
+def clock_team(route: Route) -> str | None:
+    """The team whose first-response clock runs for a route: its team, or its agent's."""
+    if route.kind == "team":
+        return route.target
+    return route.fallback_team if route.kind == "agent" else None
+
+
+def _waiting_row(routed: RoutedMessage) -> dict[str, Any] | None:
+    """The message's wait for a first answer, escalated at ``route.respond_by``."""
+    team = clock_team(routed.route)
+    if team is None or routed.route.respond_by is None:
+        return None
+    return {
+        "message_id": routed.message.id,
+        "customer_id": routed.customer.id if routed.customer else None,
+        "team_id": team,
+        "channel": routed.message.channel,
+        "received_at": utc(routed.route.decided_at),
+        "due_at": utc(routed.route.respond_by),
+        "level": 0,
+        "answered_at": None,
+        "message": routed.message.model_dump_json(),
     }
 
 
@@ -206,6 +241,12 @@ def _claim_insert(dialect: str) -> Insert:
     return stmt.on_conflict_do_nothing(index_elements=["channel", "external_id"]).returning(  # type: ignore[attr-defined, no-any-return]
         _record.channel, _record.external_id, _record.id
     )
+
+
+@functools.cache
+def _waiting_insert(dialect: str) -> Insert:
+    stmt: Insert = insert_for(dialect, Waiting.__table__)  # type: ignore[arg-type]
+    return stmt.on_conflict_do_nothing(index_elements=["message_id"])  # type: ignore[attr-defined, no-any-return]
 
 
 @functools.cache
