@@ -195,8 +195,8 @@ def _imports(path: Path) -> list[tuple[str, int, list[str]]]:
             found.extend((alias.name, 0, []) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             found.append((node.module or "", node.level, [a.name for a in node.names]))
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for inner in ast.iter_child_nodes(node):
+            visit(inner)
 
     visit(ast.parse(path.read_text(encoding="utf-8")))
     return found
