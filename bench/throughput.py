@@ -17,8 +17,13 @@ between two forwarder runs, and its ratio is to their mean: this machine's speed
 A fresh vhost is created for the run and deleted at the end; every round routes into a
 fresh copy of the directory, so the duplicate-removal record starts empty each time.
 
+With ``--ack`` (issue 16) each router process acknowledges new conversations as the daemon
+does with ``[ack]`` (its defaults): every known sender here is one, so about ``--known`` of
+the messages each claim a row in the ``acks`` ledger and publish a reply request, which
+piles up in ``omniroute.outbound`` (counted, then purged after each round).
+
 Usage: throughput.py [--customers 100000] [-n 20000] [--workers 1] [--rounds 3]
-       [--known 0.7] [--prefetch 256] [--database-url postgresql://...] [--calendars]
+       [--known 0.7] [--prefetch 256] [--database-url postgresql://...] [--calendars] [--ack]
 """
 
 import argparse
@@ -92,7 +97,7 @@ async def depth(url: str, queue: str) -> int:
 async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int,
                       logdir: Path, profile: str | None, cache_ttl: float | None,
                       cpu: list[float] | None = None,
-                      usage: list[dict[str, float]] | None = None) -> float:
+                      usage: list[dict[str, float]] | None = None, ack: bool = False) -> float:
     """Start ``workers`` router processes, release them together, time until N are routed.
 
     ``cpu`` gets the CPU seconds the router processes spent from "go" to "stop" (summed);
@@ -106,6 +111,8 @@ async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int
                "--database-url", db_url, "--prefetch", str(prefetch)]
         if cache_ttl is not None:
             cmd += ["--cache-ttl", str(cache_ttl)]
+        if ack:
+            cmd += ["--ack"]
         if profile and w == 0:
             cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "-o", profile,
                    "-f", "raw", "-r", "200", "--", *cmd]
@@ -162,7 +169,8 @@ async def time_router(url: str, db_url: str, n: int, workers: int, prefetch: int
     return n / dt
 
 
-async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -> None:
+async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None,
+                ack: bool = False) -> None:
     """One router process: the daemon's logging, bus, engine, decider and RouterWorker."""
     from config.logging import configure
     from ingest.bus import Bus
@@ -194,6 +202,14 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
     worker = RouterWorker(bus=bus, engine=engine, decider=decider,
                           routing=routing, settings=router,
                           health=health, metrics=metrics)
+    if ack:  # as config.components.Wiring adds it with [ack]
+        from routers import ack_text
+        from routers.acks import Acknowledger
+        from routers.settings import AckSettings
+
+        worker.acks = Acknowledger(bus=bus, engine=engine, directory=decider.directory,
+                                   settings=AckSettings(), routing=routing,
+                                   templates=ack_text.load(None), metrics=metrics)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     gc.freeze()  # as the daemon does once started (config/daemon.py)
@@ -212,6 +228,8 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None) -
                      f"voluntary={r1.ru_nvcsw - r0.ru_nvcsw} "
                      f"involuntary={r1.ru_nivcsw - r0.ru_nivcsw}\n")
     sys.stderr.write(f"routed {worker.routed} duplicates {worker.duplicates}\n")
+    if worker.acks is not None:
+        sys.stderr.write(f"acks published {worker.acks.published}\n")
     await bus.close()
     await engine.dispose()
 
@@ -260,13 +278,17 @@ async def main(a: argparse.Namespace) -> None:
                 profile = f"{a.profile}.{r}.json" if a.profile else None
                 router_rates.append(await time_router(url, db_url, a.n, a.workers, a.prefetch,
                                                       logdir, profile, a.cache_ttl,
-                                                      router_cpu, router_usage))
+                                                      router_cpu, router_usage, a.ack))
                 dead = await depth(url, "omniroute.dead")
                 left = await depth(url, "omniroute.router")
                 routed = await depth(url, "omniroute.routed")
                 if dead or left or routed != a.n:
                     raise SystemExit(f"round {r}: routed {routed}, dead {dead}, left {left}")
                 await purge(url, "omniroute.routed")
+                if a.ack:
+                    print(f"round {r + 1}: acknowledgements published "
+                          f"{await depth(url, 'omniroute.outbound')}")
+                    await purge(url, "omniroute.outbound")
             finally:
                 if copy is not None:
                     for p in (copy, Path(f"{copy}-wal"), Path(f"{copy}-shm")):
@@ -341,11 +363,13 @@ if __name__ == "__main__":
     p.add_argument("--profile", help="py-spy the first router process into PROFILE.<round>.json")
     p.add_argument("--cache-ttl", type=float, default=None,
                    help="router.directory_cache_ttl (default: the setting's default)")
+    p.add_argument("--ack", action="store_true",
+                   help="issue 16: the routers acknowledge new conversations ([ack] defaults)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        asyncio.run(child(a.url, a.database_url, a.prefetch, a.cache_ttl))
+        asyncio.run(child(a.url, a.database_url, a.prefetch, a.cache_ttl, a.ack))
     else:
         os.environ.setdefault("PYTHONHASHSEED", "0")
         asyncio.run(main(a))

@@ -190,11 +190,16 @@ class Bus:
             raise failure from exc
 
     async def publish_many(
-        self, exchange: str, models: Sequence[tuple[str, BaseModel, str]]
+        self,
+        exchange: str,
+        models: Sequence[tuple[str, BaseModel, str]],
+        *,
+        headers: dict[str, Any] | None = None,
     ) -> list[Exception | None]:
         """Publish ``(routing_key, model, message_id)`` items as ``publish`` does, their
         confirms awaited together within one ``publish_timeout``; one outcome per item (None:
-        confirmed). A confirm that came in time counts even if others did not."""
+        confirmed). A confirm that came in time counts even if others did not. ``headers``
+        go on every item."""
         outcomes: list[Exception | None] = [None] * len(models)
         ready: list[tuple[int, str, bytes, aiormq.spec.Basic.Properties]] = []
         for index, (key, model, message_id) in enumerate(models):
@@ -203,7 +208,9 @@ class Bus:
             except Exception as exc:  # a bug of ours, for this item alone
                 outcomes[index] = exc
                 continue
-            properties = message_properties(message_id, schema_name(model), None, user_id=self.user)
+            properties = message_properties(
+                message_id, schema_name(model), headers, user_id=self.user
+            )
             ready.append((index, key, body, properties))
         if not ready:
             return outcomes

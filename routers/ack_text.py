@@ -62,11 +62,8 @@ class Templates:
     def __init__(self, operator: dict[str, str], shipped: dict[str, str]) -> None:
         self._operator = operator
         self._shipped = shipped
-        self.languages = {
-            m["language"] for name in [*operator, *shipped] if (m := _NAME.match(name))
-        }
 
-    def pick(self, channel: Channel, language: str, closed: bool) -> str:
+    def pick(self, channel: Channel, language: str, closed: bool) -> str | None:
         """The most specific template for the message, the operator's before ours."""
         names = [f"{channel}.{language}.txt", f"{language}.txt"]
         if closed:
@@ -75,10 +72,20 @@ class Templates:
             for name in names:
                 if name in found:
                     return found[name]
-        raise ConfigError(f"ack: no template for language {language!r}")
+        return None
 
-    def render(self, channel: Channel, language: str, words: Words, now: datetime) -> str:
-        text = self.pick(channel, language, words.opens_at is not None)
+    def render(
+        self, channel: Channel, language: str, words: Words, now: datetime, *, fallback: str
+    ) -> str:
+        """The filled template in ``language``, else (no template of that language for the
+        channel) in ``fallback``, which the shipped templates always have."""
+        closed = words.opens_at is not None
+        text = self.pick(channel, language, closed)
+        if text is None:
+            language = fallback
+            text = self.pick(channel, language, closed)
+        if text is None:
+            raise ConfigError(f"ack: no template for {channel} in {language!r}")
         unnamed = _UNNAMED.get(language, _UNNAMED["en"])
         values = {
             "customer_name": words.customer_name or unnamed["customer_name"],

@@ -31,11 +31,12 @@ so the routed messages are acked to the broker as before.
 """
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import Connection, Table, bindparam, delete, func, select
@@ -179,34 +180,26 @@ class Acknowledger:
         if not claimed:
             return 0
         replies = await self._replies(claimed, now)
-        outcomes = await asyncio.gather(
-            *(
-                self._bus.publish(
-                    OUTBOUND, reply.channel, reply, message_id=reply.id, headers={ACK_HEADER: 1}
-                )
-                for reply in replies
-            ),
-            return_exceptions=True,
+        outcomes = await self._bus.publish_many(
+            OUTBOUND,
+            [(reply.channel, reply, reply.id) for reply in replies],
+            headers={ACK_HEADER: 1},
         )
         lost: list[str] = []
+        published: list[str] = []
         for item, reply, outcome in zip(claimed, replies, outcomes, strict=True):
-            if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
-            if isinstance(outcome, BaseException):
+            if outcome is not None:
                 lost.append(item.key)
                 log.warning(
                     "acks.publish_failed", message_id=item.routed.message.id, error=str(outcome)
                 )
                 self._count(reply.channel, "failed")
                 continue
-            self.published += 1
+            published.append(item.routed.message.id)
             self._count(reply.channel, "published")
-            log.info(
-                "acks.published",
-                message_id=item.routed.message.id,
-                channel=reply.channel,
-                customer=item.customer_id,
-            )
+        self.published += len(published)
+        if published:  # one line a batch; the dispatcher logs each one it sends
+            log.info("acks.published", count=len(published), message_ids=published)
         if lost:  # the next message of these customers may try again
             await self._run(lambda c: release(c, lost, now))
         return len(claimed) - len(lost)
@@ -230,8 +223,6 @@ class Acknowledger:
         for item in claimed:
             routed, message = item.routed, item.routed.message
             language = languages.get(item.key) or self.settings.default_language
-            if language not in self._templates.languages:
-                language = self.settings.default_language
             team_id = _team_of(routed)
             team_record = teams.get(team_id) if team_id else None
             words = Words(
@@ -240,7 +231,9 @@ class Acknowledger:
                 reference=reference(message.id),
                 opens_at=routed.route.opens_at,
             )
-            text = self._templates.render(message.channel, language, words, now)
+            text = self._templates.render(
+                message.channel, language, words, now, fallback=self.settings.default_language
+            )
             replies.append(
                 ReplyRequest(
                     id=f"ack:{message.id}",
@@ -320,13 +313,20 @@ def claim(
     keys = [item.key for item in wanted if item.key not in talked]
     if not keys:
         return set()
-    stmt = insert_for(connection.dialect.name, _ACKS).values(
-        [{"key": key, "at": utc(now)} for key in keys]
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["key"], set_={"at": stmt.excluded.at}, where=_acks.at < utc(since)
+    claims = [{"key": key, "at": utc(now), "cutoff": utc(since)} for key in keys]
+    upsert = _claim_upsert(connection.dialect.name)
+    return {row.key for row in connection.execute(upsert, claims)}
+
+
+@functools.cache
+def _claim_upsert(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT (key) DO UPDATE SET at = excluded.at WHERE acks.at < :cutoff
+    RETURNING key``: the database serialises two claims of one key, and the second finds
+    the first's fresh ``at``. Sent as multi-row VALUES pages, built once."""
+    stmt = insert_for(dialect, _ACKS)
+    return stmt.on_conflict_do_update(
+        index_elements=["key"], set_={"at": stmt.excluded.at}, where=_acks.at < bindparam("cutoff")
     ).returning(_acks.key)
-    return {row.key for row in connection.execute(stmt)}
 
 
 def release(connection: Connection, keys: list[str], at: datetime) -> None:

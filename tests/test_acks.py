@@ -422,10 +422,18 @@ def _team_route() -> Route:
 def test_an_operators_templates_are_checked_and_used_first(tmp_path: Path) -> None:
     """ack.templates overrides the shipped ones; an unknown placeholder is one line."""
     (tmp_path / "sms.tr.txt").write_text("Selam {customer_name}! Ref {reference}\n")
+    (tmp_path / "email.de.txt").write_text("Hallo {customer_name}\n")
     templates = ack_text.load(tmp_path)
     words = ack_text.Words("Ayşe", None, "AB12CD34", None)
-    assert templates.render("sms", "tr", words, utcnow()) == "Selam Ayşe! Ref AB12CD34"
-    assert templates.render("whatsapp", "tr", words, utcnow()).startswith("Merhaba Ayşe,")
+    assert (
+        templates.render("sms", "tr", words, utcnow(), fallback="en") == "Selam Ayşe! Ref AB12CD34"
+    )
+    assert templates.render("whatsapp", "tr", words, utcnow(), fallback="en").startswith(
+        "Merhaba Ayşe,"
+    )
+    assert templates.render("email", "de", words, utcnow(), fallback="en") == "Hallo Ayşe"
+    german_sms = templates.render("sms", "de", words, utcnow(), fallback="en")
+    assert german_sms.startswith("Hello Ayşe,"), "no German SMS template: the default language"
     (tmp_path / "en.txt").write_text("Hi {customer}\n")
     with pytest.raises(ConfigError) as caught:
         ack_text.load(tmp_path)
