@@ -39,6 +39,21 @@ QUIET_LIBRARIES = {
 }
 
 
+#: SQLAlchemy's pool logs an error with a traceback when closing a connection to a database
+#: that went away times out or fails; the outage is reported once by omniroute itself
+#: (``bus.transient``, ``directory.refresh_failed``), so these go (issue 19: four in one run
+#: of bench/faults/db_proxy.py)
+_POOL_CLOSE_MESSAGES = ("Exception closing connection %r", "Exception terminating connection %r")
+
+
+def _not_an_outage_echo(record: logging.LogRecord) -> bool:
+    """A handler filter: False for a library's traceback about a database outage."""
+    if record.name.startswith("sqlalchemy.pool") and record.msg in _POOL_CLOSE_MESSAGES:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, TimeoutError | OSError)
+    return True
+
+
 # Identities inside free text: third-party error messages ("The 'To' number +90… is not
 # valid", an SMTP server echoing the recipient) and exception strings.
 _EMAIL_IN_TEXT = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
@@ -146,6 +161,7 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.addFilter(_not_an_outage_echo)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
