@@ -346,11 +346,14 @@ def counters(
 
 
 def report(result: dict[str, Any]) -> int:
-    """Print the counters (one human line, one JSON line), save them; exit 1 if lost."""
+    """Print the counters (one human line, one JSON line), save them; exit 1 if a message
+    was lost or unexpected, the scenario's own check failed, or the daemon logged a
+    traceback (an expected outage is one log line, issue 19)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{result['scenario']}.json").write_text(json.dumps(result, indent=2) + "\n")
     keys = ("offered", "routed", "lost", "duplicated", "recovered", "unexpected", "recover_s")
     print(f"{result['scenario']}: " + " ".join(f"{k}={result[k]}" for k in keys))
     print(json.dumps(result))
     ok = result["lost"] == 0 and result["unexpected"] == 0 and result.get("ok", True)
+    ok = ok and result.get("tracebacks", 0) == 0
     return 0 if ok else 1
