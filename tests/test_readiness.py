@@ -22,7 +22,7 @@ from ingest.bus import Bus
 from ingest.errors import ConfigError
 from ingest.topology import ROUTER_QUEUE
 from tests.daemon_fixtures import DaemonProcess
-from tests.support.net import free_port, listening
+from tests.support.net import TcpProxy, free_port, listening
 from tests.support.waiting import until
 
 SECRET = "s3cr3t-pw"
@@ -337,3 +337,46 @@ async def test_no_200_while_the_broker_is_silent_then_200_once_it_answers(
             assert "amqp_url: names no host" in refusal
             assert SECRET not in refusal
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+async def test_a_broker_cut_is_one_log_line_and_readiness_comes_back(
+    daemon: DaemonProcess, tmp_path: Path, vhost: str
+) -> None:
+    """An expected outage is one line (``bus.connection_lost`` with its reason), not the
+    broker client's traceback and errors (issue 19: ``tracebacks: 1`` in broker_proxy);
+    /readyz says 503 meanwhile and 200 again once the router consumes again."""
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{vhost}"
+    try:
+        async with started(daemon, tmp_path, url) as (proc, watch, _notes, log):
+            await watch.until(lambda: watch.first_200() is not None, proc, 30, "ready")
+            await proxy.cut()
+            await watch.until(
+                lambda: _logged(log, "bus.connection_lost") == 1 and watch.answers[-1][1] == 503,
+                proc,
+                15,
+                "the cut noticed",
+            )
+            await proxy.restore()
+            cut_seen = len(watch.answers)
+            await watch.until(
+                lambda: any(s == 200 for _, s in watch.answers[cut_seen:]),
+                proc,
+                30,
+                "ready again",
+            )
+    finally:
+        await proxy.cut()
+    text = log.read_text()
+    assert "Traceback" not in text
+    lost = [line for line in text.splitlines() if '"bus.connection_lost"' in line]
+    assert len(lost) == 1
+    assert '"error": "' in lost[0]
+    noisy = [
+        line
+        for line in text.splitlines()
+        if '"logger": "aiormq' in line or '"logger": "aio_pika' in line
+    ]
+    assert noisy == []
