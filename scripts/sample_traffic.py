@@ -1,5 +1,8 @@
 """Sample traffic for the README's first command: publishes a few customer messages and
-ticket-system events onto the running daemon's exchanges and prints what comes out routed.
+ticket-system events onto the running daemon's exchanges and prints what comes out routed,
+then waits (at most three minutes) for what nobody answered to move on by itself: an email
+offer timing out (reason offer_timeout, attempt 2) and a first answer overdue (sla.breached,
+then reason escalated). ``scripts/demo`` shortens those times for it.
 
 It waits for the router's consumer, so it can start alongside the daemon.
 """
@@ -8,6 +11,8 @@ import argparse
 import asyncio
 import sys
 from datetime import timedelta
+
+from aio_pika.abc import AbstractQueue
 
 from config.settings import config_path, load_settings
 from config.tail import line
@@ -18,6 +23,7 @@ from ingest.schema import (
     AgentStatus,
     InboundMessage,
     RoutedMessage,
+    SlaBreached,
     new_id,
     utcnow,
 )
@@ -61,7 +67,45 @@ def samples() -> list[InboundMessage | AgentReplied | AgentStatus]:
             agent_id="mehmet", status="away", until=utcnow() + timedelta(hours=2), deputy="ayse"
         ),
         msg("sms", "phone", "+905321112233", "Mehmet Bey orada mı?"),
+        # Kerem (on call, around the clock) answered Selin: her next mail is offered to him,
+        # and nobody accepts it (no ticket system here): it goes on, then escalates
+        AgentReplied(agent_id="kerem", customer_id="c-1007", channel="email"),
+        msg("email", "email", "selin.aydin@example.com.tr", "Ödeme yaptım ama hat hâlâ kapalı"),
     ]
+
+
+async def _show(routed: AbstractQueue, breaches: AbstractQueue, expected: int) -> None:
+    """Print what is routed and every sla.breached until the first decisions, an offer that
+    timed out, a breach and its escalation were all seen, or three minutes passed."""
+    first, seen = 0, set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 180
+    while loop.time() < deadline:
+        if first >= expected and {"offer_timeout", "escalated", "sla.breached"} <= seen:
+            return
+        got = False
+        if (delivery := await breaches.get(fail=False, timeout=5)) is not None:
+            async with delivery.process():
+                sla = SlaBreached.model_validate_json(delivery.body)
+            print(
+                f"sample-traffic  sla.breached: {sla.message_id[:8]}… unanswered at "
+                f"{sla.due_at:%H:%M:%S} by team {sla.team}, level {sla.level} -> "
+                f"{sla.escalated_to or 'nobody'}",
+                flush=True,
+            )
+            seen.add("sla.breached")
+            got = True
+        if (delivery := await routed.get(fail=False, timeout=5)) is not None:
+            async with delivery.process():
+                item = RoutedMessage.model_validate_json(delivery.body)
+            attempt = f"  (attempt {item.route.attempt})" if item.route.attempt > 1 else ""
+            print("sample-traffic  " + line(item, redact_identities=False) + attempt, flush=True)
+            first += item.route.attempt == 1
+            seen.add(item.route.reason)
+            got = True
+        if not got:
+            await asyncio.sleep(0.5)
+    print("sample-traffic  stopped waiting after three minutes", flush=True)
 
 
 async def main() -> int:
@@ -83,15 +127,9 @@ async def main() -> int:
             else:
                 await bus.publish(EVENTS, item.type, item, message_id=new_id())
             await asyncio.sleep(0.5)  # paced so each event is learnt before the next message
-        seen = 0
-        async with queue.iterator() as deliveries:
-            async for delivery in deliveries:
-                async with delivery.process():
-                    routed = RoutedMessage.model_validate_json(delivery.body)
-                    print("sample-traffic  " + line(routed, redact_identities=False), flush=True)
-                seen += 1
-                if seen >= expected:
-                    break
+        breaches = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await breaches.bind(EVENTS, "sla.breached")
+        await _show(queue, breaches, expected)
         return 0
     finally:
         await bus.close()

@@ -49,7 +49,7 @@ def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path
     assert (
         "billing,Billing,'+902125550100,billing@support.example.com,Europe/Istanbul,"
         "Mon-Fri 09:00-18:00,TR,oncall,sip:voicemail-billing@pbx.example.com,"
-        "email=4h;sms=30m;voice=-;twitter=1h;whatsapp=30m,oncall"
+        "email=4h;sms=30m;voice=-;twitter=1h;whatsapp=30m,supervisors"
     ) in teams
     holidays = (tmp_path / "holidays.csv").read_text(encoding="utf-8").splitlines()
     assert holidays[:2] == [
@@ -145,7 +145,7 @@ def test_show_team_prints_its_calendar_and_next_opening(daemon: DaemonProcess) -
         "after_hours:      oncall",
         "after_hours_dial: sip:voicemail-billing@pbx.example.com",
         "first_response:   email=4h;sms=30m;voice=-;twitter=1h;whatsapp=30m",
-        "escalate_to:      oncall",
+        "escalate_to:      supervisors",
         "status:           closed: Sat 23:30 Europe/Istanbul, opens Mon 09:00",
         "opens at:         2026-12-28T09:00:00+03:00",
         "company days:     2026-12-31 Thu Yılbaşı arifesi (open 09:00-13:00)",

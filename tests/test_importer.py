@@ -57,12 +57,12 @@ async def test_each_kind_imports_from_the_examples(db: AsyncEngine) -> None:
         for k in KINDS
     ]
     assert [(r.kind, r.inserted, r.updated, r.rejected) for r in reports] == [
-        ("teams", 4, 0, 0),
+        ("teams", 5, 0, 0),
         ("agents", 7, 0, 0),
         ("customers", 10, 0, 0),
         ("holidays", 3, 0, 0),
     ]
-    assert (await count(db, Team), await count(db, Agent), await count(db, Customer)) == (4, 7, 10)
+    assert (await count(db, Team), await count(db, Agent), await count(db, Customer)) == (5, 7, 10)
     assert await count(db, CompanyHoliday) == 3
     ids = await identities(db)
     assert ("twitter", "id:1498237650123456789", "c-1004") in ids
@@ -251,7 +251,7 @@ async def test_export_then_import_round_trips(db: AsyncEngine, tmp_path: Path) -
         out = io.StringIO()
         assert (
             await export_csv(db, kind, out, batch_size=2)
-            == {"teams": 4, "agents": 7, "customers": 10, "holidays": 3}[kind]
+            == {"teams": 5, "agents": 7, "customers": 10, "holidays": 3}[kind]
         )
         files[kind] = write(tmp_path, f"{kind}.csv", out.getvalue())
     assert "id:1498237650123456789" in files["customers"].read_text()
