@@ -18,6 +18,7 @@ from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOw
 from routers.store.routed_log import recent_contacts
 from routers.store.sql import upsert
 from routers.store.values import aware, strip_brackets, utc
+from routers.timers import notify
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,10 @@ async def decline_offer(
             closed_at=func.coalesce(Assignment.closed_at, at),
         )
     )
-    return bool(getattr(result, "rowcount", 0))
+    declined = bool(getattr(result, "rowcount", 0))
+    if declined:  # due now: wake the timer workers of every instance (PostgreSQL)
+        await session.run_sync(lambda s: notify(s.connection()))
+    return declined
 
 
 async def close_assignment(

@@ -3,22 +3,25 @@ worker in every instance that runs the ``timers`` component.
 
 ``TimerWorker`` is the loop they share: fire what is due in batches, then sleep until the
 next due time (at most ``max_sleep``), woken early by ``nudge()`` when this process writes a
-nearer one. A subclass takes its due rows so that no other instance fires them meanwhile
-(``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite a write first, under the database's
-one write lock), pushes their due time ``RETRY`` ahead, publishes, then closes them: a
-crash in between fires them again after ``RETRY`` with the same message ids (at least
-once, deduplicated downstream by ``message_id``), and a timer due while the daemon was
-down fires at start. A directory outage is waited out with backoff; the directory's own
-health shows it.
+nearer one, and on PostgreSQL by a ``NOTIFY omniroute_timers`` from any process
+(``notify``: a decline, made due at once by another instance's events worker, is fired
+within a second, not after ``max_sleep``). A subclass takes its due rows so that no other
+instance fires them meanwhile (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite a write
+first, under the database's one write lock), pushes their due time ``RETRY`` ahead,
+publishes, then closes them: a crash in between fires them again after ``RETRY`` with the
+same message ids (at least once, deduplicated downstream by ``message_id``), and a timer
+due while the daemon was down fires at start. A directory outage is waited out with
+backoff; the directory's own health shows it.
 """
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +33,16 @@ from routers.store.transactions import transactions_of
 
 #: how long a batch taken by one worker is left to it before another may fire it again
 RETRY = timedelta(seconds=60)
+#: the PostgreSQL channel on which a process says "a timer is due sooner than you think"
+CHANNEL = "omniroute_timers"
+_NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
+
+
+def notify(connection: Connection) -> None:
+    """Wake every instance's timer workers when this transaction commits (PostgreSQL; on
+    SQLite the writer's own process is the only one, and it nudges its worker)."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_NOTIFY)
 
 
 class TimerWorker:
@@ -47,6 +60,7 @@ class TimerWorker:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._run = transactions_of(engine)
+        self._engine = engine
         self._health = health
         self._batch = batch
         self._max_sleep = max_sleep
@@ -61,6 +75,43 @@ class TimerWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fire due timers until ``stop``; an outage is waited out with backoff."""
+        if self._engine.dialect.name != "postgresql":
+            await self._fire_until(stop)
+            return
+        async with asyncio.TaskGroup() as tasks:
+            listening = tasks.create_task(self._listen(stop))
+            await self._fire_until(stop)
+            listening.cancel()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """LISTEN on a connection of its own, again after it is lost (with backoff); each
+        notification, and each new connection (what was written meanwhile), is a nudge."""
+        backoff = Backoff(1.0, 30.0)
+        while not stop.is_set():
+            lost = asyncio.Event()
+            try:
+                async with asyncio.timeout(30):
+                    connection = await self._engine.connect()
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                self._log.info(f"{self.name}.listen_failed", error=str(exc)[:300])
+                await self._sleep(backoff.next(), stop)
+                continue
+            try:
+                driver: Any = (await connection.get_raw_connection()).driver_connection
+                await driver.add_listener(CHANNEL, lambda *_: self.nudge())
+                driver.add_termination_listener(lambda *_, gone=lost: gone.set())
+                backoff.reset()
+                self.nudge()
+                await _first(stop.wait(), lost.wait())
+            except (SQLAlchemyError, OSError) as exc:
+                self._log.info(f"{self.name}.listen_lost", error=str(exc)[:300])
+                await self._sleep(backoff.next(), stop)
+            finally:
+                with contextlib.suppress(Exception):  # a lost connection cannot be closed well
+                    async with asyncio.timeout(5):
+                        await connection.invalidate() if lost.is_set() else await connection.close()
+
+    async def _fire_until(self, stop: asyncio.Event) -> None:
         backoff, failing = Backoff(1.0, 30.0), False
         self._health.set(self.name, "up")
         try:
@@ -103,12 +154,7 @@ class TimerWorker:
         raise NotImplementedError
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
-        waiting = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
-        try:
-            await asyncio.wait(waiting, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waiting:
-                task.cancel()
+        await _first(stop.wait(), self._wake.wait(), timeout=seconds)
 
     async def _until_next(self) -> float:
         nearest: datetime | None = await self._database(self._next_due)
@@ -121,3 +167,13 @@ class TimerWorker:
             return await self._run(work)
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
+
+
+async def _first(*waits: Coroutine[Any, Any, Any], timeout: float | None = None) -> None:
+    """Until the first of ``waits`` is done (or ``timeout``); the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -32,7 +32,7 @@ from routers.events import EventsWorker
 from routers.models import RoutedRecord
 from routers.offers import RETRY, OfferTimers
 from routers.settings import RouterSettings, RoutingSettings
-from routers.store.engine import sessionmaker
+from routers.store.engine import create_engine, migrate, sessionmaker
 from routers.worker import RouterWorker
 from tests.seed import seed
 from tests.support.broker import Taken, take
@@ -283,3 +283,31 @@ async def test_a_closed_assignment_is_no_offer_any_more(desk: Desk) -> None:
     desk.clock.ahead = OFFER * 2
     assert await desk.timers.drain() == 0
     assert await desk.timers._until_next() == desk.timers._max_sleep
+
+
+async def test_a_decline_in_another_process_wakes_the_timer_worker_on_postgresql(
+    bus: Bus, pg_url: str
+) -> None:
+    """No in-process nudge (as when the events worker runs in another instance): the
+    decline's NOTIFY wakes the timer worker, asleep for up to 30 s, within a second."""
+    await migrate(pg_url)
+    pg_engine = create_engine(pg_url)
+    await seed(pg_engine)
+    d = Desk(bus, pg_engine, RoutingSettings(default_region="TR", offer_timeout={"email": OFFER}))
+    await d.start()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(d.timers.run(stop))
+    try:
+        await d.event(AgentReplied(agent_id="ana", customer_id="acme", channel="email"))
+        message = await offered(d)
+        await asyncio.sleep(0.5)  # the worker is asleep now, until the offer's due time
+        started = asyncio.get_running_loop().time()
+        await d.event(AssignmentDeclined(message_id=message.id, agent_id="ana"))
+        got, routed = await d.routed(timeout=5)
+        assert (got.message_id, routed.route.reason) == (f"{message.id}#2", "declined")
+        assert asyncio.get_running_loop().time() - started < 2
+    finally:
+        stop.set()
+        await worker
+        await d.close()
+        await pg_engine.dispose()
