@@ -123,6 +123,8 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         print(f"for:       {route.for_agent} (a deputy stands in)")
     if route.opens_at:
         print(f"opens at:  {route.opens_at.isoformat()}")
+    if route.respond_by:  # issue 16: escalated then to the team's escalate_to, unanswered
+        print(f"answer by: {route.respond_by.isoformat()} (the team's first_response)")
     if args.channel == "voice":
         print(f"dial:      {decision.dial or '-'}")
         if decision.fallback_dial:

@@ -156,6 +156,7 @@ async def test_explain_at_a_time_shows_the_calendar_that_decided(
                     timezone="Europe/Istanbul",
                     holidays="TR",
                     after_hours_dial="sip:voicemail-billing@pbx.test",
+                    first_response="email=4h",
                 )
             )
     finally:
@@ -184,6 +185,13 @@ async def test_explain_at_a_time_shows_the_calendar_that_decided(
     assert naive.returncode == 2
     assert naive.stderr.count("\n") == 1
     assert "--at '2026-12-26T23:30': give the offset" in naive.stderr
+    # issue 16: a mail at Friday 17:55 with 4 h for a first answer is due Monday 12:55
+    friday = await asyncio.to_thread(
+        daemon.cli,
+        *("route", "explain", "--channel", "email", "--from", "ayse@acme.test"),
+        *("--at", "2026-12-04T17:55+03:00"),
+    )
+    assert "answer by: 2026-12-07T09:55:00+00:00 (the team's first_response)" in friday.stdout
 
 
 async def test_explain_shows_why_an_unproven_sender_is_not_the_customer(
