@@ -39,6 +39,8 @@ ReasonName = Literal[
     "declined",
     "escalated",
     "unverified_sender",
+    # issue 20: an operator's [[routing.rules]] rule decided (route.rule names it)
+    "topic",
 ]
 Reason = Annotated[
     ReasonName,
@@ -46,7 +48,8 @@ Reason = Annotated[
         description="why the message went where it did: a step of the routing policy "
         "(thread_owner, last_agent, dedicated_team, unknown_sender, no_team), a *_fallback "
         "when an unavailable agent sent it on to the team, unverified_sender when the sender "
-        "is not proven to be the customer, or one of the other listed reasons"
+        "is not proven to be the customer, topic when an operator's rule decided (route.rule), or "
+        "one of the other listed reasons"
     ),
 ]
 
@@ -166,6 +169,17 @@ class Route(_Model):
         "for the channel, counted in its opening hours; unanswered by then, omniroute "
         "publishes sla.breached and routes the message again to the team's escalate_to "
         "(reason escalated)",
+    )
+
+    rule: str | None = Field(
+        default=None,
+        max_length=100,
+        description="the [[routing.rules]] rule that decided (reason topic), else absent",
+    )
+    tags: list[str] = Field(
+        default_factory=list,
+        description="tags that [[routing.rules]] rules with a tag action added (the target "
+        "is not changed by them)",
     )
 
     @property
