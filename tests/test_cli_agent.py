@@ -12,15 +12,12 @@ from ingest.bus import Bus
 from ingest.schema import AgentStatus, schema_name
 from ingest.topology import EVENTS_QUEUE
 from tests.daemon_fixtures import ROOT, DaemonProcess
+from tests.support import directory
 
-EXAMPLES = ROOT / "config" / "examples"
 
 
 def load_examples(daemon: DaemonProcess) -> None:
-    assert daemon.cli("directory", "migrate").returncode == 0
-    for kind in ("teams", "agents"):
-        result = daemon.cli("directory", "import", str(EXAMPLES / f"{kind}.csv"))
-        assert result.returncode == 0, result.stderr
+    directory.load_examples(daemon.config, ("teams", "agents"))
 
 
 async def events(bus: Bus) -> list[aio_pika.abc.AbstractIncomingMessage]:

@@ -11,16 +11,14 @@ from sqlalchemy import insert
 from routers.models import AgentPresence, Assignment
 from routers.store.engine import create_engine
 from tests.daemon_fixtures import ROOT, DaemonProcess
+from tests.support import directory
 
 EXAMPLES = ROOT / "config" / "examples"
 KINDS = ("teams", "agents", "customers", "holidays")
 
 
 def load_examples(daemon: DaemonProcess) -> None:
-    assert daemon.cli("directory", "migrate").returncode == 0
-    for kind in KINDS:
-        result = daemon.cli("directory", "import", str(EXAMPLES / f"{kind}.csv"))
-        assert result.returncode == 0, result.stderr
+    directory.load_examples(daemon.config)
 
 
 def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path: Path) -> None:
