@@ -11,9 +11,8 @@ import pytest
 from ingest.bus import Bus
 from ingest.schema import AgentStatus, schema_name
 from ingest.topology import EVENTS_QUEUE
-from tests.daemon_fixtures import ROOT, DaemonProcess
+from tests.daemon_fixtures import DaemonProcess
 from tests.support import directory
-
 
 
 def load_examples(daemon: DaemonProcess) -> None:
