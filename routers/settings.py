@@ -4,9 +4,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ingest.schema import Channel
+from routers.rule_file import load_rule_file
+from routers.rules import RuleSet, TopicRule
 from routers.schedule import parse_timezone
 
 
@@ -71,6 +81,22 @@ class RoutingSettings(BaseModel):
         "address, default team or triage) with the reason unverified_sender. Unset: true "
         "when email.trusted_authserv_ids is set",
     )
+    rules: list[TopicRule] = Field(
+        default_factory=list,
+        max_length=1000,
+        description='topic rules (issue 20; README, "Topic rules"): [[routing.rules]] '
+        "tables, each a name, conditions that must all hold and one action. Asked after the "
+        "thread owner, last agent and the customer's team (override_owner = true: before "
+        "them); the first that matches decides, reason topic, route.rule its name",
+    )
+    shadow_rules: Path | None = Field(
+        default=None,
+        description="a file of candidate [[rules]]: every message is decided with them too, "
+        "and where the route differs it is counted (omniroute_shadow_diff_total), logged "
+        "once and recorded for `omniroute rules diff`; the live route is never changed",
+    )
+    _topics: RuleSet = PrivateAttr(default_factory=RuleSet)
+    _shadow: "RoutingSettings | None" = PrivateAttr(default=None)
 
     @field_validator("default_region")
     @classmethod
@@ -96,6 +122,45 @@ class RoutingSettings(BaseModel):
             if after.total_seconds() <= 0:
                 raise ValueError(f"{channel}: must be positive")
         return value
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, value: list[TopicRule], info: ValidationInfo) -> list[TopicRule]:
+        RuleSet(value, info.data.get("default_region", "US"))  # refused here: the key is named
+        return value
+
+    @field_validator("shadow_rules")
+    @classmethod
+    def _shadow_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None:
+            load_rule_file(value, info.data.get("default_region", "US"))
+        return value
+
+    @model_validator(mode="after")
+    def _compile_rules(self) -> "RoutingSettings":
+        """Check the rules together (names, shadowed rules) and compile them once; load the
+        shadow candidate the same way."""
+        self._topics = RuleSet(self.rules, self.default_region)
+        if self.shadow_rules is not None:
+            candidate = load_rule_file(self.shadow_rules, self.default_region).rules
+            self._shadow = self.with_topics(candidate)
+        return self
+
+    @property
+    def topics(self) -> RuleSet:
+        """``rules``, compiled (``routers.rules``)."""
+        return self._topics
+
+    @property
+    def shadow(self) -> "RoutingSettings | None":
+        """These settings with the candidate rules of ``shadow_rules`` (None: not set)."""
+        return self._shadow
+
+    def with_topics(self, topics: RuleSet) -> "RoutingSettings":
+        """A copy deciding with ``topics`` instead (and no shadow of its own)."""
+        copy = self.model_copy(update={"rules": list(topics.rules)})
+        copy._topics, copy._shadow = topics, None
+        return copy
 
     @field_validator("sticky_for", "load_window")
     @classmethod
