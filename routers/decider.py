@@ -29,7 +29,7 @@ from ingest.schema import CustomerRef, InboundMessage, Route, utcnow
 from routers import directory, first_response, state
 from routers.availability import AgentFacts, agent_schedule, capacity_of, team_schedule
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
-from routers.policy import UNVERIFIED, Facts, TeamFacts, address_team, decide
+from routers.policy import Facts, TeamFacts, address_team, decide, doubt
 from routers.settings import RoutingSettings
 from routers.store.routed_log import clock_team
 from routers.store.transactions import transactions_of
@@ -122,7 +122,8 @@ class DirectoryDecider:
             ref = None
             # An unproven sender (issue 13) gets the customer's team, never their context:
             # no name, no recent contacts, no customer id in the routed message or record.
-            if customer is not None and route.reason != UNVERIFIED:
+            # (whatever the reason says: a closed team's after_hours, say)
+            if customer is not None and doubt(message, settings) is None:
                 recent = read.routing.recent.get(customer.id, [])
                 ref = CustomerRef(
                     id=customer.id, name=customer.name, team=customer.team_id, recent=list(recent)

@@ -2,10 +2,9 @@
 pure function of the message and the facts read before deciding, so ``omniroute route
 explain`` shows the same thinking the router applied.
 
-``CHAIN`` names the rules in order; ``decide()`` walks it and the first rule that returns a
-``Verdict`` decides. Every rule that runs, the ones that pass included, adds one step
-``"<rule>: <what it found>"`` to the route. Adding a rule = one function + one line in
-``CHAIN`` + its rows in the table of ``tests/test_policy.py``.
+``decide()`` walks ``CHAIN``; the first rule returning a ``Verdict`` decides, and every rule
+that runs adds one step ``"<rule>: <what it found>"``. A new rule: a function, a line in
+``CHAIN``, rows in ``tests/test_policy.py``.
 
 An agent who cannot take a message never receives it (issue 15; ``routers.availability``):
 one who is away, offline or off work goes to their deputy when the deputy can take it
@@ -18,7 +17,7 @@ with ``route.opens_at``.
 A sender that is not proven (issue 13: an email that fails DMARC or has no pass, when
 ``require_authenticated_email``; a call whose caller ID failed STIR/SHAKEN) is matched to
 the customer only to find their team: no thread owner, no last agent, reason
-``unverified_sender``; the decider then leaves the customer's context out of the route.
+``unverified_sender``; the decider leaves the customer's context out (``doubt``).
 """
 
 from collections.abc import Callable, Mapping
@@ -46,13 +45,10 @@ class TeamFacts:
 
 @dataclass(frozen=True)
 class Facts:
-    """What the decider read for one message before deciding: the rules' only view of the
-    directory and the routing state.
-
-    ``team`` is the customer's team as the directory has it (None when the customer has
-    none, or names one the directory lacks), for the rules that ask about a team.
-    ``teams`` holds every team a route may name (the customer's, the address's, the
-    default, and their after-hours teams) with their calendars (issue 15)."""
+    """What the decider read for one message: the rules' only view of the directory and the
+    routing state. ``team``: the customer's team as the directory has it (None: none, or
+    one it lacks). ``teams``: every team a route may name (the customer's, the address's,
+    the default, their after-hours teams) with their calendars (issue 15)."""
 
     customer: CustomerRecord | None
     thread_owner: AgentFacts | None = None
@@ -189,34 +185,41 @@ def customer(
 def sender(
     message: InboundMessage, facts: Facts, settings: RoutingSettings, now: datetime, walk: Walk
 ) -> Verdict | None:
-    """Issue 13: an unproven sender is not taken as the customer's own. Email counts only
-    with ``require_authenticated_email``; a failed caller-ID verification always counts, as
-    the carrier checked and said no."""
+    """Issue 13: an unproven sender is not taken as the customer's own (``doubt``)."""
     if facts.customer is None:
         walk.step("no customer to take it for")
         return None
-    doubt = None
-    if message.channel == "email":
-        if not settings.require_authenticated_email:
-            walk.step("not checked (routing.require_authenticated_email is off)")
-            return None
-        auth = message.meta.get("auth")
-        if verified(auth):
-            walk.step(describe(auth))
-            return None
-        doubt = describe(auth)
-    elif message.channel == "voice":
-        failed = failed_verstat(message.meta)
-        if failed is None:
-            walk.step("the caller ID did not fail verification")
-            return None
-        doubt = f"caller ID failed STIR/SHAKEN verification ({failed})"
-    else:
-        walk.step(f"not checked on {message.channel}")
+    why = doubt(message, settings)
+    if why is None:
+        walk.step(_not_doubted(message, settings))
         return None
     walk.unproven = True
-    walk.step(f"{doubt}, not taken as customer {facts.customer.id}'s own")
+    walk.step(f"{why}, not taken as customer {facts.customer.id}'s own")
     return None
+
+
+def doubt(message: InboundMessage, settings: RoutingSettings) -> str | None:
+    """Why the sender is unproven (None: proven or not checked); the decider asks too, as
+    a closed team's ``after_hours`` hides ``unverified_sender`` but must not the doubt."""
+    if message.channel == "email":
+        if not settings.require_authenticated_email:
+            return None
+        auth = message.meta.get("auth")
+        return None if verified(auth) else describe(auth)
+    if message.channel == "voice":
+        failed = failed_verstat(message.meta)
+        return None if failed is None else f"caller ID failed STIR/SHAKEN verification ({failed})"
+    return None
+
+
+def _not_doubted(message: InboundMessage, settings: RoutingSettings) -> str:
+    if message.channel == "voice":
+        return "the caller ID did not fail verification"
+    if message.channel != "email":
+        return f"not checked on {message.channel}"
+    if not settings.require_authenticated_email:
+        return "not checked (routing.require_authenticated_email is off)"
+    return describe(message.meta.get("auth"))
 
 
 def thread_owner(

@@ -453,3 +453,22 @@ async def test_two_routers_deciding_at_once_keep_the_capacity(desk: Desk) -> Non
     (busy,) = [c[0].route for c in claimed if c[0].route.kind == "team"]
     assert busy.steps[-1].startswith("capacity: ana reached 2 open on email meanwhile")
     assert await desk.open_load("ana") == 2
+
+
+async def test_an_unproven_sender_to_a_closed_team_carries_no_customer_context(
+    desk: Desk,
+) -> None:
+    """Issue 13 meets issue 15: a mail failing DMARC on Saturday goes to billing's after-hours
+    team (reason after_hours, which hides unverified_sender), and still without the customer's
+    name, id or recent contacts, as on a weekday."""
+    desk.decider.settings = SETTINGS.model_copy(update={"require_authenticated_email": True})
+    spoofed = desk.email()
+    spoofed.meta["auth"] = {"dmarc": "fail", "authserv_id": "mx.support.test"}
+    for now, where in ((SATURDAY, ("team.oncall", "after_hours")), (MONDAY, None)):
+        desk.clock.now = now
+        (decision,) = await desk.decider.decide_many([spoofed])
+        if where is not None:
+            assert (decision.route.routing_key, decision.route.reason) == where
+        else:
+            assert decision.route.reason == "unverified_sender"
+        assert decision.customer is None
