@@ -93,6 +93,16 @@ class Metrics:
             registry=r,
         )
 
+        self.shadow_diff = Counter(
+            "shadow_diff",
+            "Messages the candidate rules of routing.shadow_rules would have routed elsewhere "
+            "(issue 20), by live and candidate target (team.<id>, agent, triage) and the rule "
+            "that made the difference",
+            ["from", "to", "rule"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format (``content_type``)."""
         return generate_latest(self.registry)

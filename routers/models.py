@@ -245,3 +245,20 @@ __all__ = [
     "ThreadOwner",
     "Waiting",
 ]
+
+
+class ShadowDiff(Base):
+    """A message the candidate rules of ``routing.shadow_rules`` would have routed elsewhere
+    (issue 20), for ``omniroute rules diff``; pruned with the routed log."""
+
+    __tablename__ = "shadow_diffs"
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    #: routing keys (team.<id>, agent.<id>, triage) and reasons, live and candidate
+    live: Mapped[str] = mapped_column(String(210))
+    live_reason: Mapped[str] = mapped_column(String(64))
+    shadow: Mapped[str] = mapped_column(String(210))
+    shadow_reason: Mapped[str] = mapped_column(String(64))
+    #: the rule that made the difference: the candidate's, else the live one's
+    rule: Mapped[str | None] = mapped_column(String(100))

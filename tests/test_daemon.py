@@ -115,7 +115,7 @@ def test_bad_configuration_is_one_line_and_exit_2(daemon: DaemonProcess, tmp_pat
 def test_directory_migrate(daemon: DaemonProcess) -> None:
     result = daemon.cli("directory", "migrate")
     assert result.returncode == 0, result.stderr
-    assert "schema revision 0004" in result.stdout
+    assert "schema revision 0005" in result.stdout
 
 
 async def test_explain_and_check(daemon: DaemonProcess, sqlite_url: str) -> None:

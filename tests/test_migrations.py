@@ -38,7 +38,7 @@ async def test_a_first_schema_directory_upgrades_with_its_rows(tmp_path: Path) -
                 )
             )
         await migrate(url)
-        assert await current_revision(url) == "0004"
+        assert await current_revision(url) == "0005"
         async with engine.connect() as connection:
             team = (
                 await connection.execute(

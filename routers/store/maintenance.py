@@ -11,7 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import utcnow
-from routers.models import Assignment, RoutedRecord, SeenId, SentReply
+from routers.models import Assignment, RoutedRecord, SeenId, SentReply, ShadowDiff
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 
@@ -28,6 +28,7 @@ async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
         delete(Assignment).where(Assignment.assigned_at < cutoff),
         delete(SentReply).where(SentReply.at < cutoff),
         delete(SeenId).where(SeenId.at < cutoff),
+        delete(ShadowDiff).where(ShadowDiff.at < cutoff),
     ):
         result = await session.execute(stmt)
         removed += int(getattr(result, "rowcount", 0) or 0)
