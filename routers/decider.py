@@ -31,6 +31,7 @@ from routers.availability import AgentFacts, agent_schedule, capacity_of, team_s
 from routers.directory import AgentRecord, CustomerRecord, TeamRecord
 from routers.policy import Facts, TeamFacts, address_team, decide, doubt
 from routers.settings import RoutingSettings
+from routers.shadow import Difference, ShadowWatch
 from routers.store.routed_log import clock_team
 from routers.store.transactions import transactions_of
 
@@ -62,6 +63,9 @@ class DirectoryDecider:
         self.settings = settings  # replaced as a whole on reload (SIGHUP)
         self._clock = clock
         self.directory = directory.DirectoryCache(self._run, cache_ttl)
+        #: decides each message again with ``routing.shadow_rules`` (issue 20); the daemon
+        #: sets it for the router, never for ``route explain`` or ``rules test``
+        self.shadow: ShadowWatch | None = None
 
     async def __call__(self, message: InboundMessage) -> Decision:
         return (await self.decide_many([message]))[0]
@@ -98,12 +102,18 @@ class DirectoryDecider:
         try:
             read = await self._read(messages, settings, context, now)
             decided: list[tuple[Route, Facts]] = []
+            watch = self.shadow if context and not without_agents else None
+            differences: list[Difference] = []
             taken: Counter[tuple[str, str]] = Counter()  # this batch's own assignments
             for index, message in enumerate(messages):
                 facts = _facts(index, message, read, settings, taken)
                 if without_agents:
                     facts = replace(facts, thread_owner=None, last_agent=None)
                 route = decide(message, facts, settings, now)
+                if watch is not None and (
+                    diff := watch.compare(message, facts, route, settings, now)
+                ):
+                    differences.append(diff)
                 if route.kind == "agent" and route.target:
                     taken[(route.target, message.channel)] += 1
                 decided.append((route, facts))
@@ -115,6 +125,8 @@ class DirectoryDecider:
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {type(exc).__name__}: {exc}") from exc
         agents.update(read.agents)
+        if watch is not None:
+            await watch.report(differences)  # logged and counted; never fails the batch
         answers: list[tuple[Decision, Facts]] = []
         for message, (route, facts) in zip(messages, decided, strict=True):
             route = _respond_by(route, message.channel, teams, settings)
@@ -255,6 +267,9 @@ def _teams_in_view(
     """The teams a batch's routes may name: each customer's own, else the address's, and
     the default team."""
     teams = {settings.default_team} if settings.default_team else set()
+    teams |= settings.topics.teams  # issue 20: a topic rule's team, with its calendar
+    if settings.shadow is not None:
+        teams |= settings.shadow.topics.teams
     for message, customer in zip(messages, read.customers, strict=True):
         team = customer.team_id if customer else None
         if not team:

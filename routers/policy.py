@@ -20,76 +20,20 @@ the customer only to find their team: no thread owner, no last agent, reason
 ``unverified_sender``; the decider leaves the customer's context out (``doubt``).
 """
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from typing import Literal, NamedTuple
+from zoneinfo import ZoneInfo
 
-from ingest.schema import InboundMessage, ReasonName, Route, RouteKind
+from ingest.schema import InboundMessage, ReasonName, Route
 from ingest.sender_auth import describe, failed_verstat, verified
-from routers.availability import AgentFacts
-from routers.directory import CustomerRecord, TeamRecord
-from routers.schedule import Schedule
+from routers.availability import AgentFacts as AgentFacts
+from routers.facts import Facts as Facts
+from routers.facts import TeamFacts as TeamFacts
+from routers.facts import Verdict, Walk
 from routers.settings import RoutingSettings
 
 UNVERIFIED: ReasonName = "unverified_sender"
-
-
-@dataclass(frozen=True)
-class TeamFacts:
-    """A team a route may name, with its calendar (None: always open)."""
-
-    record: TeamRecord
-    schedule: Schedule | None = None
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What the decider read for one message: the rules' only view of the directory and the
-    routing state. ``team``: the customer's team as the directory has it (None: none, or
-    one it lacks). ``teams``: every team a route may name (the customer's, the address's,
-    the default, their after-hours teams) with their calendars (issue 15)."""
-
-    customer: CustomerRecord | None
-    thread_owner: AgentFacts | None = None
-    last_agent: AgentFacts | None = None
-    last_agent_at: datetime | None = None
-    team: TeamRecord | None = None
-    teams: Mapping[str, TeamFacts] = field(default_factory=dict)
-
-    @property
-    def agents(self) -> tuple[AgentFacts, ...]:
-        """Each agent this message involves, once: the thread owner, then the last agent."""
-        owner, last = self.thread_owner, self.last_agent
-        if owner is not None and last is not None and last.id == owner.id:
-            last = None
-        return tuple(agent for agent in (owner, last) if agent is not None)
-
-
-class Verdict(NamedTuple):
-    """A rule's decision; ``decide()`` makes the ``Route`` of it."""
-
-    kind: RouteKind
-    target: str | None
-    reason: ReasonName
-    #: the agent a deputy stands in for
-    for_agent: str | None = None
-    #: when the team, closed now, opens next
-    opens_at: datetime | None = None
-
-
-@dataclass
-class Walk:
-    """One walk of the chain: the steps so far, and what an earlier rule found that a later
-    rule's reason depends on (the sender is unproven, an agent was not available)."""
-
-    rule: str = ""
-    steps: list[str] = field(default_factory=list)
-    unproven: bool = False
-    fallback: ReasonName | None = None
-
-    def step(self, text: str) -> None:
-        self.steps.append(f"{self.rule}: {text}")
 
 
 AgentRule = Literal["thread_owner", "last_agent"]
@@ -128,6 +72,8 @@ def decide(
                 "fallback_team": known.team_id if kind == "agent" and known else None,
                 "for_agent": for_agent,
                 "opens_at": opens_at,
+                "rule": walk.topic,
+                "tags": walk.tags,
             }
         )
     raise RuntimeError("the routing chain ended without a decision")  # triage always decides
@@ -310,13 +256,52 @@ def triage(
     return Verdict("triage", None, _no_team_reason(facts, walk))
 
 
+def topic_override(
+    message: InboundMessage, facts: Facts, settings: RoutingSettings, now: datetime, walk: Walk
+) -> Verdict | None:
+    """Issue 20: the ``[[routing.rules]]`` with ``override_owner`` (``iptal`` to cancellations
+    for everyone), and every ``tag`` rule, before the customer's own people."""
+    return _topic(message, facts, settings, now, walk, early=True)
+
+
+def topic(
+    message: InboundMessage, facts: Facts, settings: RoutingSettings, now: datetime, walk: Walk
+) -> Verdict | None:
+    """Issue 20: the other ``[[routing.rules]]``, for what no owner or team took."""
+    return _topic(message, facts, settings, now, walk, early=False)
+
+
+def _topic(
+    message: InboundMessage,
+    facts: Facts,
+    settings: RoutingSettings,
+    now: datetime,
+    walk: Walk,
+    *,
+    early: bool,
+) -> Verdict | None:
+    zone = ZoneInfo(settings.timezone)
+    found = settings.topics.match(message, facts.customer, now, zone, early=early)
+    walk.tags.extend(found.tags)
+    if found.rule is None:
+        walk.step(found.said)
+        return None
+    walk.topic = found.rule.name
+    if found.rule.team is None:
+        walk.step(found.said)
+        return Verdict("triage", None, "topic")
+    return _team(found.rule.team, "topic", facts, now, walk, found.said)
+
+
 CHAIN: tuple[Rule, ...] = (
     bounce,
     customer,
     sender,
+    topic_override,
     thread_owner,
     last_agent,
     dedicated_team,
+    topic,
     address,
     default_team,
     triage,

@@ -268,7 +268,7 @@ class RuleSet:
         hold, with the tags of the tag rules that hold (early only)."""
         compiled = self._early if early else self._late
         if not compiled:
-            return Found(None, (), "no rules here")
+            return Found(None, (), "no override_owner or tag rules" if early else "no rules here")
         seen = _Seen(self, message, customer)
         seen.zone = zone
         tags: list[str] = []

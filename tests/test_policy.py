@@ -72,6 +72,26 @@ LAST = Facts(ACME, last_agent=BOB, last_agent_at=RECENT)
 BOTH = Facts(ACME, thread_owner=ANA, last_agent=BOB, last_agent_at=RECENT)
 FAILED = "TN-Validation-Failed-A"
 
+# Topic rules (issue 20)
+HOSTED = CustomerRecord(id="c3", name="Hosted", team_id="hosting")
+S_TOPICS = RoutingSettings.model_validate(
+    {
+        "address_teams": {"vip@support.example": "enterprise"},
+        "rules": [
+            {"name": "iptal", "keywords": ["iptal", "cancel"], "team": "cancellations",
+             "override_owner": True},
+            {"name": "money", "keywords": "fatura", "tag": "money"},
+            {"name": "fatura", "keywords": ["fatura", "invoice"], "team": "billing"},
+            {"name": "spam", "keywords": "spam", "triage": True},
+        ],
+    }
+)  # fmt: skip
+
+
+def said(subject: str, *, to: str | None = None) -> InboundMessage:
+    return msg(to=to).model_copy(update={"subject": subject, "thread": None})
+
+
 CASES = [
     # id, facts, message, settings, expected (kind, target, reason)
     # -- bounce
@@ -389,6 +409,49 @@ CASES = [
         S_ADDR_DEFAULT,
         ("team", "enterprise", "no_team"),
     ),
+    # -- topic rules (issue 20): after the customer's own people, unless override_owner
+    (
+        "unknown sender writing about an invoice: the topic's team",
+        Facts(None),
+        said("Faturamı ödeyemiyorum"),
+        S_TOPICS,
+        ("team", "billing", "topic"),
+    ),
+    (
+        "known customer's invoice mail stays with their team",
+        Facts(HOSTED),
+        said("fatura"),
+        S_TOPICS,
+        ("team", "hosting", "dedicated_team"),
+    ),
+    (
+        "known customer's invoice mail stays with the agent who answered them",
+        Facts(HOSTED, last_agent=BOB, last_agent_at=RECENT),
+        said("fatura"),
+        S_TOPICS,
+        ("agent", "bob", "last_agent"),
+    ),
+    (
+        "override_owner takes a cancellation from the agent",
+        Facts(HOSTED, last_agent=BOB, last_agent_at=RECENT),
+        said("İPTAL etmek istiyorum"),
+        S_TOPICS,
+        ("team", "cancellations", "topic"),
+    ),
+    (
+        "a rule's triage action",
+        Facts(LONER),
+        said("spam spam"),
+        S_TOPICS,
+        ("triage", None, "topic"),
+    ),
+    (
+        "no rule matches: the address decides as before",
+        Facts(None),
+        said("kargom nerede", to="vip@support.example"),
+        S_TOPICS,
+        ("team", "enterprise", "unknown_sender"),
+    ),
 ]
 
 #: rules that only note what later rules read, and never decide themselves
@@ -432,6 +495,15 @@ def test_every_rule_that_can_decide_has_rows() -> None:
     assert decided == {rule.__name__ for rule in CHAIN} - NEVER_DECIDE
 
 
+def test_a_topic_route_names_its_rule_and_tags() -> None:
+    """route.rule names the rule that decided; a tag rule tags without deciding."""
+    route = decide(said("Faturam"), Facts(None), S_TOPICS, NOW)
+    assert (route.rule, route.tags) == ("fatura", ["money"])
+    assert "topic: rule fatura matches: team.billing" in route.steps
+    kept = decide(said("fatura"), Facts(HOSTED), S_TOPICS, NOW)
+    assert (kept.rule, kept.tags) == (None, ["money"])
+
+
 def test_agent_route_names_the_team_as_fallback() -> None:
     """A voice call to an agent needs the team's line when the agent does not answer."""
     route = decide(msg("sms"), LAST, S, NOW)
@@ -468,6 +540,7 @@ def test_fallback_steps_say_who_was_not_taken() -> None:
     facts = Facts(ACME, thread_owner=ANA_AWAY, last_agent=BOB_OFF, last_agent_at=RECENT)
     route = decide(msg(), facts, S, NOW)
     assert route.steps[3:] == [
+        "topic_override: no override_owner or tag rules",
         "thread_owner: ana is away, not taken",
         "last_agent: bob is offline, not taken",
         "dedicated_team: billing",
@@ -479,11 +552,11 @@ def test_trace_shows_the_whole_chain_as_it_ran() -> None:
     route = decide(msg("sms"), Facts(ACME, last_agent=BOB_OFF, last_agent_at=RECENT), S, NOW)
     links = trace(route)
     assert [link.rule for link in links] == [rule.__name__ for rule in CHAIN]
-    assert [link.outcome for link in links] == ["passed"] * 5 + ["decided"] + ["not reached"] * 3
+    assert [link.outcome for link in links] == ["passed"] * 6 + ["decided"] + ["not reached"] * 4
     assert links[0].step == "not a delivery report"
-    assert links[4].step == "bob is offline, not taken"
-    assert links[5].step == "billing"
-    assert links[6].step is None
+    assert links[5].step == "bob is offline, not taken"
+    assert links[6].step == "billing"
+    assert links[7].step is None
 
 
 def test_facts_name_each_agent_involved_once() -> None:
