@@ -20,6 +20,8 @@ async def run_checks(settings: Settings) -> int:
     rows: list[Row] = [("config", True, "valid")]
     rows.append(await _check_broker(settings))
     rows.append(await _check_database(settings))
+    if settings.routing.rules or settings.routing.shadow_rules:
+        rows.append(await _check_rules(settings))
     rows.extend(await _check_connectors(settings))
     width = max(len(name) for name, _, _ in rows)
     for name, ok, why in rows:
@@ -56,6 +58,24 @@ async def _check_database(settings: Settings) -> Row:
         return ("directory", False, f"{type(exc).__name__}: {exc}")
     finally:
         await engine.dispose()
+
+
+async def _check_rules(settings: Settings) -> Row:
+    """Issue 20: the teams the topic rules name are in the directory."""
+    from config.rules_cli import unknown_teams
+
+    routing = settings.routing
+    said = f"{len(routing.rules)} rules"
+    if routing.shadow is not None:
+        said += f", {len(routing.shadow.rules)} candidate rules ({routing.shadow_rules})"
+    engine = create_engine(settings.directory_url, settings.directory)
+    try:
+        problem = await unknown_teams(engine, routing)
+    except Exception as exc:  # any driver error is a failed check, reported in one line
+        return ("rules", False, f"{said}; teams not checked: {type(exc).__name__}: {exc}")
+    finally:
+        await engine.dispose()
+    return ("rules", problem is None, problem or f"{said}; every team is in the directory")
 
 
 async def _check_connectors(settings: Settings) -> list[Row]:

@@ -91,11 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="decide as of this RFC 3339 time (hours, holidays, who is away until when), "
         "e.g. 2026-12-31T23:30+03:00; default: now",
     )
+    explain.add_argument("--subject", help="the message's subject (topic rules' keywords)")
+    explain.add_argument("--text", default="", help="the message's text (topic rules' keywords)")
+    explain.add_argument("--language", help="meta.language of the message (topic rules)")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
     tail = sub.add_parser("tail", help="print routed messages live")
     tail.add_argument("--key", default="#", help="routing key pattern (default: everything)")
     tail.add_argument("--count", type=int, help="stop after this many messages")
+    tail.add_argument(
+        "--json", action="store_true", help="one routed message per line, as JSON (for rules test)"
+    )
+
+    rules = sub.add_parser("rules", help="topic rules: try a rule set before it goes live")
+    rusub = rules.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rtest = rusub.add_parser("test", help="replay messages through a rule set, check expectations")
+    rtest.add_argument("file", type=Path, help="TOML file of [[rules]] (and [[samples]])")
+    rtest.add_argument(
+        "--messages",
+        type=Path,
+        required=True,
+        help="JSON lines: InboundMessages or routed messages (omniroute tail --json)",
+    )
+    rdiff = rusub.add_parser("diff", help="what the shadow candidate would have routed elsewhere")
+    rdiff.add_argument("--since", default="24h", help="how far back: 24h, 7d, 90m (default 24h)")
     return parser
 
 
@@ -183,7 +202,11 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | N
     if args.command == "tail":
         from config.tail import tail
 
-        return await tail(settings, args.key, args.count)
+        return await tail(settings, args.key, args.count, as_json=args.json)
+    if args.command == "rules":
+        from config.rules_cli import run as run_rules
+
+        return await run_rules(args, settings)
     raise ConfigError(f"unknown command {args.command}")
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from config.registry import CHANNELS, Entry, Shared, enabled, load
@@ -42,9 +43,11 @@ from routers.dispatcher import OutboundDispatcher
 from routers.escalations import EscalationTimers
 from routers.events import EventsWorker
 from routers.offers import OfferTimers
+from routers.shadow import ShadowWatch
 from routers.store.connector_state import DbCursorStore, DbSeenStore
 from routers.store.lease import lease_for
 from routers.store.maintenance import Pruner
+from routers.store.transactions import transactions_of
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
@@ -91,6 +94,9 @@ class Wiring:
         self.decider = DirectoryDecider(
             engine, settings.routing, cache_ttl=settings.router.directory_cache_ttl
         )
+        # issue 20: with routing.shadow_rules, the router's decisions are made again with the
+        # candidate rules and the differences reported (the live route never changes)
+        self.decider.shadow = ShadowWatch(transactions_of(engine), metrics)
         self.cursors = DbCursorStore(engine)
         self.seen = DbSeenStore(engine)
         self.sink: InboundSink = BusSink(bus)
@@ -265,6 +271,20 @@ class Wiring:
         self.http = HttpServer(app, settings.http, shutdown_timeout=settings.shutdown_timeout / 3)
         plan.http = self.http.run
         plan.http_started = self.http.started
+
+    async def check_rules(self, settings: Settings) -> None:
+        """Refuse, in one line, topic rules naming a team the directory lacks (issue 20: the
+        directory is not at hand when the settings are read); at start and on reload. A
+        directory that does not answer leaves them unchecked, with a warning."""
+        from config.rules_cli import unknown_teams
+
+        try:
+            problem = await unknown_teams(self.engine, settings.routing)
+        except SQLAlchemyError as exc:
+            log.warning("components.rules_unchecked", error=type(exc).__name__)
+            return
+        if problem is not None:
+            raise ConfigError(problem)
 
     async def reload(self, settings: Settings) -> None:
         """Apply what can change live: the routing settings (the next decision uses them),

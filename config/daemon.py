@@ -107,6 +107,8 @@ class Daemon:
             )
             try:
                 new = await asyncio.to_thread(load_settings, self._config_file)
+                if self._wiring is not None:
+                    await self._wiring.check_rules(new)  # teams the directory lacks
             except ConfigError as exc:
                 log.error("daemon.reload_refused", error=str(exc))
                 self._reload_notify("READY=1", "STATUS=reload refused: old configuration kept")
@@ -161,6 +163,7 @@ class Daemon:
             # Built before the broker answers: HTTP, the spool and pollers start at once, so a
             # restart during a broker outage still takes webhooks in (they spool).
             self._wiring = components.Wiring(settings, self.health, bus, engine, self.metrics)
+            await self._wiring.check_rules(settings)  # issue 20: exit 2 in one line
             plan = self._wiring.plan()
             return await self._serve(plan, bus)
         finally:

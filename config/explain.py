@@ -10,16 +10,19 @@ import argparse
 import json
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from config.instants import instant
 from config.registry import IDENTITY_KINDS
 from config.settings import Settings
 from ingest.errors import ConfigError
 from ingest.identities import IdentityKind
-from ingest.schema import Identity, InboundMessage, Thread, utcnow
+from ingest.schema import Identity, InboundMessage, Route, Thread, utcnow
 from ingest.sender_auth import METHODS
 from routers.decider import DirectoryDecider
+from routers.directory import CustomerRecord
 from routers.policy import trace
+from routers.settings import RoutingSettings
 from routers.store.engine import create_engine, require_current
 
 KINDS: dict[str, IdentityKind] = IDENTITY_KINDS  # one table of channels (config.registry)
@@ -49,6 +52,29 @@ def sender_meta(
     return meta
 
 
+def topic_rules(
+    message: InboundMessage, customer: CustomerRecord | None, routing: RoutingSettings, route: Route
+) -> list[tuple[str, str, str, str]]:
+    """Each topic rule (issue 20) with its place in the chain, whether it matched (decided,
+    tagged, matched but not asked: the place was not reached or an earlier rule decided),
+    and why not."""
+    zone = ZoneInfo(routing.timezone)
+    reached = {step.partition(": ")[0] for step in route.steps}
+    out = []
+    for rule, miss, why in routing.topics.explain(message, customer, route.decided_at, zone):
+        place = "topic_override" if rule.early else "topic"
+        if miss is not None:
+            outcome = "no match"
+        elif rule.tag is not None:
+            outcome = "tagged" if rule.tag in route.tags else "not reached"
+        elif rule.name == route.rule:
+            outcome = "decided"
+        else:
+            outcome = "matched" if place in reached else "not reached"
+        out.append((rule.name, place, outcome, why))
+    return out
+
+
 def decision_time(text: str | None) -> datetime | None:
     """``--at``: an RFC 3339 instant with its offset (a naive one would mean a different
     moment in every time zone of the directory)."""
@@ -69,7 +95,9 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         sender=Identity(kind=kind, address=args.sender),
         recipient=Identity(kind=kind, address=args.recipient) if args.recipient else None,
         thread=Thread(in_reply_to=args.in_reply_to) if args.in_reply_to else None,
-        meta=meta,
+        subject=args.subject,
+        text=args.text,
+        meta=meta | ({"language": args.language} if args.language else {}),
     )
     at = decision_time(args.at)
     await require_current(settings.directory_url)
@@ -81,6 +109,7 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
         await engine.dispose()
     route = decision.route
     chain = trace(route)
+    rules = topic_rules(message, facts.customer, settings.routing, route)
     if args.json:
         print(
             json.dumps(
@@ -90,6 +119,9 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
                     else None,
                     "route": route.model_dump(mode="json"),
                     "chain": [link._asdict() for link in chain],
+                    "rules": [
+                        {"rule": n, "place": p, "outcome": o, "why": w} for n, p, o, w in rules
+                    ],
                     "meta": meta,
                     "routing_key": route.routing_key,
                     "dial": decision.dial,
@@ -117,8 +149,14 @@ async def explain(args: argparse.Namespace, settings: Settings) -> int:
     for number, link in enumerate(chain, 1):
         said = link.rule if link.step is None else f"{link.rule}: {link.step}"
         print(f"  {number}. {link.outcome:<11} {said}")
+    if rules:
+        print("rules:")
+    for name, place, outcome, why in rules:
+        print(f"  {name:<20} {place:<15} {outcome:<11} {why}")
     print(f"route:     {route.routing_key}")
     print(f"reason:    {route.reason}")
+    if route.rule or route.tags:
+        print(f"rule:      {route.rule or '-'}; tags: {', '.join(route.tags) or '-'}")
     if route.for_agent:
         print(f"for:       {route.for_agent} (a deputy stands in)")
     if route.opens_at:

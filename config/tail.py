@@ -29,7 +29,7 @@ def line(routed: RoutedMessage, redact_identities: bool) -> str:
     )
 
 
-async def tail(settings: Settings, key: str, count: int | None) -> int:
+async def tail(settings: Settings, key: str, count: int | None, *, as_json: bool = False) -> int:
     connection = await connect(settings.amqp_url.get_secret_value(), settings.bus, "omniroute-tail")
     try:
         channel = await connection.channel()
@@ -44,7 +44,10 @@ async def tail(settings: Settings, key: str, count: int | None) -> int:
                     except ValueError:
                         print(f"(unreadable message {delivery.message_id})", flush=True)
                         continue
-                    print(line(routed, settings.log.redact), flush=True)
+                    shown = (
+                        routed.model_dump_json() if as_json else line(routed, settings.log.redact)
+                    )
+                    print(shown, flush=True)
                 seen += 1
                 if count is not None and seen >= count:
                     break
