@@ -38,6 +38,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import benchlib
 from forwarder import forward, limit_sample
@@ -61,8 +62,54 @@ def make_body(i: int, known_share: float, customers: int, run: str, size: int) -
         subject="Modemim calismiyor", text="", thread=Thread(message_id=external),
     )
     pad = size - len(msg.model_dump_json())
-    msg.text = "x" * max(pad, 0)
+    filler = PROSE if os.environ.get("OMNIROUTE_BENCH_PROSE") else "x"
+    msg.text = (filler * (pad // len(filler) + 1))[: max(pad, 0)]
     return msg.model_dump_json().encode()
+
+
+if TYPE_CHECKING:
+    from routers.settings import RoutingSettings
+
+PROSE = "Merhaba, faturamı ödedim ama internet bağlantım hâlâ yok; lütfen yardım edin. "
+
+
+def topic_rules(n: int, modem_team: str) -> list[dict[str, object]]:
+    """Issue 20's rule set for the bench: ``n`` rules whose keywords never match (every one
+    is asked), each tenth before the owner (asked for known customers too), each seventh a
+    tag rule, and a last one that takes the subject's "Modemim" to ``modem_team``."""
+    rules: list[dict[str, object]] = []
+    for i in range(max(n - 1, 0)):
+        rule: dict[str, object] = {"name": f"r{i}", "keywords": [f"konu{i}x", f"urun{i}x",
+                                                                 f"hizmet {i}x"]}
+        if i % 7 == 6:
+            rule["tag"] = f"t{i}"
+        else:
+            rule["team"] = f"team-{i % 20:02d}"
+            rule["override_owner"] = i % 10 == 9
+        rules.append(rule)
+    if n:
+        rules.append({"name": "modem", "keywords": ["modem"], "team": modem_team})
+    return rules
+
+
+def routing_settings() -> "RoutingSettings":
+    """The routers' RoutingSettings: OMNIROUTE_BENCH_RULES rules, and with
+    OMNIROUTE_BENCH_SHADOW a candidate set that sends the modem rule elsewhere."""
+    from routers.settings import RoutingSettings
+
+    n = int(os.environ.get("OMNIROUTE_BENCH_RULES", "0"))
+    values: dict[str, object] = {"default_region": benchlib.REGION,
+                                 "rules": topic_rules(n, "team-05")}
+    if os.environ.get("OMNIROUTE_BENCH_SHADOW"):
+        candidate = benchlib.CACHE / f"candidate-{os.getpid()}.toml"
+        candidate.write_text("".join(_toml_rule(r) for r in topic_rules(n or 1, "team-06")),
+                             encoding="utf-8")
+        values["shadow_rules"] = str(candidate)
+    return RoutingSettings.model_validate(values)
+
+
+def _toml_rule(rule: dict[str, object]) -> str:
+    return "[[rules]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
 
 
 async def preload(url: str, bodies: list[bytes]) -> None:
@@ -178,13 +225,13 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None,
     from ingest.metrics import Metrics
     from ingest.settings import BusSettings
     from routers.decider import DirectoryDecider
-    from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+    from routers.settings import DirectorySettings, RouterSettings
     from routers.store.engine import create_engine
     from routers.worker import RouterWorker
 
     configure(fmt="json", level="info")
     health, metrics = Health(), Metrics()
-    routing = RoutingSettings(default_region=benchlib.REGION)
+    routing = routing_settings()  # issue 20: --rules N, --shadow
     bus = Bus(url, BusSettings(), name="bench-router", health=health, metrics=metrics)
     await bus.open()
     engine = create_engine(db_url, DirectorySettings())
@@ -199,6 +246,11 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None,
         if ttl is None
         else DirectoryDecider(engine, routing, cache_ttl=ttl)
     )
+    if routing.shadow is not None:  # as config.components.Wiring sets it
+        from routers.shadow import ShadowWatch
+        from routers.store.transactions import transactions_of
+
+        decider.shadow = ShadowWatch(transactions_of(engine), metrics)
     worker = RouterWorker(bus=bus, engine=engine, decider=decider,
                           routing=routing, settings=router,
                           health=health, metrics=metrics)
@@ -365,6 +417,12 @@ if __name__ == "__main__":
                    help="router.directory_cache_ttl (default: the setting's default)")
     p.add_argument("--ack", action="store_true",
                    help="issue 16: the routers acknowledge new conversations ([ack] defaults)")
+    p.add_argument("--rules", type=int, default=0,
+                   help="issue 20: this many [[routing.rules]] (throughput.topic_rules)")
+    p.add_argument("--shadow", action="store_true",
+                   help="issue 20: a shadow candidate of as many rules, differing for strangers")
+    p.add_argument("--prose", action="store_true",
+                   help="message texts of Turkish words instead of one long word (for --rules)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -372,4 +430,8 @@ if __name__ == "__main__":
         asyncio.run(child(a.url, a.database_url, a.prefetch, a.cache_ttl, a.ack))
     else:
         os.environ.setdefault("PYTHONHASHSEED", "0")
+        for key, on, value in (("RULES", a.rules, str(a.rules)), ("SHADOW", a.shadow, "1"),
+                               ("PROSE", a.prose, "1")):
+            if on:  # the router processes read them (routing_settings, make_body)
+                os.environ[f"OMNIROUTE_BENCH_{key}"] = value
         asyncio.run(main(a))

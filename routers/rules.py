@@ -1,6 +1,7 @@
 """Topic rules (issue 20): ``[[routing.rules]]``, an operator's conditions and one action each.
 
-- ``TopicRule``: one rule as written (``name``, conditions, one action), checked alone.
+- ``TopicRule`` (``routers.rule_model``): one rule as written (``name``, conditions, one
+  action), checked alone.
 - ``RuleSet(rules, region)``: the rules checked together (names unique, none that can
   never match) and compiled for the hot path: the keywords of every rule in one
   ``routers.keywords.KeywordIndex``, the other conditions as frozensets. ``match()`` per
@@ -21,107 +22,16 @@ form, in ``routing.timezone``). A condition left out holds for every message.
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from ingest.identities import InvalidIdentity, normalise
-from ingest.schema import Channel, InboundMessage
+from ingest.schema import InboundMessage
 from routers.directory import CustomerRecord
-from routers.keywords import KeywordIndex, message_text, prefix_of
+from routers.keywords import KeywordIndex, message_text
+from routers.rule_model import TopicRule as TopicRule
+from routers.rule_model import problems as problems_of
 from routers.schedule import DAY, WeeklyHours
-
-_LISTS = ("channel", "to", "keywords", "customer_team", "language")
-
-
-class TopicRule(BaseModel):
-    """One ``[[routing.rules]]`` table. A condition left out holds for every message."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-        description="unique; shown as route.rule, in route explain and in the shadow metric",
-    )
-    override_owner: bool = Field(
-        default=False,
-        description="true: asked before the thread owner, last agent and the customer's team "
-        "(the rule takes the message from them); false: only for what none of them took "
-        "(unknown senders, customers without a team)",
-    )
-    channel: list[Channel] | None = Field(default=None, description="any of these channels")
-    to: list[str] | None = Field(
-        default=None,
-        description="any of these arrival addresses (mailbox, number in E.164, @X account)",
-    )
-    keywords: list[str] | None = Field(
-        default=None,
-        description="any of these at the start of a word of the subject or text (fatura: "
-        "Faturamı, FATURASI), Turkish-aware case",
-    )
-    customer_team: list[str] | None = Field(
-        default=None, description="the customer's team is one of these (needs override_owner)"
-    )
-    known: bool | None = Field(
-        default=None, description="true: the sender is a customer in the directory; false: not"
-    )
-    language: list[str] | None = Field(
-        default=None,
-        description="meta.language of the message, else the customer's language column "
-        "(tr matches tr-TR); a message with neither does not match",
-    )
-    hours: str | None = Field(
-        default=None,
-        description="only within these weekly hours (Mon-Fri 09:00-18:00), routing.timezone",
-    )
-    team: str | None = Field(default=None, description="action: route to this team")
-    triage: bool = Field(default=False, description="action: route to triage")
-    tag: str | None = Field(
-        default=None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$",
-        description="action: add this tag to route.tags; the target is not changed",
-    )
-
-    @field_validator(*_LISTS, mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator(*_LISTS)
-    @classmethod
-    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and (not value or not all(v.strip() for v in value)):
-            raise ValueError("empty: give at least one value, or leave the key out")
-        return value
-
-    @field_validator("hours")
-    @classmethod
-    def _hours(cls, value: str | None) -> str | None:
-        return None if value is None else str(WeeklyHours.parse(value))
-
-    @model_validator(mode="after")
-    def _one_action(self) -> "TopicRule":
-        actions = [a for a in (self.team, self.triage or None, self.tag) if a]
-        if len(actions) != 1:
-            raise ValueError(f"rule {self.name!r}: give one action: team, triage = true or tag")
-        if self.known is False and self.customer_team:
-            raise ValueError(f"rule {self.name!r}: never matches: known = false with customer_team")
-        if self.customer_team and not (self.override_owner or self.tag):
-            raise ValueError(
-                f"rule {self.name!r}: never matches: a customer with a team goes to that team "
-                "before this rule (set override_owner = true)"
-            )
-        return self
-
-    @property
-    def early(self) -> bool:
-        """Asked in ``topic_override`` (before the customer's own people)."""
-        return self.override_owner or self.tag is not None
-
-    @property
-    def action(self) -> str:
-        return f"tag {self.tag}" if self.tag else f"team.{self.team}" if self.team else "triage"
 
 
 class Found(NamedTuple):
@@ -162,8 +72,7 @@ class _Seen:
 
     def hits(self) -> frozenset[int]:
         if self._hits is None:
-            m = self._message
-            self._hits = self.rules.index.found(message_text(m.subject, m.text))
+            self._hits = self.rules.found(self._message)
         return self._hits
 
     def to(self) -> str:
@@ -223,7 +132,8 @@ class RuleSet:
         self.rules = tuple(rules)
         self.region = region
         self.index = KeywordIndex()
-        problems = _problems(self.rules)
+        self._last: tuple[InboundMessage | None, frozenset[int]] = (None, frozenset())
+        problems = problems_of(self.rules)
         compiled = []
         for number, rule in enumerate(self.rules, 1):
             try:
@@ -234,6 +144,7 @@ class RuleSet:
             raise ValueError("; ".join(problems))
         self._early = tuple(c for c in compiled if c.rule.early)
         self._late = tuple(c for c in compiled if not c.rule.early)
+        self._candidates = {True: _by_keyword(self._early), False: _by_keyword(self._late)}
         #: every team a rule may route to or asks about (the decider reads them per batch)
         self.teams = frozenset(
             t for r in self.rules for t in (r.team, *(r.customer_team or ())) if t
@@ -255,6 +166,15 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.rules)
 
+    def found(self, message: InboundMessage) -> frozenset[int]:
+        """The keywords ``message`` contains; the last message's are kept, as both places
+        of the chain ask about the same message one after the other."""
+        last, hits = self._last
+        if last is not message:
+            hits = self.index.found(message_text(message.subject, message.text))
+            self._last = (message, hits)
+        return hits
+
     def match(
         self,
         message: InboundMessage,
@@ -272,7 +192,15 @@ class RuleSet:
         seen = _Seen(self, message, customer)
         seen.zone = zone
         tags: list[str] = []
-        for c in compiled:
+        keyless, by_keyword = self._candidates[early]
+        order: Iterable[int] = range(len(compiled))
+        if by_keyword:  # only the rules whose keywords the message has, or that have none
+            wanted = set(keyless)
+            for number in seen.hits():
+                wanted.update(by_keyword.get(number, ()))
+            order = sorted(wanted)
+        for i in order:
+            c = compiled[i]
             if _miss(c, seen, message, now) is not None:
                 continue
             if c.rule.tag is not None:
@@ -322,6 +250,18 @@ def _looked_at(
     return found[miss]
 
 
+def _by_keyword(compiled: Sequence[_Compiled]) -> tuple[list[int], dict[int, list[int]]]:
+    """The positions of the rules without keywords, and of those with each keyword."""
+    keyless: list[int] = []
+    by_keyword: dict[int, list[int]] = {}
+    for i, c in enumerate(compiled):
+        if c.keywords is None:
+            keyless.append(i)
+        for number in c.keywords or ():
+            by_keyword.setdefault(number, []).append(i)
+    return keyless, by_keyword
+
+
 def _set(values: Iterable[str] | None) -> frozenset[str] | None:
     return None if values is None else frozenset(values)
 
@@ -339,49 +279,3 @@ def _address(text: str, region: str) -> str:
         return normalise("phone", text, region).casefold()
     except InvalidIdentity as exc:
         raise ValueError(f"to: {exc}") from None
-
-
-def _problems(rules: Sequence[TopicRule]) -> list[str]:
-    """Duplicate names, and rules an earlier one shadows (it decides in the same place for
-    every message this one would match)."""
-    problems, seen = [], set()
-    for number, rule in enumerate(rules, 1):
-        if rule.name in seen:
-            problems.append(f"rule {number}: name {rule.name!r} is used twice")
-        seen.add(rule.name)
-        if rule.tag is not None:
-            continue
-        for earlier in rules[: number - 1]:
-            if earlier.tag is None and earlier.early == rule.early and covers(earlier, rule):
-                problems.append(
-                    f"rule {number} {rule.name!r} can never match: rule {earlier.name!r} "
-                    "before it takes every message it would"
-                )
-                break
-    return problems
-
-
-def covers(a: TopicRule, b: TopicRule) -> bool:
-    """Whether every message ``b``'s conditions hold for, ``a``'s hold for too."""
-    for key in ("channel", "to", "customer_team", "language"):
-        mine, theirs = getattr(a, key), getattr(b, key)
-        if mine is not None and (theirs is None or not set(theirs) <= set(mine)):
-            return False
-    if a.known is not None and a.known != b.known:
-        return False
-    if a.hours is not None and (b.hours is None or not _within(b.hours, a.hours)):
-        return False
-    if a.keywords is not None:
-        if b.keywords is None:
-            return False
-        return all(any(prefix_of(k, kb) for k in a.keywords) for kb in b.keywords)
-    return True
-
-
-def _within(inner: str, outer: str) -> bool:
-    small, big = WeeklyHours.parse(inner), WeeklyHours.parse(outer)
-    return all(
-        any(s >= bs and e <= be for bs, be in big_day)
-        for day, big_day in zip(small.days, big.days, strict=True)
-        for s, e in day
-    )
