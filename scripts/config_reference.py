@@ -103,8 +103,10 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
 ROUTING_INTRO = """
 ## Routing steps and reasons
 
-The policy's rules, in order: `bounce`, `customer`, `sender`, `thread_owner`, `last_agent`,
-`dedicated_team`, `address`, `default_team`, `triage` (README, "How a message is routed").
+The policy's rules, in order: `bounce`, `customer`, `sender`, `topic_override`,
+`thread_owner`, `last_agent`, `dedicated_team`, `topic`, `address`, `default_team`, `triage`
+(README, "How a message is routed"; `topic_override` and `topic` ask `[[routing.rules]]`,
+README "Topic rules").
 Every reason `route.reason` can take is listed by `omniroute schema`. What the keys above
 and the directory's columns decide:
 """
@@ -134,6 +136,12 @@ ROUTING_ROWS = [
         "`offer_timeout`, `declined`",
         "an offer (`routing.offer_timeout`) not accepted in time, or declined: routed again"
         " without the agent, `route.attempt` + 1, `route.previous`",
+    ),
+    (
+        "`topic`",
+        "a `[[routing.rules]]` rule matched (`route.rule` names it): after the thread owner, "
+        "last agent and customer's team, or before them with `override_owner = true`; "
+        "`tag` rules add to `route.tags` and never decide",
     ),
     (
         "`dedicated_team`",
