@@ -96,7 +96,10 @@ class RoutingSettings(BaseModel):
         "once and recorded for `omniroute rules diff`; the live route is never changed",
     )
     _topics: RuleSet = PrivateAttr(default_factory=RuleSet)
-    _shadow: "RoutingSettings | None" = PrivateAttr(default=None)
+    _candidate: RuleSet | None = PrivateAttr(default=None)
+    #: (the settings it was made from, the shadow settings): a copy of these settings
+    #: (``model_copy`` keeps private attributes) makes its own
+    _shadow_of: "tuple[object, RoutingSettings] | None" = PrivateAttr(default=None)
 
     @field_validator("default_region")
     @classmethod
@@ -142,8 +145,7 @@ class RoutingSettings(BaseModel):
         shadow candidate the same way."""
         self._topics = RuleSet(self.rules, self.default_region)
         if self.shadow_rules is not None:
-            candidate = load_rule_file(self.shadow_rules, self.default_region).rules
-            self._shadow = self.with_topics(candidate)
+            self._candidate = load_rule_file(self.shadow_rules, self.default_region).rules
         return self
 
     @property
@@ -154,12 +156,17 @@ class RoutingSettings(BaseModel):
     @property
     def shadow(self) -> "RoutingSettings | None":
         """These settings with the candidate rules of ``shadow_rules`` (None: not set)."""
-        return self._shadow
+        if self._candidate is None:
+            return None
+        made = self._shadow_of
+        if made is None or made[0] is not self:
+            made = self._shadow_of = (self, self.with_topics(self._candidate))
+        return made[1]
 
     def with_topics(self, topics: RuleSet) -> "RoutingSettings":
         """A copy deciding with ``topics`` instead (and no shadow of its own)."""
         copy = self.model_copy(update={"rules": list(topics.rules)})
-        copy._topics, copy._shadow = topics, None
+        copy._topics, copy._candidate, copy._shadow_of = topics, None, None
         return copy
 
     @field_validator("sticky_for", "load_window")

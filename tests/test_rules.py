@@ -251,3 +251,21 @@ def _toml(rules: list[dict[str, Any]]) -> str:
     return "".join(
         "[[routing.rules]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in r.items()) for r in rules
     )
+
+
+def test_the_shadow_decides_with_the_live_settings_as_resolved(tmp_path: Path) -> None:
+    """Only the rules differ: require_authenticated_email, resolved after the routing
+    settings were read (email.trusted_authserv_ids), holds for the candidate too, or every
+    unproven sender would show as a difference."""
+    candidate = tmp_path / "candidate.toml"
+    candidate.write_text('[[rules]]\nname = "a"\nteam = "x"\n', encoding="utf-8")
+    path = tmp_path / "omniroute.toml"
+    path.write_text(
+        f'[routing]\nshadow_rules = "{candidate}"\n[email]\ntrusted_authserv_ids = ["mx.test"]\n',
+        encoding="utf-8",
+    )
+    routing = load_settings(path).routing
+    assert routing.shadow is not None
+    assert routing.shadow.require_authenticated_email is True
+    assert [r.name for r in routing.shadow.topics.rules] == ["a"]
+    assert routing.shadow.shadow is None
