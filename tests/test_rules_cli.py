@@ -3,6 +3,7 @@ directory: an operator replays messages through a rule set before it goes live, 
 expectation that fails says so with exit 1; a rule naming a team the directory lacks, or
 a line that is not a message, is one line and exit 2."""
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,3 +162,19 @@ def test_route_explain_shows_each_rule_and_why(
     assert "route:     team.network" in out
     assert "reason:    topic" in out
     assert "rule:      network; tags: -" in out
+
+
+def test_check_names_a_rule_whose_team_the_directory_lacks(config: Path) -> None:
+    """`omniroute check`'s rules row: the directory is where the teams are."""
+    from config.check import _check_rules
+    from config.settings import load_settings
+
+    config.write_text(
+        config.read_text(encoding="utf-8")
+        + '[[routing.rules]]\nname = "x"\nkeywords = "fatura"\nteam = "nosuch"\n'
+        + '[[routing.rules]]\nname = "y"\nkeywords = "sunucu"\nteam = "network"\n',
+        encoding="utf-8",
+    )
+    name, ok, why = asyncio.run(_check_rules(load_settings(config)))
+    assert (name, ok) == ("rules", False)
+    assert why == "routing.rules: rule 'x' names team 'nosuch', which is not in the directory"
