@@ -67,10 +67,12 @@ def topic_rules(
             outcome = "no match"
         elif rule.tag is not None:
             outcome = "tagged" if rule.tag in route.tags else "not reached"
+            why += "" if outcome == "tagged" else ", but a step before it decided"
         elif rule.name == route.rule:
             outcome = "decided"
         else:
             outcome = "matched" if place in reached else "not reached"
+            why += ", but a rule or step before it decided"
         out.append((rule.name, place, outcome, why))
     return out
 
