@@ -105,6 +105,10 @@ def routing_settings() -> "RoutingSettings":
         candidate.write_text("".join(_toml_rule(r) for r in topic_rules(n or 1, "team-06")),
                              encoding="utf-8")
         values["shadow_rules"] = str(candidate)
+        try:
+            return RoutingSettings.model_validate(values)  # the file is read here, once
+        finally:
+            candidate.unlink()
     return RoutingSettings.model_validate(values)
 
 
