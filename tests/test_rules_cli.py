@@ -13,6 +13,9 @@ import pytest
 from config.cli import main
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
 from tests.support import directory
+from tests.support.logs import restored_logging  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("restored_logging")
 
 MONDAY_NOON = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)  # 12:00 in Istanbul
 RULES = """
