@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from config.dead.parser import add_parser as add_dead_parser
 from config.logging import configure as configure_logging
 from config.registry import IDENTITY_KINDS
 from config.settings import COMPONENTS, Settings, config_path, load_settings
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rdiff = rusub.add_parser("diff", help="what the shadow candidate would have routed elsewhere")
     rdiff.add_argument("--since", default="24h", help="how far back: 24h, 7d, 90m (default 24h)")
+    add_dead_parser(sub)
     return parser
 
 
@@ -207,6 +209,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | N
         from config.rules_cli import run as run_rules
 
         return await run_rules(args, settings)
+    if args.command == "dead":
+        from config.dead.cli import run as run_dead
+
+        return await run_dead(args, settings)
     raise ConfigError(f"unknown command {args.command}")
 
 
