@@ -10,8 +10,11 @@ message again to the team's ``escalate_to`` (a team, or ``agent:<id>``) with rea
 ``escalated``, ``attempt`` one more, ``previous`` the route it had, as ``<id>#<attempt>``.
 An escalation to a team with its own first-response time waits again, up the chain, at
 most ``routing.max_escalations`` levels; at the end of the chain (or past that limit)
-``sla.breached`` is still published, and the message stays where it is. An offer still
-open for the message ends: the escalation supersedes it.
+``sla.breached`` is still published, and the message stays where it is. A message with an
+offer still open (``routers.offers``) escalates once the offer has ended (it times out
+within ``routing.offer_timeout``), so that the two never publish one ``<id>#<attempt>``
+with two routes; an offer that opens again meanwhile (a decline after an acceptance) ends:
+the escalation supersedes it.
 """
 
 from collections.abc import Callable
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
@@ -45,6 +48,21 @@ from routers.timers import RETRY, TimerWorker
 log = structlog.get_logger("omniroute.escalations")
 _wait, _record, _assign = Waiting.__table__.c, RoutedRecord.__table__.c, Assignment.__table__.c
 _DUE = _wait.due_at.is_not(None) & _wait.answered_at.is_(None)
+#: an offer of the message still open (``routers.offers``: due, or taken by the offer
+#: worker, whose due time stays set until it closed it). Its message waits for the offer to
+#: end: the two workers would both publish ``<id>#<attempt + 1>``, with different routes
+#: under one AMQP message_id, and a consumer deduplicating on it would drop one
+_OFFERED = (
+    select(_assign.message_id)
+    .where(
+        _assign.message_id == _wait.message_id,
+        _assign.offer_due_at.is_not(None),
+        _assign.accepted_at.is_(None),
+        or_(_assign.closed_at.is_(None), _assign.outcome == "declined"),
+    )
+    .exists()
+)
+_READY = _DUE & ~_OFFERED
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ class EscalationTimers(TimerWorker):
         self.routing = routing  # replaced as a whole on reload
 
     def _next_due(self, connection: Connection) -> datetime | None:
-        found = connection.scalar(select(func.min(_wait.due_at)).where(_DUE))
+        found = connection.scalar(select(func.min(_wait.due_at)).where(_READY))
         return aware(found) if found is not None else None
 
     async def _fire_batch(self) -> int:
@@ -228,7 +246,7 @@ def _take_due(connection: Connection, now: datetime, limit: int) -> list[Due]:
     (``routers.timers``), with their routed record."""
     due_now = (
         select(_wait.message_id)
-        .where(_DUE, _wait.due_at <= utc(now))
+        .where(_READY, _wait.due_at <= utc(now))
         .order_by(_wait.due_at)
         .limit(limit)
     )
@@ -254,7 +272,7 @@ def _take_due(connection: Connection, now: datetime, limit: int) -> list[Due]:
             _record.attempt,
         )
         .join_from(Waiting.__table__, RoutedRecord.__table__, _record.id == _wait.message_id)
-        .where(_DUE, _wait.due_at <= utc(now))
+        .where(_READY, _wait.due_at <= utc(now))
         .order_by(_wait.due_at)
         .limit(limit)
     )

@@ -30,6 +30,7 @@ from routers.decider import DirectoryDecider
 from routers.escalations import EscalationTimers
 from routers.events import EventsWorker
 from routers.models import Agent, Team, Waiting
+from routers.offers import OfferTimers
 from routers.settings import RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from routers.store.transactions import transactions_of
@@ -271,3 +272,50 @@ async def test_a_taken_batch_fires_again_after_retry_with_the_same_ids(desk: Des
     assert breach.level == 1
     got, _ = await desk.routed()
     assert got == f"{message.id}#2"
+
+
+async def test_an_offer_and_an_escalation_due_together_publish_two_attempts(
+    bus: Bus, db: AsyncEngine
+) -> None:
+    """An offer to Ana and the message's first-response time both due when the timers look
+    (a daemon down over both): the offer worker and the escalation worker, running side by
+    side, must not both publish ``<id>#2`` with different routes (a consumer deduplicating
+    on ``message_id`` would drop one of them); the escalation waits for the offer's end."""
+    await chain(db)
+    routing = RoutingSettings(default_region="TR", offer_timeout={"email": timedelta(minutes=1)})
+    d = Desk(bus, db, routing)
+    offers = OfferTimers(
+        bus=bus,
+        engine=db,
+        decider=d.escalations._decider,
+        routing=routing,
+        health=d.health,
+        clock=d.clock,
+    )
+    await d.start()
+    try:
+        await d.bus.publish(
+            EVENTS,
+            "agent.replied",
+            AgentReplied(agent_id="ana", customer_id="acme", channel="email", at=FRIDAY),
+            message_id="ev-ana",
+        )
+        await d.events.idle()
+        d.clock.at = FRIDAY + timedelta(seconds=1)
+        message = await d.send()
+        got, routed = await d.routed()
+        assert (got, routed.route.routing_key) == (message.id, "agent.ana")
+        assert routed.route.respond_by == MONDAY_DUE + timedelta(seconds=1)
+        d.clock.at = MONDAY_DUE + timedelta(seconds=5)
+        await asyncio.gather(offers.drain(), d.escalations.drain())
+        await d.escalations.drain()  # the escalation deferred to the offer goes now
+        published: dict[str | None, str] = {}
+        for _ in range(2):
+            got, routed = await d.routed()
+            assert got not in published, f"{got} published twice: {published}"
+            published[got] = routed.route.reason
+        assert published == {f"{message.id}#2": "offer_timeout", f"{message.id}#3": "escalated"}
+        await d.breached()
+        await d.nothing_more()
+    finally:
+        await d.close()
