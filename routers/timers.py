@@ -118,7 +118,7 @@ class TimerWorker:
             while not stop.is_set():
                 self._wake.clear()  # before looking: a nudge from here on is not lost
                 try:
-                    await self.drain()
+                    await self.drain(stop)
                     wait = await self._until_next()
                 except TransientError as exc:
                     # a core worker marked down would have the watchdog restart the daemon,
@@ -138,10 +138,12 @@ class TimerWorker:
         finally:
             self._health.set(self.name, "stopped")
 
-    async def drain(self) -> int:
-        """Fire every timer due now; how many fired."""
+    async def drain(self, stop: asyncio.Event | None = None) -> int:
+        """Fire every timer due now, or until ``stop`` (a backlog of thousands must not hold
+        a SIGTERM up to shutdown_timeout: the batch in hand is finished, the rest fires at
+        the next start); how many fired."""
         fired = 0
-        while (done := await self._fire_batch()) > 0:
+        while not (stop is not None and stop.is_set()) and (done := await self._fire_batch()) > 0:
             fired += done
         return fired
 
