@@ -33,6 +33,7 @@ from routers.models import Agent, Team, Waiting
 from routers.offers import OfferTimers
 from routers.settings import RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
+from routers.store.maintenance import Pruner
 from routers.store.transactions import transactions_of
 from routers.timers import RETRY
 from routers.worker import RouterWorker
@@ -319,3 +320,27 @@ async def test_an_offer_and_an_escalation_due_together_publish_two_attempts(
         await d.nothing_more()
     finally:
         await d.close()
+
+
+async def test_the_pruner_keeps_the_waiting_table_bounded(desk: Desk) -> None:
+    """Each wait holds the whole message (text and inline attachments): once its routed record
+    is pruned (``routing.routed_log_days``) it can never escalate, and goes with it, answered
+    or not, instead of staying for ever."""
+    answered = await desk.send()
+    await desk.routed()
+    await desk.bus.publish(
+        EVENTS,
+        "agent.replied",
+        AgentReplied(agent_id="ana", customer_id="acme", channel="email", at=FRIDAY),
+        message_id="ev-1",
+    )
+    await desk.events.idle()
+    desk.clock.at = FRIDAY + timedelta(minutes=1)
+    unanswered = await desk.send(text="Hala cevap yok")
+    await desk.routed()
+    routing = RoutingSettings(default_region="TR")
+    later = FRIDAY + timedelta(days=routing.routed_log_days, hours=1)
+    assert await Pruner(desk.engine, routing, clock=lambda: later).prune_once() > 0
+    async with sessionmaker(desk.engine)() as session:
+        assert await session.get(Waiting, answered.id) is None
+        assert await session.get(Waiting, unanswered.id) is None

@@ -1,5 +1,6 @@
-"""Keeps the routing record bounded: prunes routed messages, sent-reply markers and seen
-channel ids older than ``routing.routed_log_days``, at start and then every hour."""
+"""Keeps the routing record bounded: prunes routed messages, assignments, first-answer waits,
+sent-reply markers and seen channel ids older than ``routing.routed_log_days``, at start
+and then every hour."""
 
 import asyncio
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import utcnow
-from routers.models import Assignment, RoutedRecord, SeenId, SentReply, ShadowDiff
+from routers.models import Assignment, RoutedRecord, SeenId, SentReply, ShadowDiff, Waiting
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 
@@ -26,6 +27,9 @@ async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
     for stmt in (
         delete(RoutedRecord).where(RoutedRecord.routed_at < cutoff),
         delete(Assignment).where(Assignment.assigned_at < cutoff),
+        # issue 16: a wait holds the whole message; without its routed record it can never
+        # escalate again (routers.escalations), answered or not
+        delete(Waiting).where(Waiting.received_at < cutoff),
         delete(SentReply).where(SentReply.at < cutoff),
         delete(SeenId).where(SeenId.at < cutoff),
         delete(ShadowDiff).where(ShadowDiff.at < cutoff),
