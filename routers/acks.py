@@ -226,7 +226,9 @@ class Acknowledger:
             team_id = _team_of(routed)
             team_record = teams.get(team_id) if team_id else None
             words = Words(
-                customer_name=routed.customer.name if routed.customer else message.sender.name,
+                # a stranger's own display name is any text they chose (and, unauthenticated,
+                # sent to any address): never echoed in a mail from the company's address
+                customer_name=routed.customer.name if routed.customer else None,
                 team_name=team_record.name if team_record is not None else None,
                 reference=reference(message.id),
                 opens_at=routed.route.opens_at,

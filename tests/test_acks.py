@@ -467,3 +467,24 @@ def test_the_wiring_refuses_a_bad_template_and_a_second_sms_answer(tmp_path: Pat
         ack=AckSettings(channels=["email"]), twilio=TwilioSettings(sms_ack_text="Aldık")
     )
     assert Wiring(settings, Health(), bus, engine, Metrics()).ack_templates is not None
+
+
+async def test_a_strangers_own_display_name_is_not_echoed_back(
+    bus: Bus, engine: AsyncEngine, smtp_server: SmtpSink, twilio: FakeTwilioApi
+) -> None:
+    """With ack.unknown_senders, anyone who writes in gets a mail from the company's own
+    address: the name a stranger put in their From (which can be any text, and any address
+    when mail is not authenticated) must not be written into it; the stand-in is."""
+    await seed(engine)
+    desk = Desk(bus, engine, smtp_server, twilio)
+    await desk.start()
+    try:
+        desk.acks.settings = AckSettings(unknown_senders=True)
+        lure = "Your account is locked, log in at http://evil.test/unlock"
+        await desk.send(mail("victim@nowhere.test", name=lure))
+        [ack] = received(smtp_server)
+        body = ack.get_content()
+        assert "evil.test" not in body
+        assert body.startswith("Hello there,")
+    finally:
+        await desk.close()
