@@ -146,6 +146,7 @@ class PbxRoutes:
                 "called": called,
                 "call_id": call_id,
                 "verstat": verstat,
+                "format": format,
             }
             if request.method == "POST" and _is_form(request):
                 form = await request.form()
@@ -153,6 +154,9 @@ class PbxRoutes:
                     value = form.get(key)
                     if params[key] is None and isinstance(value, str):
                         params[key] = value[:MAX_FIELD]
+            fmt = params["format"]  # issue 17: a form body's format counts too
+            if fmt not in (None, "json", "text"):
+                raise HTTPException(422, "format must be json or text")
             caller_text = (params["caller"] or "").strip()
             if not caller_text:
                 raise HTTPException(400, "missing caller")
@@ -165,7 +169,7 @@ class PbxRoutes:
                 raise HTTPException(503, str(exc)) from exc
             background.add_task(after, message, answer, ms)
             accept = request.headers.get("accept", "")
-            if format == "text" or (format is None and accept.startswith("text/plain")):
+            if fmt == "text" or (fmt is None and accept.startswith("text/plain")):
                 return Response(answer.dial or "", media_type="text/plain")
             return Response(answer.model_dump_json(), media_type="application/json")
 
