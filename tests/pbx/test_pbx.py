@@ -1,8 +1,10 @@
 """The caller-ID route API for any PBX, over HTTP, on the real directory and broker."""
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from xml.etree import ElementTree
 
 import httpx
 from sqlalchemy import update
@@ -246,3 +248,74 @@ async def test_a_closed_team_answers_its_after_hours_dial(
     twiml = await phones.twilio("/webhooks/twilio/voice", call("CA" + "7" * 32))
     assert twiml.status_code == 200, twiml.text
     assert dial_of(twiml.text)[1] == [("Sip", "sip:voicemail-istanbul@pbx.example.test")]
+
+
+async def test_route_post_reads_format_from_the_form_body(make_phones: AppFactory) -> None:
+    """Issue 17: every field may travel in a POST's form body, ``format`` too; the query
+    string wins where both name it, as for the other fields."""
+    phones = await make_phones()
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    text = await phones.client.post(
+        "/v1/route", data={"caller": ACME_PHONE, "format": "text"}, headers=auth
+    )
+    assert text.status_code == 200, text.text
+    assert text.headers["content-type"].startswith("text/plain")
+    assert text.text == TEAM_DIAL
+    by_query = await phones.client.post(
+        "/v1/route?format=json", data={"caller": ACME_PHONE, "format": "text"}, headers=auth
+    )
+    assert by_query.json()["dial"] == TEAM_DIAL
+    wrong = await phones.client.post(
+        "/v1/route", data={"caller": ACME_PHONE, "format": "xml"}, headers=auth
+    )
+    assert wrong.status_code == 422
+
+
+def _freeswitch_dialplan() -> ElementTree.Element:
+    """docs/PBX.md's FreeSWITCH extensions, parsed."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PBX.md").read_text()
+    section = doc.split("## FreeSWITCH", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```xml\n", 1)[1].split("```", 1)[0]
+    return ElementTree.fromstring(f"<context>{block}</context>")  # noqa: S314 -- our own doc
+
+
+async def test_freeswitch_example_bridges_a_dial_string_with_a_colon(
+    make_phones: AppFactory,
+) -> None:
+    """Issue 17: the guide's FreeSWITCH example once read the answer through ``cond(… ? … :
+    …)``, which cuts a dial string at its first ``:``. The example now only tests the answer
+    with regular expressions and bridges it whole; here its expressions meet the real text
+    answers (FreeSWITCH itself is not packaged in Debian)."""
+    dialplan = _freeswitch_dialplan()
+    assert "cond(" not in ElementTree.tostring(dialplan, encoding="unicode")
+    [ask] = dialplan.findall("extension[@name='omniroute']")
+    [curl] = ask.findall(".//action[@application='curl']")
+    assert "format=text" in curl.attrib["data"]
+    assert "caller=${url_encode(${caller_id_number})}" in curl.attrib["data"]
+    [transfer] = ask.findall(".//action[@application='transfer']")
+    [dial] = dialplan.findall("extension[@name='omniroute-dial']")
+    assert transfer.attrib["data"].split()[0] == "omniroute-dial"
+    [tests] = dial.findall("condition[@regex='all']")
+    expressions = {r.attrib["field"]: r.attrib["expression"] for r in tests.findall("regex")}
+    [bridge] = tests.findall("action[@application='bridge']")
+    [fallback] = tests.findall("anti-action[@application='bridge']")
+    assert bridge.attrib["data"] == "${curl_response_data}"
+    assert fallback.attrib["data"]
+
+    def bridged(code: int, body: str) -> str:
+        """What the dialplan bridges to, given mod_curl's two variables."""
+        found = {"${curl_response_code}": str(code), "${curl_response_data}": body}
+        passed = all(re.search(expr, found[name]) for name, expr in expressions.items())
+        return body if passed else fallback.attrib["data"]
+
+    phones = await make_phones()
+    sip = await phones.route(caller="+905321112244", format="text")
+    assert sip.text == "sip:desk@pbx.example.test"
+    assert bridged(sip.status_code, sip.text) == "sip:desk@pbx.example.test"
+    team = await phones.route(caller=ACME_PHONE, format="text")
+    assert bridged(team.status_code, team.text) == TEAM_DIAL
+    assert bridged(200, "") == fallback.attrib["data"]
+    assert (
+        bridged(503, '{"detail":"no routing decision can be taken now"}')
+        == (fallback.attrib["data"])
+    )
