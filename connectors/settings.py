@@ -129,6 +129,27 @@ class HttpSettings(_Section):
         "served only for /healthz, /readyz and /v1/route (others get 503); past both, a new "
         "connection is closed at once",
     )
+    status_page: bool = Field(
+        default=False,
+        description="serve the status page at /status (connectors, decisions per minute, "
+        "queue depths, the last decisions, dead letters), behind status_token, else "
+        "api.token; with neither set every request is refused (401)",
+    )
+    status_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token of /status (a browser gives it as the password of HTTP "
+        "Basic authentication, any user name); unset: api.token",
+    )
+
+    @field_validator("status_token")
+    @classmethod
+    def _status_token(cls, value: SecretStr | None) -> SecretStr | None:
+        text = value.get_secret_value() if value is not None else ""
+        if value is not None and not (text.isascii() and text.isprintable() and " " not in text):
+            raise ValueError("must be printable ASCII without spaces (it travels in a header)")
+        if value is not None and len(text) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
 
     @field_validator("public_url")
     @classmethod

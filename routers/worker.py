@@ -32,6 +32,7 @@ from ingest.health import Health
 from ingest.identities import InvalidIdentity, normalise
 from ingest.metrics import Metrics
 from ingest.protocols import Decider, Decision
+from ingest.recent import RecentDecisions
 from ingest.schema import InboundMessage, RoutedMessage, utcnow
 from ingest.topology import ROUTED, ROUTER_QUEUE
 from routers import capacity
@@ -153,8 +154,10 @@ class RouterWorker(QueueWorker):
         settings: RouterSettings,
         health: Health,
         metrics: Metrics | None = None,
+        recent: RecentDecisions | None = None,
     ) -> None:
         super().__init__(bus, prefetch=settings.prefetch, health=health, metrics=metrics)
+        self._recent = recent  # the status page's record (issue 17), when it is on
         self._claims = ClaimBatch(
             transactions_of(engine), max_batch=settings.prefetch, routing=lambda: self.routing
         )
@@ -290,6 +293,8 @@ class RouterWorker(QueueWorker):
         self.routed += 1
         if self._metrics is not None:
             self._metrics.routed.labels(route.reason, route.kind).inc()
+        if self._recent is not None:
+            self._recent.add(item)
         log.info(
             "router.routed",
             message_id=item.message.id,
