@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("check", help="check the configuration, broker, database and connectors")
-    sub.add_parser("schema", help="print the JSON Schema of every message type")
+    schema = sub.add_parser("schema", help="print the JSON Schema of every message type")
+    schema.add_argument(
+        "--asyncapi",
+        action="store_true",
+        help="print the whole broker contract as an AsyncAPI 3.0 document instead",
+    )
 
     directory = sub.add_parser("directory", help="manage the customer directory")
     dsub = directory.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -124,9 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "schema":
+            from ingest.asyncapi import document
             from ingest.schema import json_schemas
 
-            print(json.dumps(json_schemas(), indent=2))
+            print(json.dumps(document() if args.asyncapi else json_schemas(), indent=2))
             return 0
         path = config_path(args.config)
         settings = load_settings(path)

@@ -1,16 +1,22 @@
 """The one message schema: what every channel's input becomes and what ticket systems read.
 
 The JSON shapes are a contract (DESIGN.md): fields may be added, never renamed. Each model
-names its schema version in ``SCHEMA``; it travels as the AMQP ``type`` property.
+has a versioned schema name in ``SCHEMAS``; it travels as the AMQP ``type`` property, and
+``json_schemas`` publishes each shape as a JSON Schema (draft 2020-12) whose ``$id`` is
+``urn:omniroute:schema:<name>`` (``ingest.asyncapi`` puts them in the AsyncAPI document).
 """
 
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 Channel = Literal["email", "sms", "voice", "twitter", "whatsapp"]
+#: the channels a ReplyRequest may name: every Channel but voice (a call is not answered by a
+#: message; no sender exists for it)
+ReplyChannelName = Literal["email", "sms", "twitter", "whatsapp"]
 IdentityKindField = Literal["email", "phone", "twitter"]
 RouteKind = Literal["agent", "team", "triage"]
 Presence = Literal["available", "away", "offline"]
@@ -54,6 +60,30 @@ Reason = Annotated[
 ]
 
 
+def _no_voice(value: object) -> object:
+    """Refuse a voice reply with its reason, not the Literal's bare list of channels."""
+    if value == "voice":
+        raise PydanticCustomError(
+            "reply_channel",
+            "voice cannot carry a reply request (a call is not answered with a message): "
+            "answer the caller on sms or whatsapp",
+        )
+    return value
+
+
+ReplyChannel = Annotated[
+    ReplyChannelName,
+    BeforeValidator(_no_voice),
+    Field(
+        description="the channel to answer on; voice is refused (a call is not answered with "
+        "a message): answer a caller on sms or whatsapp, to their number"
+    ),
+]
+
+#: the JSON Schema dialect of ``json_schemas``
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
 def new_id() -> str:
     """A fresh omniroute message id (UUID4 text)."""
     return str(uuid.uuid4())
@@ -67,6 +97,20 @@ class _Model(BaseModel):
     # Unknown fields from a newer publisher are kept, so a router never drops what it
     # does not understand yet.
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+def _type_required(schema: dict[str, Any]) -> None:
+    """An event's ``type`` is what a consumer tells events apart by (``Event``'s
+    discriminator): required on the wire, though Python callers may leave it to its default."""
+    required = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
+class _Event(_Model):
+    """An ``omniroute.events`` message: ``type`` names it and is its routing key."""
+
+    model_config = ConfigDict(json_schema_extra=_type_required)
 
 
 class Identity(_Model):
@@ -200,7 +244,7 @@ class ReplyRequest(_Model):
     """A ticket system asks omniroute to answer a customer on a channel."""
 
     id: str = Field(min_length=1, max_length=512)
-    channel: Channel
+    channel: ReplyChannel
     agent_id: str = Field(min_length=1, max_length=200)
     to: Identity
     text: str
@@ -210,7 +254,7 @@ class ReplyRequest(_Model):
     )
 
 
-class AgentReplied(_Model):
+class AgentReplied(_Event):
     type: Literal["agent.replied"] = "agent.replied"
     agent_id: str = Field(min_length=1, max_length=200)
     customer_id: str | None = Field(default=None, max_length=200)
@@ -224,7 +268,7 @@ class AgentReplied(_Model):
     )
 
 
-class AgentStatus(_Model):
+class AgentStatus(_Event):
     type: Literal["agent.status"] = "agent.status"
     agent_id: str = Field(min_length=1, max_length=200)
     status: Presence
@@ -241,7 +285,7 @@ class AgentStatus(_Model):
     )
 
 
-class AssignmentAccepted(_Model):
+class AssignmentAccepted(_Event):
     """A ticket system says the agent took the message offered to them: the offer's timer
     stops (an ``agent.replied`` or a reply from them to that customer counts the same)."""
 
@@ -251,7 +295,7 @@ class AssignmentAccepted(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class AssignmentDeclined(_Model):
+class AssignmentDeclined(_Event):
     """The agent will not take the message: it is routed again at once, without them."""
 
     type: Literal["assignment.declined"] = "assignment.declined"
@@ -261,7 +305,7 @@ class AssignmentDeclined(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class AssignmentClosed(_Model):
+class AssignmentClosed(_Event):
     """A ticket system says the agent is done with a message without answering it through
     omniroute: it no longer counts towards the agent's load."""
 
@@ -271,7 +315,7 @@ class AssignmentClosed(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class SlaBreached(_Model):
+class SlaBreached(_Event):
     """Omniroute's news: a customer's message had no answer within its team's first-response
     time; ``level`` 1 is the first escalation (the message goes to the team's
     ``escalate_to``), 2 the next along the chain."""
@@ -290,7 +334,7 @@ class SlaBreached(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class OutboundSent(_Model):
+class OutboundSent(_Event):
     type: Literal["outbound.sent"] = "outbound.sent"
     request_id: str
     channel: str
@@ -299,7 +343,7 @@ class OutboundSent(_Model):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
-class OutboundFailed(_Model):
+class OutboundFailed(_Event):
     type: Literal["outbound.failed"] = "outbound.failed"
     request_id: str
     channel: str
@@ -343,6 +387,14 @@ def schema_name(model: BaseModel) -> str:
     raise KeyError(type(model).__name__)
 
 
+def schema_id(name: str) -> str:
+    """The stable ``$id`` of a message type's JSON Schema (a URN: nothing to fetch)."""
+    return f"urn:omniroute:schema:{name}"
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """Every message type's JSON Schema, keyed by its versioned name."""
-    return {name: cls.model_json_schema() for name, cls in SCHEMAS.items()}
+    return {
+        name: {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_id(name), **cls.model_json_schema()}
+        for name, cls in SCHEMAS.items()
+    }
