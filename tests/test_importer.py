@@ -75,13 +75,23 @@ async def test_each_kind_imports_from_the_examples(db: AsyncEngine) -> None:
     assert john.active is True  # an empty active column means active
 
 
-async def test_reimport_updates_instead_of_duplicating(db: AsyncEngine) -> None:
-    """Loading the same directory twice is an upsert: the second run only updates."""
+async def test_reimport_updates_instead_of_duplicating(db: AsyncEngine, tmp_path: Path) -> None:
+    """Loading the same directory twice is an upsert, and only a real change counts
+    (issue 17: an unchanged file said "0 new, 10 updated")."""
     await load_examples(db)
-    again = await import_csv(db, EXAMPLES / "customers.csv", kind=None, region="TR", dry_run=False)
-    assert (again.inserted, again.updated, again.rejected) == (0, 10, 0)
+    for kind in KINDS:
+        again = await import_csv(
+            db, EXAMPLES / f"{kind}.csv", kind=None, region="TR", dry_run=False
+        )
+        assert (again.kind, again.inserted, again.updated, again.rejected) == (kind, 0, 0, 0)
     assert (again.identities_added, again.identities_removed) == (0, 0)
     assert await count(db, Customer) == 10
+    lines = (EXAMPLES / "customers.csv").read_text(encoding="utf-8").splitlines()
+    lines[1] = lines[1].replace("Kemal Öztürk", "Kemal Öztürk Jr.")  # a name changes
+    lines[2] = lines[2].replace(";fatma@arslanlojistik.com.tr", "")  # an identity goes
+    changed = write(tmp_path, "customers.csv", "\n".join(lines) + "\n")
+    report = await import_csv(db, changed, kind=None, region="TR", dry_run=False)
+    assert (report.inserted, report.updated, report.identities_removed) == (0, 2, 1)
 
 
 async def test_reimport_replaces_a_customers_identity_set(db: AsyncEngine, tmp_path: Path) -> None:
@@ -681,7 +691,8 @@ async def test_holidays_file_is_each_listed_teams_whole_calendar(
         + "billing,2027-04-23,Ulusal Egemenlik,\n",
     )
     report = await import_csv(db, typo, kind=None, region="TR", dry_run=False)
-    assert (report.updated, report.removed, [line for line, _ in report.rejects]) == (1, 0, [2])
+    # the other row is as stored: nothing to update
+    assert (report.updated, report.removed, [line for line, _ in report.rejects]) == (0, 0, [2])
     async with db.connect() as conn:
         rows = (await conn.execute(select(CompanyHoliday).order_by("team_id", "day"))).all()
     assert [(r.team_id, str(r.day), r.hours) for r in rows] == [

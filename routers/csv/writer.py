@@ -90,9 +90,12 @@ class BatchWriter:
         self.waiting: list[Row] = []
         #: holidays: the teams with an accepted row, whose calendar the file replaces
         self.calendars: set[str] = set()
+        #: customers whose identity set this batch changes (an update even if nothing else)
+        self.identities_changed: set[str] = set()
 
     async def apply(self, session: AsyncSession, rows: list[Row]) -> list[Rejected]:
         rejects: list[Rejected] = []
+        self.identities_changed.clear()
         first_line: dict[str, int] = {}
         earlier = dict(
             await _select_in(
@@ -177,28 +180,35 @@ class BatchWriter:
         return rejects
 
     async def _store(self, session: AsyncSession, rows: list[Row]) -> None:
-        """Insert the new rows, update the existing ones (only the columns given)."""
+        """Insert the new rows, update the existing ones that differ (only the columns
+        given): an unchanged file re-imported reports 0 updated and writes nothing."""
         if self.kind == "holidays":
             h = HOLIDAYS.c
             found = await _select_in(
-                session, [h.team_id, h.day], h.team_id, (r.values["team_id"] for r in rows)
+                session, [HOLIDAYS], h.team_id, (r.values["team_id"] for r in rows)
             )
-            existing = {holiday_key(team, day) for team, day in found}
+            stored = {holiday_key(f.team_id, f.day): f._mapping for f in found}
             keys = ["team_id", "day"]
         else:
-            ids = [r.id for r in rows]
-            existing = {
-                i for (i,) in await _select_in(session, [self.table.c.id], self.table.c.id, ids)
-            }
+            found = await _select_in(session, [self.table], self.table.c.id, [r.id for r in rows])
+            stored = {f.id: f._mapping for f in found}
             keys = ["id"]
+        new = [r.values for r in rows if r.id not in stored]
+        changed = [
+            r.values
+            for r in rows
+            if (was := stored.get(r.id or "")) is not None
+            and any(was[column] != value for column, value in r.values.items())
+        ]
         # New rows go through one executemany INSERT (compiled once; a row created meanwhile
-        # fails the batch loudly); existing ones through the upsert, which compiles per call.
-        for chunk in _chunks([r.values for r in rows if r.id not in existing]):
+        # fails the batch loudly); changed ones through the upsert, which compiles per call.
+        for chunk in _chunks(new):
             await session.execute(insert(self.table), chunk)
-        for chunk in _chunks([r.values for r in rows if r.id in existing]):
+        for chunk in _chunks(changed):
             await upsert(session, self.table, chunk, keys)
-        self.report.updated += sum(1 for r in rows if r.id in existing)
-        self.report.inserted += sum(1 for r in rows if r.id not in existing)
+        reidentified = {r.id for r in rows if r.id in self.identities_changed}
+        self.report.updated += len(changed) + len(reidentified - {v.get("id") for v in changed})
+        self.report.inserted += len(new)
 
     async def _known(
         self, session: AsyncSession, rows: list[Row], *, last: bool = False
@@ -310,6 +320,8 @@ class BatchWriter:
                 continue
             good.append(row)
             before = held.get(row.id, set())
+            if before != row.identities and row.id in held:
+                self.identities_changed.add(row.id)
             for k, a in before - row.identities:
                 del owner[(k, a)]
                 removed.append((k, a))
