@@ -8,7 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
 from routers import state
-from routers.models import RoutedRecord, SeenId, ThreadOwner
+from routers.models import AckSent, RoutedRecord, SeenId, ThreadOwner
 from routers.settings import RoutingSettings
 from routers.store import routed_log
 from routers.store.connector_state import DbSeenStore
@@ -44,11 +44,15 @@ async def test_pruner_drops_old_records_and_keeps_thread_owners(engine: AsyncEng
             at=NOW - timedelta(days=400),
             message_id="<old@omni>",
         )
+        # issue 16: a stranger acknowledged long ago is forgotten, a recent one is not
+        session.add(AckSent(key="email:stranger@old.test", at=NOW - timedelta(days=91)))
+        session.add(AckSent(key="customer:acme", at=NOW - timedelta(hours=1)))
     assert await DbSeenStore(engine).first_time("sms", "SM-recent")
     removed = await Pruner(
         engine, RoutingSettings(routed_log_days=90), clock=lambda: NOW
     ).prune_once()
-    assert removed == 1
+    assert removed == 2
+    assert await count(engine, AckSent) == 1
     assert await count(engine, RoutedRecord) == 1
     assert await count(engine, ThreadOwner) == 1
     assert await count(engine, SeenId) == 1

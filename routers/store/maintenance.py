@@ -12,7 +12,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ingest.schema import utcnow
-from routers.models import Assignment, RoutedRecord, SeenId, SentReply, ShadowDiff, Waiting
+from routers.models import (
+    AckSent,
+    Assignment,
+    RoutedRecord,
+    SeenId,
+    SentReply,
+    ShadowDiff,
+    Waiting,
+)
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 
@@ -33,6 +41,9 @@ async def prune(session: AsyncSession, now: datetime, keep: timedelta) -> int:
         delete(SentReply).where(SentReply.at < cutoff),
         delete(SeenId).where(SeenId.at < cutoff),
         delete(ShadowDiff).where(ShadowDiff.at < cutoff),
+        # an acknowledgement older than that allows the next one anyway (ack.quiet_for is
+        # far shorter): without this, every stranger's address stayed for ever
+        delete(AckSent).where(AckSent.at < cutoff),
     ):
         result = await session.execute(stmt)
         removed += int(getattr(result, "rowcount", 0) or 0)
