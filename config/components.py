@@ -35,6 +35,7 @@ from ingest.errors import ConfigError
 from ingest.health import Health, State
 from ingest.metrics import Metrics
 from ingest.protocols import Channel, HttpRoutes, InboundSink, Intake, Lease, Sender
+from ingest.recent import RecentDecisions
 from ingest.sink import BusSink
 from routers import ack_text
 from routers.acks import Acknowledger
@@ -51,6 +52,7 @@ from routers.store.transactions import transactions_of
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
+    from connectors.status import StatusPage
     from ingest.spool import SpooledSink
 
 log = structlog.get_logger("omniroute.components")
@@ -106,6 +108,8 @@ class Wiring:
         self.dispatcher: OutboundDispatcher | None = None
         self.timers: OfferTimers | None = None
         self.escalations: EscalationTimers | None = None
+        #: the status page's record of decisions (issue 17), kept only when it is served
+        self.recent = RecentDecisions() if settings.http.status_page else None
         self._channels: dict[str, Channel[Settings]] = {}
         self._spool: SpooledSink | None = None
         self._lease: Lease | None = None
@@ -169,6 +173,7 @@ class Wiring:
                 settings=settings.router,
                 health=self.health,
                 metrics=self.metrics,
+                recent=self.recent,
             )
             router.acks = self._acknowledger(settings, self.ack_templates)
             plan.workers["router"] = _with_drain(router.run, drain)
@@ -260,17 +265,41 @@ class Wiring:
         from connectors.http import HttpServer, build_app
 
         settings = self.settings
+        status = [self._status_page().router] if settings.http.status_page else []
         app = build_app(
             health=self.health,
             metrics=self.metrics,
             http=settings.http,
-            routers=[r.router for r in routes],
+            routers=[*(r.router for r in routes), *status],
             fast_paths=[r.fast_path for r in routes if r.fast_path is not None],
             spool=self._spool,
         )
         self.http = HttpServer(app, settings.http, shutdown_timeout=settings.shutdown_timeout / 3)
         plan.http = self.http.run
         plan.http_started = self.http.started
+
+    def _status_page(self) -> "StatusPage":
+        """``/status`` (issue 17): behind ``http.status_token``, else ``api.token``; redacted
+        by the logging rules as they are now."""
+        from config.logging import hide_secrets, scrub
+        from connectors.status import QueueDepths, StatusPage, StatusSources
+        from connectors.status_html import Redaction
+        from ingest.identities import redact
+        from ingest.topology import QUEUES
+
+        token = self.settings.http.status_token or self.settings.api.token
+        if token is None:
+            log.warning("components.status_page_locked", fix="set http.status_token")
+        redaction = Redaction(redact, scrub, hide_secrets, lambda: self.settings.log.redact)
+        depths = QueueDepths(self.bus.queue_depth, list(QUEUES), scrub=redaction.text)
+        recent = self.recent if self.router is not None else None
+        page = StatusPage(
+            StatusSources(self.health, self.metrics, depths, recent),
+            token=token.get_secret_value() if token else None,
+            redaction=redaction,
+        )
+        self._closers.append(page.close)
+        return page
 
     async def check_rules(self, settings: Settings) -> None:
         """Refuse, in one line, topic rules naming a team the directory lacks (issue 20: the
