@@ -32,9 +32,10 @@ from config.registry import CHANNELS, Entry, Shared, enabled, load
 from config.settings import Settings
 from ingest.bus import Bus
 from ingest.errors import ConfigError
-from ingest.health import Health, State
+from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import Channel, HttpRoutes, InboundSink, Intake, Lease, Sender
+from ingest.queue_stats import QueueStats
 from ingest.recent import RecentDecisions
 from ingest.sink import BusSink
 from routers import ack_text
@@ -91,6 +92,9 @@ class Wiring:
         self.bus = bus
         self.engine = engine
         self.metrics = metrics
+        metrics.settings = settings.metrics
+        # issue 17: readiness, component states and queue counts as of each scrape
+        metrics.watch(health, QueueStats(bus, metrics).refresh)
         #: checked now, so that a bad template stops `omniroute run` and `check` in one line
         self.ack_templates = _ack_templates(settings)
         self.decider = DirectoryDecider(
@@ -126,10 +130,6 @@ class Wiring:
             metrics=metrics,
             bus=bus,
         )
-        health.listeners.append(self._on_health)
-
-    def _on_health(self, name: str, state: State) -> None:
-        self.metrics.connector_up.labels(name).set(1 if state == "up" else 0)
 
     def enabled(self, name: str) -> bool:
         return name in self.settings.components
@@ -210,6 +210,7 @@ class Wiring:
                 decider=self.decider,
                 routing=settings.routing,
                 health=self.health,
+                metrics=self.metrics,
             )
             plan.workers["timers"] = timers.run
             # nudged from this process; an offer another process writes is found within 30 s
@@ -225,6 +226,7 @@ class Wiring:
                 decider=self.decider,
                 routing=settings.routing,
                 health=self.health,
+                metrics=self.metrics,
             )
             plan.workers["escalations"] = escalations.run
 
@@ -329,6 +331,7 @@ class Wiring:
         self.settings = settings
         self.ack_templates = templates
         self.decider.settings = settings.routing
+        self.metrics.settings = settings.metrics
         if self.router is not None:
             self.router.acks = self._acknowledger(settings, templates)
         if self.pruner is not None:

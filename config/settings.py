@@ -43,7 +43,7 @@ from connectors.settings import (
     url_problem,
 )
 from ingest.errors import ConfigError
-from ingest.settings import BusSettings
+from ingest.settings import BusSettings, MetricsSettings
 from routers.dispatcher import DispatchSettings
 from routers.settings import (
     AckSettings,
@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     twitter: TwitterSettings | None = None
     spool: SpoolSettings = SpoolSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @field_validator("amqp_url", mode="before")
     @classmethod

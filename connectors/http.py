@@ -229,7 +229,7 @@ def build_app(
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def metrics_endpoint() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(await metrics.scrape(), media_type=metrics.content_type)
 
     for router in routers:
         app.include_router(router)

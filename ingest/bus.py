@@ -260,6 +260,10 @@ class Bus:
                 outcomes[index] = TransientError(f"publish to {exchange} failed: connection lost")
             elif (error := task.exception()) is not None:
                 outcomes[index] = publish_failure(error, exchange, key)
+        if self.metrics is not None and exchange == topology.ROUTED:  # issue 17: by team
+            self.metrics.count_routed(
+                m for (_, m, _), o in zip(models, outcomes, strict=True) if o is None
+            )
         return outcomes
 
     async def dead_letter(self, message: Received, reason: str) -> None:

@@ -136,7 +136,7 @@ class QueueConsumer(abc.ABC, Generic[M]):
             reason=reason,
         )
         if self._needs.metrics is not None:
-            self._needs.metrics.dead_lettered.labels(self._queue.name).inc()
+            self._needs.metrics.dead_letter(self._queue.name, reason)
         try:
             await self._needs.dead_letters.dead_letter(message, reason)
         except TransientError as exc:

@@ -52,3 +52,44 @@ class BusSettings(BaseModel):
                 "stalled connection after 7 s at the soonest, two heartbeats must cover that"
             )
         return value
+
+
+class MetricsSettings(BaseModel):
+    """What ``GET /metrics`` shows (issue 17): label values stay bounded whatever the traffic,
+    and the broker is asked for queue depths at most once per ``queue_cache_for``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_team_labels: int = Field(
+        default=50,
+        ge=1,
+        le=1000,
+        description="distinct team ids a process gives their own label value; teams seen after "
+        'that many are counted as team="other"',
+    )
+    agent_labels: bool = Field(
+        default=False,
+        description="count routed messages per agent too (omniroute_routed_agent_messages_"
+        "total); off by default, as agents are many",
+    )
+    max_agent_labels: int = Field(
+        default=500,
+        ge=1,
+        le=10000,
+        description="with agent_labels, distinct agent ids with a label value of their own; "
+        'later ones are counted as agent="other"',
+    )
+    queue_cache_for: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="seconds a scrape reuses the queue depths and consumer counts the broker "
+        "gave the last one, so that many scrapers never hammer the broker",
+    )
+    queue_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        le=30,
+        description="seconds a scrape waits for the broker's queue counts; past it the queue "
+        "series are left out and omniroute_queue_stats_up is 0",
+    )

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.schema import (
     InboundMessage,
     PreviousRoute,
@@ -103,11 +104,13 @@ class EscalationTimers(TimerWorker):
         batch: int = 100,
         max_sleep: float = 30.0,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(
             engine=engine, health=health, batch=batch, max_sleep=max_sleep, clock=clock
         )
         self._bus = bus
+        self._metrics = metrics
         self._decider = decider
         self.routing = routing  # replaced as a whole on reload
 
@@ -152,6 +155,12 @@ class EscalationTimers(TimerWorker):
                 level=step.breached.level,
                 route=step.breached.escalated_to,
             )
+        if (metrics := self._metrics) is not None:  # issue 17
+            for step in done:
+                labels = (step.due.message.channel, metrics.teams(step.breached.team))
+                metrics.sla_breached.labels(*labels).inc()
+                if step.routed is not None:
+                    metrics.escalations.labels(*labels).inc()
         self.fired += len(done)
         return len(taken)
 

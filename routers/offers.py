@@ -23,13 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.schema import InboundMessage, PreviousRoute, ReasonName, RoutedMessage, utcnow
 from ingest.topology import ROUTED
 from routers.decider import DirectoryDecider
 from routers.models import Assignment, RoutedRecord, Waiting
 from routers.settings import RoutingSettings
 from routers.store.values import aware, utc
-from routers.timers import RETRY, TimerWorker
+from routers.timers import RETRY, TimerWorker, unreadable
 
 log = structlog.get_logger("omniroute.offers")
 
@@ -65,11 +66,13 @@ class OfferTimers(TimerWorker):
         batch: int = 100,
         max_sleep: float = 30.0,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(
             engine=engine, health=health, batch=batch, max_sleep=max_sleep, clock=clock
         )
         self._bus = bus
+        self._metrics = metrics
         self._decider = decider
         self.routing = routing  # replaced as a whole on reload
 
@@ -101,6 +104,9 @@ class OfferTimers(TimerWorker):
                 reason=item.route.reason,
                 route=item.route.routing_key,
             )
+        if (metrics := self._metrics) is not None:  # issue 17
+            for item in done:
+                metrics.offers_rerouted.labels(item.message.channel, item.route.reason).inc()
         self.fired += len(done)
         return len(taken)
 
@@ -200,7 +206,7 @@ def _take_due(
                 respond_by=aware(r.respond_by) if r.respond_by is not None else None,
             )
         except ValueError as exc:  # e.g. written by a newer omniroute: not retried for ever
-            log.error("offers.unreadable", message_id=r.message_id, error=str(exc)[:300])
+            log.error("offers.unreadable", message_id=r.message_id, error=unreadable(exc))
             connection.execute(
                 update(Assignment)
                 .where(Assignment.message_id == r.message_id)
