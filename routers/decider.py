@@ -18,7 +18,7 @@ address's, ``routing.default_team``), whose dial strings the answer needs.
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -129,7 +129,7 @@ class DirectoryDecider:
             await watch.report(differences)  # logged and counted; never fails the batch
         answers: list[tuple[Decision, Facts]] = []
         for message, (route, facts) in zip(messages, decided, strict=True):
-            route = _respond_by(route, message.channel, teams, settings)
+            route = _respond_by(route, message, teams, settings)
             customer = facts.customer
             ref = None
             # An unproven sender (issue 13) gets the customer's team, never their context:
@@ -293,16 +293,29 @@ def _teams_to_dial(decided: list[tuple[Route, Facts]], settings: RoutingSettings
     return teams
 
 
+#: how far back a message's ``received_at`` may start its first-response clock
+_CLOCK_LOOKBACK = timedelta(days=7)
+
+
 def _respond_by(
-    route: Route, channel: str, teams: dict[str, TeamRecord | None], settings: RoutingSettings
+    route: Route,
+    message: InboundMessage,
+    teams: dict[str, TeamRecord | None],
+    settings: RoutingSettings,
 ) -> Route:
-    """The route with its first answer's due time, when its team sets one (issue 16)."""
+    """The route with its first answer's due time, when its team sets one (issue 16). The
+    clock runs from when omniroute took the message in (``received_at``), so time spent in
+    the spool or a queue during an outage counts; a publisher's ``received_at`` in the
+    future, or more than ``_CLOCK_LOOKBACK`` back, counts from the decision instead."""
     team_id = clock_team(route)
     team = teams.get(team_id) if team_id else None
     if team is None or not team.first_response:
         return route
+    start = message.received_at
+    if not route.decided_at - _CLOCK_LOOKBACK <= start <= route.decided_at:
+        start = route.decided_at
     schedule = team_schedule(team, settings.timezone)
-    due = first_response.respond_by(team, schedule, channel, route.decided_at)
+    due = first_response.respond_by(team, schedule, message.channel, start)
     return route if due is None else route.model_copy(update={"respond_by": due})
 
 

@@ -44,7 +44,7 @@ from routers.directory import AgentRecord, TeamRecord
 from routers.models import Assignment, RoutedRecord, Waiting
 from routers.settings import RoutingSettings
 from routers.store.values import aware, utc
-from routers.timers import RETRY, TimerWorker
+from routers.timers import RETRY, TimerWorker, unreadable
 
 log = structlog.get_logger("omniroute.escalations")
 _wait, _record, _assign = Waiting.__table__.c, RoutedRecord.__table__.c, Assignment.__table__.c
@@ -301,7 +301,7 @@ def _take_due(connection: Connection, now: datetime, limit: int) -> list[Due]:
         try:
             message = InboundMessage.model_validate_json(r.message)
         except ValueError as exc:  # e.g. written by a newer omniroute: not retried for ever
-            log.error("escalations.unreadable", message_id=r.message_id, error=str(exc)[:300])
+            log.error("escalations.unreadable", message_id=r.message_id, error=unreadable(exc))
             connection.execute(
                 update(Waiting).where(_wait.message_id == r.message_id).values(due_at=None)
             )

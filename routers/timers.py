@@ -38,6 +38,17 @@ CHANNEL = "omniroute_timers"
 _NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
+def unreadable(exc: ValueError) -> str:
+    """Why a stored message did not validate, without the values (a customer's address or
+    text would be in pydantic's message): the fields and error types only."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return type(exc).__name__
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('type')}" for e in errors()[:5]
+    )
+
+
 def notify(connection: Connection) -> None:
     """Wake every instance's timer workers when this transaction commits (PostgreSQL; on
     SQLite the writer's own process is the only one, and it nudges its worker)."""
@@ -103,13 +114,14 @@ class TimerWorker:
                 backoff.reset()
                 self.nudge()
                 await _first(stop.wait(), lost.wait())
-            except (SQLAlchemyError, OSError) as exc:
+            except Exception as exc:  # asyncpg's own errors too: the timers go on without it
                 self._log.info(f"{self.name}.listen_lost", error=str(exc)[:300])
                 await self._sleep(backoff.next(), stop)
             finally:
-                with contextlib.suppress(Exception):  # a lost connection cannot be closed well
+                # never back into the pool: a pooled connection would go on listening
+                with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
-                        await connection.invalidate() if lost.is_set() else await connection.close()
+                        await connection.invalidate()
 
     async def _fire_until(self, stop: asyncio.Event) -> None:
         backoff, failing = Backoff(1.0, 30.0), False

@@ -344,3 +344,15 @@ async def test_the_pruner_keeps_the_waiting_table_bounded(desk: Desk) -> None:
     async with sessionmaker(desk.engine)() as session:
         assert await session.get(Waiting, answered.id) is None
         assert await session.get(Waiting, unanswered.id) is None
+
+
+async def test_the_clock_runs_from_when_omniroute_took_the_message_in(desk: Desk) -> None:
+    """A mail taken in at Friday 16:55 and routed at 17:55 (held by a broker outage, say) is
+    due Monday 11:55, not 12:55; a received_at in the future counts from the decision."""
+    early = await desk.send(received_at=FRIDAY - timedelta(hours=1))
+    _, routed = await desk.routed()
+    assert routed.message.id == early.id
+    assert routed.route.respond_by == MONDAY_DUE - timedelta(hours=1)
+    await desk.send(received_at=FRIDAY + timedelta(days=2))
+    _, routed = await desk.routed()
+    assert routed.route.respond_by == MONDAY_DUE
