@@ -218,8 +218,8 @@ class Wiring:
                 self.router.on_offer = timers.nudge
             if self.events is not None:
                 self.events.on_due = timers.nudge
-            # issue 16: a first answer's due time is written minutes to hours ahead, so a
-            # look every 30 s (max_sleep) finds it in time without a nudge
+            # issue 16: a first answer due within the worker's longest sleep (30 s) nudges
+            # it; on PostgreSQL the claim's NOTIFY wakes other processes' workers too
             escalations = self.escalations = EscalationTimers(
                 bus=self.bus,
                 engine=self.engine,
@@ -231,6 +231,8 @@ class Wiring:
             plan.workers["escalations"] = escalations.run
 
     def senders(self) -> dict[str, Sender]:
+            if self.router is not None:
+                self.router.on_wait = escalations.nudge
         """The outbound sender of every enabled channel, by the channel it answers on."""
         senders: dict[str, Sender] = {}
         for channel in self.channels():

@@ -19,6 +19,7 @@ from routers import state
 from routers.availability import capacity_of
 from routers.models import Agent
 from routers.store import routed_log
+from routers.timers import SOON, notify
 
 #: the first key of omniroute's advisory locks (the second is the agent id's hash), so they
 #: cannot meet another application's single-key locks on the same database
@@ -45,7 +46,23 @@ def claim(
     agent route on a channel of ``offers`` is an offer with that timeout (issue 16)."""
     checked = within_capacity(connection, batch, load_since)
     claims = routed_log.claim_routed_many(connection, checked, offers)
+    if due_soon(checked, offers or {}):
+        notify(connection)  # timer workers in other processes may sleep past it otherwise
     return list(zip(claims, checked, strict=True))
+
+
+def due_soon(batch: list[RoutedMessage], offers: Mapping[Channel, timedelta]) -> bool:
+    """Whether the batch writes an offer or a first answer due before a sleeping timer
+    worker looks again (``SOON``): a short ``offer_timeout`` or ``first_response``."""
+    for routed in batch:
+        route, channel = routed.route, routed.message.channel
+        soon = route.decided_at + SOON
+        if route.respond_by is not None and route.respond_by <= soon:
+            return True
+        offer = offers.get(channel) if route.kind == "agent" else None
+        if offer is not None and offer <= SOON:
+            return True
+    return False
 
 
 def within_capacity(

@@ -33,6 +33,8 @@ from routers.store.transactions import transactions_of
 
 #: how long a batch taken by one worker is left to it before another may fire it again
 RETRY = timedelta(seconds=60)
+#: a due time nearer than this when written wakes the timer workers (their longest sleep)
+SOON = timedelta(seconds=30)
 #: the PostgreSQL channel on which a process says "a timer is due sooner than you think"
 CHANNEL = "omniroute_timers"
 _NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
@@ -67,7 +69,7 @@ class TimerWorker:
         engine: AsyncEngine,
         health: Health,
         batch: int = 100,
-        max_sleep: float = 30.0,
+        max_sleep: float = SOON.total_seconds(),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._run = transactions_of(engine)

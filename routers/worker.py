@@ -168,6 +168,8 @@ class RouterWorker(QueueWorker):
         self.duplicates = 0
         #: called after a batch made offers (issue 16): the timer worker's nudge
         self.on_offer: Callable[[], None] | None = None
+        #: called after a batch wrote a first answer due soon: the escalation worker's nudge
+        self.on_wait: Callable[[], None] | None = None
         #: acknowledges new conversations once their routed publish is confirmed (issue 16,
         #: ``[ack]``); replaced as a whole on reload
         self.acks: Acknowledger | None = None
@@ -245,6 +247,8 @@ class RouterWorker(QueueWorker):
             offered = offered or (item.route.kind == "agent" and item.message.channel in offers)
         if offered and self.on_offer is not None:
             self.on_offer()  # the timer worker may be asleep past this offer's due time
+        if self.on_wait is not None and capacity.due_soon(confirmed, {}):
+            self.on_wait()  # a first answer due within the escalation worker's sleep
         acks = self.acks
         if acks is not None and confirmed:
             await acks.acknowledge(confirmed)  # bounded, and never raises (routers.acks)

@@ -32,7 +32,7 @@ from routers.events import EventsWorker
 from routers.models import Agent, Team, Waiting
 from routers.offers import OfferTimers
 from routers.settings import RouterSettings, RoutingSettings
-from routers.store.engine import sessionmaker
+from routers.store.engine import create_engine, migrate, sessionmaker
 from routers.store.maintenance import Pruner
 from routers.store.transactions import transactions_of
 from routers.timers import RETRY
@@ -144,11 +144,13 @@ async def chain(engine: AsyncEngine, **billing: Any) -> None:
             update(Team)
             .where(Team.id == "billing")
             .values(
-                timezone="Europe/Istanbul",
-                hours="Mon-Fri 09:00-18:00",
-                first_response="email=4h;sms=15m",
-                escalate_to="leads",
-                **billing,
+                {
+                    "timezone": "Europe/Istanbul",
+                    "hours": "Mon-Fri 09:00-18:00",
+                    "first_response": "email=4h;sms=15m",
+                    "escalate_to": "leads",
+                }
+                | billing
             )
         )
 
@@ -356,3 +358,41 @@ async def test_the_clock_runs_from_when_omniroute_took_the_message_in(desk: Desk
     await desk.send(received_at=FRIDAY + timedelta(days=2))
     _, routed = await desk.routed()
     assert routed.route.respond_by == MONDAY_DUE
+
+
+class RealClock(Clock):
+    def __call__(self) -> datetime:
+        return utcnow()
+
+
+async def test_a_short_first_response_wakes_a_worker_in_another_process(
+    bus: Bus, pg_url: str
+) -> None:
+    """No in-process nudge (the escalation worker runs in another instance): the router's
+    claim NOTIFYs a wait due within the worker's 30 s sleep, so it fires on time."""
+    await migrate(pg_url)
+    engine = create_engine(pg_url)
+    try:
+        await chain(engine, hours=None, first_response="email=3s")
+        d = Desk(bus, engine, RoutingSettings(default_region="TR"))
+        d.clock = RealClock(FRIDAY)
+        d.escalations._clock = d.clock
+        d.router._decider._clock = d.clock  # type: ignore[attr-defined]
+        await d.start()
+        stop = asyncio.Event()
+        worker = asyncio.create_task(d.escalations.run(stop))
+        try:
+            await asyncio.sleep(0.5)  # asleep now: nothing is due
+            message = await d.send()
+            _, routed = await d.routed()
+            assert routed.route.respond_by is not None
+            breach = await d.breached(timeout=8)
+            assert breach.message_id == message.id
+            late = utcnow() - routed.route.respond_by
+            assert late < timedelta(seconds=2), late
+        finally:
+            stop.set()
+            await worker
+            await d.close()
+    finally:
+        await engine.dispose()
