@@ -53,7 +53,8 @@ from routers.store.transactions import transactions_of
 from routers.worker import RouterWorker
 
 if TYPE_CHECKING:
-    from connectors.status import StatusPage
+    from fastapi import APIRouter
+
     from ingest.spool import SpooledSink
 
 log = structlog.get_logger("omniroute.components")
@@ -94,7 +95,8 @@ class Wiring:
         self.metrics = metrics
         metrics.settings = settings.metrics
         # issue 17: readiness, component states and queue counts as of each scrape
-        metrics.watch(health, QueueStats(bus, metrics).refresh)
+        self.queue_stats = QueueStats(bus, metrics)  # shared with the status page
+        metrics.watch(health, self.queue_stats.refresh)
         #: checked now, so that a bad template stops `omniroute run` and `check` in one line
         self.ack_templates = _ack_templates(settings)
         self.decider = DirectoryDecider(
@@ -229,10 +231,10 @@ class Wiring:
                 metrics=self.metrics,
             )
             plan.workers["escalations"] = escalations.run
-
-    def senders(self) -> dict[str, Sender]:
             if self.router is not None:
                 self.router.on_wait = escalations.nudge
+
+    def senders(self) -> dict[str, Sender]:
         """The outbound sender of every enabled channel, by the channel it answers on."""
         senders: dict[str, Sender] = {}
         for channel in self.channels():
@@ -269,7 +271,7 @@ class Wiring:
         from connectors.http import HttpServer, build_app
 
         settings = self.settings
-        status = [self._status_page().router] if settings.http.status_page else []
+        status = [self._status_page()] if settings.http.status_page else []
         app = build_app(
             health=self.health,
             metrics=self.metrics,
@@ -282,20 +284,19 @@ class Wiring:
         plan.http = self.http.run
         plan.http_started = self.http.started
 
-    def _status_page(self) -> "StatusPage":
+    def _status_page(self) -> "APIRouter":
         """``/status`` (issue 17): behind ``http.status_token``, else ``api.token``; redacted
-        by the logging rules as they are now."""
+        by the logging rules as they are now (a reload may change them)."""
         from config.logging import hide_secrets, scrub
-        from connectors.status import QueueDepths, StatusPage, StatusSources
+        from connectors.status import QueueDepths, StatusPage, StatusSources, from_queue_stats
         from connectors.status_html import Redaction
         from ingest.identities import redact
-        from ingest.topology import QUEUES
 
         token = self.settings.http.status_token or self.settings.api.token
         if token is None:
             log.warning("components.status_page_locked", fix="set http.status_token")
         redaction = Redaction(redact, scrub, hide_secrets, lambda: self.settings.log.redact)
-        depths = QueueDepths(self.bus.queue_depth, list(QUEUES), scrub=redaction.text)
+        depths = QueueDepths(from_queue_stats(self.queue_stats, self.metrics), scrub=redaction.text)
         recent = self.recent if self.router is not None else None
         page = StatusPage(
             StatusSources(self.health, self.metrics, depths, recent),
@@ -303,7 +304,7 @@ class Wiring:
             redaction=redaction,
         )
         self._closers.append(page.close)
-        return page
+        return page.router
 
     async def check_rules(self, settings: Settings) -> None:
         """Refuse, in one line, topic rules naming a team the directory lacks (issue 20: the

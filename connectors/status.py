@@ -16,9 +16,9 @@ Invariants:
   error) is scrubbed of addresses the same way.
 - A request never waits long on the broker: queue depths are asked at most once per
   ``ttl`` by one task of their own, which a request waits for at most ``wait`` seconds
-  (the page then shows the last depths known, with their time). The task is never
-  cancelled in the middle of a broker call (aiormq closes a channel whose call is
-  cancelled): the bus's own timeout bounds each call.
+  (the page then shows the last depths known, with their time). In the daemon they are
+  the numbers of ``/metrics`` (``from_queue_stats``: one cached question to the broker,
+  on a channel of its own, serves both).
 """
 
 import asyncio
@@ -41,9 +41,12 @@ from connectors.status_html import (
     Snapshot,
     render,
 )
+from ingest.errors import TransientError
 from ingest.health import Health
 from ingest.metrics import Metrics
+from ingest.queue_stats import QueueStats
 from ingest.recent import RecentDecisions
+from ingest.topology import QUEUES
 
 PATH = "/status"
 #: seconds between two automatic reloads of the page (``?refresh=0`` stops them)
@@ -55,6 +58,22 @@ REALM = "omniroute status"
 AskDepth = Callable[[str], Awaitable[tuple[int, int]]]
 
 
+def from_queue_stats(stats: QueueStats, metrics: Metrics) -> AskDepth:
+    """Depths as ``/metrics`` has them (``omniroute_queue_messages`` and ``_consumers``),
+    brought up to date by ``stats`` (cached, single-flight, bounded by its own timeout)."""
+
+    async def ask(queue: str) -> tuple[int, int]:
+        await stats.refresh()
+        labels = {"queue": queue}
+        ready = metrics.registry.get_sample_value("omniroute_queue_messages", labels)
+        consumers = metrics.registry.get_sample_value("omniroute_queue_consumers", labels)
+        if ready is None or consumers is None:
+            raise TransientError("the broker did not answer in time, or the queue is missing")
+        return int(ready), int(consumers)
+
+    return ask
+
+
 class QueueDepths:
     """The depths of ``queues``, asked of the broker at most once per ``ttl`` seconds by a
     task of their own; ``get`` waits for that task at most ``wait`` seconds."""
@@ -62,7 +81,7 @@ class QueueDepths:
     def __init__(
         self,
         ask: AskDepth,
-        queues: Sequence[str],
+        queues: Sequence[str] = tuple(QUEUES),
         *,
         scrub: Callable[[str], str],
         ttl: float = 5.0,
