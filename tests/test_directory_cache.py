@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
 from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -163,3 +164,28 @@ async def test_a_caller_giving_up_does_not_fail_the_others(engine: AsyncEngine) 
     (found,) = await patient
     assert found is not None
     assert found.id == "acme"
+
+
+async def test_an_outage_of_background_refreshes_is_one_warning(engine: AsyncEngine) -> None:
+    """Stale entries keep answering while their refreshes fail: the log says so once, and
+    once again when a refresh succeeds (not once per refresh: issue 19's db_proxy run)."""
+    await seed(engine)
+    clock = Clock()
+    cache = DirectoryCache(transactions_of(engine), ttl=5.0, clock=clock)
+    caller = Identity(kind="phone", address="0532 111 22 33")
+    assert await _find(cache, caller) is not None
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("ALTER TABLE identities RENAME TO identities_away")
+    clock.now += 6  # stale (within 2 ttl): answered from the cache, refreshed meanwhile
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            assert await _find(cache, caller) is not None
+            await asyncio.sleep(0.05)  # the background refresh fails
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("ALTER TABLE identities_away RENAME TO identities")
+        for _ in range(2):
+            clock.now += 6
+            assert await _find(cache, caller) is not None
+            await asyncio.sleep(0.05)
+    said = [e["event"] for e in logs if e["event"].startswith("directory.refresh")]
+    assert said == ["directory.refresh_failed", "directory.refresh_recovered"]

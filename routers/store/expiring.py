@@ -15,6 +15,16 @@ from ingest.errors import TransientError
 
 log = structlog.get_logger("omniroute.directory")
 
+
+class _Refreshes:
+    """Whether background refreshes are failing now: an outage is one warning, not one per
+    refresh (bench/faults/db_proxy.py counted about 60 in 10 s)."""
+
+    failing = False
+
+
+_refreshes = _Refreshes()
+
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -137,11 +147,16 @@ async def _load(
             cache.loading.pop(key, None)
         future.set_exception(failure)
         if quiet and isinstance(exc, Exception):
-            log.warning("directory.refresh_failed", error=str(exc)[:300])
+            if not _refreshes.failing:  # once per outage, not once per refresh
+                log.warning("directory.refresh_failed", error=str(exc)[:300])
+            _refreshes.failing = True
             return
         if isinstance(exc, Exception):
             return  # the waiting callers have it
         raise
+    if quiet and _refreshes.failing:
+        _refreshes.failing = False
+        log.info("directory.refresh_recovered")
     for key in keys:
         cache.put(key, loaded.get(key))
         cache.loading.pop(key, None)
