@@ -56,21 +56,24 @@ def _note_consumers(dead: DeadQueue) -> None:
         )
 
 
-async def _read(dead: DeadQueue, keep_body: Callable[[DeadLetter], bool] | None) -> list[Held]:
-    held = await dead.read(keep_body)
+async def _read(
+    dead: DeadQueue, wanted: Callable[[DeadLetter], bool], *, bodies: bool = False
+) -> list[Held]:
+    """The held dead letters ``wanted`` selects, with their bodies if ``bodies``."""
+    held = await dead.read(wanted if bodies else None)
     _note_consumers(dead)
-    return held
+    return [h for h in held if wanted(h.letter)]
 
 
 async def _list(dead: DeadQueue, args: argparse.Namespace, now: datetime) -> int:
     since = letters.cutoff(args.since, "--since", now) if args.since else None
     wanted = Selection(reason=args.reason, since=since)
-    every = [held.letter for held in await _read(dead, None)]
-    shown = [letter for letter in every if wanted(letter)]
+    shown = [held.letter for held in await _read(dead, wanted)]
+    await dead.hand_back()
     if args.json:
         _out([json.dumps(render.summary(letter), ensure_ascii=False) for letter in shown])
         return 0
-    of = f" of {len(every)}" if len(shown) != len(every) else ""
+    of = f" of {len(dead.held)}" if len(shown) != len(dead.held) else ""
     _out([*render.table(shown), f"{len(shown)}{of} dead letters in omniroute.dead"])
     return 0
 
@@ -79,7 +82,8 @@ async def _show(dead: DeadQueue, name: str, identities: bool) -> int:
     if identities:
         log.warning("dead.identities_shown", id=name, user=getpass.getuser())
     wanted = Selection(ids=frozenset({name}))
-    found = [held.letter for held in await _read(dead, wanted) if wanted(held.letter)]
+    found = [held.letter for held in await _read(dead, wanted, bodies=True)]
+    await dead.hand_back()
     if not found:
         raise OmnirouteError(f"no dead letter {name!r} in omniroute.dead")
     lines: list[str] = []
@@ -91,7 +95,7 @@ async def _show(dead: DeadQueue, name: str, identities: bool) -> int:
 
 async def _replay(dead: DeadQueue, args: argparse.Namespace, now: datetime) -> int:
     wanted = Selection(ids=frozenset(args.ids), reason=args.reason)
-    chosen = [held for held in await _read(dead, wanted) if wanted(held.letter)]
+    chosen = await _read(dead, wanted, bodies=not args.dry_run)
     missing = sorted(set(args.ids) - {name for h in chosen for name in h.letter.named_as()})
     if missing:
         raise OmnirouteError(f"no dead letter {missing[0]!r} in omniroute.dead; nothing replayed")
@@ -107,6 +111,9 @@ async def _replay(dead: DeadQueue, args: argparse.Namespace, now: datetime) -> i
         else:
             lines.append(f"skipped {held.letter.id}: {problem}")
     failed = len(chosen) - len(ready)
+    # what stays goes back now, in its order: after a replay, the queue would put it behind
+    # the messages that die again
+    await dead.hand_back(keep=() if args.dry_run else ready)
     if args.dry_run:
         lines += [
             f"would replay {h.letter.id} -> {render.source(h.letter)} "
@@ -129,12 +136,13 @@ async def _replay(dead: DeadQueue, args: argparse.Namespace, now: datetime) -> i
 async def _purge(dead: DeadQueue, args: argparse.Namespace, now: datetime) -> int:
     before = now - letters.age(args.older_than, "--older-than")
     wanted = Selection(reason=args.reason, before=before)
-    chosen = [held for held in await _read(dead, None) if wanted(held.letter)]
+    chosen = await _read(dead, wanted)
     when = before.isoformat(timespec="seconds")
+    await dead.hand_back(keep=() if args.dry_run else chosen)
     if args.dry_run:
         _out(
             [
-                *render.table([h.letter for h in chosen]),
+                *(render.table([h.letter for h in chosen]) if chosen else []),
                 f"would purge {len(chosen)} dead letters that died before {when}",
             ]
         )
