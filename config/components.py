@@ -231,6 +231,7 @@ class Wiring:
                 metrics=self.metrics,
             )
             plan.workers["escalations"] = escalations.run
+            timers.recent = escalations.recent = self.recent  # re-routes on the status page
             if self.router is not None:
                 self.router.on_wait = escalations.nudge
 

@@ -147,6 +147,7 @@ class EscalationTimers(TimerWorker):
         done = [s for s in steps if s.due.message.id not in failed]
         if done:
             await self._database(lambda c: _fired(c, done, now))
+        self._recorded([s.routed for s in done if s.routed is not None])
         for step in done:
             log.info(
                 "escalations.breached",

@@ -96,6 +96,7 @@ class OfferTimers(TimerWorker):
                 log.warning("offers.publish_failed", message_id=item.message.id, error=str(failure))
         if done:
             await self._database(lambda c: _fired(c, done, now))
+        self._recorded(done)
         for item in done:
             log.info(
                 "offers.rerouted",

@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.backoff import Backoff
 from ingest.errors import TransientError
 from ingest.health import Health
-from ingest.schema import utcnow
+from ingest.recent import RecentDecisions
+from ingest.schema import RoutedMessage, utcnow
 from routers.store.transactions import transactions_of
 
 #: how long a batch taken by one worker is left to it before another may fire it again
@@ -81,6 +82,13 @@ class TimerWorker:
         self._wake = asyncio.Event()
         self._log = structlog.get_logger(f"omniroute.{self.name}")
         self.fired = 0
+        #: the status page's record of decisions (issue 17), when it is on: re-routes too
+        self.recent: RecentDecisions | None = None
+
+    def _recorded(self, routed: list[RoutedMessage]) -> None:
+        if self.recent is not None:
+            for item in routed:
+                self.recent.add(item)
 
     def nudge(self) -> None:
         """A nearer due time was written in this process: look again now."""

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
 from ingest.health import Health
+from ingest.recent import RecentDecisions
 from ingest.schema import (
     AgentReplied,
     Identity,
@@ -177,7 +178,11 @@ async def test_an_unanswered_mail_escalates_up_the_chain_in_opening_hours(desk: 
     assert first.route.respond_by == MONDAY_DUE
     assert await desk.fire_at(MONDAY_DUE - timedelta(minutes=1)) == 0, "not due yet"
 
+    desk.escalations.recent = recent = RecentDecisions()  # the status page's record
     assert await desk.fire_at(MONDAY_DUE + timedelta(seconds=5)) == 1
+    assert [(d.routing_key, d.reason, d.attempt) for d in recent.last()] == [
+        ("team.leads", "escalated", 2)
+    ]
     breach = await desk.breached()
     assert (breach.message_id, breach.customer_id, breach.team, breach.level) == (
         message.id,
