@@ -8,6 +8,7 @@ a replay goes back where it came from once, recorded in its headers."""
 import argparse
 import asyncio
 import json
+import shlex
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,7 +47,7 @@ from routers.models import Agent, AgentPresence
 from routers.settings import EventsSettings, RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from routers.worker import RouterWorker
-from tests.daemon_fixtures import DaemonProcess
+from tests.daemon_fixtures import ROOT, DaemonProcess
 from tests.seed import seed
 from tests.support.broker import filled, opened_bus, rabbitmqctl, take
 from tests.support.waiting import until
@@ -216,6 +217,26 @@ async def test_listing_twice_shows_the_same_letters_in_order_and_stops_no_worker
     assert int(last[1].headers.get("x-delivery-count", 0)) >= 15
 
 
+def documented_policies(vhost: str) -> list[list[str]]:
+    """The ``rabbitmqctl set_policy`` commands of docs/OPERATIONS.md's queue caps, for
+    ``vhost`` instead of ``/`` (read from the page, so it cannot drift from what is tested)."""
+    text = (ROOT / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    section = text.split("### Capping `omniroute.routed` and `omniroute.dead`", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        if line.startswith("rabbitmqctl set_policy"):
+            words = shlex.split(line, comments=True)
+            at = words.index("-p")
+            words[at + 1] = vhost
+            commands.append(words)
+    assert [c[c.index("-p") + 2] for c in commands] == [
+        "omniroute-routed-cap",
+        "omniroute-dead-cap",
+    ]
+    return commands
+
+
 def cli_ok(daemon: DaemonProcess, *args: str) -> str:
     result = daemon.cli("dead", *args)
     assert result.returncode == 0, (args, result.stdout, result.stderr)
@@ -243,9 +264,12 @@ async def test_the_dead_commands_list_show_replay_and_purge_real_dead_letters(
     (the invalid one dies again, the one whose agent now exists is applied, the one the
     queue cap pushed out is routed again), and old dead letters purged by age."""
     await seed(engine)
-    rabbitmqctl(
-        "set_policy", "-p", vhost, "omniroute-routed-cap", r"^omniroute\.routed$",
-        '{"max-length": 1, "overflow": "drop-head"}', "--apply-to", "queues",
+    for command in documented_policies(vhost):  # as docs/OPERATIONS.md has them, on this vhost
+        rabbitmqctl(*command[1:])
+    rabbitmqctl(  # the same policy, with a cap a test reaches
+        "set_policy", "-p", vhost, "--priority", "10", "omniroute-routed-cap",
+        r"^omniroute\.routed$", '{"max-length": 1, "overflow": "drop-head"}',
+        "--apply-to", "queues",
     )  # fmt: skip
     async with (
         opened_bus(amqp_url, settings=BUS, name="dead-test") as bus,
@@ -254,7 +278,11 @@ async def test_the_dead_commands_list_show_replay_and_purge_real_dead_letters(
 
         async def capped() -> bool:
             out = await asyncio.to_thread(rabbitmqctl, "list_queues", "-p", vhost, "name", "policy")
-            return f"{ROUTED_QUEUE}\tomniroute-routed-cap" in out.splitlines()
+            lines = out.splitlines()
+            return {
+                f"{ROUTED_QUEUE}\tomniroute-routed-cap",
+                f"{DEAD_QUEUE}\tomniroute-dead-cap",
+            } <= set(lines)
 
         await until(capped, 15, "the cap policy applied to omniroute.routed")
         await refuse_three(bus)
