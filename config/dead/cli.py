@@ -13,7 +13,7 @@ import structlog
 
 from config.dead import letters, render
 from config.dead.letters import DeadLetter, Selection
-from config.dead.queue import DeadQueue, Held
+from config.dead.queue import MAX_HELD, DeadQueue, Held
 from config.settings import Settings
 from ingest.bus import Bus
 from ingest.errors import ConfigError, OmnirouteError
@@ -47,11 +47,18 @@ def _out(lines: list[str]) -> None:
     sys.stdout.flush()
 
 
-def _note_consumers(dead: DeadQueue) -> None:
+def _notes(dead: DeadQueue) -> None:
+    """What the operator does not see, on stderr (stdout stays the listing)."""
     if dead.consumers:
         print(
             f"note: omniroute.dead has {dead.consumers} consumer(s); "
             "messages they hold unacknowledged are not seen here",
+            file=sys.stderr,
+        )
+    if len(dead.held) >= MAX_HELD:
+        print(
+            f"note: only the first {MAX_HELD} dead letters were read; purge or replay "
+            "some to see the rest",
             file=sys.stderr,
         )
 
@@ -61,7 +68,7 @@ async def _read(
 ) -> list[Held]:
     """The held dead letters ``wanted`` selects, with their bodies if ``bodies``."""
     held = await dead.read(wanted if bodies else None)
-    _note_consumers(dead)
+    _notes(dead)
     return [h for h in held if wanted(h.letter)]
 
 
