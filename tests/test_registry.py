@@ -148,7 +148,8 @@ async def test_a_process_runs_only_the_channels_of_its_components(
     everything = wiring_of(settings)
     plan = everything.plan()
     assert list(plan.intake) == ["pruner", "spool", "email", "twitter"]
-    assert list(plan.workers) == list(registry.CORE)
+    # the timers component runs two workers: offers ("timers") and escalations (issue 16)
+    assert list(plan.workers) == [*registry.CORE, "escalations"]
 
 
 async def _until_logged(log: Path, event: str, timeout: float = 30) -> None:
