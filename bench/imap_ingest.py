@@ -1,5 +1,8 @@
 """IMAP ingestion rate: a local Dovecot mailbox of N mails through ``EmailConnector`` into
-the real broker, against a bare aioimaplib fetch loop over the same mailbox in the same run.
+the real broker, against a bare aioimaplib fetch loop over the same mailbox in the same run,
+and against the honest limit for the work (issue 18): a bare single-process loop that
+fetches, parses each mail with the stdlib (``policy.default``: sender, subject, Message-ID,
+the text body) and publishes a small JSON of it with publisher confirms, per batch.
 
 Sole purpose: say what omniroute's intake costs on top of merely reading the mail. The bare
 loop does what the connector's transport must do anyway (SELECT, ``UID SEARCH``, ``UID
@@ -23,6 +26,7 @@ same warm mailbox. Benchmarks are never tests: this prints, it does not assert a
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -30,8 +34,11 @@ import sys
 import tempfile
 import time
 import uuid
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
+import aio_pika
 import aioimaplib
 from pydantic import SecretStr
 
@@ -97,6 +104,64 @@ async def bare_fetch(port: int, batch: int) -> tuple[int, int, float]:
     return mails, size, seconds
 
 
+async def honest_loop(port: int, batch: int) -> tuple[int, float]:
+    """(mails, seconds) of fetch + stdlib parse + confirmed persistent publish, per batch:
+    what any intake must do for a mail, without omniroute's bounds, records and flags."""
+    vhost = f"omniroute-bench-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    connection = await aio_pika.connect(f"amqp://guest:guest@{AMQP_HOST}/{vhost}")
+    client = aioimaplib.IMAP4(host="127.0.0.1", port=port, timeout=60)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            "intake", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await client.wait_hello_from_server()
+        await client.login(USER, PASSWORD)
+        started = time.perf_counter()
+        await client.select("INBOX")
+        response = await client.uid_search("ALL", charset=None)
+        uids = [w for line in response.lines[:-1] for w in bytes(line).split() if w.isdigit()]
+        mails = 0
+        parser = BytesParser(policy=policy.default)
+        for start in range(0, len(uids), batch):
+            uid_set = b",".join(uids[start : start + batch]).decode()
+            fetched = await client.uid("fetch", uid_set, "(UID BODY.PEEK[])")
+            assert fetched.result == "OK", fetched
+            publishes = []
+            for line in fetched.lines:
+                if not isinstance(line, bytearray):
+                    continue
+                mail = parser.parsebytes(bytes(line))
+                body = mail.get_body(preferencelist=("plain", "html"))  # type: ignore[attr-defined]
+                text = body.get_content() if body is not None else ""
+                payload = {
+                    "from": str(mail["from"]),
+                    "subject": str(mail["subject"]),
+                    "message_id": str(mail["message-id"]),
+                    "text": text,
+                }
+                publishes.append(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(
+                            json.dumps(payload).encode(),
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        routing_key=queue.name,
+                    )
+                )
+            await asyncio.gather(*publishes)  # every confirm of the batch
+            mails += len(publishes)
+        seconds = time.perf_counter() - started
+        await client.logout()
+        return mails, seconds
+    finally:
+        await connection.close()
+        _rabbitmqctl("delete_vhost", vhost)
+
+
 def _rabbitmqctl(*args: str) -> None:
     ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
     subprocess.run([ctl, "-q", *args], check=True, capture_output=True, timeout=60)  # noqa: S603
@@ -139,11 +204,14 @@ async def connector_drain(port: int, batch: int, workdir: Path) -> tuple[int, fl
         _rabbitmqctl("delete_vhost", vhost)
 
 
-async def measure(port: int, batch: int, workdir: Path) -> tuple[int, int, float, int, float]:
+async def measure(
+    port: int, batch: int, workdir: Path
+) -> tuple[int, int, float, int, float, int, float]:
     await bare_fetch(port, batch)  # warm-up: index built, files in the page cache
     bare_n, bare_bytes, bare_s = await bare_fetch(port, batch)
+    honest_n, honest_s = await honest_loop(port, batch)
     taken, conn_s = await connector_drain(port, batch, workdir)
-    return bare_n, bare_bytes, bare_s, taken, conn_s
+    return bare_n, bare_bytes, bare_s, honest_n, honest_s, taken, conn_s
 
 
 def main(messages: int, batch: int) -> None:
@@ -156,19 +224,24 @@ def main(messages: int, batch: int) -> None:
         with open(os.devnull, "w") as null:
             with contextlib.redirect_stdout(null):
                 configure(fmt="json", level="info")  # the daemon's logging, to /dev/null
-            bare_n, bare_bytes, bare_s, taken, conn_s = asyncio.run(
+            bare_n, bare_bytes, bare_s, honest_n, honest_s, taken, conn_s = asyncio.run(
                 measure(server.port, batch, root)
             )
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
-    if bare_n != messages or taken != messages:
-        raise SystemExit(f"expected {messages} mails, bare loop saw {bare_n}, connector {taken}")
-    bare_rate, conn_rate = bare_n / bare_s, taken / conn_s
+    if bare_n != messages or taken != messages or honest_n != messages:
+        raise SystemExit(
+            f"expected {messages} mails: bare loop saw {bare_n}, parse+publish loop "
+            f"{honest_n}, connector {taken}"
+        )
+    bare_rate, conn_rate, honest_rate = bare_n / bare_s, taken / conn_s, honest_n / honest_s
     print(f"mailbox: {messages} mails, {size / 2**20:.1f} MiB, batch {batch}")
     print(f"bare aioimaplib fetch: {bare_rate:9.0f} mails/s ({bare_s:.2f} s, {bare_bytes} bytes)")
     print(f"EmailConnector -> bus: {conn_rate:9.0f} mails/s ({conn_s:.2f} s)")
+    print(f"fetch+parse+publish:   {honest_rate:9.0f} mails/s ({honest_s:.2f} s)")
     print(f"ratio bare/connector:  {bare_rate / conn_rate:9.1f}x")
+    print(f"connector / fetch+parse+publish: {conn_rate / honest_rate:.2f}")
 
 
 if __name__ == "__main__":
