@@ -6,6 +6,7 @@ A secret file is named after its key: ``twilio.auth_token`` (or ``twilio__auth_t
 ``api.token``, ``amqp_url``; a mailbox password is ``mailbox.<name>.password``.
 """
 
+import json
 import os
 import tomllib
 from contextvars import ContextVar
@@ -42,6 +43,7 @@ from connectors.settings import (
     TwitterSettings,
     url_problem,
 )
+from ingest.amqp import amqp_nodes
 from ingest.errors import ConfigError
 from ingest.settings import BusSettings, MetricsSettings
 from routers.dispatcher import DispatchSettings
@@ -78,7 +80,11 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
-        description="the broker; add ?heartbeat=N to override bus.heartbeat",
+        description="the broker: one URL, or the nodes of one cluster as a list of URLs (in "
+        "the environment or a credential file: a JSON list, or the URLs separated by commas) "
+        "sharing user, vhost and parameters; each process tries them in a shuffled order and "
+        "moves to another node when its connection is lost (docs/OPERATIONS.md, Several "
+        "broker nodes). Add ?heartbeat=N to override bus.heartbeat",
     )
     database_url: str | None = Field(
         default=None, description="default: SQLite file directory.db in state_dir"
@@ -123,14 +129,27 @@ class Settings(BaseSettings):
     @field_validator("amqp_url", mode="before")
     @classmethod
     def _amqp_url(cls, value: object) -> object:
-        """One broker URL (issue 19: a JSON list in ``OMNIROUTE_AMQP_URL`` started a daemon
-        that connected nowhere yet answered ``/readyz`` 200); the error never shows it."""
-        if isinstance(value, list | tuple):
-            raise ValueError(f"is a list, not one URL {AMQP_EXPECTED}")
-        text = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if isinstance(text, str) and (problem := amqp_url_problem(text)) is not None:
+        """One broker URL, or several nodes (issue 18: a list, a JSON list or URLs joined by
+        commas), each checked (issue 19: a list used to start a daemon that connected
+        nowhere); kept as one secret, the URLs joined by commas. Errors never show a URL."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(f"is not a JSON list of URLs {AMQP_EXPECTED}") from None
+        if isinstance(value, str):
+            nodes: list[object] = list(amqp_nodes(value))
+        elif isinstance(value, list | tuple):
+            nodes = [n.get_secret_value() if isinstance(n, SecretStr) else n for n in value]
+        else:
+            return value  # pydantic says what it is not
+        if not all(isinstance(node, str) for node in nodes):
+            raise ValueError(f"is a list with something else than URLs {AMQP_EXPECTED}")
+        if (problem := amqp_nodes_problem([str(n) for n in nodes])) is not None:
             raise ValueError(f"{problem} {AMQP_EXPECTED}")
-        return value
+        return SecretStr(",".join(str(n) for n in nodes))
 
     @field_validator("database_url")
     @classmethod
@@ -177,15 +196,33 @@ DATABASE_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 
 def amqp_url_problem(url: str) -> str | None:
-    """What is wrong with one broker URL, or None. One node: a comma is refused rather than
-    read as part of a host name (several nodes are issue 18's); ``heartbeat`` a number."""
-    if "," in url and not url.lstrip().startswith("["):
-        return "names several nodes"
+    """What is wrong with one node's URL, or None: a comma is refused rather than read as
+    part of a host name (several nodes are several URLs); ``heartbeat`` a number."""
+    if "," in url:
+        return "names several nodes in one URL (give one URL per node, in a list)"
     if (problem := url_problem(url, ("amqp", "amqps"))) is not None:
         return problem
     heartbeat = parse_qs(urlsplit(url).query).get("heartbeat", ["0"])
     if len(heartbeat) != 1 or not heartbeat[0].isdigit():
         return "has a heartbeat that is not a whole number of seconds"
+    return None
+
+
+def amqp_nodes_problem(nodes: list[str]) -> str | None:
+    """What is wrong with the nodes ``amqp_url`` names, or None: each must be a good URL,
+    none twice, and all of one cluster's users, vhost and parameters, as every node must
+    accept what a process publishes as its user (``user_id``) on the same topology."""
+    if not nodes:
+        return "names no node"
+    for number, node in enumerate(nodes, 1):
+        if (problem := amqp_url_problem(node)) is not None:
+            return problem if len(nodes) == 1 else f"node {number}: {problem}"
+    parts = [urlsplit(node) for node in nodes]
+    if len({(p.hostname, p.port) for p in parts}) < len(parts):
+        return "names a node twice"
+    shared = {(p.scheme, p.username, p.password, p.path.strip("/"), p.query) for p in parts}
+    if len(shared) > 1:
+        return "names nodes that differ in scheme, user, password, vhost or ?parameters"
     return None
 
 

@@ -1,12 +1,15 @@
-"""AMQP plumbing under the ``Bus``: connecting (a heartbeat that notices a stalled broker
-within two ``bus.heartbeat`` periods, refused credentials reported as such, URLs that never
-show their password in a log), a published message's properties, and what a failed
-publish means."""
+"""AMQP plumbing under the ``Bus``: connecting (to one node or to several nodes of one
+cluster, issue 18; a heartbeat that notices a stalled broker within two ``bus.heartbeat``
+periods, refused credentials reported as such, URLs that never show their password in a
+log), a published message's properties, and what a failed publish means."""
 
 import asyncio
 import contextlib
 import logging
+import random
+import re
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -49,7 +52,22 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+#: where one node's URL ends and the next begins in ``amqp_url`` (issue 18): a comma before
+#: the next ``amqp://`` or ``amqps://``, so that a comma inside one URL is never a split
+_NEXT_NODE = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
+
+
+def amqp_nodes(url: str) -> list[str]:
+    """The node URLs ``amqp_url`` names: one URL, or several joined by commas (the form the
+    settings keep a list of nodes in)."""
+    return _NEXT_NODE.split(url)
+
+
 def redact_url(url: str) -> str:
+    """``url`` (or each node of a list) with its password shown as ``***``."""
+    nodes = amqp_nodes(url)
+    if len(nodes) > 1:
+        return ",".join(redact_url(node) for node in nodes)
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
@@ -57,10 +75,16 @@ def redact_url(url: str) -> str:
     return url
 
 
+def node_name(url: yarl.URL | str) -> str:
+    """``host:port`` of a node, for logs (never the credentials)."""
+    parsed = yarl.URL(str(url))
+    return f"{parsed.host}:{parsed.port}"
+
+
 def broker_user(url: str) -> str | None:
     """The broker user a connection to ``url`` logs in as (aiormq's PLAIN default: guest),
     or None with EXTERNAL auth, where the client certificate names it."""
-    parsed = yarl.URL(url)
+    parsed = yarl.URL(amqp_nodes(url)[0])  # the nodes of a cluster share their users
     if parsed.query.get("auth", "plain").upper() != "PLAIN":
         return None
     return parsed.user or "guest"
@@ -121,30 +145,65 @@ def quiet_outage_noise() -> None:
         logging.getLogger(name).addFilter(_QUIET)
 
 
-async def connect(url: str, settings: BusSettings, name: str) -> AbstractRobustConnection:
-    """Open a robust connection; refused credentials are an ``AuthError``, not a retry loop.
+class ClusterConnection(aio_pika.RobustConnection):
+    """A robust connection over several nodes of one cluster (issue 18): when its connection
+    is lost, or an attempt fails, the next attempt goes to the next node in its list.
+
+    aio-pika's recovery (channels, consumers, the topology we hold) is unchanged: only the
+    URL its reconnection loop dials moves on. Both a lost connection and a failed attempt end
+    in ``_on_connection_close``; the nodes share user, vhost and parameters (the settings
+    check it), so the parameters parsed from the first apply to all.
+    """
+
+    def __init__(self, nodes: Sequence[yarl.URL], **kwargs: Any) -> None:
+        super().__init__(nodes[0], **kwargs)
+        self._nodes = list(nodes)
+        self._current = 0
+
+    @property
+    def node(self) -> str:
+        """``host:port`` of the node this connection is on (or dials next)."""
+        return node_name(self._nodes[self._current])
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        if len(self._nodes) > 1 and not self._close_called:
+            self._current = (self._current + 1) % len(self._nodes)
+            self.url = self._nodes[self._current]
+        await super()._on_connection_close(closing)
+
+
+async def connect(url: str, settings: BusSettings, name: str) -> ClusterConnection:
+    """Open a robust connection to the first node that answers, trying the nodes of
+    ``url`` in an order shuffled per call (so that instances spread over a cluster); refused
+    credentials are an ``AuthError``, not a retry loop; no node answering a
+    ``TransientError``.
 
     A first attempt that fails closes its connection: left open, aio-pika's recovery goes on
     retrying it in the background for ever, and connects it, unused, once the broker
     answers (issue 19: seen with a broker that accepts TCP and never answers AMQP)."""
     quiet_outage_noise()
-    connection = aio_pika.RobustConnection(
-        make_url(with_heartbeat(url, settings.heartbeat)),
-        client_properties={"connection_name": name},
-    )
-    try:
-        async with asyncio.timeout(settings.connect_timeout):
-            await connection.connect(timeout=settings.connect_timeout)
-        return connection
-    except BaseException as exc:
-        await asyncio.shield(_close_quietly(connection))
-        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
-            raise AuthError(
-                f"broker refused the credentials in amqp_url ({redact_url(url)})"
-            ) from exc
-        if isinstance(exc, (TimeoutError, OSError, aiormq.exceptions.AMQPError)):
-            raise TransientError(f"broker at {redact_url(url)} unreachable: {exc!r}") from exc
-        raise
+    nodes = [make_url(with_heartbeat(node, settings.heartbeat)) for node in amqp_nodes(url)]
+    random.shuffle(nodes)  # load spreading, not security
+    failures: list[str] = []
+    for start in range(len(nodes)):
+        connection = ClusterConnection(
+            nodes[start:] + nodes[:start], client_properties={"connection_name": name}
+        )
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                await connection.connect(timeout=settings.connect_timeout)
+            return connection
+        except BaseException as exc:
+            await asyncio.shield(_close_quietly(connection))
+            where = redact_url(str(nodes[start]))
+            if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+                raise AuthError(f"broker refused the credentials in amqp_url ({where})") from exc
+            if not isinstance(exc, (TimeoutError, OSError, aiormq.exceptions.AMQPError)):
+                raise
+            failures.append(f"broker at {where} unreachable: {exc!r}")
+            if start == len(nodes) - 1:
+                raise TransientError("; ".join(failures)) from exc
+    raise AssertionError("no node to connect to")  # amqp_nodes never returns an empty list
 
 
 async def _close_quietly(connection: AbstractRobustConnection) -> None:

@@ -5,7 +5,8 @@ a ``basic.return`` resolves a publish as success unless the channel has
 ``on_return_raises=True``; messages are transient unless persistent; a publish on a robust
 connection that is down waits forever without ``timeout=``; robust recovery restores only
 the queues and exchanges we still hold references to. The names and the declaration are
-``ingest.topology``'s; consuming is ``ingest.consume``'s.
+``ingest.topology``'s; consuming is ``ingest.consume``'s. With several nodes in ``amqp_url``
+(issue 18) a lost connection comes back on another node (``ingest.amqp.ClusterConnection``).
 """
 
 import asyncio
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from ingest import topology
 from ingest.amqp import (
+    ClusterConnection,
     broker_user,
     cancelled_here,
     connect,
@@ -65,7 +67,8 @@ class Bus:
         self.metrics = metrics
         self._settings = settings
         self._name = name
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: ClusterConnection | None = None
+        self._lost = False  # an outage is logged once, and its end once
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._queues: dict[str, AbstractQueue] = {}
@@ -80,6 +83,11 @@ class Bus:
         return self._connection is not None and not self._connection.is_closed
 
     @property
+    def node(self) -> str | None:
+        """``host:port`` of the broker node the connection is on (or dials next)."""
+        return None if self._connection is None else self._connection.node
+
+    @property
     def connection(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise TransientError("bus is not open")
@@ -92,6 +100,7 @@ class Bus:
             self.health.add_probe("broker", "connection", self._probe)
             self._connection.close_callbacks.add(self._on_lost)
             self._connection.reconnect_callbacks.add(self._on_back)
+            log.info("bus.connected", node=self._connection.node)
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
@@ -107,13 +116,15 @@ class Bus:
 
     def _on_lost(self, _connection: Any = None, error: BaseException | None = None) -> None:
         """The one line an outage gets (aiormq's and aio-pika's own are filtered out by
-        ``ingest.amqp``), with the reason."""
-        if not self._closing:
+        ``ingest.amqp``), with the reason; failed attempts to reconnect add none."""
+        if not self._closing and not self._lost:
+            self._lost = True
             reason = f"{type(error).__name__}: {error}"[:300] if error is not None else None
             log.warning("bus.connection_lost", error=reason)
 
     def _on_back(self, *_: Any) -> None:
-        log.info("bus.reconnected")
+        self._lost = False
+        log.info("bus.reconnected", node=self.node)
 
     async def close(self) -> None:
         self._closing = True

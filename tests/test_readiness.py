@@ -31,7 +31,7 @@ SECRET = "s3cr3t-pw"
 # -- malformed settings, refused at load ---------------------------------------------------
 
 MALFORMED = [
-    ("OMNIROUTE_AMQP_URL", f'["amqp://guest:{SECRET}@127.0.0.1:5999/x"]', "amqp_url: is a list"),
+    ("OMNIROUTE_AMQP_URL", f'["amqp://guest:{SECRET}@h:5999/x", "h"]', "amqp_url: node 2: must"),
     ("OMNIROUTE_AMQP_URL", f"amqp://guest:{SECRET}@127.0.0.1:56z2/", "amqp_url: has a port"),
     ("OMNIROUTE_AMQP_URL", f"http://guest:{SECRET}@127.0.0.1:5672/", "amqp_url: must start"),
     ("OMNIROUTE_AMQP_URL", f"amqp://guest:{SECRET}@/vhost", "amqp_url: names no host"),
@@ -118,14 +118,15 @@ def test_well_formed_urls_and_hosts_load(
 
 
 def test_check_and_run_refuse_a_malformed_amqp_url_with_exit_2(daemon: DaemonProcess) -> None:
-    """The issue's own example: a JSON list in OMNIROUTE_AMQP_URL started the daemon."""
-    daemon.env["OMNIROUTE_AMQP_URL"] = f'["amqp://guest:{SECRET}@127.0.0.1:5999/x"]'
+    """The issue's own example: a JSON list in OMNIROUTE_AMQP_URL started the daemon (a list
+    of nodes is read since issue 18: here its second node has no host)."""
+    daemon.env["OMNIROUTE_AMQP_URL"] = f'["amqp://guest:{SECRET}@127.0.0.1:5999/x", "amqp://x@/"]'
     for command in ("check", "run"):
         result = daemon.cli(command, timeout=30)
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         assert result.stderr.count("\n") == 1, result.stderr
-        assert "amqp_url: is a list" in result.stderr
+        assert "amqp_url: node 2: names no host" in result.stderr
         assert SECRET not in result.stderr
 
 

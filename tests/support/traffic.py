@@ -1,0 +1,206 @@
+"""Steady inbound load and a tally of what was routed, for the cluster scenarios (issue 18):
+``Offer`` publishes InboundMessages to ``omniroute.inbound`` at a fixed rate through a bus of
+its own, retrying a publish whose confirm never came (same message id: a duplicate at worst,
+never a loss), and ``Tally`` counts every copy that reaches ``omniroute.routed``."""
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from ingest.bus import Bus
+from ingest.errors import TransientError
+from ingest.schema import Identity, InboundMessage, RoutedMessage
+from ingest.settings import BusSettings
+from ingest.topology import INBOUND, ROUTED_QUEUE, ROUTER_QUEUE
+from tests.support.cluster import Cluster
+from tests.support.waiting import until
+
+#: known customers of the example directory and a stranger
+SENDERS = [
+    ("phone", "0532 111 22 33"),
+    ("email", "Fatma.Arslan@Example.com"),
+    ("phone", "+90 216 555 02 34"),
+    ("email", "stranger@nowhere.example"),
+]
+
+
+def inbound(n: int, prefix: str) -> InboundMessage:
+    kind, address = SENDERS[n % len(SENDERS)]
+    return InboundMessage(
+        channel="sms" if kind == "phone" else "email",
+        external_id=f"{prefix}-{n}",
+        sender=Identity(kind=kind, address=address),  # type: ignore[arg-type]
+        text=f"message {n}",
+    )
+
+
+class Offer:
+    """Publishes ``rate`` messages a second until stopped; ``offered`` holds the external ids
+    the broker confirmed, ``retries`` the publishes tried again."""
+
+    def __init__(self, url: str, rate: float, prefix: str) -> None:
+        self.bus = Bus(url, BusSettings(publish_timeout=5.0, connect_timeout=5.0), name="offer")
+        self.rate = rate
+        self.prefix = prefix
+        self.offered: set[str] = set()
+        self.retries = 0
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.bus.open()
+        try:
+            started = time.monotonic()
+            n = 0
+            while not self.stop.is_set():
+                await self._publish(inbound(n, self.prefix))
+                n += 1
+                await asyncio.sleep(max(0.0, started + n / self.rate - time.monotonic()))
+        finally:
+            await self.bus.close()
+
+    async def _publish(self, message: InboundMessage) -> None:
+        for _ in range(60):
+            try:
+                await self.bus.publish(INBOUND, message.channel, message, message_id=message.id)
+                self.offered.add(message.external_id)
+                return
+            except TransientError:  # no confirm: the same message again, on whatever node
+                self.retries += 1
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"{message.external_id} never confirmed")
+
+
+class Tally:
+    """Every routed copy by external id, with when its first copy arrived (monotonic)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self.counts: dict[str, int] = {}
+        self.first_seen: dict[str, float] = {}
+        self._connection: AbstractRobustConnection | None = None
+
+    async def start(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._url + "?heartbeat=5")
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=500)
+        queue = await channel.get_queue(ROUTED_QUEUE)
+        await queue.consume(self._on)
+
+    async def _on(self, message: AbstractIncomingMessage) -> None:
+        key = RoutedMessage.model_validate_json(message.body).message.external_id
+        if not (key in self.counts and message.redelivered):  # our own lost ack: not a copy
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.first_seen.setdefault(key, time.monotonic())
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+    def routed_after(self, t: float) -> float | None:
+        later = [s for s in self.first_seen.values() if s >= t]
+        return min(later) if later else None
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time between two routed messages (first copies) in ``[start, end]``."""
+        times = sorted(s for s in self.first_seen.values() if start <= s <= end)
+        edges = [start, *times, end]
+        return max(b - a for a, b in zip(edges, edges[1:], strict=False))
+
+
+def counters(offer: Offer, tally: Tally, **extra: Any) -> dict[str, Any]:
+    """offered, routed, lost (goal 0), duplicated (allowed: at-least-once), unexpected."""
+    seen = tally.counts
+    return {
+        "offered": len(offer.offered),
+        "routed": len(offer.offered & seen.keys()),
+        "lost": len(offer.offered - seen.keys()),
+        "duplicated": sum(c - 1 for c in seen.values()),
+        "unexpected": len(seen.keys() - offer.offered),
+        "publish_retries": offer.retries,
+        **extra,
+    }
+
+
+async def node_loss(
+    cluster: Cluster,
+    vhost: str,
+    victim: str,
+    *,
+    daemon: str = "omniroute",
+    rate: float = 100.0,
+    before: float = 3.0,
+    after: float = 4.0,
+) -> dict[str, Any]:
+    """Under steady load, stop (``stop_app``) one node of ``cluster``: the node the daemon
+    (its connection named ``daemon``) is connected to (``victim="connected"``) or the leader
+    of ``omniroute.router`` (``"router_leader"``); wait until every offered message is
+    routed, start the node again. The counters, with:
+
+    ``reconnect_s``: from the start of the stop until the daemon is connected to another
+    node (seen by ``list_connections``); ``recover_s``: from the end of the stop (the node
+    down) to the first message routed after it; ``longest_gap_s``: the longest time without
+    a routed message from the start of the stop until the end of the load.
+    """
+    urls = cluster.urls(vhost)
+    was_on = await asyncio.to_thread(cluster.node_of, daemon)
+    assert was_on is not None, "the daemon is connected to no node"
+    if victim == "connected":
+        target = was_on
+    else:
+        target = await asyncio.to_thread(cluster.leader, ROUTER_QUEUE, vhost)
+    others = [node for node in cluster.nodes if node is not target]
+    tally = Tally(cluster.url(others[0], vhost))
+    await tally.start()
+    offer = Offer(",".join(urls), rate, f"{victim}-{int(time.time())}")
+    load = asyncio.create_task(offer.run())
+    try:
+        await until(lambda: len(tally.counts) >= rate * before, before * 4, "steady routing")
+        fault_start = time.monotonic()
+        await asyncio.to_thread(target.stop_app)
+        fault_end = time.monotonic()
+        now_on = None
+
+        def moved() -> bool:
+            nonlocal now_on
+            now_on = cluster.node_of(daemon)
+            return now_on is not None
+
+        if victim == "connected":
+            await until(lambda: asyncio.to_thread(moved), 30, "the daemon on another node")
+        else:
+            now_on = was_on
+        reconnected = time.monotonic()
+        await until(lambda: tally.routed_after(fault_end) is not None, 30, "routing again")
+        await asyncio.sleep(after)
+        offer.stop.set()
+        await load
+        load_end = time.monotonic()
+        await until(lambda: offer.offered <= tally.counts.keys(), 60, "every message routed")
+        await asyncio.sleep(1.0)  # late copies
+        first_after = tally.routed_after(fault_end)
+        assert first_after is not None
+        result = counters(
+            offer,
+            tally,
+            victim=victim,
+            stopped=target.name,
+            daemon_was_on=was_on.name,
+            daemon_now_on=now_on.name if now_on is not None else None,
+            stop_s=round(fault_end - fault_start, 2),
+            reconnect_s=round(reconnected - fault_start, 2) if victim == "connected" else None,
+            recover_s=round(first_after - fault_end, 2),
+            longest_gap_s=round(tally.longest_gap(fault_start, load_end), 2),
+        )
+    finally:
+        offer.stop.set()
+        with contextlib.suppress(Exception):
+            await load
+        await tally.close()
+        await asyncio.to_thread(target.start_app)
+    return result
