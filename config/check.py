@@ -1,9 +1,11 @@
 """``omniroute check``: is the configuration valid and is everything it names reachable?
-Prints a table; exits 1 when anything failed."""
+Prints a table; exits 1 when anything failed. It changes nothing: a SQLite directory that
+does not exist yet is reported, never created (issue 17)."""
 
 import asyncio
 
 from config.components import Wiring
+from config.rules_cli import named_teams, unknown_teams
 from config.settings import Settings
 from ingest.bus import Bus
 from ingest.errors import OmnirouteError
@@ -11,17 +13,22 @@ from ingest.health import Health
 from ingest.metrics import Metrics
 from ingest.protocols import CheckRow
 from ingest.topology import QUEUES
-from routers.store.engine import create_engine, current_revision
+from routers.store.engine import create_engine, current_revision, missing_sqlite_file
 
 Row = CheckRow
+CREATED_BY = "`omniroute directory migrate` or the first start creates it"
 
 
 async def run_checks(settings: Settings) -> int:
     rows: list[Row] = [("config", True, "valid")]
     rows.append(await _check_broker(settings))
-    rows.append(await _check_database(settings))
-    if settings.routing.rules or settings.routing.shadow_rules:
-        rows.append(await _check_rules(settings))
+    missing = missing_sqlite_file(settings.directory_url)
+    if missing is None:
+        rows.append(await _check_database(settings))
+    else:
+        rows.append(("directory", True, f"no directory yet at {missing}: {CREATED_BY}"))
+    if settings.routing.rules or settings.routing.shadow_rules or named_teams(settings):
+        rows.append(await _check_rules(settings) if missing is None else _no_teams(settings))
     rows.extend(await _check_connectors(settings))
     width = max(len(name) for name, _, _ in rows)
     for name, ok, why in rows:
@@ -60,29 +67,43 @@ async def _check_database(settings: Settings) -> Row:
         await engine.dispose()
 
 
-async def _check_rules(settings: Settings) -> Row:
-    """Issue 20: the teams the topic rules name are in the directory."""
-    from config.rules_cli import unknown_teams
-
+def _teams_row(settings: Settings) -> tuple[str, str]:
+    """The row's name and what it checks: "rules" when there are topic rules, else "teams"
+    (only ``default_team``, ``address_teams``, mailboxes' ``team``)."""
     routing = settings.routing
-    said = f"{len(routing.rules)} rules"
+    said = f"{len(routing.rules)} rules" if routing.rules or routing.shadow else ""
     if routing.shadow is not None:
         said += f", {len(routing.shadow.rules)} candidate rules ({routing.shadow_rules})"
+    if named := named_teams(settings):
+        said += (", " if said else "") + f"{len(named)} team keys"
+    return ("rules" if routing.rules or routing.shadow else "teams"), said
+
+
+def _no_teams(settings: Settings) -> Row:
+    name, said = _teams_row(settings)
+    return (name, False, f"{said}; no directory yet, so none of their teams is in it")
+
+
+async def _check_rules(settings: Settings) -> Row:
+    """Issues 20 and 17: the teams the topic rules and the other keys name are in the
+    directory (the start and a reload refuse the configuration otherwise)."""
+    routing = settings.routing
+    name, said = _teams_row(settings)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
-        problem = await unknown_teams(engine, routing)
+        problem = await unknown_teams(engine, routing, named=named_teams(settings))
     except Exception as exc:  # any driver error is a failed check, reported in one line
-        return ("rules", False, f"{said}; teams not checked: {type(exc).__name__}: {exc}")
+        return (name, False, f"{said}; teams not checked: {type(exc).__name__}: {exc}")
     finally:
         await engine.dispose()
-    return ("rules", problem is None, problem or f"{said}; every team is in the directory")
+    return (name, problem is None, problem or f"{said}; every team is in the directory")
 
 
 async def _check_connectors(settings: Settings) -> list[Row]:
     """Each enabled channel's own check, in the registry's order: log into what it can
     reach (mailboxes, SMTP), say what the others need. Nothing is opened for the
     collaborators: the channels are built, asked, and closed."""
-    engine = create_engine(settings.directory_url, settings.directory)
+    engine = create_engine(settings.directory_url, settings.directory, make_dirs=False)
     bus = Bus(settings.amqp_url.get_secret_value(), settings.bus, name="omniroute-check")
     wiring = Wiring(settings, Health(), bus, engine, Metrics())
     try:

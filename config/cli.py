@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="omniroute",
         description="Omnichannel ingestion and routing daemon.",
     )
-    parser.add_argument("--config", help="TOML configuration file (default: $OMNIROUTE_CONFIG)")
+    _add_common(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--kind", choices=DIRECTORY_KINDS, help="default: read from the header")
     imp.add_argument("--dry-run", action="store_true", help="validate only, change nothing")
+    imp.add_argument(
+        "--delimiter",
+        choices=(",", ";", "tab"),
+        help="the column separator; default: the one that makes the header's names known",
+    )
+    imp.add_argument(
+        "--encoding", default="utf-8", help="the file's encoding, e.g. cp1254 (default utf-8)"
+    )
     exp = dsub.add_parser("export", help="export teams, agents, customers or holidays as CSV")
     exp.add_argument("--kind", choices=DIRECTORY_KINDS, required=True)
     exp.add_argument("--output", type=Path, help="file to write (default: stdout)")
@@ -108,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--json", action="store_true", help="one routed message per line, as JSON (for rules test)"
     )
+    tail.add_argument(
+        "--show-identities",
+        action="store_true",
+        help="show senders' addresses and numbers unredacted (logged)",
+    )
 
     rules = sub.add_parser("rules", help="topic rules: try a rule set before it goes live")
     rusub = rules.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -122,7 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     rdiff = rusub.add_parser("diff", help="what the shadow candidate would have routed elsewhere")
     rdiff.add_argument("--since", default="24h", help="how far back: 24h, 7d, 90m (default 24h)")
     add_dead_parser(sub)
+    _everywhere(parser)
     return parser
+
+
+def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+    """The options every command takes, before or after its name (issue 17: ``omniroute
+    check --config f`` was a usage error); a subcommand's copy defaults to SUPPRESS, so it
+    never hides the value given before the command."""
+    parser.add_argument(
+        "--config", default=default, help="TOML configuration file (default: $OMNIROUTE_CONFIG)"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default if default is argparse.SUPPRESS else False,
+        help="also print the libraries' own log lines (broker and database clients); "
+        "`omniroute run` always does",
+    )
+
+
+def _everywhere(parser: argparse.ArgumentParser) -> None:
+    seen: set[int] = set()
+    for action in parser._actions:  # noqa: SLF001 -- argparse has no public walk of subparsers
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001 -- same
+            for child in action.choices.values():
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    _add_common(child, default=argparse.SUPPRESS)
+                    _everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt=settings.log.format,
             level=settings.log.level,
             redact_identities=settings.log.redact,
+            # a command's output is its own; the daemon's log keeps the libraries' lines
+            libraries=args.command == "run" or args.verbose,
         )
         return _unwrapped(asyncio.run, _dispatch(args, settings, path))
     except ConfigError as exc:
@@ -210,7 +254,13 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | N
     if args.command == "tail":
         from config.tail import tail
 
-        return await tail(settings, args.key, args.count, as_json=args.json)
+        return await tail(
+            settings,
+            args.key,
+            args.count,
+            as_json=args.json,
+            show_identities=args.show_identities,
+        )
     if args.command == "rules":
         from config.rules_cli import run as run_rules
 

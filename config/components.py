@@ -308,13 +308,16 @@ class Wiring:
         return page.router
 
     async def check_rules(self, settings: Settings) -> None:
-        """Refuse, in one line, topic rules naming a team the directory lacks (issue 20: the
-        directory is not at hand when the settings are read); at start and on reload. A
+        """Refuse, in one line, topic rules (issue 20) or other keys (``default_team``,
+        ``address_teams``, a mailbox's ``team``; issue 17) naming a team the directory lacks
+        (it is not at hand when the settings are read); at start and on reload. A
         directory that does not answer leaves them unchecked, with a warning."""
-        from config.rules_cli import unknown_teams
+        from config.rules_cli import named_teams, unknown_teams
 
         try:
-            problem = await unknown_teams(self.engine, settings.routing)
+            problem = await unknown_teams(
+                self.engine, settings.routing, named=named_teams(settings)
+            )
         except SQLAlchemyError as exc:
             log.warning("components.rules_unchecked", error=type(exc).__name__)
             return

@@ -55,6 +55,9 @@ RESTART_ONLY = registry.RESTART_ONLY
 class Daemon:
     def __init__(self, settings: Settings, config_file: Path | None) -> None:
         self.settings = settings
+        #: what this process runs: a reload cannot change the restart-only keys, so its
+        #: warning compares with these, not with the last file loaded (issue 17)
+        self._running = settings
         self._config_file = config_file
         self.health = Health()
         self.metrics = Metrics()
@@ -116,8 +119,11 @@ class Daemon:
             old = self.settings
             # what this process runs was chosen at start (``--component``), not by the file
             new = new.model_copy(update={"components": old.components})
+            running = self._running
             restart = [
-                key for key in RESTART_ONLY if registry.value(new, key) != registry.value(old, key)
+                key
+                for key in RESTART_ONLY
+                if registry.value(new, key) != registry.value(running, key)
             ]
             if restart:
                 log.warning("daemon.reload_needs_restart", keys=restart)
@@ -232,11 +238,14 @@ class Daemon:
             intake.append(group.create_task(self._announce(core, plan), name="readiness"))
             for name, run in plan.intake.items():
                 # intake reports its own health (email.<mailbox>, twitter, the spool's probe);
-                # the loop's own entry only shows a crash, and "starting" must not block /readyz
+                # a loop that registered nothing of its own name is "up" while it runs, and
+                # never blocks /readyz
+                silent = name not in self.health.components
                 self.health.register(name, required=False)
                 intake.append(
                     group.create_task(
-                        supervise(name, run, self._stop_intake, self.health), name=name
+                        supervise(name, run, self._stop_intake, self.health, running_is_up=silent),
+                        name=name,
                     )
                 )
             http: asyncio.Task[None] | None = None

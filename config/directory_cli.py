@@ -30,6 +30,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 kind=args.kind,
                 region=settings.routing.default_region,
                 dry_run=args.dry_run,
+                delimiter="\t" if args.delimiter == "tab" else args.delimiter,
+                encoding=args.encoding,
             )
             for reject in report.rejects:
                 print(f"{args.file}:{reject.line}: rejected: {reject.reason}", file=sys.stderr)

@@ -123,8 +123,16 @@ def _mask(redact_identities: bool) -> structlog.types.Processor:
     return processor
 
 
-def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool = True) -> None:
-    """Configure structlog and route the standard library's logging through it."""
+def configure(
+    *,
+    fmt: str = "auto",
+    level: str = "info",
+    redact_identities: bool = True,
+    libraries: bool = True,
+) -> None:
+    """Configure structlog and route the standard library's logging through it.
+    ``libraries=False`` keeps the third-party libraries' own records out entirely, whatever
+    ``level`` (a command's output is its own, issue 17); omniroute's own lines still come."""
     as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     stamped: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -162,6 +170,8 @@ def configure(*, fmt: str = "auto", level: str = "info", redact_identities: bool
         )
     )
     handler.addFilter(_not_an_outage_echo)
+    if not libraries:  # no omniroute code logs through the standard library: only libraries
+        handler.setLevel(logging.CRITICAL + 1)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

@@ -12,7 +12,8 @@ Prints the route and the rule per message and a summary; exit 1 when an expectat
 would have routed elsewhere, from the ``shadow_diffs`` record the router keeps.
 
 ``unknown_teams``: the teams rules name that the directory lacks, for ``omniroute check``,
-the start and a reload (the directory is not at hand when the settings are read).
+the start and a reload (the directory is not at hand when the settings are read); with
+``named_teams``, also the teams the configuration names outside rules (issue 17).
 """
 
 import argparse
@@ -164,15 +165,34 @@ async def diff(settings: Settings, period: timedelta) -> int:
     return 0
 
 
+def named_teams(settings: Settings) -> dict[str, str]:
+    """The teams the configuration names outside topic rules, by the key that names them:
+    ``routing.default_team``, ``routing.address_teams`` values, mailboxes' ``team``."""
+    routing = settings.routing
+    named = {f"routing.address_teams.{a!r}": team for a, team in routing.address_teams.items()}
+    if routing.default_team:
+        named["routing.default_team"] = routing.default_team
+    for box in settings.email.mailboxes:
+        if box.team:
+            named[f"email.mailboxes {box.name!r} team"] = box.team
+    return named
+
+
 async def unknown_teams(
-    engine: AsyncEngine, routing: RoutingSettings, *, source: str | None = None
+    engine: AsyncEngine,
+    routing: RoutingSettings,
+    *,
+    source: str | None = None,
+    named: dict[str, str] | None = None,
 ) -> str | None:
     """One line naming the rules whose teams the directory lacks (None: all there): the
-    live rules' (said to come from ``source`` if given) and the shadow candidate's."""
+    live rules' (said to come from ``source`` if given) and the shadow candidate's, and
+    the ``named`` teams (``named_teams``) by their key."""
+    named = named or {}
     sets = [(source or "routing.rules", routing.topics)]
     if routing.shadow is not None:
         sets.append((f"routing.shadow_rules {routing.shadow_rules}", routing.shadow.topics))
-    wanted = {team for _, rules in sets for team in rules.teams}
+    wanted = {team for _, rules in sets for team in rules.teams} | set(named.values())
     if not wanted:
         return None
     decider = DirectoryDecider(engine, routing)
@@ -183,5 +203,10 @@ async def unknown_teams(
         for rule in rules.rules
         for team in (rule.team, *(rule.customer_team or ()))
         if team and found.get(team) is None
+    ]
+    problems += [
+        f"{key}: team {team!r} is not in the directory"
+        for key, team in named.items()
+        if found.get(team) is None
     ]
     return "; ".join(problems) or None

@@ -8,6 +8,7 @@ A secret file is named after its key: ``twilio.auth_token`` (or ``twilio__auth_t
 
 import json
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 from sqlalchemy.engine import make_url
@@ -301,21 +303,73 @@ def load_settings(path: Path | None) -> Settings:
         settings = Settings()
     except ValidationError as exc:
         raise ConfigError(describe(exc, path)) from exc
+    except SettingsError as exc:  # an environment variable that is not the JSON it must be
+        raise ConfigError(_describe_source_error(exc)) from None
     finally:
         _TOML.reset(token)
     return _with_mailbox_passwords(settings)
 
 
 def describe(exc: ValidationError, path: Path | None) -> str:
-    problems = []
+    """One line; a problem whose value came from the environment or a credential file
+    names that source, the others the TOML file (issue 17: an environment variable's bad
+    value was blamed on the file)."""
+    from_file, elsewhere = [], []
     for error in exc.errors():
         key = ".".join(str(p) for p in error["loc"]) or "(root)"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{key}: {message}")
-    where = f"{path}: " if path else ""
-    return where + "; ".join(problems)
+        source = _source_of(error["loc"])
+        if source is None:
+            from_file.append(f"{key}: {message}")
+        else:
+            elsewhere.append(f"{source}: {key}: {message}")
+    where = f"{path}: " if path and from_file else ""
+    return "; ".join([*elsewhere, *([where + "; ".join(from_file)] if from_file else [])])
+
+
+def _describe_source_error(exc: SettingsError) -> str:
+    """pydantic-settings names the section only: name the variables of that section whose
+    value is not JSON (a list or a table given in the environment must be)."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    section = f"OMNIROUTE_{match.group(1).upper()}" if match else "OMNIROUTE_"
+    bad = []
+    for name, text in sorted(os.environ.items()):
+        if name.upper().startswith(section):
+            try:
+                json.loads(text)
+            except ValueError:
+                bad.append(name)
+    named = ", ".join(bad) or f"an {section}* variable"
+    return (
+        f"environment variable {named}: not valid JSON (a list or a table in the "
+        """environment is written as JSON, e.g. '["email", "sms"]')"""
+    )
+
+
+def _source_of(loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable or credential file that set the key at ``loc`` (or a
+    section holding it, as JSON), else None (the TOML file or a default). Environment
+    variables win over credential files, as in ``settings_customise_sources``."""
+    names: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):  # a list index: the list came whole
+            break
+        names.append(part)
+    prefixes = [names[:n] for n in range(len(names), 0, -1)]
+    environ = {name.upper(): name for name in os.environ}
+    for parts in prefixes:
+        variable = environ.get("OMNIROUTE_" + "__".join(parts).upper())
+        if variable is not None:
+            return f"environment variable {variable}"
+    directory = secrets_directory()
+    if directory is not None:
+        for parts in prefixes:
+            for spelling in (".".join(parts), "__".join(parts)):
+                if (directory / spelling).is_file():
+                    return f"credential file {directory / spelling}"
+    return None
 
 
 def _with_mailbox_passwords(settings: Settings) -> Settings:

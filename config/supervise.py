@@ -22,12 +22,20 @@ async def supervise(
     *,
     initial_delay: float = 1.0,
     max_delay: float = 60.0,
+    running_is_up: bool = False,
 ) -> None:
+    """``running_is_up``: the component says nothing itself (the pruner, the spool's drain,
+    a mailbox group): it is "up" while its loop runs, "down" after a failure, "stopped" when
+    it returned (issue 17: such a component showed "starting" for ever)."""
     backoff = Backoff(initial_delay, max_delay)
     failing = False
     while not stop.is_set():
         try:
+            if running_is_up:
+                health.set(name, "up")
             await run(stop)
+            if running_is_up:
+                health.set(name, "stopped")
             return
         except asyncio.CancelledError:
             raise

@@ -1,11 +1,18 @@
-"""``omniroute tail``: routed messages live, from a temporary queue that vanishes on exit."""
+"""``omniroute tail``: routed messages live, from a temporary queue that vanishes on exit.
+Senders are redacted as in the logs (``log.redact``) unless ``--show-identities``, which
+is logged as ``tail.identities_shown`` with the user who asked (issue 17)."""
+
+import getpass
 
 import aio_pika
+import structlog
 
 from config.settings import Settings
 from ingest.amqp import connect
 from ingest.schema import RoutedMessage
 from ingest.topology import ROUTED
+
+log = structlog.get_logger("omniroute.tail")
 
 
 def line(routed: RoutedMessage, redact_identities: bool) -> str:
@@ -29,7 +36,17 @@ def line(routed: RoutedMessage, redact_identities: bool) -> str:
     )
 
 
-async def tail(settings: Settings, key: str, count: int | None, *, as_json: bool = False) -> int:
+async def tail(
+    settings: Settings,
+    key: str,
+    count: int | None,
+    *,
+    as_json: bool = False,
+    show_identities: bool = False,
+) -> int:
+    redacted = settings.log.redact and not show_identities
+    if show_identities:  # an audit line: who saw customers' identities, and which
+        log.warning("tail.identities_shown", key=key, user=getpass.getuser())
     connection = await connect(settings.amqp_url.get_secret_value(), settings.bus, "omniroute-tail")
     try:
         channel = await connection.channel()
@@ -44,9 +61,7 @@ async def tail(settings: Settings, key: str, count: int | None, *, as_json: bool
                     except ValueError:
                         print(f"(unreadable message {delivery.message_id})", flush=True)
                         continue
-                    shown = (
-                        routed.model_dump_json() if as_json else line(routed, settings.log.redact)
-                    )
+                    shown = routed.model_dump_json() if as_json else line(routed, redacted)
                     print(shown, flush=True)
                 seen += 1
                 if count is not None and seen >= count:

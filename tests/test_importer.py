@@ -325,7 +325,9 @@ async def test_invalid_utf8_rejects_the_line_not_the_file(db: AsyncEngine, tmp_p
     path = tmp_path / "t.csv"
     path.write_bytes(b"id,name,dial,email\nt1,Fatura\xe7,,\nt2,Billing,,\n")
     report = await import_csv(db, path, kind=None, region="TR", dry_run=False)
-    assert report.rejects == [(2, "not valid UTF-8")]
+    assert report.rejects == [
+        (2, "not valid UTF-8: looks like Windows-1254 (Turkish Excel): use --encoding cp1254")
+    ]
     assert report.inserted == 1
 
 

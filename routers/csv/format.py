@@ -11,14 +11,15 @@ kind's when it has all of ``REQUIRED[kind]`` and nothing outside ``COLUMNS[kind]
 row carries only the columns its header has, so an old file leaves the others as they are.
 
 ``parse_batch`` is a pure function of its arguments, so it can run in a worker process.
+
+The file itself (encoding, delimiter, header) is ``routers.csv.source``'s; a row whose
+bytes are not of the file's encoding is rejected naming the encoding it looks like.
 """
 
-import csv
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ingest.errors import OmnirouteError
@@ -109,34 +110,6 @@ def holiday_key(team: str, day: date) -> str:
     """A holidays.csv row's identity (its team and date) as one key, date first: team ids
     are free text, the date's length is fixed."""
     return f"{day.isoformat()} {team}"
-
-
-def _header(reader: Iterator[list[str]], kind: str | None) -> tuple[str, list[str]]:
-    try:
-        header = [h.strip().lower() for h in next(reader)]
-    except StopIteration:
-        raise ImportFileError("the file is empty: expected a header row") from None
-    if len(set(header)) != len(header):
-        raise ImportFileError(f"duplicate column in header: {','.join(header)}")
-    if kind is None:
-        found = [k for k, c in COLUMNS.items() if set(REQUIRED[k]) <= set(header) <= set(c)]
-        if not found:
-            raise ImportFileError(
-                f"header {','.join(header)!r} matches no kind; expected one of: "
-                + "; ".join(f"{k}: {columns_of(k)}" for k in COLUMNS)
-            )
-        kind = found[0]
-    elif kind not in COLUMNS:
-        raise ImportFileError(f"unknown kind {kind!r}; expected one of {', '.join(COLUMNS)}")
-    missing = [c for c in REQUIRED[kind] if c not in header]
-    unknown = [c for c in header if c not in COLUMNS[kind]]
-    if missing or unknown:
-        raise ImportFileError(
-            f"{kind} header must be {columns_of(kind)}"
-            + (f"; missing {','.join(missing)}" if missing else "")
-            + (f"; unknown {','.join(unknown)}" if unknown else "")
-        )
-    return kind, header
 
 
 def _text(record: dict[str, str], column: str) -> str | None:
@@ -324,13 +297,26 @@ def _parse_row(kind: str, header: list[str], fields: list[str], line: int, regio
         if "\x00" in value:
             return Row(line, row_id, error="contains a NUL character")
         if any("\udc80" <= c <= "\udcff" for c in value):  # surrogateescape'd bytes
-            return Row(line, row_id, error="not valid UTF-8")
+            return Row(line, row_id, error="not valid UTF-8" + _likely_encoding(fields))
     try:
         row = _parse_values(kind, record, region)
     except _Reject as exc:
         return Row(line, row_id, error=str(exc))
     row.line = line
     return row
+
+
+#: letters a Turkish text has that ASCII has not, as Windows-1254 writes them
+_TURKISH = frozenset("ğĞıİşŞçÇöÖüÜ")
+
+
+def _likely_encoding(fields: list[str]) -> str:
+    """What a row's undecodable bytes look like: Windows-1254 when read so they are Turkish
+    letters (a Turkish Excel's "CSV"), else a hint at ``--encoding``."""
+    raw = b"".join(value.encode("utf-8", "surrogateescape") for value in fields)
+    if set(raw.decode("cp1254", "replace")) & _TURKISH:
+        return ": looks like Windows-1254 (Turkish Excel): use --encoding cp1254"
+    return ": give the file's encoding with --encoding"
 
 
 def parse_batch(
@@ -343,36 +329,3 @@ def parse_batch(
         else _parse_row(kind, header, r, line, region)
         for line, r in records
     ]
-
-
-class CsvSource:
-    """A CSV file read batch by batch; line numbers count physical lines, header = 1."""
-
-    def __init__(self, path: Path, kind: str | None, region: str) -> None:
-        # utf-8-sig drops a BOM; surrogateescape lets one bad line be rejected, not the file.
-        self._file = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
-        self._reader = csv.reader(self._file)
-        try:
-            self.kind, self.header = _header(self._reader, kind)
-        except (ImportFileError, csv.Error):
-            self._file.close()
-            raise
-
-    def records(self, size: int) -> list[tuple[int, list[str] | str]]:
-        """The next ``size`` non-blank records with their first line, or the csv error."""
-        out: list[tuple[int, list[str] | str]] = []
-        while len(out) < size:
-            line = self._reader.line_num + 1
-            try:
-                fields = next(self._reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                out.append((line, f"unreadable CSV: {exc}"))
-                continue
-            if fields and (len(fields) > 1 or fields[0].strip()):
-                out.append((line, fields))
-        return out
-
-    def close(self) -> None:
-        self._file.close()

@@ -20,6 +20,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from routers.csv.format import BATCH, CsvSource, Row, parse_batch
+from routers.csv.format import BATCH, Row, parse_batch
 from routers.csv.report import ImportAborted, ImportReport
+from routers.csv.source import CsvSource
 from routers.csv.writer import BatchWriter, seen_table
 
 PARALLEL_BYTES = 16 * 2**20  # below this, spawning worker processes costs more than it saves
@@ -44,6 +46,8 @@ async def import_csv(
     progress: Callable[[ImportReport], None] | None = None,
     batch_size: int = BATCH,
     workers: int | None = None,
+    delimiter: str | None = None,
+    encoding: str = "utf-8",
 ) -> ImportReport:
     """Import ``path`` (kind from its header unless ``kind`` is given); see the module doc.
 
@@ -52,8 +56,11 @@ async def import_csv(
     after every batch. ``workers`` processes normalise batches ahead of the database (phone
     parsing dominates); ``None`` uses one per CPU for files over ``PARALLEL_BYTES``, 0 a
     thread. Worker processes are spawned, so a calling script needs a ``__main__`` guard.
+    ``delimiter`` (None: sniffed from the header) and ``encoding`` go to ``CsvSource``.
     """
-    source = await asyncio.to_thread(CsvSource, path, kind, region)
+    source = await asyncio.to_thread(
+        partial(CsvSource, delimiter=delimiter, encoding=encoding), path, kind, region
+    )
     if workers is None:
         size = (await asyncio.to_thread(path.stat)).st_size
         workers = (os.cpu_count() or 1) if size > PARALLEL_BYTES else 0

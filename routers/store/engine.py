@@ -37,7 +37,11 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncEngine:
+def create_engine(
+    url: str, settings: DirectorySettings | None = None, *, make_dirs: bool = True
+) -> AsyncEngine:
+    """The directory's engine; a SQLite file's folder is made now unless ``make_dirs`` is
+    false (``omniroute check`` creates nothing)."""
     settings = settings or DirectorySettings()
     url = normalise_url(url)
     # hide_parameters: SQL errors reach logs and dead-letter reasons, and their bound
@@ -46,7 +50,8 @@ def create_engine(url: str, settings: DirectorySettings | None = None) -> AsyncE
     if url.startswith("sqlite"):
         # no pre-ping: a file cannot drop a connection, and the ping cost a round trip
         # through aiosqlite's thread on every checkout (several per routed batch)
-        _ensure_sqlite_directory(url)
+        if make_dirs:
+            _ensure_sqlite_directory(url)
         kwargs["connect_args"] = {"timeout": settings.statement_timeout}
     else:
         kwargs["pool_pre_ping"] = True  # a restarted server leaves dead pooled connections
@@ -129,6 +134,16 @@ class DirectoryUnavailable(OmnirouteError):
     """The directory database cannot be reached or brought up to date."""
 
 
+def missing_sqlite_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist yet (opening it would create it),
+    else None: a command that only reads must say so rather than leave an empty file."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
 def _ensure_sqlite_directory(url: str) -> None:
     if url.startswith("sqlite"):
         database = make_url(url).database
@@ -142,14 +157,26 @@ async def require_current(url: str) -> None:
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    if (missing := missing_sqlite_file(url)) is not None:
+        raise DirectoryUnavailable(
+            f"there is no directory at {missing} yet: run `omniroute directory migrate` to "
+            "create it (the daemon also does at its first start)"
+        )
     try:
         current = await current_revision(url)
     except (SQLAlchemyError, OSError) as exc:
         shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
         raise DirectoryUnavailable(f"cannot open the directory at {shown}: {exc}") from exc
+    if current is None:
+        shown = make_url(normalise_url(url)).render_as_string(hide_password=True)
+        raise DirectoryUnavailable(
+            f"the directory database at {shown} is empty (no omniroute tables yet): run "
+            "`omniroute directory migrate` to create them (the daemon also does at its first "
+            "start)"
+        )
     if current != head:
         raise DirectoryUnavailable(
-            f"the directory schema is at {current or 'nothing'}, this omniroute needs {head}: "
+            f"the directory schema is at {current}, this omniroute needs {head}: "
             "run `omniroute directory migrate`"
         )
 
