@@ -5,7 +5,10 @@ never a loss), and ``Tally`` counts every copy that reaches ``omniroute.routed``
 
 import asyncio
 import contextlib
+import json
 import time
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -43,15 +46,30 @@ class Offer:
     the broker confirmed, ``retries`` the publishes tried again."""
 
     def __init__(self, url: str, rate: float, prefix: str) -> None:
-        self.bus = Bus(url, BusSettings(publish_timeout=5.0, connect_timeout=5.0), name="offer")
+        self.url = url
+        self.bus = self._bus()
         self.rate = rate
         self.prefix = prefix
         self.offered: set[str] = set()
         self.retries = 0
         self.stop = asyncio.Event()
 
+    def _bus(self) -> Bus:
+        return Bus(self.url, BusSettings(publish_timeout=5.0, connect_timeout=5.0), name="offer")
+
+    async def open_on(self, node: str, attempts: int = 30) -> None:
+        """Open the bus on ``node`` (``host:port``): the order of the nodes is shuffled at
+        each open, so open again until it lands there."""
+        for _ in range(attempts):
+            await self.bus.open()
+            if self.bus.node == node:
+                return
+            await self.bus.close()
+            self.bus = self._bus()
+        raise AssertionError(f"never connected to {node}")
+
     async def run(self) -> None:
-        await self.bus.open()
+        """Offer until stopped, on the opened bus; closes it."""
         try:
             started = time.monotonic()
             n = 0
@@ -142,8 +160,10 @@ async def node_loss(
     of ``omniroute.router`` (``"router_leader"``); wait until every offered message is
     routed, start the node again. The counters, with:
 
-    ``reconnect_s``: from the start of the stop until the daemon is connected to another
-    node (seen by ``list_connections``); ``recover_s``: from the end of the stop (the node
+    The offering client is connected to the stopped node too: publishes it sent there whose
+    confirm never came are sent again (``publish_retries``). ``reconnect_s``: from the start
+    of the stop until the daemon is seen (by ``list_connections``, which takes about a second
+    a node) on another node; ``recover_s``: from the end of the stop (the node
     down) to the first message routed after it; ``longest_gap_s``: the longest time without
     a routed message from the start of the stop until the end of the load.
     """
@@ -158,6 +178,7 @@ async def node_loss(
     tally = Tally(cluster.url(others[0], vhost))
     await tally.start()
     offer = Offer(",".join(urls), rate, f"{victim}-{int(time.time())}")
+    await offer.open_on(f"127.0.0.1:{target.port}")  # its publishes lose their node too
     load = asyncio.create_task(offer.run())
     try:
         await until(lambda: len(tally.counts) >= rate * before, before * 4, "steady routing")
@@ -174,7 +195,7 @@ async def node_loss(
         if victim == "connected":
             await until(lambda: asyncio.to_thread(moved), 30, "the daemon on another node")
         else:
-            now_on = was_on
+            now_on = await asyncio.to_thread(cluster.node_of, daemon)
         reconnected = time.monotonic()
         await until(lambda: tally.routed_after(fault_end) is not None, 30, "routing again")
         await asyncio.sleep(after)
@@ -204,3 +225,25 @@ async def node_loss(
         await tally.close()
         await asyncio.to_thread(target.start_app)
     return result
+
+
+def outage(log: Path) -> float | None:
+    """Seconds between the daemon's ``bus.connection_lost`` and its ``bus.reconnected`` (its
+    JSON log, read once the daemon has stopped), or None without both."""
+    stamps: dict[str, datetime] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if '"bus.connection_lost"' in line or '"bus.reconnected"' in line:
+            entry = json.loads(line)
+            stamps.setdefault(entry["event"], datetime.fromisoformat(entry["timestamp"]))
+    if len(stamps) < 2:
+        return None
+    return round((stamps["bus.reconnected"] - stamps["bus.connection_lost"]).total_seconds(), 3)
+
+
+def connected_to(log: Path) -> str | None:
+    """The node (``host:port``) of the daemon's first ``bus.connected`` in its JSON log."""
+    for line in log.read_text(errors="replace").splitlines():
+        if '"bus.connected"' in line:
+            node: str = json.loads(line)["node"]
+            return node
+    return None
