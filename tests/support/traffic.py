@@ -36,7 +36,7 @@ def inbound(n: int, prefix: str) -> InboundMessage:
     return InboundMessage(
         channel="sms" if kind == "phone" else "email",
         external_id=f"{prefix}-{n}",
-        sender=Identity(kind=kind, address=address),  # type: ignore[arg-type]
+        sender=Identity(kind=kind, address=address),
         text=f"message {n}",
     )
 
@@ -213,6 +213,7 @@ async def node_loss(
             stopped=target.name,
             daemon_was_on=was_on.name,
             daemon_now_on=now_on.name if now_on is not None else None,
+            recovered=sum(1 for k in offer.offered if tally.first_seen[k] >= fault_start),
             stop_s=round(fault_end - fault_start, 2),
             reconnect_s=round(reconnected - fault_start, 2) if victim == "connected" else None,
             recover_s=round(first_after - fault_end, 2),
