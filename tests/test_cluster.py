@@ -8,6 +8,7 @@ import os
 import signal
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,7 @@ async def test_the_daemon_loses_a_broker_node_under_load_and_loses_no_message(
         for attempt in range(10):
             log = tmp_path / f"daemon{attempt}.log"
             proc = daemon.start("router", log=log)
-            await until(lambda log=log: connected_to(log) is not None, 30, "the daemon connected")
+            await until(partial(connected_to, log), 30, "the daemon connected")
             if avoid is None or connected_to(log) != f"127.0.0.1:{avoid.port}":
                 break
             proc.send_signal(signal.SIGTERM)
