@@ -67,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("what", choices=("team", "agent"))
     show.add_argument("id")
     show.add_argument("--at", metavar="TIME", help="as of this RFC 3339 time; default: now")
+    search = dsub.add_parser("search", help="customers, agents and teams by id, name or identity")
+    search.add_argument("text")
+    search.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    delete = dsub.add_parser("delete", help="delete a record nothing refers to any more")
+    delete.add_argument("what", choices=("customer", "agent", "team"))
+    delete.add_argument("id")
+    delete.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+
+    customer = sub.add_parser("customer", help="one customer as the router sees them")
+    csub = customer.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cshow = csub.add_parser("show", help="identities, team, last agent, recent contacts")
+    cshow.add_argument("id", nargs="?", help="the customer")
+    cshow.add_argument("--identity", metavar="ADDR", help="the customer owning this address")
+    cshow.add_argument(
+        "--show-identities", action="store_true", help="show addresses unredacted (logged)"
+    )
+    unstick = csub.add_parser("unstick", help="publish customer.unstick: forget the last agent")
+    unstick.add_argument("id", help="the customer")
+    unstick.add_argument("--reason", help="why, for the event and the log")
 
     agent = sub.add_parser("agent", help="agents' presence")
     asub = agent.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -243,6 +262,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | N
         from config.directory_cli import run as run_directory
 
         return await run_directory(args, settings)
+    if args.command == "customer":
+        from config.customer_cli import run as run_customer
+
+        return await run_customer(args, settings)
     if args.command == "agent":
         from config.agent_cli import run as run_agent
 

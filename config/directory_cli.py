@@ -1,4 +1,4 @@
-"""``omniroute directory migrate|import|export|show``."""
+"""``omniroute directory migrate|import|export|show|search|delete``."""
 
 import argparse
 import sys
@@ -23,6 +23,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             from config.directory_show import show
 
             return await show(engine, args, settings)
+        if args.action == "search":
+            from config.directory_search import search
+
+            return await search(engine, args, settings)
+        if args.action == "delete":
+            from config.directory_delete import delete_record
+
+            return await delete_record(engine, args, settings)
         if args.action == "import":
             report = await import_csv(
                 engine,

@@ -102,6 +102,12 @@ LANES: dict[str, Lane] = {
     "omniroute.event.assignment.closed.v1": _event(
         "assignment.closed", "ticket system", "The agent is done with it without a reply."
     ),
+    "omniroute.event.customer.unstick.v1": _event(
+        "customer.unstick",
+        "both",
+        "Forget the customer's last agent: the next message goes to their team "
+        "(ticket systems, and `omniroute customer unstick`).",
+    ),
     "omniroute.event.outbound.sent.v1": _event(
         "outbound.sent", "omniroute", "A reply request was sent on its channel."
     ),

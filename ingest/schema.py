@@ -13,6 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from ingest.reasons import Reason as Reason
+from ingest.reasons import ReasonName as ReasonName
+
 Channel = Literal["email", "sms", "voice", "twitter", "whatsapp"]
 #: the channels a ReplyRequest may name: every Channel but voice (a call is not answered by a
 #: message; no sender exists for it)
@@ -20,44 +23,6 @@ ReplyChannelName = Literal["email", "sms", "twitter", "whatsapp"]
 IdentityKindField = Literal["email", "phone", "twitter"]
 RouteKind = Literal["agent", "team", "triage"]
 Presence = Literal["available", "away", "offline"]
-#: Every reason a decision can carry (DESIGN.md contract: names are added, never renamed).
-ReasonName = Literal[
-    # the routing policy's order
-    "thread_owner",
-    "last_agent",
-    "dedicated_team",
-    "unknown_sender",
-    "no_team",
-    "bounce",
-    # an unavailable agent sent it on to the team
-    "thread_owner_fallback",
-    "last_agent_fallback",
-    # caller-ID answers taken without the policy
-    "withheld_caller",
-    "decider_unavailable",
-    # contract additions of December 2026 (DESIGN.md)
-    "after_hours",
-    "holiday",
-    "deputy",
-    "last_agent_busy",
-    "thread_owner_busy",
-    "offer_timeout",
-    "declined",
-    "escalated",
-    "unverified_sender",
-    # issue 20: an operator's [[routing.rules]] rule decided (route.rule names it)
-    "topic",
-]
-Reason = Annotated[
-    ReasonName,
-    Field(
-        description="why the message went where it did: a step of the routing policy "
-        "(thread_owner, last_agent, dedicated_team, unknown_sender, no_team), a *_fallback "
-        "when an unavailable agent sent it on to the team, unverified_sender when the sender "
-        "is not proven to be the customer, topic when an operator's rule decided (route.rule), or "
-        "one of the other listed reasons"
-    ),
-]
 
 
 def _no_voice(value: object) -> object:
@@ -315,6 +280,16 @@ class AssignmentClosed(_Event):
     at: AwareDatetime = Field(default_factory=utcnow)
 
 
+class CustomerUnstick(_Event):
+    """Forget the customer's last agent (issue 17: ``omniroute customer unstick``, or a ticket
+    system): their next message goes to their team, until an agent answers them again."""
+
+    type: Literal["customer.unstick"] = "customer.unstick"
+    customer_id: str = Field(min_length=1, max_length=200)
+    reason: str | None = Field(default=None, max_length=500)
+    at: AwareDatetime = Field(default_factory=utcnow)
+
+
 class SlaBreached(_Event):
     """Omniroute's news: a customer's message had no answer within its team's first-response
     time; ``level`` 1 is the first escalation (the message goes to the team's
@@ -358,6 +333,7 @@ Event = Annotated[
     | AssignmentAccepted
     | AssignmentDeclined
     | AssignmentClosed
+    | CustomerUnstick
     | OutboundSent
     | OutboundFailed
     | SlaBreached,
@@ -373,6 +349,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     "omniroute.event.assignment.accepted.v1": AssignmentAccepted,
     "omniroute.event.assignment.declined.v1": AssignmentDeclined,
     "omniroute.event.assignment.closed.v1": AssignmentClosed,
+    "omniroute.event.customer.unstick.v1": CustomerUnstick,
     "omniroute.event.outbound.sent.v1": OutboundSent,
     "omniroute.event.outbound.failed.v1": OutboundFailed,
     "omniroute.event.sla.breached.v1": SlaBreached,

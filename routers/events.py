@@ -1,5 +1,6 @@
 """Learns from the ticket system: ``agent.replied`` teaches who answered whom,
-``agent.status`` who is available. Consumes ``omniroute.events``.
+``agent.status`` who is available, ``customer.unstick`` whose last agent to forget.
+Consumes ``omniroute.events``.
 
 Nothing is believed unchecked (``routers.trust``): an event from a publisher outside
 ``events.trusted_publishers``, dated too far ahead, naming an agent the directory does not
@@ -28,6 +29,7 @@ from ingest.schema import (
     AssignmentAccepted,
     AssignmentClosed,
     AssignmentDeclined,
+    CustomerUnstick,
     Event,
     utcnow,
 )
@@ -92,6 +94,10 @@ class EventsWorker(QueueWorker):
                     await self._replied(session, event)
                 elif isinstance(event, AgentStatus):
                     await self._status(session, event)
+                elif isinstance(event, CustomerUnstick):
+                    await check_customer(session, event.customer_id)
+                    forgot = await state.forget_last_agent(session, event.customer_id, event.at)
+                    log.info("events.customer_unstick", customer=event.customer_id, forgot=forgot)
                 elif isinstance(event, AssignmentAccepted | AssignmentDeclined | AssignmentClosed):
                     # one agent's one message; outbound.* events are omniroute's own news
                     await check_agent(session, event.agent_id)

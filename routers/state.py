@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, func, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import RecentContact, utcnow
@@ -194,6 +194,15 @@ async def record_reply(
             ],
             ["message_id"],
         )
+
+
+async def forget_last_agent(session: AsyncSession, customer_id: str, at: datetime) -> bool:
+    """A ``customer.unstick``: the customer has no last agent, unless one answered them
+    after ``at`` (order-safe like every write here). False when there was none to forget."""
+    result = await session.execute(
+        delete(LastAgent).where(LastAgent.customer_id == customer_id, LastAgent.at <= utc(at))
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 async def set_presence(

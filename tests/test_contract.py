@@ -28,6 +28,7 @@ from ingest.schema import (
     AssignmentClosed,
     AssignmentDeclined,
     CustomerRef,
+    CustomerUnstick,
     Identity,
     InboundMessage,
     OutboundFailed,
@@ -68,6 +69,7 @@ SAMPLES: dict[str, BaseModel] = {
         message_id="m", agent_id="ana", reason="on leave"
     ),
     "omniroute.event.assignment.closed.v1": AssignmentClosed(message_id="m", agent_id="ana"),
+    "omniroute.event.customer.unstick.v1": CustomerUnstick(customer_id="acme", reason="moved"),
     "omniroute.event.outbound.sent.v1": OutboundSent(
         request_id="r-1", channel="sms", agent_id="ana", external_id="SM1"
     ),
