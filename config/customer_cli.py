@@ -38,7 +38,7 @@ Lines = list[tuple[str, str]]
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "show" and (args.id is None) == (args.identity is None):
-        raise ConfigError("give a customer ID or --identity ADDR, not both")
+        raise ConfigError("give one of: a customer ID, --identity ADDR")
     await require_current(settings.directory_url)
     engine = create_engine(settings.directory_url, settings.directory)
     try:
