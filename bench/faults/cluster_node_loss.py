@@ -8,15 +8,22 @@ per second, itself connected to the node that will stop, retrying a publish whos
 never came. After ``--before`` seconds one node stops (``rabbitmqctl stop_app``):
 
 - ``connected``: the node the daemon is connected to;
-- ``router_leader``: the node leading ``omniroute.router`` (the daemon is on another one).
+- ``router_leader``: the node leading ``omniroute.router`` (the daemon is on another one);
+- ``paused``: the node the daemon is connected to, paused with SIGSTOP for ``--pause``
+  seconds and resumed (SIGCONT): a partition, its sockets open and silent; the daemon's
+  ``bus.heartbeat`` is 5, so it notices within 10 s and moves to another node.
 
 The load goes on ``--after`` seconds; every offered message must be routed, and the node
 starts again before the next victim. Counters per victim (``cluster_node_loss_<victim>``).
 
     .venv/bin/python bench/faults/cluster_node_loss.py [--rate 200] [--before 5] [--after 10]
+        [--pause 15] [--victims connected,router_leader,paused]
+
+The daemon's log of each victim is kept as ``results/cluster_node_loss_<victim>.daemon.log``.
 """
 
 import asyncio
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.faults.common import Daemon, report, sqlite_directory, wait_until  # noqa: E402
+from bench.faults.common import RESULTS, Daemon, report, sqlite_directory, wait_until  # noqa: E402
 from bench.faults.harness import options  # noqa: E402
 from ingest.bus import Bus  # noqa: E402
 from ingest.settings import BusSettings  # noqa: E402
@@ -36,8 +43,9 @@ from ingest.topology import QUEUES, ROUTER_QUEUE  # noqa: E402
 from tests.support.cluster import Cluster, available, running_cluster  # noqa: E402
 from tests.support.traffic import connected_to, node_loss, outage  # noqa: E402
 
-VICTIMS = ("connected", "router_leader")
-TOML = "[bus]\npublish_timeout = 5\nconnect_timeout = 5"
+VICTIMS = ("connected", "router_leader", "paused")
+#: heartbeat 5: a paused node is noticed within 10 s
+TOML = "[bus]\npublish_timeout = 5\nconnect_timeout = 5\nheartbeat = 5"
 
 
 async def one(
@@ -57,10 +65,18 @@ async def one(
         daemon.kill(signal.SIGTERM)
     try:
         result = await node_loss(
-            cluster, vhost, victim, rate=args.rate, before=args.before, after=args.after
+            cluster,
+            vhost,
+            victim,
+            rate=args.rate,
+            before=args.before,
+            after=args.after,
+            pause=args.pause,
         )
     finally:
         status = daemon.kill(signal.SIGTERM)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(daemon.log, RESULTS / f"cluster_node_loss_{victim}.daemon.log")
     return {
         "scenario": f"cluster_node_loss_{victim}",
         **result,
@@ -83,7 +99,7 @@ async def scenario(workdir: Path, args: Any) -> list[dict[str, Any]]:
         await bus.open()  # the topology
         await bus.close()
         replicas = {queue: len(cluster.members(queue, vhost)) for queue in QUEUES}
-        for victim in VICTIMS:
+        for victim in args.victims.split(","):
             result = await one(cluster, vhost, victim, workdir / victim, args)
             results.append({**result, "cluster_start_s": started_s, "replicas": replicas})
     return results
@@ -93,9 +109,11 @@ def main() -> int:
     if (why := available()) is not None:
         print(f"cluster_node_loss: not run: {why}", file=sys.stderr)
         return 1
-    args = options(__doc__, rate=200.0, before=5.0, after=10.0)
+    args = options(
+        __doc__, rate=200.0, before=5.0, after=10.0, pause=15.0, victims=",".join(VICTIMS)
+    )
     with tempfile.TemporaryDirectory(prefix="omniroute-fault-") as tmp:
-        results = asyncio.run(asyncio.wait_for(scenario(Path(tmp), args), 240))
+        results = asyncio.run(asyncio.wait_for(scenario(Path(tmp), args), 300))
     return max(report(result) for result in results)
 
 

@@ -135,6 +135,12 @@ class Node:
         self.ctl("start_app")
         self.ctl("await_startup", "--timeout", "60", timeout=70)
 
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the whole node (SIGSTOP: it hangs, its sockets open and silent, as
+        a partitioned node looks to its peers and clients; SIGCONT: it goes on)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
+
     def kill(self) -> None:
         """Stop the whole node (its process group), at once."""
         if self.proc is not None and self.proc.poll() is None:

@@ -6,6 +6,7 @@ never a loss), and ``Tally`` counts every copy that reaches ``omniroute.routed``
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -55,7 +56,8 @@ class Offer:
         self.stop = asyncio.Event()
 
     def _bus(self) -> Bus:
-        return Bus(self.url, BusSettings(publish_timeout=5.0, connect_timeout=5.0), name="offer")
+        settings = BusSettings(publish_timeout=5.0, connect_timeout=5.0, heartbeat=5)
+        return Bus(self.url, settings, name="offer")
 
     async def open_on(self, node: str, attempts: int = 30) -> None:
         """Open the bus on ``node`` (``host:port``): the order of the nodes is shuffled at
@@ -154,11 +156,13 @@ async def node_loss(
     rate: float = 100.0,
     before: float = 3.0,
     after: float = 4.0,
+    pause: float = 15.0,
 ) -> dict[str, Any]:
     """Under steady load, stop (``stop_app``) one node of ``cluster``: the node the daemon
     (its connection named ``daemon``) is connected to (``victim="connected"``) or the leader
-    of ``omniroute.router`` (``"router_leader"``); wait until every offered message is
-    routed, start the node again. The counters, with:
+    of ``omniroute.router`` (``"router_leader"``); or pause the daemon's node with SIGSTOP for
+    ``pause`` seconds and resume it (``"paused"``: a partition, noticed by heartbeats); wait
+    until every offered message is routed, start the node again. The counters, with:
 
     The offering client is connected to the stopped node too: publishes it sent there whose
     confirm never came are sent again (``publish_retries``). ``reconnect_s``: from the start
@@ -170,10 +174,14 @@ async def node_loss(
     urls = cluster.urls(vhost)
     was_on = await asyncio.to_thread(cluster.node_of, daemon)
     assert was_on is not None, "the daemon is connected to no node"
-    if victim == "connected":
+    if victim in ("connected", "paused"):
         target = was_on
     else:
         target = await asyncio.to_thread(cluster.leader, ROUTER_QUEUE, vhost)
+    leaders = {
+        queue: (await asyncio.to_thread(cluster.leader, queue, vhost)).name
+        for queue in (ROUTER_QUEUE, ROUTED_QUEUE)
+    }
     others = [node for node in cluster.nodes if node is not target]
     tally = Tally(cluster.url(others[0], vhost))
     await tally.start()
@@ -183,16 +191,23 @@ async def node_loss(
     try:
         await until(lambda: len(tally.counts) >= rate * before, before * 4, "steady routing")
         fault_start = time.monotonic()
-        await asyncio.to_thread(target.stop_app)
+        if victim == "paused":
+            target.signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(pause)
+            finally:
+                target.signal(signal.SIGCONT)
+        else:
+            await asyncio.to_thread(target.stop_app)
         fault_end = time.monotonic()
         now_on = None
 
         def moved() -> bool:
             nonlocal now_on
             now_on = cluster.node_of(daemon)
-            return now_on is not None
+            return now_on is not None and now_on is not target
 
-        if victim == "connected":
+        if victim in ("connected", "paused"):
             await until(lambda: asyncio.to_thread(moved), 30, "the daemon on another node")
         else:
             now_on = await asyncio.to_thread(cluster.node_of, daemon)
@@ -211,11 +226,13 @@ async def node_loss(
             tally,
             victim=victim,
             stopped=target.name,
+            leaders_before=leaders,
             daemon_was_on=was_on.name,
             daemon_now_on=now_on.name if now_on is not None else None,
             recovered=sum(1 for k in offer.offered if tally.first_seen[k] >= fault_start),
             stop_s=round(fault_end - fault_start, 2),
             reconnect_s=round(reconnected - fault_start, 2) if victim == "connected" else None,
+            pause_s=pause if victim == "paused" else None,
             recover_s=round(first_after - fault_end, 2),
             longest_gap_s=round(tally.longest_gap(fault_start, load_end), 2),
         )
@@ -224,7 +241,8 @@ async def node_loss(
         with contextlib.suppress(Exception):
             await load
         await tally.close()
-        await asyncio.to_thread(target.start_app)
+        if victim != "paused":
+            await asyncio.to_thread(target.start_app)
     return result
 
 
