@@ -10,6 +10,7 @@ the queues and exchanges we still hold references to. The names and the declarat
 """
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -45,8 +46,8 @@ log = structlog.get_logger("omniroute.bus")
 class Bus:
     """One process's link to the broker: topology, publishing with confirms, consumers.
 
-    Keeps a reference to every exchange and queue it declared so that robust recovery
-    restores them after a reconnect.
+    Declares the topology when it opens, on a channel of its own closed afterwards, so that a
+    reconnection does not declare it again (see ``declare_topology``).
     """
 
     def __init__(
@@ -107,7 +108,19 @@ class Bus:
         await self.declare_topology()
 
     async def declare_topology(self) -> None:
-        exchanges, queues = await topology.declare(self._require_channel(), self._settings)
+        """Declare every exchange and queue (durable: they outlive a broker restart) on a
+        channel of its own, closed afterwards, which aio-pika therefore never restores.
+
+        Issue 18: a robust channel re-declares what it declared on every reconnection, and
+        re-binding a queue waits on every node of a cluster: with one node hung (paused,
+        partitioned), a reconnection to a healthy node waited for it, and routing with it.
+        A daemon that starts declares the topology again (``open``)."""
+        channel = await self.connection.channel(publisher_confirms=False)
+        try:
+            exchanges, queues = await topology.declare(channel, self._settings)
+        finally:
+            with contextlib.suppress(Exception):  # a conflict closed it already
+                await channel.close()
         self._exchanges.update(exchanges)
         self._queues.update(queues)
 

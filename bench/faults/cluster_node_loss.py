@@ -8,13 +8,15 @@ per second, itself connected to the node that will stop, retrying a publish whos
 never came. After ``--before`` seconds one node stops (``rabbitmqctl stop_app``):
 
 - ``connected``: the node the daemon is connected to;
-- ``router_leader``: the node leading ``omniroute.router`` (the daemon is on another one);
+- ``router_leader``: the node leading ``omniroute.router``;
 - ``paused``: the node the daemon is connected to, paused with SIGSTOP for ``--pause``
   seconds and resumed (SIGCONT): a partition, its sockets open and silent; the daemon's
   ``bus.heartbeat`` is 5, so it notices within 10 s and moves to another node.
 
-The load goes on ``--after`` seconds; every offered message must be routed, and the node
-starts again before the next victim. Counters per victim (``cluster_node_loss_<victim>``).
+The daemon is never on the node leading ``omniroute.router`` (started again until it is
+not), so that each victim is one fault. The load goes on ``--after`` seconds; every
+offered message must be routed, and the node starts again before the next victim.
+Counters per victim (``cluster_node_loss_<victim>``).
 
     .venv/bin/python bench/faults/cluster_node_loss.py [--rate 200] [--before 5] [--after 10]
         [--pause 15] [--victims connected,router_leader,paused]
@@ -51,10 +53,12 @@ TOML = "[bus]\npublish_timeout = 5\nconnect_timeout = 5\nheartbeat = 5"
 async def one(
     cluster: Cluster, vhost: str, victim: str, workdir: Path, args: Any
 ) -> dict[str, Any]:
-    """One victim: the daemon started (again, until it is not on the leader when the leader
-    is the victim), the node stopped under load, the daemon stopped with SIGTERM."""
+    """One victim: the daemon started (again, until it is not on the node leading
+    ``omniroute.router``), the node stopped or paused under load, the daemon stopped with
+    SIGTERM."""
     database_url = await sqlite_directory(workdir)
-    avoid = cluster.leader(ROUTER_QUEUE, vhost) if victim == "router_leader" else None
+    # the leader's loss alone, or the daemon's node's alone: never both at once
+    avoid = cluster.leader(ROUTER_QUEUE, vhost)
     for attempt in range(10):
         daemon = Daemon(workdir / f"daemon{attempt}", ",".join(cluster.urls(vhost)), database_url)
         daemon.toml = TOML
