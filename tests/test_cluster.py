@@ -160,7 +160,9 @@ def _config(path: Path, urls: list[str], database_url: str) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("victim", ["connected", "router_leader"])
+# the suite's short node stop (issue 18); the router queue's leader stopping and a node
+# paused with SIGSTOP run in bench/faults/cluster_node_loss.py (docs/RELIABILITY.md (g))
+@pytest.mark.parametrize("victim", ["connected"])
 async def test_the_daemon_loses_a_broker_node_under_load_and_loses_no_message(
     cluster: Cluster, tmp_path: Path, sqlite_url: str, victim: str
 ) -> None:
