@@ -206,30 +206,25 @@ class Wiring:
             )
             plan.workers["dispatcher"] = _with_drain(dispatcher.run, drain)
         if self.enabled("timers"):
-            timers = self.timers = OfferTimers(
-                bus=self.bus,
-                engine=self.engine,
-                decider=self.decider,
-                routing=settings.routing,
-                health=self.health,
-                metrics=self.metrics,
-            )
+            # offers and escalations: the same collaborators, one worker each
+            timer_needs: dict[str, Any] = {
+                "bus": self.bus,
+                "engine": self.engine,
+                "decider": self.decider,
+                "routing": settings.routing,
+                "health": self.health,
+                "metrics": self.metrics,
+            }
+            timers = self.timers = OfferTimers(**timer_needs)
             plan.workers["timers"] = timers.run
-            # nudged from this process; an offer another process writes is found within 30 s
+            # nudged from this process; other processes by the NOTIFY of routers.wake
             if self.router is not None:
                 self.router.on_offer = timers.nudge
             if self.events is not None:
                 self.events.on_due = timers.nudge
             # issue 16: a first answer due within the worker's longest sleep (30 s) nudges
             # it; on PostgreSQL the claim's NOTIFY wakes other processes' workers too
-            escalations = self.escalations = EscalationTimers(
-                bus=self.bus,
-                engine=self.engine,
-                decider=self.decider,
-                routing=settings.routing,
-                health=self.health,
-                metrics=self.metrics,
-            )
+            escalations = self.escalations = EscalationTimers(**timer_needs)
             plan.workers["escalations"] = escalations.run
             timers.recent = escalations.recent = self.recent  # re-routes on the status page
             if self.router is not None:

@@ -19,7 +19,7 @@ from routers import state
 from routers.availability import capacity_of
 from routers.models import Agent
 from routers.store import routed_log
-from routers.timers import SOON, notify
+from routers.wake import SOON, notify
 
 #: the first key of omniroute's advisory locks (the second is the agent id's hash), so they
 #: cannot meet another application's single-key locks on the same database

@@ -17,29 +17,22 @@ with two routes; an offer that opens again meanwhile (a decline after an accepta
 the escalation supersedes it.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
 from sqlalchemy import Connection, bindparam, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import Bus
-from ingest.health import Health
-from ingest.metrics import Metrics
 from ingest.schema import (
     InboundMessage,
     PreviousRoute,
     Route,
     RoutedMessage,
     SlaBreached,
-    utcnow,
 )
 from ingest.topology import EVENTS, ROUTED
 from routers import first_response
 from routers.availability import team_schedule
-from routers.decider import DirectoryDecider
 from routers.directory import AgentRecord, TeamRecord
 from routers.models import Assignment, RoutedRecord, Waiting
 from routers.settings import RoutingSettings
@@ -92,27 +85,6 @@ class Step:
 
 class EscalationTimers(TimerWorker):
     name = "escalations"
-
-    def __init__(
-        self,
-        *,
-        bus: Bus,
-        engine: AsyncEngine,
-        decider: DirectoryDecider,
-        routing: RoutingSettings,
-        health: Health,
-        batch: int = 100,
-        max_sleep: float = 30.0,
-        clock: Callable[[], datetime] = utcnow,
-        metrics: Metrics | None = None,
-    ) -> None:
-        super().__init__(
-            engine=engine, health=health, batch=batch, max_sleep=max_sleep, clock=clock
-        )
-        self._bus = bus
-        self._metrics = metrics
-        self._decider = decider
-        self.routing = routing  # replaced as a whole on reload
 
     def _next_due(self, connection: Connection) -> datetime | None:
         found = connection.scalar(select(func.min(_wait.due_at)).where(_READY))

@@ -13,22 +13,15 @@ and can recall the agent's copy. The whole message is kept with the offer (the r
 record keeps only a short copy).
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
 from sqlalchemy import Connection, bindparam, case, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ingest.bus import Bus
-from ingest.health import Health
-from ingest.metrics import Metrics
-from ingest.schema import InboundMessage, PreviousRoute, ReasonName, RoutedMessage, utcnow
+from ingest.schema import InboundMessage, PreviousRoute, ReasonName, RoutedMessage
 from ingest.topology import ROUTED
-from routers.decider import DirectoryDecider
 from routers.models import Assignment, RoutedRecord, Waiting
-from routers.settings import RoutingSettings
 from routers.store.values import aware, utc
 from routers.timers import RETRY, TimerWorker, unreadable
 
@@ -54,27 +47,6 @@ class Due:
 
 class OfferTimers(TimerWorker):
     name = "timers"
-
-    def __init__(
-        self,
-        *,
-        bus: Bus,
-        engine: AsyncEngine,
-        decider: DirectoryDecider,
-        routing: RoutingSettings,
-        health: Health,
-        batch: int = 100,
-        max_sleep: float = 30.0,
-        clock: Callable[[], datetime] = utcnow,
-        metrics: Metrics | None = None,
-    ) -> None:
-        super().__init__(
-            engine=engine, health=health, batch=batch, max_sleep=max_sleep, clock=clock
-        )
-        self._bus = bus
-        self._metrics = metrics
-        self._decider = decider
-        self.routing = routing  # replaced as a whole on reload
 
     def _next_due(self, connection: Connection) -> datetime | None:
         return _next_due(connection)

@@ -18,7 +18,7 @@ from routers.models import Agent, AgentPresence, Assignment, LastAgent, ThreadOw
 from routers.store.routed_log import recent_contacts
 from routers.store.sql import upsert
 from routers.store.values import aware, strip_brackets, utc
-from routers.timers import notify
+from routers.wake import notify
 
 
 @dataclass(frozen=True)

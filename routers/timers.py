@@ -16,29 +16,30 @@ backoff; the directory's own health shows it.
 
 import asyncio
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.backoff import Backoff
+from ingest.bus import Bus
 from ingest.errors import TransientError
 from ingest.health import Health
+from ingest.metrics import Metrics
 from ingest.recent import RecentDecisions
 from ingest.schema import RoutedMessage, utcnow
+from routers.decider import DirectoryDecider
+from routers.settings import RoutingSettings
 from routers.store.transactions import transactions_of
+from routers.wake import CHANNEL, SOON
 
 #: how long a batch taken by one worker is left to it before another may fire it again
 RETRY = timedelta(seconds=60)
-#: a due time nearer than this when written wakes the timer workers (their longest sleep)
-SOON = timedelta(seconds=30)
-#: the PostgreSQL channel on which a process says "a timer is due sooner than you think"
-CHANNEL = "omniroute_timers"
-_NOTIFY = text(f"SELECT pg_notify('{CHANNEL}', '')")
 
 
 def unreadable(exc: ValueError) -> str:
@@ -52,27 +53,29 @@ def unreadable(exc: ValueError) -> str:
     )
 
 
-def notify(connection: Connection) -> None:
-    """Wake every instance's timer workers when this transaction commits (PostgreSQL; on
-    SQLite the writer's own process is the only one, and it nudges its worker)."""
-    if connection.dialect.name == "postgresql":
-        connection.execute(_NOTIFY)
-
-
-class TimerWorker:
-    """The shared loop; a subclass says what is due (``_next_due``) and fires a batch."""
+class TimerWorker(ABC):
+    """The shared loop and what both timer kinds route with (the bus, the decider, the
+    live routing settings); a subclass says what is due (``_next_due``) and fires a batch."""
 
     name = "timers"
 
     def __init__(
         self,
         *,
+        bus: Bus,
         engine: AsyncEngine,
+        decider: DirectoryDecider,
+        routing: RoutingSettings,
         health: Health,
         batch: int = 100,
         max_sleep: float = SOON.total_seconds(),
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._bus = bus
+        self._decider = decider
+        self.routing = routing  # replaced as a whole on reload
+        self._metrics = metrics
         self._run = transactions_of(engine)
         self._engine = engine
         self._health = health
@@ -169,13 +172,13 @@ class TimerWorker:
             fired += done
         return fired
 
+    @abstractmethod
     async def _fire_batch(self) -> int:
         """Take, fire and close one batch of due timers; how many were taken."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _next_due(self, connection: Connection) -> datetime | None:
         """The nearest due time of an open timer, or None."""
-        raise NotImplementedError
 
     async def _sleep(self, seconds: float, stop: asyncio.Event) -> None:
         await _first(stop.wait(), self._wake.wait(), timeout=seconds)
