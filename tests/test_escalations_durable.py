@@ -5,23 +5,19 @@ writer holds the lock) fire them onto the real broker, where every AMQP ``messag
 ``<id>#2`` (the escalated route) and ``sla:<id>:1`` (the event) is counted."""
 
 import asyncio
-import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from sqlalchemy import insert, select, update
 
-from ingest.health import Health
 from ingest.schema import Identity, InboundMessage, utcnow
 from ingest.topology import EVENTS, ROUTED_QUEUE
-from routers.decider import DirectoryDecider
 from routers.escalations import EscalationTimers
 from routers.models import RoutedRecord, Team, Waiting
-from routers.settings import RoutingSettings
 from routers.store.engine import create_engine
 from tests.seed import seeded
 from tests.support.broker import opened_bus, take, tally
+from tests.support.timers import instance
 
 SLA_QUEUE = "test.sla.durable"
 
@@ -88,23 +84,6 @@ async def levels(url: str) -> dict[str, int]:
         await engine.dispose()
 
 
-@contextlib.asynccontextmanager
-async def instance(db_url: str, amqp_url: str, name: str) -> AsyncIterator[EscalationTimers]:
-    routing = RoutingSettings(default_region="TR")
-    engine = create_engine(db_url)
-    try:
-        async with opened_bus(amqp_url, name=name) as bus:
-            yield EscalationTimers(
-                bus=bus,
-                engine=engine,
-                decider=DirectoryDecider(engine, routing),
-                routing=routing,
-                health=Health(),
-            )
-    finally:
-        await engine.dispose()
-
-
 async def published(amqp_url: str, ids: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     """Copies of each escalated route and each sla.breached, everything counted."""
     async with opened_bus(amqp_url, name="reader") as reader:
@@ -128,7 +107,10 @@ async def test_two_instances_on_postgresql_escalate_each_message_once(
     await seeded(pg_url)
     await sla_queue(amqp_url)
     ids = await due_waits(pg_url, 600)
-    async with instance(pg_url, amqp_url, "a") as a, instance(pg_url, amqp_url, "b") as b:
+    async with (
+        instance(EscalationTimers, pg_url, amqp_url, "a") as a,
+        instance(EscalationTimers, pg_url, amqp_url, "b") as b,
+    ):
         taken = await asyncio.gather(a.drain(), b.drain())
         fired = (a.fired, b.fired)
     routes, events = await published(amqp_url, ids)
@@ -150,8 +132,8 @@ async def test_two_workers_on_one_sqlite_file_escalate_each_message_once(
     blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
     try:
         async with (
-            instance(sqlite_url, amqp_url, "a") as a,
-            instance(sqlite_url, amqp_url, "b") as b,
+            instance(EscalationTimers, sqlite_url, amqp_url, "a") as a,
+            instance(EscalationTimers, sqlite_url, amqp_url, "b") as b,
         ):
             assert not any(await asyncio.gather(a.drain(), b.drain()))  # connections open
             ids = await due_waits(sqlite_url, 100)

@@ -4,12 +4,11 @@ the real timer worker (two of them on PostgreSQL, or the daemon as a process) fi
 onto the real broker, where every AMQP ``message_id`` ``<id>#2`` is counted."""
 
 import asyncio
-import contextlib
 import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,18 +17,16 @@ import pytest
 from sqlalchemy import bindparam, insert, select, update
 
 from ingest.bus import Bus
-from ingest.health import Health
 from ingest.schema import Identity, InboundMessage, utcnow
 from ingest.topology import ROUTED_QUEUE
-from routers.decider import DirectoryDecider
 from routers.models import Assignment, RoutedRecord
 from routers.offers import RETRY, OfferTimers
-from routers.settings import RoutingSettings
 from routers.store.engine import create_engine
 from routers.store.values import aware, utc
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
 from tests.support.broker import filled, opened_bus, take, tally
+from tests.support.timers import instance
 from tests.support.waiting import until
 
 #: the daemon's address space bound, as for the other daemon-process tests
@@ -154,31 +151,16 @@ async def count_the_rest(reader: Bus, counts: dict[str, int]) -> dict[str, int]:
     return counts
 
 
-@contextlib.asynccontextmanager
-async def instance(db_url: str, amqp_url: str, name: str) -> AsyncIterator[OfferTimers]:
-    """One instance's timer worker: its own engine, bus (on the shared vhost) and decider."""
-    routing = RoutingSettings(default_region="TR")
-    engine = create_engine(db_url)
-    try:
-        async with opened_bus(amqp_url, name=name) as bus:
-            yield OfferTimers(
-                bus=bus,
-                engine=engine,
-                decider=DirectoryDecider(engine, routing),
-                routing=routing,
-                health=Health(),
-            )
-    finally:
-        await engine.dispose()
-
-
 @pytest.mark.slow
 async def test_two_instances_on_postgresql_fire_each_offer_once(pg_url: str, amqp_url: str) -> None:
     """Every instance may run the timer worker (issue 16): FOR UPDATE SKIP LOCKED gives each
     due offer to one of them, so the ticket system sees one ``<id>#2``, not two."""
     await seeded(pg_url)
     ids = await due_offers(pg_url, 2000)
-    async with instance(pg_url, amqp_url, "a") as a, instance(pg_url, amqp_url, "b") as b:
+    async with (
+        instance(OfferTimers, pg_url, amqp_url, "a") as a,
+        instance(OfferTimers, pg_url, amqp_url, "b") as b,
+    ):
         started = time.monotonic()
         taken = await asyncio.gather(a.drain(), b.drain())
         drained = time.monotonic() - started
@@ -265,8 +247,8 @@ async def test_two_timer_workers_on_one_sqlite_file_fire_each_offer_once(
     blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
     try:
         async with (
-            instance(sqlite_url, amqp_url, "a") as a,
-            instance(sqlite_url, amqp_url, "b") as b,
+            instance(OfferTimers, sqlite_url, amqp_url, "a") as a,
+            instance(OfferTimers, sqlite_url, amqp_url, "b") as b,
         ):
             assert not any(await asyncio.gather(a.drain(), b.drain()))  # connections open
             ids = await due_offers(sqlite_url, BATCH)
@@ -292,7 +274,7 @@ async def test_a_stop_during_a_backlog_returns_after_the_batch_in_hand(
     cancel it at shutdown_timeout, mid-batch). What it left fires at the next start."""
     await seeded(sqlite_url)
     ids = await due_offers(sqlite_url, 3000)
-    async with instance(sqlite_url, amqp_url, "a") as worker:
+    async with instance(OfferTimers, sqlite_url, amqp_url, "a") as worker:
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         await until(lambda: worker.fired >= BATCH, 30, "the first batch fired")
