@@ -4,22 +4,25 @@ teams' company days (holidays.csv).
 Sole purpose: load an operator's directory file of any size into the database, applying
 every valid row and naming every rejected one by line and reason, without ever moving an
 identity from one customer to another behind the operator's back. The file format and
-row validation are ``routers.csv.format``; the database writing ``routers.csv.writer``; the
-answer ``routers.csv.report``.
+row validation are ``routers.csv.format``; the answer ``routers.csv.report``; the database
+writing ``routers.csv.bulk`` for customers (the big file: staged, then merged in SQL) and
+``routers.csv.writer`` for the others (small files, row by row).
 
 Invariants:
-- The file is streamed in batches of ``BATCH`` rows; each batch is parsed in a worker
-  thread and applied in one transaction, so a failed batch leaves no half-applied row and
+- The file is streamed in batches of ``BATCH`` rows, parsed ahead in worker processes, so
   memory stays bounded whatever the file's size (only the rejected rows are kept).
-- ``dry_run`` runs the very same code inside one transaction that is rolled back, so it
+- customers.csv is applied in one transaction: all of it or, when the database fails,
+  nothing. The other kinds apply each batch in one transaction: a failed batch leaves no
+  half-applied row, and the batches before it stay applied.
+- ``dry_run`` runs the very same code inside a transaction that is rolled back, so it
   reports exactly what a real import would, including conflicts within the file.
 """
 
 import asyncio
 import os
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import aclosing
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
@@ -28,7 +31,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from routers.csv.format import BATCH, Row, parse_batch
+from routers.csv.bulk import import_customers
+from routers.csv.format import BATCH, parse_batch
+from routers.csv.pipeline import parsed
 from routers.csv.report import ImportAborted, ImportReport
 from routers.csv.source import CsvSource
 from routers.csv.writer import BatchWriter, seen_table
@@ -52,10 +57,12 @@ async def import_csv(
     """Import ``path`` (kind from its header unless ``kind`` is given); see the module doc.
 
     Raises ``ImportFileError`` when the file cannot be read as a directory CSV at all, and
-    ``ImportAborted`` when the database fails a batch. ``progress`` gets the running report
-    after every batch. ``workers`` processes normalise batches ahead of the database (phone
-    parsing dominates); ``None`` uses one per CPU for files over ``PARALLEL_BYTES``, 0 a
-    thread. Worker processes are spawned, so a calling script needs a ``__main__`` guard.
+    ``ImportAborted`` when the database fails (see the module doc for what stays applied).
+    ``progress`` gets the running report after every batch (customers: every batch read
+    but the last, then the merge). ``workers`` processes normalise batches ahead of the
+    database (phone parsing dominates); ``None`` uses one per CPU for files over
+    ``PARALLEL_BYTES``, 0 a thread. Worker processes are spawned, so a calling script
+    needs a ``__main__`` guard.
     ``delimiter`` (None: sniffed from the header) and ``encoding`` go to ``CsvSource``.
     """
     source = await asyncio.to_thread(
@@ -66,7 +73,20 @@ async def import_csv(
         workers = (os.cpu_count() or 1) if size > PARALLEL_BYTES else 0
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers else None
     report = ImportReport(kind=source.kind, dry_run=dry_run)
+    depth = max(workers, 1) + 1
     try:
+        if source.kind == "customers":
+            await import_customers(
+                engine,
+                source,
+                report,
+                region=region,
+                pool=pool,
+                batch_size=batch_size,
+                depth=depth,
+                progress=progress,
+            )
+            return report
         async with engine.connect() as conn:
             seen = await seen_table(conn)
             try:
@@ -79,7 +99,7 @@ async def import_csv(
                         region,
                         pool,
                         batch_size,
-                        max(workers, 1) + 1,
+                        depth,
                         progress,
                     )
                 if outer is not None:
@@ -106,28 +126,13 @@ async def _run(
     depth: int,
     progress: Callable[[ImportReport], None] | None,
 ) -> None:
-    """Keep ``depth`` batches parsing ahead while applying them in file order."""
-    loop = asyncio.get_running_loop()
-    pending: deque[asyncio.Future[list[Row]]] = deque()
+    """Apply the batches in file order, ``depth`` of them parsing ahead."""
     report = writer.report
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    eof = False
+    parse = partial(parse_batch, source.kind, source.header, region)
     batches = 0
-    try:
-        while True:
-            while not eof and len(pending) < depth:
-                records = await asyncio.to_thread(source.records, batch_size)
-                eof = not records
-                if records:
-                    pending.append(
-                        loop.run_in_executor(
-                            pool, parse_batch, source.kind, source.header, region, records
-                        )
-                    )
-            if not pending:
-                await _finish(session, writer, progress)
-                return
-            rows = await pending.popleft()
+    async with aclosing(parsed(source, parse, pool, batch_size, depth)) as stream:
+        async for rows, _ in stream:
             try:
                 async with session.begin():
                     rejects = await writer.apply(session, rows)
@@ -149,9 +154,7 @@ async def _run(
             report.rejects += sorted(rejects)
             if progress is not None:
                 progress(report)
-    finally:
-        for future in pending:
-            future.cancel()
+    await _finish(session, writer, progress)
 
 
 async def _finish(

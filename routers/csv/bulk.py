@@ -1,0 +1,82 @@
+"""customers.csv, the directory's big file: staged in the database, then merged at once.
+
+Sole purpose: import a million customers in about a minute in bounded memory. Batches are
+parsed in worker processes (``routers.csv.pipeline``), streamed into temporary tables on
+the import's own connection (``routers.csv.staging``: ``COPY`` on PostgreSQL, one
+``executemany`` a batch on SQLite), and applied in one transaction by set-based SQL
+(``routers.csv.merge``), so the file is applied whole or not at all.
+
+SQLite: the merge's transaction takes the write lock for its duration (seconds for a
+million rows); the daemon's writes wait for it as for any writer (the busy timeout).
+"""
+
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import aclosing, suppress
+from functools import partial
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from routers.csv import staging
+from routers.csv.link import ERRORS, Link, link
+from routers.csv.merge import merge
+from routers.csv.pipeline import parsed
+from routers.csv.report import ImportAborted, ImportReport
+from routers.csv.source import CsvSource
+
+
+async def import_customers(
+    engine: AsyncEngine,
+    source: CsvSource,
+    report: ImportReport,
+    *,
+    region: str,
+    pool: ProcessPoolExecutor | None,
+    batch_size: int,
+    depth: int,
+    progress: Callable[[ImportReport], None] | None,
+) -> None:
+    """Stage every batch, then merge in one transaction, rolled back for a dry run.
+    ``progress`` gets the report after each staged batch but the last, then after the
+    merge."""
+    async with engine.connect() as conn:
+        db = await link(conn)
+        try:
+            await staging.create(db)
+            await _stage(db, source, report, region, pool, batch_size, depth, progress)
+            await staging.index(db)
+            await db.begin()
+            await merge(db, report, language="language" in source.header)
+            await (db.rollback() if report.dry_run else db.commit())
+        except ERRORS as exc:
+            raise ImportAborted(
+                f"database error, nothing from the file was applied: {exc}", report
+            ) from exc
+        finally:
+            # on a lost connection the error above says so; create() drops leftovers
+            with suppress(*ERRORS):
+                await db.rollback()
+                await staging.drop(db)
+    if progress is not None:
+        progress(report)
+
+
+async def _stage(
+    db: Link,
+    source: CsvSource,
+    report: ImportReport,
+    region: str,
+    pool: ProcessPoolExecutor | None,
+    batch_size: int,
+    depth: int,
+    progress: Callable[[ImportReport], None] | None,
+) -> None:
+    parse = partial(staging.stage_batch, source.header, region)
+    batches = 0
+    async with aclosing(parsed(source, parse, pool, batch_size, depth)) as stream:
+        async for batch, count in stream:
+            if batches and progress is not None:
+                progress(report)  # the batch before: not the last one
+            await staging.load(db, batch)
+            report.rows += count
+            batches += 1
