@@ -99,14 +99,17 @@ def normalise_phone(address: str, region: str) -> str:
             if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
                 return text  # alphanumeric sender id, e.g. "ACME123"
             raise InvalidIdentity(f"not a phone number: {address!r}")
-        for candidate in _phone_candidates(text, region):
-            try:
-                parsed = phonenumbers.parse(candidate, region)
-            except phonenumbers.NumberParseException:
-                continue
+        for candidate, parsed in _phone_candidates(text, region):
+            if parsed is None:
+                try:
+                    parsed = phonenumbers.parse(candidate, region)
+                except phonenumbers.NumberParseException:
+                    continue
             if phonenumbers.is_possible_number(parsed):
                 e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-                if _is_fixed_point(e164):
+                # "+digits" formatted to itself was just parsed as _is_fixed_point would
+                # (a leading "+" makes the region irrelevant): no need to parse it again
+                if e164 == candidate or _is_fixed_point(e164):
                     return e164
         raise InvalidIdentity(f"not a phone number: {address!r}")
     if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
@@ -124,26 +127,29 @@ def _is_fixed_point(e164: str) -> bool:
     return phonenumbers.format_number(again, phonenumbers.PhoneNumberFormat.E164) == e164
 
 
-def _phone_candidates(text: str, region: str) -> list[str]:
-    """The number as written, then as international when it carries a country code bare.
+def _phone_candidates(
+    text: str, region: str
+) -> list[tuple[str, phonenumbers.PhoneNumber | None]]:
+    """The number as written, then as international when it carries a country code bare;
+    each with its parse when already made (None: parse it).
 
     ``905321112233`` in region TR is the international form without ``+``; a valid
     national reading wins, so only numbers invalid as national are retried with ``+``.
     """
     digits = re.sub(r"\D", "", text)
     if text.startswith("+"):
-        return ["+" + digits]
+        return [("+" + digits, None)]
     if text.startswith("00"):
-        return ["+" + digits[2:]]
-    out: list[str] = []
+        return [("+" + digits[2:], None)]
+    out: list[tuple[str, phonenumbers.PhoneNumber | None]] = []
     try:
         national = phonenumbers.parse(digits, region)
         if phonenumbers.is_valid_number(national):
-            return [digits]
+            return [(digits, national)]  # parsing is deterministic: reuse this one
     except phonenumbers.NumberParseException:
         pass
-    out.append("+" + digits)
-    out.append(digits)
+    out.append(("+" + digits, None))
+    out.append((digits, None))
     return out
 
 
