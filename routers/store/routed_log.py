@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Select, and_, bindparam, func, or_, select
+from sqlalchemy import Connection, Insert, Select, String, and_, bindparam, func, or_, select, true
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ingest.schema import Channel, InboundMessage, RecentContact, Route, RoutedMessage
@@ -151,7 +152,9 @@ def recent_contacts(
 ) -> dict[str, list[RecentContact]]:
     """The recent contacts of many customers in one query (a window per customer), newest
     first."""
-    rows = connection.execute(_RECENT, {"ids": customer_ids, "limit": limit})
+    rows = connection.execute(
+        _recent(connection.dialect.name), {"ids": customer_ids, "limit": limit}
+    )
     found: dict[str, list[RecentContact]] = {}
     for r in rows:
         found.setdefault(r.customer_id, []).append(
@@ -194,26 +197,60 @@ async def find_routed(
 
 # The statements, built once.
 _record = RoutedRecord.__table__.c
-_ranked = (
-    select(
-        _record.customer_id,
-        _record.channel,
-        _record.routed_at,
-        _record.id,
-        _record.route_kind,
-        _record.route_target,
-        func.row_number()
-        .over(partition_by=_record.customer_id, order_by=_record.routed_at.desc())
-        .label("rank"),
+_RECENT_COLUMNS = (
+    _record.customer_id,
+    _record.channel,
+    _record.routed_at,
+    _record.id,
+    _record.route_kind,
+    _record.route_target,
+)
+
+
+@functools.cache
+def _recent(dialect: str) -> Select[Any]:
+    """Each customer's ``limit`` newest routed records.
+
+    On PostgreSQL one index range scan per customer, newest first, stopping at ``limit``:
+    the cost stays that of ``limit`` rows however long a customer's history grows. The
+    window query it replaces read every record of the customers and was estimated so large
+    that the planner started parallel workers for it, whose start alone (about 25 ms) cost
+    more than the read; the router slowed with every round of the routed log (issue 18).
+    SQLite has no LATERAL; it reads the window in-process, without that start cost."""
+    if dialect == "postgresql":
+        wanted = (
+            func.unnest(bindparam("ids", type_=postgresql.ARRAY(String)))
+            .table_valued("id")
+            .render_derived(name="wanted")
+        )
+        newest = (
+            select(*_RECENT_COLUMNS)
+            .where(_record.customer_id == wanted.c.id)
+            .order_by(_record.routed_at.desc())
+            .limit(bindparam("limit"))
+            .lateral("newest")
+        )
+        return (
+            select(newest)
+            .select_from(wanted)
+            .join(newest, true())
+            .order_by(newest.c.customer_id, newest.c.routed_at.desc())
+        )
+    ranked = (
+        select(
+            *_RECENT_COLUMNS,
+            func.row_number()
+            .over(partition_by=_record.customer_id, order_by=_record.routed_at.desc())
+            .label("rank"),
+        )
+        .where(_record.customer_id.in_(bindparam("ids", expanding=True)))
+        .subquery()
     )
-    .where(_record.customer_id.in_(bindparam("ids", expanding=True)))
-    .subquery()
-)
-_RECENT = (
-    select(_ranked)
-    .where(_ranked.c.rank <= bindparam("limit"))
-    .order_by(_ranked.c.customer_id, _ranked.c.rank)
-)
+    return (
+        select(ranked)
+        .where(ranked.c.rank <= bindparam("limit"))
+        .order_by(ranked.c.customer_id, ranked.c.rank)
+    )
 
 
 @functools.cache
