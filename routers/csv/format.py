@@ -67,6 +67,7 @@ _ADDRESS_LIMIT = 512
 # of them, so that the escape can be undone exactly) with "'"; import strips that quote.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
 _ESCAPED = re.compile(r"'+[=+\-@\t\r]")
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes not of the encoding, surrogateescape'd
 
 Identity = tuple[str, str]  # (kind, normalised address)
 
@@ -284,7 +285,7 @@ def _key(kind: str, record: dict[str, str]) -> str | None:
         key, team, limit = record["id"].strip() or None, record["id"].strip(), _LIMITS["id"]
     if key is None or len(team) > limit or "\x00" in key:
         return None
-    return None if any("\udc80" <= c <= "\udcff" for c in key) else key
+    return None if _UNDECODABLE.search(key) else key
 
 
 def _parse_row(kind: str, header: list[str], fields: list[str], line: int, region: str) -> Row:
@@ -296,7 +297,7 @@ def _parse_row(kind: str, header: list[str], fields: list[str], line: int, regio
     for value in fields:
         if "\x00" in value:
             return Row(line, row_id, error="contains a NUL character")
-        if any("\udc80" <= c <= "\udcff" for c in value):  # surrogateescape'd bytes
+        if _UNDECODABLE.search(value):
             return Row(line, row_id, error="not valid UTF-8" + _likely_encoding(fields))
     try:
         row = _parse_values(kind, record, region)
