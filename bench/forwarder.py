@@ -12,6 +12,9 @@ same broker, with the router's own message bodies, and divides.
 ``bus.queue_type``) instead of limit_forwarder's classic queues, to show what the queue type
 alone costs.
 
+``forward_processes`` runs the same loop in N processes on one queue: the ceiling for N
+router processes (issue 18's scale-out efficiency).
+
 Usage: forwarder.py [--url amqp://guest:guest@127.0.0.1/] [-n 20000] [--prefetch 256]
 """
 
@@ -19,6 +22,8 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -95,11 +100,114 @@ async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] 
         await conn.close()
 
 
+async def forward_processes(url: str, n: int, prefetch: int, body: Callable[[int], bytes],
+                            processes: int, *, cpu: list[float] | None = None) -> float:
+    """``forward``'s loop in ``processes`` processes consuming one preloaded queue, released
+    together and timed until all ``n`` are forwarded; msg/s. ``cpu`` gets their summed CPU
+    seconds over the timed span."""
+    tag = uuid.uuid4().hex[:8]
+    # not robust: a robust channel answers a passive declare from its cache (count 0)
+    conn = await aio_pika.connect(url)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        ch = await conn.channel(publisher_confirms=True)
+        ex_in = await ch.declare_exchange(f"fwd.in.{tag}", aio_pika.ExchangeType.TOPIC,
+                                          auto_delete=True)
+        ex_out = await ch.declare_exchange(f"fwd.out.{tag}", aio_pika.ExchangeType.TOPIC,
+                                           auto_delete=True)
+        q_in = await ch.declare_queue(f"fwd.in.q.{tag}", durable=True)
+        q_out = await ch.declare_queue(f"fwd.out.q.{tag}", durable=True)
+        await q_in.bind(ex_in, "#")
+        await q_out.bind(ex_out, "#")
+        for i in range(0, n, 512):  # preload, not timed
+            await asyncio.gather(*(
+                ex_in.publish(aio_pika.Message(body(j), delivery_mode=2),
+                              routing_key="inbound.email")
+                for j in range(i, min(i + 512, n))))
+        for _ in range(processes):
+            procs.append(subprocess.Popen(  # noqa: ASYNC220 (before the clock starts)
+                [sys.executable, __file__, "--child", tag, "--url", url,
+                 "--prefetch", str(prefetch)],
+                stdin=subprocess.PIPE, stderr=subprocess.PIPE))
+        for p in procs:
+            assert p.stderr is not None
+            line = await asyncio.to_thread(p.stderr.readline)
+            if line.strip() != b"ready":
+                raise SystemExit(f"forwarder process failed: {line!r}")
+        t0 = time.perf_counter()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+        while True:
+            q = await ch.declare_queue(f"fwd.out.q.{tag}", passive=True)
+            if (q.declaration_result.message_count or 0) >= n:
+                break
+            if time.perf_counter() - t0 > 600:
+                raise SystemExit("forwarders did not finish within 600 s")
+            await asyncio.sleep(0.01)
+        dt = time.perf_counter() - t0
+        await q_in.delete(if_unused=False, if_empty=False)
+        await q_out.delete(if_unused=False, if_empty=False)
+    finally:
+        spent = 0.0
+        for p in procs:
+            if p.poll() is None and p.stdin is not None:
+                p.stdin.write(b"stop\n")
+                p.stdin.flush()
+            try:
+                _, err = p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                continue
+            for line in err.decode(errors="replace").splitlines():
+                if line.startswith("cpu "):
+                    spent += float(line.split()[1])
+        if cpu is not None:
+            cpu.append(spent)
+        await conn.close()
+    return n / dt
+
+
+async def _child(url: str, tag: str, prefetch: int) -> None:
+    """One of ``forward_processes``' forwarders: says ready, waits for go, forwards until
+    told to stop, then prints its CPU seconds since go."""
+    conn = await aio_pika.connect_robust(url)
+    try:
+        fwd = await conn.channel(publisher_confirms=True)
+        await fwd.set_qos(prefetch_count=prefetch)
+        ex_out = await fwd.get_exchange(f"fwd.out.{tag}")
+        q = await fwd.get_queue(f"fwd.in.q.{tag}")
+
+        async def handle(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
+            decoded = json.loads(msg.body)
+            await ex_out.publish(aio_pika.Message(json.dumps(decoded).encode(), delivery_mode=2),
+                                 routing_key="team.x")
+            await msg.ack()
+
+        print("ready", file=sys.stderr, flush=True)
+        await asyncio.to_thread(sys.stdin.readline)  # go
+        c0 = time.process_time()
+        await q.consume(handle)
+        await asyncio.to_thread(sys.stdin.readline)  # stop
+        print(f"cpu {time.process_time() - c0}", file=sys.stderr, flush=True)
+    finally:
+        await conn.close()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"))
     p.add_argument("-n", type=int, default=20000)
     p.add_argument("--prefetch", type=int, default=256)
     p.add_argument("--queue-type", choices=["classic", "quorum"], default="classic")
+    p.add_argument("--processes", type=int, default=1, help="forwarder processes on one queue")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
-    asyncio.run(forward(a.url, a.n, a.prefetch, queue_type=a.queue_type))
+    if a.child:
+        asyncio.run(_child(a.url, a.child, a.prefetch))
+    elif a.processes > 1:
+        rate = asyncio.run(forward_processes(a.url, a.n, a.prefetch, limit_sample, a.processes))
+        print(f"forwarder x{a.processes} (classic): {a.n} messages, {rate:.0f} msg/s")
+    else:
+        asyncio.run(forward(a.url, a.n, a.prefetch, queue_type=a.queue_type))

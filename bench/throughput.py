@@ -12,7 +12,9 @@ settings (quorum queues, prefetch 256), and the daemon's JSON logging to a file.
 
 After the last round the forwarder is timed once more, so that every router round lies
 between two forwarder runs, and its ratio is to their mean: this machine's speed drifts by
-10-40 % within minutes, and a ratio to the run before alone carries that drift.
+10-40 % within minutes, and a ratio to the run before alone carries that drift. With
+``--workers N`` above 1 the forwarder runs as N processes on one queue
+(``forwarder.forward_processes``): N routers are compared with N forwarders (issue 18).
 
 A fresh vhost is created for the run and deleted at the end; every round routes into a
 fresh copy of the directory, so the duplicate-removal record starts empty each time.
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import benchlib
-from forwarder import forward, limit_sample
+from forwarder import forward, forward_processes, limit_sample
 
 HERE = Path(__file__).resolve().parent
 
@@ -298,6 +300,16 @@ def fresh_db(template: Path, tag: str, database_url: str | None) -> tuple[str, P
     return f"sqlite:///{copy}", copy
 
 
+async def forwarders(url: str, a: argparse.Namespace, bodies: list[bytes],
+                     cpu: list[float]) -> float:
+    """The ceiling for ``a.workers`` router processes: as many forwarder processes on one
+    queue (one forwarder runs in this process, as ever)."""
+    if a.workers > 1:
+        return await forward_processes(url, a.n, a.prefetch, lambda i: bodies[i], a.workers,
+                                       cpu=cpu)
+    return await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True, cpu=cpu)
+
+
 async def main(a: argparse.Namespace) -> None:
     print(benchlib.machine())
     template = benchlib.directory_db(a.customers)
@@ -317,8 +329,7 @@ async def main(a: argparse.Namespace) -> None:
     router_usage: list[dict[str, float]] = []
     with benchlib.fresh_vhost() as url:
         for r in range(a.rounds):
-            fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True,
-                                           cpu=fwd_cpu))
+            fwd_rates.append(await forwarders(url, a, bodies, fwd_cpu))
             if a.quorum_forwarder:
                 fwdq_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i],
                                                 queue_type="quorum", quiet=True))
@@ -360,8 +371,7 @@ async def main(a: argparse.Namespace) -> None:
             if fwdq_rates:
                 line += f" (forwarder on quorum queues {fwdq_rates[-1]:.0f} msg/s)"
             print(line, flush=True)
-        fwd_rates.append(await forward(url, a.n, a.prefetch, lambda i: bodies[i], quiet=True,
-                                       cpu=fwd_cpu))
+        fwd_rates.append(await forwarders(url, a, bodies, fwd_cpu))
         print(f"closing forwarder run: {fwd_rates[-1]:.0f} msg/s, "
               f"CPU per message {fwd_cpu[-1] / a.n * 1000:.3f} ms", flush=True)
     shutil.rmtree(logdir, ignore_errors=True)
