@@ -42,6 +42,7 @@ async def import_customers(
     async with engine.connect() as conn:
         db = await link(conn)
         try:
+            await db.tune()
             await staging.create(db)
             await _stage(db, source, report, region, pool, batch_size, depth, progress)
             await staging.index(db)
@@ -57,6 +58,7 @@ async def import_customers(
             with suppress(*ERRORS):
                 await db.rollback()
                 await staging.drop(db)
+                await db.untune()
     if progress is not None:
         progress(report)
 

@@ -20,6 +20,10 @@ Records = list[tuple[Any, ...]]
 
 #: the bound on one whole-file statement (a merge of millions of rows on a slow disk)
 STATEMENT_TIMEOUT = 3600.0
+#: SQLite's page cache for each of the file and the staging tables during an import
+CACHE_MB = 64
+#: PostgreSQL's memory for each sort or hash of the merge
+WORK_MEM_MB = 64
 #: what the drivers raise when the database fails a statement or the connection is lost
 ERRORS: tuple[type[Exception], ...] = (
     sqlite3.Error,
@@ -36,6 +40,8 @@ class Link(Protocol):
 
     #: SQL's null-safe "differs" (``IS DISTINCT FROM``; SQLite before 3.39 spells it ``IS NOT``)
     distinct: str
+    #: joins by nested loops only (SQLite): every lookup the merge makes needs an index
+    loops: bool
 
     async def execute(self, sql: str) -> int: ...
 
@@ -43,6 +49,11 @@ class Link(Protocol):
 
     async def load(self, table: str, columns: Sequence[str], records: Records) -> None:
         """Append ``records`` to ``table`` as fast as the driver can."""
+
+    async def tune(self) -> None:
+        """Give the connection room for whole-file statements; ``untune`` gives it back."""
+
+    async def untune(self) -> None: ...
 
     async def begin(self) -> None:
         """Start the merge's transaction (SQLite: taking the write lock now, so that reads
@@ -55,6 +66,7 @@ class Link(Protocol):
 
 class _Postgres:
     distinct = "IS DISTINCT FROM"
+    loops = False
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw  # asyncpg.Connection
@@ -74,9 +86,17 @@ class _Postgres:
                 table, records=records, columns=list(columns), timeout=STATEMENT_TIMEOUT
             )
 
+    async def tune(self) -> None:
+        pass  # the server's memory: work_mem is set for the merge's transaction only
+
+    async def untune(self) -> None:
+        pass
+
     async def begin(self) -> None:
         self.transaction = self.raw.transaction()
         await self.transaction.start()
+        # hash joins and sorts over the whole file in memory rather than in batches on disk
+        await self.execute(f"SET LOCAL work_mem = '{WORK_MEM_MB}MB'")
 
     async def commit(self) -> None:
         transaction, self.transaction = self.transaction, None
@@ -90,9 +110,11 @@ class _Postgres:
 
 class _Sqlite:
     distinct = "IS NOT"
+    loops = True
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw  # aiosqlite.Connection
+        self.cache = -2000
 
     async def execute(self, sql: str) -> int:
         cursor = await self.raw.execute(sql)
@@ -109,6 +131,17 @@ class _Sqlite:
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})",  # noqa: S608  names are ours
             records,
         )
+
+    async def tune(self) -> None:
+        # SQLite's default page cache (2 MiB) makes every index insert of a million-row
+        # merge a read from the OS; this is the import process's own memory
+        ((self.cache,),) = await self.fetch("PRAGMA cache_size")
+        for schema in ("main", "temp"):
+            await self.execute(f"PRAGMA {schema}.cache_size = -{CACHE_MB * 1024}")
+
+    async def untune(self) -> None:
+        for schema in ("main", "temp"):
+            await self.execute(f"PRAGMA {schema}.cache_size = {self.cache}")
 
     async def begin(self) -> None:
         if self.raw.in_transaction:  # sqlite3 began one for the staging inserts: temp only

@@ -74,33 +74,46 @@ INVOLVED_OWNERS = """
 SELECT i.kind, i.address, i.customer_id FROM import_involved v
 JOIN import_ids n ON n.line = v.line
 JOIN identities i ON i.kind = n.kind AND i.address = n.address"""
-# counted before writing: a customer whose columns differ or whose identity set changes
-# (gone, or new for one who had identities)
-UPDATED = """
-SELECT COUNT(*) FROM import_rows r JOIN customers c ON c.id = r.id
-WHERE {differs}
-   OR EXISTS (SELECT 1 FROM identities i WHERE i.customer_id = r.id
-              AND NOT EXISTS (SELECT 1 FROM import_ids n WHERE n.kind = i.kind
-                              AND n.address = i.address AND n.customer_id = i.customer_id))
-   OR (EXISTS (SELECT 1 FROM import_ids n WHERE n.line = r.line
-               AND NOT EXISTS (SELECT 1 FROM identities i WHERE i.kind = n.kind
-                               AND i.address = n.address AND i.customer_id = n.customer_id))
-       AND EXISTS (SELECT 1 FROM identities i WHERE i.customer_id = r.id))"""
+# The customers whose columns differ, and those whose identity set changes (gone ones, or
+# new ones for a customer who had identities) are "updated": collected in import_touched
+# as the writes go, each found once.
+TOUCH_COLUMNS = """
+INSERT INTO import_touched (customer_id)
+SELECT r.id FROM import_rows r JOIN customers c ON c.id = r.id WHERE {differs}"""
 UPDATE = """
 UPDATE customers SET {assigned} FROM import_rows r
 WHERE customers.id = r.id AND ({differs})"""
 INSERT = """
 INSERT INTO customers (id, {columns}) SELECT r.id, {values} FROM import_rows r
 WHERE NOT EXISTS (SELECT 1 FROM customers c WHERE c.id = r.id) ORDER BY r.id"""
+GONE = (
+    """INSERT INTO import_gone (kind, address, customer_id)
+SELECT i.kind, i.address, i.customer_id FROM import_rows r
+JOIN identities i ON i.customer_id = r.id
+WHERE NOT EXISTS (SELECT 1 FROM import_ids n WHERE n.kind = i.kind
+                  AND n.address = i.address AND n.customer_id = i.customer_id)""",
+    """INSERT INTO import_touched (customer_id)
+SELECT DISTINCT g.customer_id FROM import_gone g
+WHERE NOT EXISTS (SELECT 1 FROM import_touched t WHERE t.customer_id = g.customer_id)""",
+    "ANALYZE import_gone",  # few rows, usually none: PostgreSQL then looks them up by key
+)
 REMOVE_IDENTITIES = """
-DELETE FROM identities WHERE customer_id IN (SELECT id FROM import_rows)
-  AND NOT EXISTS (SELECT 1 FROM import_ids n WHERE n.kind = identities.kind
-                  AND n.address = identities.address AND n.customer_id = identities.customer_id)"""
-# after the removals: an identity still stored is the row's customer's own
+DELETE FROM identities WHERE (kind, address) IN (SELECT kind, address FROM import_gone)"""
+# after the removals a customer who had identities and is not touched yet still has some
+TOUCH_NEW = """
+INSERT INTO import_touched (customer_id)
+SELECT DISTINCT n.customer_id FROM import_ids n
+WHERE NOT EXISTS (SELECT 1 FROM identities i WHERE i.kind = n.kind AND i.address = n.address)
+  AND EXISTS (SELECT 1 FROM identities h WHERE h.customer_id = n.customer_id)
+  AND NOT EXISTS (SELECT 1 FROM import_touched t WHERE t.customer_id = n.customer_id)"""
+UPDATED = "SELECT COUNT(*) FROM import_touched"
+# after the removals: an identity still stored is the row's customer's own; in key order,
+# the unique index grows at its end
 ADD_IDENTITIES = """
 INSERT INTO identities (kind, address, customer_id)
 SELECT n.kind, n.address, n.customer_id FROM import_ids n
-WHERE NOT EXISTS (SELECT 1 FROM identities i WHERE i.kind = n.kind AND i.address = n.address)"""
+WHERE NOT EXISTS (SELECT 1 FROM identities i WHERE i.kind = n.kind AND i.address = n.address)
+ORDER BY n.kind, n.address"""
 
 
 async def merge(link: Link, report: ImportReport, *, language: bool) -> None:
@@ -160,10 +173,10 @@ async def _contests(link: Link) -> list[Rejected]:
 
 
 async def _apply(link: Link, report: ImportReport, columns: list[str]) -> None:
-    """Count, then write: changed customers, new customers, gone identities, new ones.
+    """Write changed customers, new customers, gone identities, new ones; count as it goes.
     ``columns`` are the file's (never user text: safe to format into the SQL)."""
     differs = " OR ".join(f"c.{col} {link.distinct} r.{col}" for col in columns)
-    ((updated,),) = await link.fetch(UPDATED.format(differs=differs))
+    await link.execute(TOUCH_COLUMNS.format(differs=differs))
     await link.execute(
         UPDATE.format(
             assigned=", ".join(f"{col} = r.{col}" for col in columns),
@@ -173,6 +186,10 @@ async def _apply(link: Link, report: ImportReport, columns: list[str]) -> None:
     report.inserted = await link.execute(
         INSERT.format(columns=", ".join(columns), values=", ".join(f"r.{c}" for c in columns))
     )
+    for statement in GONE:
+        await link.execute(statement)
     report.identities_removed = await link.execute(REMOVE_IDENTITIES)
+    await link.execute(TOUCH_NEW)
     report.identities_added = await link.execute(ADD_IDENTITIES)
+    ((updated,),) = await link.fetch(UPDATED)
     report.updated = int(updated)

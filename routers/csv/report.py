@@ -11,8 +11,9 @@ from ingest.errors import OmnirouteError
 
 
 class ImportAborted(OmnirouteError):
-    """The database failed a batch; that batch was rolled back, earlier ones stay applied
-    (none in a dry run). ``report`` holds what was applied before it."""
+    """The database failed. customers.csv is applied in one transaction, so nothing of it
+    was; the other kinds in batches: the failed batch was rolled back, earlier ones stay
+    applied (none in a dry run). ``report`` holds what was read and applied before it."""
 
     def __init__(self, message: str, report: "ImportReport") -> None:
         super().__init__(message)

@@ -23,7 +23,9 @@ IDENTITIES = "import_ids"
 DROPPED = "import_dropped"  # lines the merge rejects, to take out of the stage
 INVOLVED = "import_involved"  # lines whose identity claims are decided in Python
 CONTESTED = "import_contested"
-TABLES = (ROWS, IDENTITIES, DROPPED, INVOLVED, CONTESTED)
+GONE = "import_gone"  # identities the file takes from their customers
+TOUCHED = "import_touched"  # customers the merge updates
+TABLES = (ROWS, IDENTITIES, DROPPED, INVOLVED, CONTESTED, GONE, TOUCHED)
 
 ROW_COLUMNS = ("line", "id", "name", "team_id", "language", "error")
 IDENTITY_COLUMNS = ("line", "customer_id", "kind", "address")
@@ -68,6 +70,11 @@ async def create(link: Link) -> None:
         f"{temporary} {CONTESTED} (kind TEXT NOT NULL, address TEXT NOT NULL, "
         "PRIMARY KEY (kind, address))"
     )
+    await link.execute(
+        f"{temporary} {GONE} (kind TEXT NOT NULL, address TEXT NOT NULL, "
+        "customer_id TEXT NOT NULL, PRIMARY KEY (kind, address))"
+    )
+    await link.execute(f"{temporary} {TOUCHED} (customer_id TEXT PRIMARY KEY)")
 
 
 async def load(link: Link, batch: Batch) -> None:
@@ -78,10 +85,12 @@ async def load(link: Link, batch: Batch) -> None:
 
 async def index(link: Link) -> None:
     """The merge's lookups, built once the file is in (cheaper than row by row), and the
-    planner's statistics (autovacuum never analyzes temporary tables)."""
+    planner's statistics (autovacuum never analyzes temporary tables). PostgreSQL joins
+    the whole file by hashing; SQLite, which only loops, needs an index for each lookup."""
     await link.execute(f"CREATE INDEX {ROWS}_id ON {ROWS} (id)")
-    await link.execute(f"CREATE INDEX {IDENTITIES}_address ON {IDENTITIES} (kind, address)")
-    await link.execute(f"CREATE INDEX {IDENTITIES}_line ON {IDENTITIES} (line)")
+    if link.loops:
+        await link.execute(f"CREATE INDEX {IDENTITIES}_address ON {IDENTITIES} (kind, address)")
+        await link.execute(f"CREATE INDEX {IDENTITIES}_line ON {IDENTITIES} (line)")
     await link.execute(f"ANALYZE {ROWS}")
     await link.execute(f"ANALYZE {IDENTITIES}")
 

@@ -1,16 +1,13 @@
-"""Writing a directory import to the database: one batch of parsed rows, one transaction.
+"""Writing a directory import of teams, agents or holidays to the database: one batch of
+parsed rows, one transaction (customers, the big file, are ``routers.csv.bulk``'s).
 
 Sole purpose: apply the rows ``routers.csv.format`` accepted, rejecting those that clash
-with the file or the database (an id seen earlier in the file, an unknown team, an
-identity another customer owns), without ever moving an identity from one customer to
-another.
+with the file or the database (an id seen earlier in the file, an unknown team, a loop of
+escalations).
 
 Invariants:
 - Ids already seen in the file live in a temporary table on the import's own connection
-  (``seen_table``), not in memory; identities claimed by earlier rows are found in the
-  database itself.
-- A customer row replaces that customer's identity set; an identity owned by another
-  customer rejects the row.
+  (``seen_table``), not in memory.
 - A row updates only the columns its file has (an old header leaves issue 15's as they
   are).
 - A team's ``after_hours`` and ``escalate_to`` teams and an agent's ``deputy`` exist when
@@ -30,7 +27,7 @@ from typing import Any
 from sqlalchemy import Table, delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from routers.csv.format import Identity, Row, holiday_key
+from routers.csv.format import Row, holiday_key
 from routers.csv.report import ImportReport, Rejected
 from routers.models import Agent, CompanyHoliday, Customer, CustomerIdentity, Team
 from routers.store.sql import upsert
@@ -38,8 +35,8 @@ from routers.store.sql import upsert
 CHUNK = 1_000  # rows per statement: keeps bound parameters far below SQLite's and asyncpg's limits
 
 TEAMS: Table = Team.__table__  # type: ignore[assignment]
-IDENTITIES: Table = CustomerIdentity.__table__  # type: ignore[assignment]
 HOLIDAYS: Table = CompanyHoliday.__table__  # type: ignore[assignment]
+IDENTITIES: Table = CustomerIdentity.__table__  # type: ignore[assignment]
 #: the table each kind of row is stored in
 TABLES: dict[str, Table] = {
     "teams": TEAMS,
@@ -85,17 +82,14 @@ class BatchWriter:
         self.seen = seen
         self.report = report
         self.table = TABLES[kind]
-        self.tables = [self.table, seen] + ([IDENTITIES] if kind == "customers" else [])
+        self.tables = [self.table, seen]
         #: rows naming an after_hours team or deputy not known yet (see the module doc)
         self.waiting: list[Row] = []
         #: holidays: the teams with an accepted row, whose calendar the file replaces
         self.calendars: set[str] = set()
-        #: customers whose identity set this batch changes (an update even if nothing else)
-        self.identities_changed: set[str] = set()
 
     async def apply(self, session: AsyncSession, rows: list[Row]) -> list[Rejected]:
         rejects: list[Rejected] = []
-        self.identities_changed.clear()
         first_line: dict[str, int] = {}
         earlier = dict(
             await _select_in(
@@ -126,10 +120,6 @@ class BatchWriter:
             unknown = [r for r in good if r.values["team_id"] not in teams | {None}]
             rejects += [Rejected(r.line, f"unknown team {r.values['team_id']!r}") for r in unknown]
             good = [r for r in good if r not in unknown]
-        added: list[dict[str, str]] = []
-        removed: list[Identity] = []
-        if self.kind == "customers":
-            good, added, removed = await self._claims(session, good, rejects)
         if self.kind in REFERENCES:
             good = await self._known(session, good)
         if self.kind == "teams":
@@ -138,18 +128,6 @@ class BatchWriter:
             self.calendars.update(r.values["team_id"] for r in good)
 
         await self._store(session, good)
-        # After the customers: a new identity's owner must exist (foreign key).
-        ident = IDENTITIES.c
-        for identity_kind in ("email", "phone", "twitter"):
-            gone = [a for k, a in removed if k == identity_kind]
-            for chunk in _chunks(gone):
-                await session.execute(
-                    delete(IDENTITIES).where(ident.kind == identity_kind, ident.address.in_(chunk))
-                )
-        for chunk in _chunks(added):
-            await session.execute(insert(IDENTITIES), chunk)
-        self.report.identities_added += len(added)
-        self.report.identities_removed += len(removed)
         return rejects
 
     async def finish(self, session: AsyncSession) -> list[Rejected]:
@@ -206,8 +184,7 @@ class BatchWriter:
             await session.execute(insert(self.table), chunk)
         for chunk in _chunks(changed):
             await upsert(session, self.table, chunk, keys)
-        reidentified = {r.id for r in rows if r.id in self.identities_changed}
-        self.report.updated += len(changed) + len(reidentified - {v.get("id") for v in changed})
+        self.report.updated += len(changed)
         self.report.inserted += len(new)
 
     async def _known(
@@ -283,52 +260,6 @@ class BatchWriter:
         for team, days in gone.items():
             await session.execute(delete(HOLIDAYS).where(h.team_id == team, h.day.in_(days)))
         self.report.removed += sum(len(days) for days in gone.values())
-
-    async def _claims(
-        self, session: AsyncSession, rows: list[Row], rejects: list[Rejected]
-    ) -> tuple[list[Row], list[dict[str, str]], list[Identity]]:
-        """Reject rows claiming an identity another customer owns; diff the others' sets.
-
-        Ownership is read for the batch's addresses and the batch's customers at once, then
-        updated row by row, so an identity released by an earlier row may be claimed later.
-        Returns the accepted rows, the identities to add and the identities to remove.
-        """
-        ident = IDENTITIES.c
-        columns = [ident.kind, ident.address, ident.customer_id]
-        owner: dict[Identity, str] = {}
-        for identity_kind in ("email", "phone", "twitter"):
-            addresses = {a for r in rows for k, a in r.identities if k == identity_kind}
-            where = ident.kind == identity_kind
-            for k, a, c in await _select_in(session, columns, ident.address, addresses, where):
-                owner[(k, a)] = c
-        held: dict[str, set[Identity]] = {}
-        for k, a, c in await _select_in(session, columns, ident.customer_id, (r.id for r in rows)):
-            owner[(k, a)] = c
-            held.setdefault(c, set()).add((k, a))
-
-        good: list[Row] = []
-        added: list[dict[str, str]] = []
-        removed: list[Identity] = []
-        for row in rows:
-            assert row.id is not None
-            taken = sorted(i for i in row.identities if owner.get(i, row.id) != row.id)
-            if taken:
-                k, a = taken[0]
-                rejects.append(
-                    Rejected(row.line, f"{k} {a} is owned by customer {owner[(k, a)]!r}")
-                )
-                continue
-            good.append(row)
-            before = held.get(row.id, set())
-            if before != row.identities and row.id in held:
-                self.identities_changed.add(row.id)
-            for k, a in before - row.identities:
-                del owner[(k, a)]
-                removed.append((k, a))
-            for k, a in row.identities - before:
-                owner[(k, a)] = row.id
-                added.append({"kind": k, "address": a, "customer_id": row.id})
-        return good, added, removed
 
 
 async def seen_table(conn: AsyncConnection) -> Table:
