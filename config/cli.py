@@ -7,13 +7,14 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from config.dead.parser import add_parser as add_dead_parser
-from config.logging import configure as configure_logging
-from config.registry import IDENTITY_KINDS
-from config.settings import COMPONENTS, Settings, config_path, load_settings
+from config.registry import COMPONENTS, IDENTITY_KINDS
 from ingest.errors import AuthError, ConfigError, OmnirouteError
+
+if TYPE_CHECKING:  # imported in main(): `--help`, usage errors and `schema` need neither
+    from config.settings import Settings
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -195,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(document() if args.asyncapi else json_schemas(), indent=2))
             return 0
+        from config.logging import configure as configure_logging
+        from config.settings import config_path, load_settings
+
         path = config_path(args.config)
         settings = load_settings(path)
         if args.command == "run" and args.component:
@@ -249,7 +253,7 @@ def _first_omniroute_error(group: BaseExceptionGroup[BaseException]) -> Omnirout
     return None
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings, path: Path | None) -> int:
+async def _dispatch(args: argparse.Namespace, settings: "Settings", path: Path | None) -> int:
     if args.command == "run":
         from config.daemon import Daemon
 

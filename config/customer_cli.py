@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from config.settings import Settings
-from ingest.bus import Bus
 from ingest.errors import ConfigError, OmnirouteError
 from ingest.identities import InvalidIdentity, normalise, redact
 from ingest.schema import CustomerUnstick, new_id
@@ -59,6 +58,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             log.warning("customer.identities_shown", customer=customer.id, user=getpass.getuser())
         print("\n".join(f"{key + ':' if key else '':<18}{value}" for key, value in lines))
         return 0
+    from ingest.bus import Bus  # here: `customer show` and `directory search` need no broker
+
     event = CustomerUnstick(customer_id=customer.id, reason=args.reason)
     bus = Bus(settings.amqp_url.get_secret_value(), settings.bus, name="omniroute-customer")
     await bus.open()

@@ -14,9 +14,6 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"directory at schema revision {await current_revision(url)}")
         return 0
     await require_current(url)
-    from routers.csv.exporter import export_csv
-    from routers.csv.importer import import_csv
-
     engine = create_engine(url, settings.directory)
     try:
         if args.action == "show":
@@ -32,6 +29,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
             return await delete_record(engine, args, settings)
         if args.action == "import":
+            from routers.csv.importer import import_csv
+
             report = await import_csv(
                 engine,
                 args.file,
@@ -51,6 +50,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 f"{removed}, {len(report.rejects)} rejected"
             )
             return 1 if report.rejects else 0
+        from routers.csv.exporter import export_csv
+
         if args.output is not None:
             with args.output.open("w", encoding="utf-8", newline="") as out:
                 count = await export_csv(engine, args.kind, out)

@@ -45,13 +45,12 @@ from connectors.settings import (
     TwitterSettings,
     url_problem,
 )
-from ingest.amqp import amqp_nodes
 from ingest.errors import ConfigError
-from ingest.settings import BusSettings, MetricsSettings
-from routers.dispatcher import DispatchSettings
+from ingest.settings import BusSettings, MetricsSettings, amqp_nodes
 from routers.settings import (
     AckSettings,
     DirectorySettings,
+    DispatchSettings,
     EventsSettings,
     RouterSettings,
     RoutingSettings,

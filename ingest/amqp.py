@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from aio_pika.connection import make_url
 
 from ingest.errors import AuthError, TransientError, UnroutableError
 from ingest.settings import BusSettings
+from ingest.settings import amqp_nodes as amqp_nodes  # there: loading settings needs no aio-pika
 
 
 def amqp_heartbeat(window: int) -> int:
@@ -50,17 +50,6 @@ def with_heartbeat(url: str, heartbeat: int) -> str:
     query = dict(parse_qsl(parts.query))
     query.setdefault("heartbeat", str(amqp_heartbeat(heartbeat)))
     return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-#: where one node's URL ends and the next begins in ``amqp_url`` (issue 18): a comma before
-#: the next ``amqp://`` or ``amqps://``, so that a comma inside one URL is never a split
-_NEXT_NODE = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
-
-
-def amqp_nodes(url: str) -> list[str]:
-    """The node URLs ``amqp_url`` names: one URL, or several joined by commas (the form the
-    settings keep a list of nodes in)."""
-    return _NEXT_NODE.split(url)
 
 
 def redact_url(url: str) -> str:

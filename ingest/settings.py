@@ -1,5 +1,6 @@
 """Settings of the bus; the composition root (``config``) fills them in and passes them on."""
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -93,3 +94,14 @@ class MetricsSettings(BaseModel):
         description="seconds a scrape waits for the broker's queue counts; past it the queue "
         "series are left out and omniroute_queue_stats_up is 0",
     )
+
+
+#: where one node's URL ends and the next begins in ``amqp_url`` (issue 18): a comma before
+#: the next ``amqp://`` or ``amqps://``, so that a comma inside one URL is never a split
+_NEXT_NODE = re.compile(r",\s*(?=amqps?://)", re.IGNORECASE)
+
+
+def amqp_nodes(url: str) -> list[str]:
+    """The node URLs ``amqp_url`` names: one URL, or several joined by commas (the form the
+    settings keep a list of nodes in)."""
+    return _NEXT_NODE.split(url)

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -49,23 +49,12 @@ from ingest.topology import EVENTS, OUTBOUND_QUEUE
 from routers import directory, state
 from routers.acks import ACK_HEADER
 from routers.models import SentReply
-from routers.settings import EventsSettings, RoutingSettings
+from routers.settings import DispatchSettings, EventsSettings, RoutingSettings
 from routers.store import routed_log, sent_replies
 from routers.store.engine import sessionmaker
 from routers.trust import check_agent, check_publisher
 
 log = structlog.get_logger("omniroute.dispatcher")
-
-
-class DispatchSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    attempts: int = Field(
-        default=5, ge=1, le=50, description="tries of a transient send failure before giving up"
-    )
-    base_delay: float = Field(default=1.0, gt=0, description="first pause between tries, s")
-    max_delay: float = Field(default=30.0, gt=0, description="longest pause between tries, s")
-    prefetch: int = Field(default=16, ge=1, le=1000, description="replies sent concurrently")
 
 
 class OutboundDispatcher(QueueWorker):

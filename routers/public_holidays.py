@@ -10,8 +10,6 @@ language ("Kurban Bayramı"), not the process locale.
 from datetime import date
 from functools import lru_cache
 
-import holidays
-
 #: the minute from which a country's HALF_DAY holidays close
 HALF_DAY_FROM = {"TR": 13 * 60, "IS": 13 * 60}
 
@@ -19,6 +17,8 @@ HALF_DAY_FROM = {"TR": 13 * 60, "IS": 13 * 60}
 def check_country(code: str) -> str:
     """``code`` in canonical form ("TR", "DE-BY"), or ValueError if the holidays package
     has no calendar for it."""
+    import holidays  # here, not at the top: ~0.1 s that loading settings needs only for this
+
     country, dash, subdiv = code.strip().upper().partition("-")
     subdivs = holidays.list_supported_countries(include_aliases=False).get(country)
     if subdivs is None:
@@ -33,6 +33,8 @@ def check_country(code: str) -> str:
 def holidays_of(country: str, year: int) -> dict[date, tuple[str, int | None]]:
     """A country's holidays of a year, built once: date -> (name, None for a whole day or
     the minute a half day begins). A public holiday wins over a half day."""
+    import holidays
+
     code, _, subdiv = country.partition("-")
     language = holidays.country_holidays(code).default_language  # not the process locale
     half = HALF_DAY_FROM.get(code)

@@ -22,16 +22,18 @@ form, in ``routing.timezone``). A condition left out holds for every message.
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from zoneinfo import ZoneInfo
 
 from ingest.identities import InvalidIdentity, normalise
 from ingest.schema import InboundMessage
-from routers.directory import CustomerRecord
 from routers.keywords import KeywordIndex, message_text
 from routers.rule_model import TopicRule as TopicRule
 from routers.rule_model import problems as problems_of
 from routers.schedule import DAY, WeeklyHours
+
+if TYPE_CHECKING:  # only named: the settings load rules without the directory's database layer
+    from routers.directory import CustomerRecord
 
 
 class Found(NamedTuple):
@@ -60,7 +62,7 @@ class _Seen:
     __slots__ = ("_hits", "_local", "_message", "_to", "customer", "language", "rules", "zone")
 
     def __init__(
-        self, rules: "RuleSet", message: InboundMessage, customer: CustomerRecord | None
+        self, rules: "RuleSet", message: InboundMessage, customer: "CustomerRecord | None"
     ) -> None:
         self.rules, self._message, self.customer = rules, message, customer
         raw = message.meta.get("language") or (customer.language if customer else None)
@@ -178,7 +180,7 @@ class RuleSet:
     def match(
         self,
         message: InboundMessage,
-        customer: CustomerRecord | None,
+        customer: "CustomerRecord | None",
         now: datetime,
         zone: ZoneInfo,
         *,
@@ -216,7 +218,7 @@ class RuleSet:
     def explain(
         self,
         message: InboundMessage,
-        customer: CustomerRecord | None,
+        customer: "CustomerRecord | None",
         now: datetime,
         zone: ZoneInfo,
     ) -> list[tuple[TopicRule, str | None, str]]:

@@ -287,3 +287,17 @@ class EventsSettings(BaseModel):
             if not name or len(name) > 255:
                 raise ValueError(f"not a broker user name: {name[:40]!r}")
         return value
+
+
+class DispatchSettings(BaseModel):
+    """The outbound dispatcher's retries and concurrency (``routers.dispatcher``); here, not
+    beside the dispatcher, so that loading the settings imports no routing machinery."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(
+        default=5, ge=1, le=50, description="tries of a transient send failure before giving up"
+    )
+    base_delay: float = Field(default=1.0, gt=0, description="first pause between tries, s")
+    max_delay: float = Field(default=30.0, gt=0, description="longest pause between tries, s")
+    prefetch: int = Field(default=16, ge=1, le=1000, description="replies sent concurrently")

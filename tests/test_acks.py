@@ -42,7 +42,7 @@ from ingest.topology import INBOUND, OUTBOUND_QUEUE
 from routers import ack_text
 from routers.acks import ACK_AGENT, ACK_HEADER, Acknowledger
 from routers.decider import DirectoryDecider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
+from routers.dispatcher import OutboundDispatcher
 from routers.models import (
     AckSent,
     Assignment,
@@ -53,7 +53,7 @@ from routers.models import (
     Team,
     ThreadOwner,
 )
-from routers.settings import AckSettings, RouterSettings, RoutingSettings
+from routers.settings import AckSettings, DispatchSettings, RouterSettings, RoutingSettings
 from routers.store.engine import create_engine, migrate, sessionmaker
 from routers.worker import RouterWorker
 from tests.email.conftest import smtp_server as smtp_server

@@ -14,8 +14,8 @@ from ingest.protocols import ReplyContext, SendResult
 from ingest.schema import Identity, ReplyRequest
 from ingest.topology import EVENTS_QUEUE, OUTBOUND
 from routers import state
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
-from routers.settings import RoutingSettings
+from routers.dispatcher import OutboundDispatcher
+from routers.settings import DispatchSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from tests.seed import seed
 from tests.support.broker import take

@@ -34,10 +34,10 @@ from ingest.topology import (
     REASON_HEADER,
 )
 from routers import state
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
+from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
 from routers.models import AgentPresence, ThreadOwner
-from routers.settings import EventsSettings, RouterSettings, RoutingSettings
+from routers.settings import DispatchSettings, EventsSettings, RouterSettings, RoutingSettings
 from routers.store.engine import sessionmaker
 from tests.seed import seed
 from tests.support.broker import opened_bus, take

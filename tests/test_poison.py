@@ -25,10 +25,10 @@ from ingest.schema import AgentStatus, Identity, InboundMessage, ReplyRequest, R
 from ingest.settings import BusSettings
 from ingest.topology import DEAD_QUEUE, EVENTS, INBOUND, OUTBOUND, REASON_HEADER, ROUTED_QUEUE
 from routers.decider import DirectoryDecider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
+from routers.dispatcher import OutboundDispatcher
 from routers.events import EventsWorker
 from routers.models import AgentPresence
-from routers.settings import DirectorySettings, RouterSettings, RoutingSettings
+from routers.settings import DirectorySettings, DispatchSettings, RouterSettings, RoutingSettings
 from routers.store.engine import create_engine, sessionmaker
 from routers.worker import RouterWorker
 from tests.phone_fixtures import ACME_PHONE, REGION, seed_directory

@@ -10,8 +10,8 @@ from ingest.bus import Bus
 from ingest.health import Health
 from ingest.protocols import Sender
 from routers.decider import DirectoryDecider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
-from routers.settings import RouterSettings, RoutingSettings
+from routers.dispatcher import OutboundDispatcher
+from routers.settings import DispatchSettings, RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
 from tests.support.broker import take
 from tests.support.waiting import until

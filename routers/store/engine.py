@@ -5,10 +5,8 @@ SQLite (a file in the state directory) serves one instance; PostgreSQL serves se
 
 import asyncio
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
@@ -17,6 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from ingest.errors import ConfigError, OmnirouteError
 from routers.settings import DirectorySettings
 from routers.store import transactions
+
+if TYPE_CHECKING:  # Alembic is imported where it is used: loading the settings does not
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent.parent / "migrations"
 
@@ -109,7 +110,9 @@ def sessionmaker(engine: AsyncEngine) -> async_sessionmaker[Any]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-def _alembic_config(url: str) -> Config:
+def _alembic_config(url: str) -> "Config":
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
@@ -119,6 +122,8 @@ def _alembic_config(url: str) -> Config:
 async def migrate(url: str, revision: str = "head") -> None:
     """Apply every pending migration (up to ``revision``); Alembic drives its own loop, so
     it runs in a thread."""
+    from alembic import command
+
     _ensure_sqlite_directory(normalise_url(url))
     try:
         await asyncio.to_thread(command.upgrade, _alembic_config(url), revision)

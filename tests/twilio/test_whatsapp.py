@@ -18,8 +18,8 @@ from ingest.protocols import ReplyContext, Sender
 from ingest.schema import Channel, Identity, InboundMessage, ReplyRequest, RoutedMessage
 from ingest.topology import EVENTS_QUEUE, OUTBOUND, ROUTED_QUEUE, ROUTER_QUEUE
 from routers.decider import DirectoryDecider
-from routers.dispatcher import DispatchSettings, OutboundDispatcher
-from routers.settings import RouterSettings, RoutingSettings
+from routers.dispatcher import OutboundDispatcher
+from routers.settings import DispatchSettings, RouterSettings, RoutingSettings
 from routers.worker import RouterWorker
 from tests.phone_fixtures import (
     ACCOUNT_SID,
