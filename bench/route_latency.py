@@ -13,14 +13,23 @@ rate: ``-q`` per worker times ``-c`` workers) and prints p50/p99 and every non-2
 ``omniroute-nocache`` target runs with ``directory_cache_ttl = 0`` so every request reads
 the directory.
 
+``--database-url`` points the omniroute targets at an imported directory (PostgreSQL, issue
+18's ten million customers) instead of a copy of the SQLite one. ``--callers N`` replaces
+``hey`` with an open-loop load of this script's own (httpx): request i is due at i/rate
+seconds, each asks for one of N known callers drawn at random from the whole directory, and
+its latency counts from when it was due (so a stall is not hidden by requests not sent): a
+large directory's index is then read where it is cold, not for one hot number.
+
 Usage: route_latency.py [--customers 100000] [--rates 100,300,1000] [--duration 20]
        [--rounds 3] [--targets floor,omniroute,omniroute-nocache]
+       [--database-url postgresql://...] [--callers 10000]
 """
 
 import argparse
 import asyncio
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -102,14 +111,60 @@ def hey(url: str, rate: int, duration: int, headers: dict[str, str]) -> dict[str
             "codes": json.dumps(codes), "errors": errors[1].strip()[:300] if errors else ""}
 
 
+def spread(base: str, callers: list[str], rate: int, duration: int,
+           headers: dict[str, str]) -> dict[str, float | str]:
+    """``hey``'s figures for an open-loop load over many callers (see the module doc)."""
+    return asyncio.run(_spread(base, callers, rate, duration, headers))
+
+
+async def _spread(base: str, callers: list[str], rate: int, duration: int,
+                  headers: dict[str, str]) -> dict[str, float | str]:
+    import httpx
+
+    rng = random.Random(rate)
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=10) as client:
+
+        async def one(due: float, caller: str) -> None:
+            try:
+                answer = await client.get(f"{base}/v1/route",
+                                          params={"caller": caller, "format": "json"})
+                codes[str(answer.status_code)] = codes.get(str(answer.status_code), 0) + 1
+                latencies.append(time.perf_counter() - due)
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+        tasks: list[asyncio.Task[None]] = []
+        t0 = time.perf_counter()
+        for i in range(rate * duration):
+            due = t0 + i / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(due, rng.choice(callers))))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies \
+            else float("nan")
+
+    return {"p50": pct(0.50), "p99": pct(0.99), "rps": len(latencies) / elapsed,
+            "codes": json.dumps(codes), "errors": json.dumps(errors) if errors else ""}
+
+
 def main(a: argparse.Namespace) -> None:
     print(benchlib.machine())
-    template = benchlib.directory_db(a.customers)
+    template = None if a.database_url else benchlib.directory_db(a.customers)
     work = benchlib.CACHE / f"latency-{uuid.uuid4().hex[:6]}"
     work.mkdir(parents=True)
     rates = [int(r) for r in a.rates.split(",")]
     targets = a.targets.split(",")
-    caller = known_caller(template)
+    callers = asyncio.run(known_callers(a.database_url or f"sqlite:///{template}",
+                                        a.customers, max(a.callers, 1)))
+    caller = callers[0].replace("+", "%2B")  # in hey's URL
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[tuple[str, int], list[dict[str, float | str]]] = {}
     try:
@@ -124,12 +179,17 @@ def main(a: argparse.Namespace) -> None:
                     pids[target] = procs[-1].pid
                     urls[target] = (f"http://127.0.0.1:{port}/v1/route?caller=%2B905300000001", {})
                 else:
-                    db = work / f"{target}.sqlite"
-                    shutil.copyfile(template, db)
+                    if a.database_url:
+                        db_url = a.database_url
+                    else:
+                        assert template is not None
+                        db = work / f"{target}.sqlite"
+                        shutil.copyfile(template, db)
+                        db_url = f"sqlite:///{db}"
                     if a.calendars:
-                        asyncio.run(benchlib.calendars_on(f"sqlite:///{db}"))
+                        asyncio.run(benchlib.calendars_on(db_url))
                     ttl = 0.0 if target.endswith("nocache") else None
-                    procs.append(start_daemon(work, amqp_url, f"sqlite:///{db}", port, ttl))
+                    procs.append(start_daemon(work, amqp_url, db_url, port, ttl))
                     pids[target] = procs[-1].pid
                     urls[target] = (f"http://127.0.0.1:{port}/v1/route?caller={caller}&format=json",
                                     {"Authorization": f"Bearer {TOKEN}"})
@@ -142,7 +202,11 @@ def main(a: argparse.Namespace) -> None:
                     for target, (url, headers) in urls.items():
                         before = decision_totals(url, headers) if target != "floor" else None
                         cpu = cpu_seconds(pids[target])
-                        res = hey(url, rate, a.duration, headers)
+                        if a.callers > 1 and target != "floor":
+                            res = spread(url.split("/v1/")[0], callers, rate, a.duration,
+                                         headers)
+                        else:
+                            res = hey(url, rate, a.duration, headers)
                         served = sum(int(n) for n in json.loads(str(res["codes"])).values())
                         res["cpu_ms"] = 1000 * (cpu_seconds(pids[target]) - cpu) / max(served, 1)
                         if before is not None:
@@ -202,15 +266,33 @@ def decision_totals(url: str, headers: dict[str, str]) -> tuple[float, float]:
     return total, count
 
 
-def known_caller(db: Path) -> str:
-    """A phone number the directory holds (E.164, URL-encoded)."""
-    import sqlite3
+async def known_callers(db_url: str, customers: int, n: int) -> list[str]:
+    """``n`` phone numbers of customers drawn at random from the whole directory (E.164;
+    the first is customer c00000001's, the one-caller runs' number)."""
+    from sqlalchemy import select
 
-    with sqlite3.connect(db) as conn:
-        (address,) = conn.execute(
-            "select address from identities where kind = 'phone' and customer_id = 'c00000001'"
-        ).fetchone()
-    return str(address).replace("+", "%2B")
+    from routers.models import CustomerIdentity
+    from routers.store.engine import create_engine
+
+    rng = random.Random(18)
+    wanted = ["c00000001", *(f"c{rng.randrange(customers):08d}" for _ in range(n - 1))]
+    engine = create_engine(db_url)
+    ident = CustomerIdentity.__table__.c
+    found: dict[str, str] = {}
+    try:
+        async with engine.connect() as conn:
+            for start in range(0, len(wanted), 1000):
+                chunk = wanted[start:start + 1000]
+                rows = await conn.execute(select(ident.customer_id, ident.address).where(
+                    ident.kind == "phone", ident.customer_id.in_(chunk)))
+                for customer, address in rows:
+                    found.setdefault(customer, address)
+    finally:
+        await engine.dispose()
+    if "c00000001" not in found:
+        raise SystemExit("the directory has no phone for customer c00000001")
+    first = found.pop("c00000001")
+    return [first, *found.values()][:n]
 
 
 if __name__ == "__main__":
@@ -223,6 +305,10 @@ if __name__ == "__main__":
     p.add_argument("--calendars", action="store_true",
                    help="issue 15: hours, holidays and after-hours teams for every team, a "
                    "capacity for every agent (benchlib.calendars_on)")
+    p.add_argument("--database-url", default=None,
+                   help="an imported directory for the omniroute targets (default: SQLite)")
+    p.add_argument("--callers", type=int, default=1,
+                   help="callers drawn from the directory; above 1, the open-loop load")
     p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.floor:

@@ -292,9 +292,11 @@ async def child(url: str, db_url: str, prefetch: int, cache_ttl: float | None,
     await engine.dispose()
 
 
-def fresh_db(template: Path, tag: str, database_url: str | None) -> tuple[str, Path | None]:
+def fresh_db(template: Path | None, tag: str, database_url: str | None
+             ) -> tuple[str, Path | None]:
     if database_url:
         return database_url, None
+    assert template is not None
     copy = benchlib.CACHE / f"run-{tag}.sqlite"
     shutil.copyfile(template, copy)
     return f"sqlite:///{copy}", copy
@@ -312,7 +314,8 @@ async def forwarders(url: str, a: argparse.Namespace, bodies: list[bytes],
 
 async def main(a: argparse.Namespace) -> None:
     print(benchlib.machine())
-    template = benchlib.directory_db(a.customers)
+    # an imported --database-url directory needs no SQLite copy (ten million customers)
+    template = None if a.database_url else benchlib.directory_db(a.customers)
     size = len(limit_sample(0))
     run = uuid.uuid4().hex[:6]
     bodies = [make_body(i, a.known, a.customers, run, size) for i in range(a.n)]
