@@ -84,7 +84,9 @@ class Node:
             RABBITMQ_PID_FILE=str(self.base / "pid"),
             ERL_EPMD_ADDRESS="127.0.0.1",
             # the distribution listener on loopback too, as the machine's broker has it
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+            # three nodes (and the machine's broker) share two cores: no scheduler busy-waits
+            " +sbwt none +sbwtdcpu none +sbwtdio none",
         )
         return env
 
@@ -193,11 +195,14 @@ class Cluster:
             node.start()
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda n: n.wait_started(timeout), self.nodes))
-        first = self.nodes[0]
-        for node in self.nodes[1:]:
-            node.ctl("stop_app")
-            node.ctl("join_cluster", first.name)
-            node.ctl("start_app")
+        first, others = self.nodes[0], self.nodes[1:]
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            # stopping and starting the joining nodes' apps at once: each is seconds; the
+            # joins themselves one after the other, as they change the cluster's membership
+            list(pool.map(lambda n: n.ctl("stop_app"), others))
+            for node in others:
+                node.ctl("join_cluster", first.name)
+            list(pool.map(lambda n: n.ctl("start_app"), others))
         running = first.ctl("eval", "length(rabbit_nodes:all_running()).").strip()
         if running != str(len(self.nodes)):
             raise RuntimeError(
