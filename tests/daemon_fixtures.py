@@ -1,11 +1,12 @@
 """Running the real daemon as a subprocess, as systemd or an operator would."""
 
+import concurrent.futures
 import os
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ class DaemonProcess:
             timeout=timeout,
             check=False,
         )
+
+    def cli_all(
+        self, *commands: Sequence[str], timeout: float = 60
+    ) -> list[subprocess.CompletedProcess[str]]:
+        """``cli`` for each of ``commands`` at once, their results in order: for commands that
+        only read (explain, show, export, search), each still a real ``omniroute`` process,
+        whose start (about a second of imports) runs beside the others on a second core."""
+        with concurrent.futures.ThreadPoolExecutor(len(commands)) as pool:
+            return list(pool.map(lambda args: self.cli(*args, timeout=timeout), commands))
 
     def start(
         self, *components: str, log: Path | None = None, address_space: int | None = None
