@@ -31,11 +31,15 @@ def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path
         assert result.returncode == 0, result.stderr
         assert f"imported {kind}:" in result.stdout
     assert "imported holidays: 3 new, 0 updated, 0 removed, 0 rejected" in result.stdout
-    for kind in KINDS:
-        out = tmp_path / f"{kind}.csv"
-        exported = daemon.cli("directory", "export", "--kind", kind, "--output", str(out))
+    exports = daemon.cli_all(  # they only read: at once
+        *(
+            ("directory", "export", "--kind", k, "--output", str(tmp_path / f"{k}.csv"))
+            for k in KINDS
+        )
+    )
+    for kind, exported in zip(KINDS, exports, strict=True):
         assert exported.returncode == 0, exported.stderr
-        again = daemon.cli("directory", "import", str(out))
+        again = daemon.cli("directory", "import", str(tmp_path / f"{kind}.csv"))
         assert again.returncode == 0
         assert "0 new" in again.stdout
         assert "0 rejected" in again.stdout
@@ -57,8 +61,8 @@ def test_import_examples_then_export_round_trips(daemon: DaemonProcess, tmp_path
 
 
 def test_rejected_rows_are_named_and_exit_1(daemon: DaemonProcess, tmp_path: Path) -> None:
-    assert daemon.cli("directory", "migrate").returncode == 0
-    assert daemon.cli("directory", "import", str(EXAMPLES / "teams.csv")).returncode == 0
+    # migrate and import teams.csv, in-process: both commands run for real in the test above
+    directory.load_examples(daemon.config, ("teams",))
     bad = tmp_path / "customers.csv"
     bad.write_text(
         "id,name,team,emails,phones,twitter\n"
@@ -84,14 +88,15 @@ def test_rejected_rows_are_named_and_exit_1(daemon: DaemonProcess, tmp_path: Pat
 
 
 def test_unreadable_file_is_one_line(daemon: DaemonProcess, tmp_path: Path) -> None:
-    assert daemon.cli("directory", "migrate").returncode == 0
-    missing = daemon.cli("directory", "import", str(tmp_path / "nope.csv"))
+    directory.load_examples(daemon.config, ())  # migrated, empty
+    odd = tmp_path / "odd.csv"
+    odd.write_text("foo,bar\n1,2\n", encoding="utf-8")
+    missing, result = daemon.cli_all(  # neither reads a row: at once
+        ("directory", "import", str(tmp_path / "nope.csv")), ("directory", "import", str(odd))
+    )
     assert missing.returncode != 0
     assert missing.stderr.startswith("omniroute: ")
     assert "Traceback" not in missing.stderr
-    odd = tmp_path / "odd.csv"
-    odd.write_text("foo,bar\n1,2\n", encoding="utf-8")
-    result = daemon.cli("directory", "import", str(odd))
     assert result.returncode != 0
     assert result.stderr.startswith("omniroute: ")
 
@@ -130,7 +135,11 @@ def test_show_team_prints_its_calendar_and_next_opening(daemon: DaemonProcess) -
     """An operator asking "why did billing's message go on call?" sees the team's hours, zone,
     holiday country, company days ahead and when it opens, as of any time."""
     load_examples(daemon)
-    result = daemon.cli("directory", "show", "team", "billing", "--at", "2026-12-26T23:30+03:00")
+    result, eve, oncall = daemon.cli_all(
+        ("directory", "show", "team", "billing", "--at", "2026-12-26T23:30+03:00"),
+        ("directory", "show", "team", "billing", "--at", "2026-12-31T10:00+03:00"),
+        ("directory", "show", "team", "oncall"),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         "team:             billing",
@@ -149,11 +158,9 @@ def test_show_team_prints_its_calendar_and_next_opening(daemon: DaemonProcess) -
         "company days:     2026-12-31 Thu Yılbaşı arifesi (open 09:00-13:00)",
         "                  2027-01-15 Fri Şirket kuruluş günü (closed)",
     ]
-    eve = daemon.cli("directory", "show", "team", "billing", "--at", "2026-12-31T10:00+03:00")
     assert "status:           open (Yılbaşı arifesi): Thu 10:00 Europe/Istanbul, until 13:00" in (
         eve.stdout
     )
-    oncall = daemon.cli("directory", "show", "team", "oncall")
     assert "status:           open: no hours, holidays or company days (always open)" in (
         oncall.stdout
     )
@@ -242,10 +249,13 @@ async def test_show_agent_prints_presence_deputy_and_load(
 
 def test_show_unknown_id_is_one_line_exit_1(daemon: DaemonProcess) -> None:
     load_examples(daemon)
-    for what in ("team", "agent"):
-        result = daemon.cli("directory", "show", what, "nobody")
+    *unknown, naive = daemon.cli_all(
+        ("directory", "show", "team", "nobody"),
+        ("directory", "show", "agent", "nobody"),
+        ("directory", "show", "team", "billing", "--at", "2026-12-26T23:30"),
+    )
+    for what, result in zip(("team", "agent"), unknown, strict=True):
         assert result.returncode == 1
         assert result.stderr == f"omniroute: no {what} 'nobody' in the directory\n"
-    naive = daemon.cli("directory", "show", "team", "billing", "--at", "2026-12-26T23:30")
     assert naive.returncode == 2
     assert naive.stderr.count("\n") == 1

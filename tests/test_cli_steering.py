@@ -107,7 +107,11 @@ async def test_customer_unstick_publishes_the_event_and_the_next_message_goes_to
         assert published.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         assert published.message_id
 
-        unknown = await asyncio.to_thread(daemon.cli, "customer", "unstick", "ghost")
+        unknown, full = await asyncio.to_thread(
+            daemon.cli_all,  # independent: the one publishes nothing, the other only reads
+            ("customer", "unstick", "ghost"),
+            ("customer", "show", "--identity", "0532 111 22 33", "--show-identities"),
+        )
         assert (unknown.returncode, unknown.stderr, unknown.stdout) == (
             1,
             "omniroute: no customer 'ghost' in the directory\n",
@@ -115,9 +119,6 @@ async def test_customer_unstick_publishes_the_event_and_the_next_message_goes_to
         )
         assert await seen.get(fail=False, timeout=5) is None  # nothing published
 
-        full = await asyncio.to_thread(
-            daemon.cli, "customer", "show", "--identity", "0532 111 22 33", "--show-identities"
-        )
         assert full.returncode == 0, full.stderr
         assert "customer:         c-1001" in full.stdout
         assert "last agent:       none" in full.stdout
@@ -137,10 +138,14 @@ async def test_directory_search_finds_names_turkish_aware_and_identities_unprint
 ) -> None:
     """`yilmaz` finds Ayşe Yılmaz, a national phone number finds its customer without
     printing it, and the output is bounded."""
-    turkish = await asyncio.to_thread(daemon.cli, "directory", "search", "YILMAZ")
+    turkish, phone, bounded = await asyncio.to_thread(
+        daemon.cli_all,
+        ("directory", "search", "YILMAZ"),
+        ("directory", "search", "0532 222 33 44"),
+        ("directory", "search", "e", "--limit", "2"),
+    )
     assert turkish.returncode == 0, turkish.stderr
     assert turkish.stdout.split() == ["agent", "ayse", "Ayşe", "Yılmaz", "billing", "name"]
-    phone = await asyncio.to_thread(daemon.cli, "directory", "search", "0532 222 33 44")
     assert phone.returncode == 0, phone.stderr
     assert phone.stdout.split() == [
         "customer",
@@ -151,7 +156,6 @@ async def test_directory_search_finds_names_turkish_aware_and_identities_unprint
         "phone",
         "identity",
     ]
-    bounded = await asyncio.to_thread(daemon.cli, "directory", "search", "e", "--limit", "2")
     assert bounded.returncode == 0, bounded.stderr
     lines = bounded.stdout.splitlines()
     assert len(lines) == 3
@@ -163,26 +167,27 @@ async def test_directory_delete_refuses_what_is_referred_to_and_cascades_a_custo
 ) -> None:
     """A team with agents, or an agent who is a deputy and an escalation target, stays (one
     line naming why); a customer goes with their identities and last agent."""
-    team = await asyncio.to_thread(daemon.cli, "directory", "delete", "team", "supervisors")
-    assert (team.returncode, team.stdout) == (1, "")
-    assert team.stderr == (
-        "omniroute: team 'supervisors' is still referred to by team billing's escalate_to, "
-        "team oncall's escalate_to: change those first\n"
-    )
-    agent = await asyncio.to_thread(daemon.cli, "directory", "delete", "agent", "zeynep")
-    assert agent.returncode == 1
-    assert agent.stderr == (
-        "omniroute: agent 'zeynep' is still referred to by agent john (deputy), "
-        "team network's escalate_to: change those first\n"
-    )
     async with engine.begin() as conn:
         await conn.execute(
             LastAgent.__table__.insert().values(
                 customer_id="c-1003", agent_id="elif", channel="email", at=datetime.now(UTC)
             )
         )
-    dry = await asyncio.to_thread(
-        daemon.cli, "directory", "delete", "customer", "c-1003", "--dry-run"
+    team, agent, dry = await asyncio.to_thread(
+        daemon.cli_all,  # two refusals and a dry run: none changes anything, so at once
+        ("directory", "delete", "team", "supervisors"),
+        ("directory", "delete", "agent", "zeynep"),
+        ("directory", "delete", "customer", "c-1003", "--dry-run"),
+    )
+    assert (team.returncode, team.stdout) == (1, "")
+    assert team.stderr == (
+        "omniroute: team 'supervisors' is still referred to by team billing's escalate_to, "
+        "team oncall's escalate_to: change those first\n"
+    )
+    assert agent.returncode == 1
+    assert agent.stderr == (
+        "omniroute: agent 'zeynep' is still referred to by agent john (deputy), "
+        "team network's escalate_to: change those first\n"
     )
     assert (dry.returncode, dry.stdout) == (
         0,

@@ -121,8 +121,7 @@ def test_check_and_run_refuse_a_malformed_amqp_url_with_exit_2(daemon: DaemonPro
     """The issue's own example: a JSON list in OMNIROUTE_AMQP_URL started the daemon (a list
     of nodes is read since issue 18: here its second node has no host)."""
     daemon.env["OMNIROUTE_AMQP_URL"] = f'["amqp://guest:{SECRET}@127.0.0.1:5999/x", "amqp://x@/"]'
-    for command in ("check", "run"):
-        result = daemon.cli(command, timeout=30)
+    for result in daemon.cli_all(("check",), ("run",), timeout=30):
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         assert result.stderr.count("\n") == 1, result.stderr
