@@ -3,7 +3,6 @@ or a PostgreSQL database created for the test), and the opened bus on that vhost
 
 import contextlib
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,8 +12,8 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
-from routers.store.engine import create_engine, migrate
-from tests.support import broker
+from routers.store.engine import create_engine
+from tests.support import broker, directory
 
 #: fixtures every test may ask for: the daemon as a process, the phone app (Twilio and PBX)
 pytest_plugins = ["tests.daemon_fixtures", "tests.phone_fixtures"]
@@ -81,25 +80,9 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         yield url
 
 
-@pytest.fixture(scope="session")
-async def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite directory brought to the head revision by the real migrations, once per
-    session: each test's migrated SQLite directory is a copy of this file (migrating a new
-    file costs about half a second; the migrations themselves are tested in
-    tests/test_migrations.py, and the daemon and ``directory migrate`` still migrate theirs)."""
-    path = tmp_path_factory.mktemp("migrated") / "directory.db"
-    await migrate(f"sqlite:///{path}")
-    # closed cleanly, SQLite folded its write-ahead log into the file: the file is all of it
-    assert not path.with_name(path.name + "-wal").exists()
-    return path
-
-
 @contextlib.asynccontextmanager
-async def _migrated(url: str, sqlite_template: Path) -> AsyncIterator[AsyncEngine]:
-    if url.startswith("sqlite:///"):
-        shutil.copyfile(sqlite_template, url.removeprefix("sqlite:///"))
-    else:
-        await migrate(url)
+async def _migrated(url: str) -> AsyncIterator[AsyncEngine]:
+    await directory.migrated(url)  # a new SQLite file: a copy of one migrated per process
     eng = create_engine(url)
     try:
         yield eng
@@ -108,14 +91,14 @@ async def _migrated(url: str, sqlite_template: Path) -> AsyncIterator[AsyncEngin
 
 
 @pytest.fixture
-async def db(database_url: str, migrated_sqlite: Path) -> AsyncIterator[AsyncEngine]:
+async def db(database_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated directory, once on SQLite and once on PostgreSQL."""
-    async with _migrated(database_url, migrated_sqlite) as eng:
+    async with _migrated(database_url) as eng:
         yield eng
 
 
 @pytest.fixture
-async def engine(sqlite_url: str, migrated_sqlite: Path) -> AsyncIterator[AsyncEngine]:
+async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
     """A migrated SQLite directory for tests that do not care about the backend."""
-    async with _migrated(sqlite_url, migrated_sqlite) as eng:
+    async with _migrated(sqlite_url) as eng:
         yield eng

@@ -4,7 +4,8 @@ before the importer's own tests have proven it."""
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from routers.models import Agent, Customer, CustomerIdentity, Team
-from routers.store.engine import create_engine, migrate, sessionmaker
+from routers.store.engine import create_engine, sessionmaker
+from tests.support import directory
 
 
 async def seed(engine: AsyncEngine) -> None:
@@ -37,7 +38,7 @@ async def seed(engine: AsyncEngine) -> None:
 
 async def seeded(url: str) -> None:
     """Migrate the directory at ``url`` and seed it (the daemon-process tests' set-up)."""
-    await migrate(url)
+    await directory.migrated(url)
     engine = create_engine(url)
     try:
         await seed(engine)
