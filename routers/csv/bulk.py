@@ -1,13 +1,14 @@
 """customers.csv, the directory's big file: staged in the database, then merged at once.
 
-Sole purpose: import a million customers in about a minute in bounded memory. Batches are
+Sole purpose: import a million customers in minutes and in bounded memory. Batches are
 parsed in worker processes (``routers.csv.pipeline``), streamed into temporary tables on
 the import's own connection (``routers.csv.staging``: ``COPY`` on PostgreSQL, one
 ``executemany`` a batch on SQLite), and applied in one transaction by set-based SQL
 (``routers.csv.merge``), so the file is applied whole or not at all.
 
-SQLite: the merge's transaction takes the write lock for its duration (seconds for a
-million rows); the daemon's writes wait for it as for any writer (the busy timeout).
+SQLite: the merge's transaction takes the write lock for its duration (about half a
+minute for a million rows); the daemon's writes wait for it, and those waiting longer
+than the busy timeout fail as on any busy database: import a big file at a quiet hour.
 """
 
 from collections.abc import Callable
