@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The directory at scale on PostgreSQL (issue 18): import time and peak RSS, ``/v1/route``
-p50/p99 at 300 requests/s over callers drawn from the whole directory, and router
+p50/p99 at 300 requests/s, and router
 throughput, for each size asked, then the largest size's figures as multiples of the
 smallest's (the issue's goal: p99 and throughput within 1.25x, RSS at most 300 MB).
 
@@ -8,13 +8,13 @@ For each size: the synthetic directory of ``bench/gen_directory.py`` (cached und
 benchlib.CACHE), a fresh PostgreSQL database, ``omniroute directory migrate`` and the three
 imports exactly as an operator runs them (the customers' under ``/usr/bin/time -v``), every
 fifth customer given a last agent an hour ago in one statement (as ``benchlib.import_into``
-does row by row), then ``bench/route_latency.py --database-url … --callers …`` (the
-cache-less target: every request reads the directory) and ``bench/throughput.py
+does row by row), then ``bench/route_latency.py --database-url …`` (the cache-less
+target: every request reads the directory) and ``bench/throughput.py
 --database-url …``. The database is dropped afterwards unless ``--keep``.
 
     .venv/bin/python bench/directory_scale.py --sizes 100000,10000000
 
-Needs PostgreSQL (``--pg``, trust auth), RabbitMQ with ``rabbitmqctl``, GNU time; a
+Needs PostgreSQL (``--pg``, trust auth), RabbitMQ with ``rabbitmqctl``, GNU time, ``hey``; a
 10,000,000-customer directory takes about 1 GB of CSV and a few GB of database. Benchmarks
 are never tests: this prints, it asserts nothing.
 """
@@ -95,8 +95,8 @@ def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]
         psql(pg, "VACUUM ANALYZE", db)
         latency = sh(PY, str(HERE / "route_latency.py"), "--customers", str(customers),
                      "--database-url", url, "--targets", "omniroute-nocache",
-                     "--rates", "300", "--duration", str(a.duration), "--rounds", str(a.rounds),
-                     "--callers", str(a.callers)).stdout
+                     "--rates", "300", "--duration", str(a.duration),
+                     "--rounds", str(a.rounds)).stdout
         print(latency.split("summary:")[1].strip(), flush=True)
         p = re.search(r"omniroute-nocache\s+p50 ([\d.]+) ms .*p99 ([\d.]+) ms", latency)
         assert p is not None, latency
@@ -137,7 +137,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="100000,10000000")
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
-    p.add_argument("--callers", type=int, default=10000)
     p.add_argument("--duration", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--messages", type=int, default=20000)

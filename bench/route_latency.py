@@ -14,22 +14,20 @@ rate: ``-q`` per worker times ``-c`` workers) and prints p50/p99 and every non-2
 the directory.
 
 ``--database-url`` points the omniroute targets at an imported directory (PostgreSQL, issue
-18's ten million customers) instead of a copy of the SQLite one. ``--callers N`` replaces
-``hey`` with an open-loop load of this script's own (httpx): request i is due at i/rate
-seconds, each asks for one of N known callers drawn at random from the whole directory, and
-its latency counts from when it was due (so a stall is not hidden by requests not sent): a
-large directory's index is then read where it is cold, not for one hot number.
+18's ten million customers) instead of a copy of the SQLite one. (An open-loop load over
+many callers written in Python was tried and dropped: at 300/s on two cores its own lag,
+not the daemon, set the latency. On this machine the whole index of a large directory sits
+in the page cache, so one caller's lookup costs what any caller's does.)
 
 Usage: route_latency.py [--customers 100000] [--rates 100,300,1000] [--duration 20]
        [--rounds 3] [--targets floor,omniroute,omniroute-nocache]
-       [--database-url postgresql://...] [--callers 10000]
+       [--database-url postgresql://...]
 """
 
 import argparse
 import asyncio
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -111,50 +109,6 @@ def hey(url: str, rate: int, duration: int, headers: dict[str, str]) -> dict[str
             "codes": json.dumps(codes), "errors": errors[1].strip()[:300] if errors else ""}
 
 
-def spread(base: str, callers: list[str], rate: int, duration: int,
-           headers: dict[str, str]) -> dict[str, float | str]:
-    """``hey``'s figures for an open-loop load over many callers (see the module doc)."""
-    return asyncio.run(_spread(base, callers, rate, duration, headers))
-
-
-async def _spread(base: str, callers: list[str], rate: int, duration: int,
-                  headers: dict[str, str]) -> dict[str, float | str]:
-    import httpx
-
-    rng = random.Random(rate)
-    latencies: list[float] = []
-    codes: dict[str, int] = {}
-    errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(headers=headers, limits=limits, timeout=10) as client:
-
-        async def one(due: float, caller: str) -> None:
-            try:
-                answer = await client.get(f"{base}/v1/route",
-                                          params={"caller": caller, "format": "json"})
-                codes[str(answer.status_code)] = codes.get(str(answer.status_code), 0) + 1
-                latencies.append(time.perf_counter() - due)
-            except httpx.HTTPError as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-
-        tasks: list[asyncio.Task[None]] = []
-        t0 = time.perf_counter()
-        for i in range(rate * duration):
-            due = t0 + i / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(due, rng.choice(callers))))
-        await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
-    latencies.sort()
-
-    def pct(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies \
-            else float("nan")
-
-    return {"p50": pct(0.50), "p99": pct(0.99), "rps": len(latencies) / elapsed,
-            "codes": json.dumps(codes), "errors": json.dumps(errors) if errors else ""}
-
-
 def main(a: argparse.Namespace) -> None:
     print(benchlib.machine())
     template = None if a.database_url else benchlib.directory_db(a.customers)
@@ -162,9 +116,7 @@ def main(a: argparse.Namespace) -> None:
     work.mkdir(parents=True)
     rates = [int(r) for r in a.rates.split(",")]
     targets = a.targets.split(",")
-    callers = asyncio.run(known_callers(a.database_url or f"sqlite:///{template}",
-                                        a.customers, max(a.callers, 1)))
-    caller = callers[0].replace("+", "%2B")  # in hey's URL
+    caller = asyncio.run(known_caller(a.database_url or f"sqlite:///{template}"))
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[tuple[str, int], list[dict[str, float | str]]] = {}
     try:
@@ -202,11 +154,7 @@ def main(a: argparse.Namespace) -> None:
                     for target, (url, headers) in urls.items():
                         before = decision_totals(url, headers) if target != "floor" else None
                         cpu = cpu_seconds(pids[target])
-                        if a.callers > 1 and target != "floor":
-                            res = spread(url.split("/v1/")[0], callers, rate, a.duration,
-                                         headers)
-                        else:
-                            res = hey(url, rate, a.duration, headers)
+                        res = hey(url, rate, a.duration, headers)
                         served = sum(int(n) for n in json.loads(str(res["codes"])).values())
                         res["cpu_ms"] = 1000 * (cpu_seconds(pids[target]) - cpu) / max(served, 1)
                         if before is not None:
@@ -266,33 +214,24 @@ def decision_totals(url: str, headers: dict[str, str]) -> tuple[float, float]:
     return total, count
 
 
-async def known_callers(db_url: str, customers: int, n: int) -> list[str]:
-    """``n`` phone numbers of customers drawn at random from the whole directory (E.164;
-    the first is customer c00000001's, the one-caller runs' number)."""
+async def known_caller(db_url: str) -> str:
+    """Customer c00000001's phone number (E.164, URL-encoded)."""
     from sqlalchemy import select
 
     from routers.models import CustomerIdentity
     from routers.store.engine import create_engine
 
-    rng = random.Random(18)
-    wanted = ["c00000001", *(f"c{rng.randrange(customers):08d}" for _ in range(n - 1))]
     engine = create_engine(db_url)
     ident = CustomerIdentity.__table__.c
-    found: dict[str, str] = {}
     try:
         async with engine.connect() as conn:
-            for start in range(0, len(wanted), 1000):
-                chunk = wanted[start:start + 1000]
-                rows = await conn.execute(select(ident.customer_id, ident.address).where(
-                    ident.kind == "phone", ident.customer_id.in_(chunk)))
-                for customer, address in rows:
-                    found.setdefault(customer, address)
+            address = await conn.scalar(select(ident.address).where(
+                ident.kind == "phone", ident.customer_id == "c00000001").limit(1))
     finally:
         await engine.dispose()
-    if "c00000001" not in found:
+    if address is None:
         raise SystemExit("the directory has no phone for customer c00000001")
-    first = found.pop("c00000001")
-    return [first, *found.values()][:n]
+    return str(address).replace("+", "%2B")
 
 
 if __name__ == "__main__":
@@ -307,8 +246,6 @@ if __name__ == "__main__":
                    "capacity for every agent (benchlib.calendars_on)")
     p.add_argument("--database-url", default=None,
                    help="an imported directory for the omniroute targets (default: SQLite)")
-    p.add_argument("--callers", type=int, default=1,
-                   help="callers drawn from the directory; above 1, the open-loop load")
     p.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.floor:
