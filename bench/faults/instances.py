@@ -159,10 +159,9 @@ async def _run(n: int, offers: int, mail_ids: list[str], server: Dovecot, workdi
             )
             victim = _holder(daemons)
             assert victim is not None, "no instance holds the mailbox's lease"
-            took_mail_before = [len(d.events("email.taken")) for d in daemons]
-            killed_at = time.time()
             fault_start = time.monotonic()
-            victim.kill(signal.SIGKILL)
+            victim.kill(signal.SIGKILL)  # returns once the process is gone
+            killed_at = time.time()  # the victim's log is complete before it
             routed_at_kill = stage.routed
             survivors = [d for d in daemons if d is not victim]
             await wait_until(lambda: _holder(survivors, killed_at) is not None, 30, "a takeover")
@@ -179,10 +178,10 @@ async def _run(n: int, offers: int, mail_ids: list[str], server: Dovecot, workdi
                     daemon.kill(signal.SIGTERM)
         names = {id(d): name for d, name in zip(daemons, "abc", strict=True)}
         fired = [len(d.events("offers.rerouted")) for d in daemons]
-        took_mail_after = [
-            len(d.events("email.taken")) - before
-            for d, before in zip(daemons, took_mail_before, strict=True)
-        ]
+        # by the log lines' own time: the holder kept taking mail until the kill landed
+        took = [[_epoch(str(e["timestamp"])) for e in d.events("email.taken")] for d in daemons]
+        took_mail_before = [sum(t < killed_at for t in times) for times in took]
+        took_mail_after = [sum(t >= killed_at for t in times) for times in took]
         pollers_before = [names[id(d)] for d, k in zip(daemons, took_mail_before, strict=True) if k]
         pollers_after = [names[id(d)] for d, k in zip(daemons, took_mail_after, strict=True) if k]
         tracebacks = b.tracebacks() + c.tracebacks()
