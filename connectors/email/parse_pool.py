@@ -197,10 +197,16 @@ class ParsePool:
         read_any = False
         try:
             async with asyncio.timeout(deadline):
-                worker.stdin.write(REQUEST.pack(len(meta), len(raw)) + meta)
-                for start in range(0, len(raw), PIPE_CHUNK):  # never a second copy of a mail
-                    worker.stdin.write(raw[start : start + PIPE_CHUNK])
-                    await worker.stdin.drain()
+                head = REQUEST.pack(len(meta), len(raw)) + meta
+                if len(raw) <= PIPE_CHUNK:
+                    # most mail: one write, one wake-up of the worker (a copy of at most
+                    # PIPE_CHUNK bytes costs less than a second system call)
+                    worker.stdin.write(head + raw)
+                else:
+                    worker.stdin.write(head)
+                    for start in range(0, len(raw), PIPE_CHUNK):  # never a second copy of it
+                        worker.stdin.write(raw[start : start + PIPE_CHUNK])
+                        await worker.stdin.drain()
                 await worker.stdin.drain()
                 head = await worker.stdout.readexactly(ANSWER.size)
                 read_any = True
