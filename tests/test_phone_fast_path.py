@@ -105,7 +105,7 @@ def test_every_spelling_the_directory_generator_writes() -> None:
     gen: object = _generator()
     rng = random.Random(18)
     phones: set[str] = set()
-    for i in rng.sample(range(2_000_000), 4_000):
+    for i in rng.sample(range(2_000_000), 1_000):
         row = gen.customer_row(i, rng, 20)  # type: ignore[attr-defined]
         phones.update(p for p in row[4].split(";") if p)
         for style in range(6):
@@ -134,7 +134,7 @@ def test_every_phone_like_string_in_the_tests_corpus_and_examples() -> None:
     same(texts)
 
 
-@settings(max_examples=3_000, deadline=None)
+@settings(max_examples=1_000, deadline=None)
 @given(
     st.from_regex(r"(tel:|00|\+|0)?[0-9 ()\-.]{1,20}", fullmatch=True),
     st.sampled_from(REGIONS),
