@@ -40,6 +40,26 @@ def limit_sample(i: int) -> bytes:
     }).encode()
 
 
+async def _preloaded(channel: aio_pika.abc.AbstractChannel, tag: str, n: int,
+                     body: Callable[[int], bytes], args: dict[str, str] | None
+                     ) -> tuple[aio_pika.abc.AbstractQueue, aio_pika.abc.AbstractQueue]:
+    """Run ``tag``'s exchanges and queues (fwd.in.*, fwd.out.*) with ``n`` bodies waiting on
+    the input queue; (input queue, output queue)."""
+    ex_in = await channel.declare_exchange(f"fwd.in.{tag}", aio_pika.ExchangeType.TOPIC,
+                                           auto_delete=True)
+    ex_out = await channel.declare_exchange(f"fwd.out.{tag}", aio_pika.ExchangeType.TOPIC,
+                                            auto_delete=True)
+    q_in = await channel.declare_queue(f"fwd.in.q.{tag}", durable=True, arguments=args)
+    q_out = await channel.declare_queue(f"fwd.out.q.{tag}", durable=True, arguments=args)
+    await q_in.bind(ex_in, "#")
+    await q_out.bind(ex_out, "#")
+    for i in range(0, n, 512):
+        await asyncio.gather(*(
+            ex_in.publish(aio_pika.Message(body(j), delivery_mode=2), routing_key="inbound.email")
+            for j in range(i, min(i + 512, n))))
+    return q_in, q_out
+
+
 async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] = limit_sample,
                   *, queue_type: str = "classic", quiet: bool = False,
                   cpu: list[float] | None = None) -> float:
@@ -52,19 +72,7 @@ async def forward(url: str, n: int, prefetch: int, body: Callable[[int], bytes] 
     conn = await aio_pika.connect_robust(url)
     try:
         setup = await conn.channel(publisher_confirms=True)
-        ex_in = await setup.declare_exchange(f"fwd.in.{tag}", aio_pika.ExchangeType.TOPIC,
-                                             auto_delete=True)
-        ex_out_decl = await setup.declare_exchange(f"fwd.out.{tag}", aio_pika.ExchangeType.TOPIC,
-                                                   auto_delete=True)
-        q_in = await setup.declare_queue(f"fwd.in.q.{tag}", durable=True, arguments=args)
-        q_out = await setup.declare_queue(f"fwd.out.q.{tag}", durable=True, arguments=args)
-        await q_in.bind(ex_in, "#")
-        await q_out.bind(ex_out_decl, "#")
-        for i in range(0, n, 512):  # phase 1: preload, not timed
-            await asyncio.gather(*(
-                ex_in.publish(aio_pika.Message(body(j), delivery_mode=2),
-                              routing_key="inbound.email")
-                for j in range(i, min(i + 512, n))))
+        q_in, q_out = await _preloaded(setup, tag, n, body, args)  # phase 1: not timed
 
         fwd = await conn.channel(publisher_confirms=True)
         await fwd.set_qos(prefetch_count=prefetch)
@@ -111,19 +119,7 @@ async def forward_processes(url: str, n: int, prefetch: int, body: Callable[[int
     procs: list[subprocess.Popen[bytes]] = []
     try:
         ch = await conn.channel(publisher_confirms=True)
-        ex_in = await ch.declare_exchange(f"fwd.in.{tag}", aio_pika.ExchangeType.TOPIC,
-                                          auto_delete=True)
-        ex_out = await ch.declare_exchange(f"fwd.out.{tag}", aio_pika.ExchangeType.TOPIC,
-                                           auto_delete=True)
-        q_in = await ch.declare_queue(f"fwd.in.q.{tag}", durable=True)
-        q_out = await ch.declare_queue(f"fwd.out.q.{tag}", durable=True)
-        await q_in.bind(ex_in, "#")
-        await q_out.bind(ex_out, "#")
-        for i in range(0, n, 512):  # preload, not timed
-            await asyncio.gather(*(
-                ex_in.publish(aio_pika.Message(body(j), delivery_mode=2),
-                              routing_key="inbound.email")
-                for j in range(i, min(i + 512, n))))
+        q_in, q_out = await _preloaded(ch, tag, n, body, None)  # not timed
         for _ in range(processes):
             procs.append(subprocess.Popen(  # noqa: ASYNC220 (before the clock starts)
                 [sys.executable, __file__, "--child", tag, "--url", url,

@@ -14,19 +14,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, select, update
 
 from ingest.bus import Bus
-from ingest.schema import Identity, InboundMessage, utcnow
+from ingest.schema import utcnow
 from ingest.topology import ROUTED_QUEUE
-from routers.models import Assignment, RoutedRecord
+from routers.models import Assignment
 from routers.offers import RETRY, OfferTimers
 from routers.store.engine import create_engine
 from routers.store.values import aware, utc
 from tests.daemon_fixtures import DaemonProcess
 from tests.seed import seeded
 from tests.support.broker import filled, opened_bus, take, tally
-from tests.support.timers import instance
+from tests.support.timers import instance, write_due_offers
 from tests.support.waiting import until
 
 #: the daemon's address space bound, as for the other daemon-process tests
@@ -39,55 +39,8 @@ _assign = Assignment.__table__.c
 
 
 async def due_offers(url: str, n: int) -> list[str]:
-    """Write ``n`` offers due a minute ago (the routed record and the agent's assignment,
-    as ``claim_routed_many`` writes them) in two executemany statements; their ids."""
-    offered_at = utcnow() - timedelta(minutes=10)
-    records, assignments = [], []
-    for i in range(n):
-        address, customer, agent = OFFERED[i % len(OFFERED)]
-        message = InboundMessage(
-            channel="email",
-            external_id=f"<offer-{i}@timers.test>",
-            sender=Identity(kind="email", address=address),
-            text="Faturam nerede?",
-        )
-        records.append(
-            {
-                "id": message.id,
-                "channel": "email",
-                "external_id": message.external_id,
-                "thread_message_id": None,
-                "customer_id": customer,
-                "route_kind": "agent",
-                "route_target": agent,
-                "reason": "last_agent",
-                "routed_at": offered_at,
-                "message": message.model_dump_json(),
-            }
-        )
-        assignments.append(
-            {
-                "message_id": message.id,
-                "agent_id": agent,
-                "customer_id": customer,
-                "channel": "email",
-                "assigned_at": offered_at,
-                "closed_at": None,
-                "offer_due_at": offered_at + timedelta(minutes=9),
-                "accepted_at": None,
-                "outcome": None,
-                "attempt": 1,
-                "message": message.model_dump_json(),  # the whole message, kept with the offer
-            }
-        )
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(insert(RoutedRecord), records)
-            await connection.execute(insert(Assignment), assignments)
-    finally:
-        await engine.dispose()
-    return [str(r["id"]) for r in records]
+    """``n`` offers due a minute ago (``write_due_offers``); their ids."""
+    return [m.id for m in await write_due_offers(url, n, OFFERED, "timers.test")]
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,15 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.faults.common import Daemon, pg_directory, wait_until  # noqa: E402
 from bench.faults.harness import Result, options, run, set_up  # noqa: E402
-from ingest.schema import Identity, InboundMessage, utcnow  # noqa: E402
 from tests.support.mail import Dovecot, fill_maildir, mailbox_toml  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
+from tests.support.timers import write_due_offers  # noqa: E402
 
 #: an example customer and the agent their offers went to (config/examples)
 OFFERED_TO = ("kemal.ozturk@example.com.tr", "c-1001", "mehmet")
@@ -41,59 +40,8 @@ OFFERED_TO = ("kemal.ozturk@example.com.tr", "c-1001", "mehmet")
 async def due_offers(url: str, n: int) -> list[str]:
     """``n`` offers due a minute ago, written as the router's claim writes them; their
     channel ids (the key every routed message is counted by here)."""
-    from sqlalchemy import insert
-
-    from routers.models import Assignment, RoutedRecord
-    from routers.store.engine import create_engine
-
-    address, customer, agent = OFFERED_TO
-    at = utcnow() - timedelta(minutes=10)
-    records, offers = [], []
-    for i in range(n):
-        message = InboundMessage(
-            channel="email",
-            external_id=f"<offer-{i}@instances.test>",
-            sender=Identity(kind="email", address=address),
-            text="Faturam nerede?",
-        )
-        body = message.model_dump_json()
-        records.append(
-            {
-                "id": message.id,
-                "channel": "email",
-                "external_id": message.external_id,
-                "thread_message_id": None,
-                "customer_id": customer,
-                "route_kind": "agent",
-                "route_target": agent,
-                "reason": "last_agent",
-                "routed_at": at,
-                "message": body,
-            }
-        )
-        offers.append(
-            {
-                "message_id": message.id,
-                "agent_id": agent,
-                "customer_id": customer,
-                "channel": "email",
-                "assigned_at": at,
-                "closed_at": None,
-                "offer_due_at": at + timedelta(minutes=9),
-                "accepted_at": None,
-                "outcome": None,
-                "attempt": 1,
-                "message": body,
-            }
-        )
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as connection:
-            await connection.execute(insert(RoutedRecord), records)
-            await connection.execute(insert(Assignment), offers)
-    finally:
-        await engine.dispose()
-    return [str(r["external_id"]) for r in records]
+    offered = await write_due_offers(url, n, [OFFERED_TO], "instances.test")
+    return [m.external_id for m in offered]
 
 
 def _holder(daemons: list[Daemon], since: float = 0.0) -> Daemon | None:
