@@ -12,7 +12,6 @@ than the busy timeout fail as on any busy database: import a big file at a quiet
 """
 
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import aclosing, suppress
 from functools import partial
 
@@ -21,20 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from routers.csv import staging
 from routers.csv.link import ERRORS, Link, link
 from routers.csv.merge import merge
-from routers.csv.pipeline import parsed
+from routers.csv.pipeline import Parsing
 from routers.csv.report import ImportAborted, ImportReport
-from routers.csv.source import CsvSource
 
 
 async def import_customers(
     engine: AsyncEngine,
-    source: CsvSource,
+    parsing: Parsing,
     report: ImportReport,
-    *,
-    region: str,
-    pool: ProcessPoolExecutor | None,
-    batch_size: int,
-    depth: int,
     progress: Callable[[ImportReport], None] | None,
 ) -> None:
     """Stage every batch, then merge in one transaction, rolled back for a dry run.
@@ -45,10 +38,10 @@ async def import_customers(
         try:
             await db.tune()
             await staging.create(db)
-            await _stage(db, source, report, region, pool, batch_size, depth, progress)
+            await _stage(db, parsing, report, progress)
             await staging.index(db)
             await db.begin()
-            await merge(db, report, language="language" in source.header)
+            await merge(db, report, language="language" in parsing.source.header)
             await (db.rollback() if report.dry_run else db.commit())
         except ERRORS as exc:
             raise ImportAborted(
@@ -66,17 +59,13 @@ async def import_customers(
 
 async def _stage(
     db: Link,
-    source: CsvSource,
+    parsing: Parsing,
     report: ImportReport,
-    region: str,
-    pool: ProcessPoolExecutor | None,
-    batch_size: int,
-    depth: int,
     progress: Callable[[ImportReport], None] | None,
 ) -> None:
-    parse = partial(staging.stage_batch, source.header, region)
+    parse = partial(staging.stage_batch, parsing.source.header, parsing.region)
     batches = 0
-    async with aclosing(parsed(source, parse, pool, batch_size, depth)) as stream:
+    async with aclosing(parsing.batches(parse)) as stream:
         async for batch, count in stream:
             if batches and progress is not None:
                 progress(report)  # the batch before: not the last one

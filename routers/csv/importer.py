@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from routers.csv.bulk import import_customers
 from routers.csv.format import BATCH, parse_batch
-from routers.csv.pipeline import parsed
+from routers.csv.pipeline import Parsing
 from routers.csv.report import ImportAborted, ImportReport
 from routers.csv.source import CsvSource
 from routers.csv.writer import BatchWriter, seen_table
@@ -73,35 +73,17 @@ async def import_csv(
         workers = (os.cpu_count() or 1) if size > PARALLEL_BYTES else 0
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers else None
     report = ImportReport(kind=source.kind, dry_run=dry_run)
-    depth = max(workers, 1) + 1
+    parsing = Parsing(source, region, pool, batch_size, depth=max(workers, 1) + 1)
     try:
         if source.kind == "customers":
-            await import_customers(
-                engine,
-                source,
-                report,
-                region=region,
-                pool=pool,
-                batch_size=batch_size,
-                depth=depth,
-                progress=progress,
-            )
+            await import_customers(engine, parsing, report, progress)
             return report
         async with engine.connect() as conn:
             seen = await seen_table(conn)
             try:
                 outer = await conn.begin() if dry_run else None
                 async with AsyncSession(bind=conn, expire_on_commit=False) as session:
-                    await _run(
-                        session,
-                        source,
-                        BatchWriter(source.kind, seen, report),
-                        region,
-                        pool,
-                        batch_size,
-                        depth,
-                        progress,
-                    )
+                    await _run(session, parsing, BatchWriter(source.kind, seen, report), progress)
                 if outer is not None:
                     await outer.rollback()
             finally:
@@ -118,20 +100,17 @@ async def import_csv(
 
 async def _run(
     session: AsyncSession,
-    source: CsvSource,
+    parsing: Parsing,
     writer: BatchWriter,
-    region: str,
-    pool: ProcessPoolExecutor | None,
-    batch_size: int,
-    depth: int,
     progress: Callable[[ImportReport], None] | None,
 ) -> None:
     """Apply the batches in file order, ``depth`` of them parsing ahead."""
     report = writer.report
     postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    parse = partial(parse_batch, source.kind, source.header, region)
+    source = parsing.source
+    parse = partial(parse_batch, source.kind, source.header, parsing.region)
     batches = 0
-    async with aclosing(parsed(source, parse, pool, batch_size, depth)) as stream:
+    async with aclosing(parsing.batches(parse)) as stream:
         async for rows, _ in stream:
             try:
                 async with session.begin():

@@ -9,6 +9,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from routers.csv.source import CsvSource
@@ -42,3 +43,21 @@ async def parsed(
     finally:
         for future, _ in pending:
             future.cancel()
+
+
+@dataclass(frozen=True)
+class Parsing:
+    """A file and how its batches are parsed: by which pool, how many rows at once, how many
+    ahead; what both import paths (row batches, customers staged) hand down."""
+
+    source: CsvSource
+    region: str
+    pool: ProcessPoolExecutor | None
+    batch_size: int
+    depth: int
+
+    def batches(
+        self, parse: Callable[[list[tuple[int, Any]]], T]
+    ) -> AsyncGenerator[tuple[T, int], None]:
+        """``parsed`` of this file with ``parse``."""
+        return parsed(self.source, parse, self.pool, self.batch_size, self.depth)
