@@ -208,5 +208,9 @@ async def test_the_daemon_loses_a_broker_node_under_load_and_loses_no_message(
     assert "Traceback" not in text
     if victim == "connected":
         assert result["daemon_now_on"] != result["stopped"], result
-        assert text.count('"bus.connection_lost"') == 1
-        assert '"bus.reconnected"' in text
+        # the stop is one loss; a surviving node may drop the new connection once more while
+        # the quorum queues elect new leaders (seen: INTERNAL_ERROR 9 ms after reconnecting),
+        # and the daemon moves on again: each loss is followed by a reconnection, no flapping
+        losses = text.count('"bus.connection_lost"')
+        assert 1 <= losses <= 2, text
+        assert text.count('"bus.reconnected"') == losses, text
