@@ -100,6 +100,7 @@ def normalise_phone(address: str, region: str) -> str:
                 return text  # alphanumeric sender id, e.g. "ACME123"
             raise InvalidIdentity(f"not a phone number: {address!r}")
         for candidate, parsed in _phone_candidates(text, region):
+            valid = parsed is not None
             if parsed is None:
                 try:
                     parsed = phonenumbers.parse(candidate, region)
@@ -108,8 +109,9 @@ def normalise_phone(address: str, region: str) -> str:
             if phonenumbers.is_possible_number(parsed):
                 e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
                 # "+digits" formatted to itself was just parsed as _is_fixed_point would
-                # (a leading "+" makes the region irrelevant): no need to parse it again
-                if e164 == candidate or _is_fixed_point(e164):
+                # (a leading "+" makes the region irrelevant); a valid number's E.164 reads
+                # back as itself (no prefix of it is stripped as national): no second parse
+                if valid or e164 == candidate or _is_fixed_point(e164):
                     return e164
         raise InvalidIdentity(f"not a phone number: {address!r}")
     if re.fullmatch(r"[A-Za-z0-9 ]{1,11}", text):
@@ -131,7 +133,7 @@ def _phone_candidates(
     text: str, region: str
 ) -> list[tuple[str, phonenumbers.PhoneNumber | None]]:
     """The number as written, then as international when it carries a country code bare;
-    each with its parse when already made (None: parse it).
+    each with its parse when already made and valid (None: parse it).
 
     ``905321112233`` in region TR is the international form without ``+``; a valid
     national reading wins, so only numbers invalid as national are retried with ``+``.
