@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--encoding", default="utf-8", help="the file's encoding, e.g. cp1254 (default utf-8)"
     )
+    imp.add_argument(
+        "--progress",
+        action="store_true",
+        help="say on stderr how far it got every 5 s (default: only when stderr is a terminal)",
+    )
     exp = dsub.add_parser("export", help="export teams, agents, customers or holidays as CSV")
     exp.add_argument("--kind", choices=DIRECTORY_KINDS, required=True)
     exp.add_argument("--output", type=Path, help="file to write (default: stdout)")

@@ -29,8 +29,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
             return await delete_record(engine, args, settings)
         if args.action == "import":
+            from config.import_progress import printer
             from routers.csv.importer import import_csv
 
+            shown = args.progress or sys.stderr.isatty()
             report = await import_csv(
                 engine,
                 args.file,
@@ -39,6 +41,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
                 dry_run=args.dry_run,
                 delimiter="\t" if args.delimiter == "tab" else args.delimiter,
                 encoding=args.encoding,
+                progress=printer(args.file.name) if shown else None,
             )
             for reject in report.rejects:
                 print(f"{args.file}:{reject.line}: rejected: {reject.reason}", file=sys.stderr)

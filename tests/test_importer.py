@@ -348,7 +348,7 @@ async def test_a_generated_directory_of_20000_customers_imports(
     """Several batches end to end: every generated row lands, spoiled ones are reported."""
     gen = _generator()
     gen.write_directory(tmp_path, 20_000, bad_every=1_000)  # type: ignore[attr-defined]
-    seen: list[int] = []
+    seen: list[tuple[int, bool]] = []
     for kind in ("teams", "agents", "customers"):
         report = await import_csv(
             db,
@@ -356,10 +356,14 @@ async def test_a_generated_directory_of_20000_customers_imports(
             kind=None,
             region="TR",
             dry_run=False,
-            progress=lambda r: seen.append(r.rows),
+            progress=lambda r: seen.append((r.rows, r.merging)),
             workers=2,  # the worker-process path big files take
         )
-    assert seen == [20, 200, 5_000, 10_000, 15_000, 20_000]
+    # customers: each batch but the last, the merge's start, its end
+    assert seen == [(20, False), (200, False)] + [(n, False) for n in (5_000, 10_000, 15_000)] + [
+        (20_000, True),
+        (20_000, False),
+    ]
     assert (report.inserted, report.rejected) == (19_980, 20)
     assert report.rejects[0] == (1_001, "bad phone number 'not a number'")
     assert await count(db, Customer) == 19_980

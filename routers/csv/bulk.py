@@ -31,17 +31,21 @@ async def import_customers(
     progress: Callable[[ImportReport], None] | None,
 ) -> None:
     """Stage every batch, then merge in one transaction, rolled back for a dry run.
-    ``progress`` gets the report after each staged batch but the last, then after the
-    merge."""
+    ``progress`` gets the report after each staged batch but the last, once the merge
+    starts (``merging`` set), then after the merge."""
     async with engine.connect() as conn:
         db = await link(conn)
         try:
             await db.tune()
             await staging.create(db)
             await _stage(db, parsing, report, progress)
+            report.merging = True
+            if progress is not None:
+                progress(report)  # the file is read; the merge can take minutes at 10M rows
             await staging.index(db)
             await db.begin()
             await merge(db, report, language="language" in parsing.source.header)
+            report.merging = False
             await (db.rollback() if report.dry_run else db.commit())
         except ERRORS as exc:
             raise ImportAborted(

@@ -59,8 +59,8 @@ async def import_csv(
     Raises ``ImportFileError`` when the file cannot be read as a directory CSV at all, and
     ``ImportAborted`` when the database fails (see the module doc for what stays applied).
     ``progress`` gets the running report after every batch (customers: every batch read
-    but the last, then the merge). ``workers`` processes normalise batches ahead of the
-    database (phone parsing dominates); ``None`` uses one per CPU for files over
+    but the last, the merge's start, then its end). ``workers`` processes normalise batches
+    ahead of the database (phone parsing dominates); ``None`` uses one per CPU for files over
     ``PARALLEL_BYTES``, 0 a thread. Worker processes are spawned, so a calling script
     needs a ``__main__`` guard.
     ``delimiter`` (None: sniffed from the header) and ``encoding`` go to ``CsvSource``.

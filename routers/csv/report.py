@@ -37,6 +37,7 @@ class ImportReport:
     identities_removed: int = 0
     removed: int = 0  # holidays: company days the file no longer lists
     rows: int = 0  # data rows read, blank lines excluded
+    merging: bool = False  # customers.csv: every row is staged, the merge is under way
     rejects: list[Rejected] = field(default_factory=list)
 
     @property
