@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             redact_identities=settings.log.redact,
             # a command's output is its own; the daemon's log keeps the libraries' lines
             libraries=args.command == "run" or args.verbose,
+            stream=sys.stdout if args.command == "run" else sys.stderr,
         )
         return _unwrapped(asyncio.run, _dispatch(args, settings, path))
     except ConfigError as exc:

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -129,11 +129,15 @@ def configure(
     level: str = "info",
     redact_identities: bool = True,
     libraries: bool = True,
+    stream: TextIO | None = None,
 ) -> None:
     """Configure structlog and route the standard library's logging through it.
     ``libraries=False`` keeps the third-party libraries' own records out entirely, whatever
-    ``level`` (a command's output is its own, issue 17); omniroute's own lines still come."""
-    as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    ``level`` (a command's output is its own, issue 17); omniroute's own lines still come.
+    ``stream``: where lines go, stdout by default (the daemon's journal); a command's
+    lines go to stderr, so that its stdout is its output alone."""
+    out = stream or sys.stdout
+    as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     stamped: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -148,7 +152,7 @@ def configure(
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
@@ -159,10 +163,10 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),  # PrintLogger, minus print()
+        logger_factory=structlog.WriteLoggerFactory(out),  # PrintLogger, minus print()
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped, *as_text],

@@ -123,10 +123,11 @@ async def test_customer_unstick_publishes_the_event_and_the_next_message_goes_to
         assert "customer:         c-1001" in full.stdout
         assert "last agent:       none" in full.stdout
         assert "email kemal.ozturk@example.com.tr" in full.stdout
-        audit = [json.loads(ln) for ln in full.stdout.splitlines() if "identities_shown" in ln]
+        audit = [json.loads(ln) for ln in full.stderr.splitlines()]
         assert [(a["event"], a["customer"]) for a in audit] == [
             ("customer.identities_shown", "c-1001")
-        ]  # the audit line, with the user who asked
+        ]  # the audit line, with the user who asked, on stderr: stdout is the record alone
+        assert "identities_shown" not in full.stdout
     finally:
         stop.set()
         await task
