@@ -316,6 +316,17 @@ class SmtpSettings(_Section):
     ca_file: str | None = Field(
         default=None, description="PEM file of the CA that signed the server's certificate"
     )
+    auto_reply_null_sender: bool = Field(
+        default=False,
+        description=(
+            "send automatic replies (acknowledgements) with the null envelope sender, "
+            "`MAIL FROM:<>` (RFC 3834 section 3.3), so that a bounce of one goes nowhere; "
+            "agents' replies always keep `from_address`. Off by default: submission servers "
+            "(Office 365, Gmail) refuse or rewrite a null sender, and every acknowledgement "
+            "would then fail (`outbound.failed` naming this key). Turn it on when omniroute "
+            "hands mail to an MTA of your own that relays it as is"
+        ),
+    )
 
     @field_validator("host")
     @classmethod

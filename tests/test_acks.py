@@ -80,6 +80,7 @@ class Desk:
         *,
         ack: AckSettings | None = None,
         routing: RoutingSettings | None = None,
+        null_sender: bool = False,
     ) -> None:
         routing = routing or RoutingSettings(default_region="TR")
         self.bus = bus
@@ -114,7 +115,11 @@ class Desk:
         )
         http = HttpSettings(public_url=PUBLIC_URL)
         smtp_settings = SmtpSettings(
-            host=smtp.host, port=smtp.port, security="none", from_address="support@example.com"
+            host=smtp.host,
+            port=smtp.port,
+            security="none",
+            from_address="support@example.com",
+            auto_reply_null_sender=null_sender,
         )
         self.twilio = [
             TwilioSmsSender(sms, http, region="TR"),

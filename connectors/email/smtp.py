@@ -1,6 +1,7 @@
 """Replies out by SMTP (aiosmtplib), threaded so the customer's answer routes back to
 the agent who wrote (``In-Reply-To``/``References``, RFC 5322 section 3.6.4); an automatic
-answer (an acknowledgement) carries ``Auto-Submitted: auto-replied`` (RFC 3834)."""
+answer (an acknowledgement) carries ``Auto-Submitted: auto-replied`` (RFC 3834) and, with
+``smtp.auto_reply_null_sender``, the null envelope sender ``MAIL FROM:<>``."""
 
 import asyncio
 import contextlib
@@ -84,20 +85,32 @@ class SmtpSender:
             raise PermanentSendError(f"not an email address: {redact(reply.to.address)}") from exc
         msg = self.build(reply, context)
         message_id = str(msg["Message-ID"]).strip().strip("<>")
+        # RFC 3834 section 3.3: an automatic answer's envelope sender should be null, so that
+        # a bounce of it goes nowhere. Only when asked: submission servers often refuse it.
+        # aiosmtplib writes "" as MAIL FROM:<>; None takes the From header's address.
+        null_sender = context.auto_reply and self._settings.auto_reply_null_sender
         started = time.monotonic()
         async with smtp_client(self._settings) as client:
             try:
                 async with asyncio.timeout(self._settings.timeout):
-                    await client.send_message(msg, recipients=[recipient])
+                    await client.send_message(
+                        msg, sender="" if null_sender else None, recipients=[recipient]
+                    )
             except aiosmtplib.SMTPRecipientsRefused as exc:
                 codes = [e.code for e in exc.recipients]
                 if any(code >= 500 for code in codes):
                     raise PermanentSendError(f"recipient refused: {codes}") from exc
                 raise TransientError(f"recipient deferred: {codes}") from exc
             except aiosmtplib.SMTPResponseException as exc:
+                what = f"{exc.code} {exc.message}"
+                if null_sender and isinstance(exc, aiosmtplib.SMTPSenderRefused):
+                    what += (
+                        " (the null sender MAIL FROM:<> of smtp.auto_reply_null_sender;"
+                        " turn it off if this server cannot take it)"
+                    )
                 if exc.code >= 500:
-                    raise PermanentSendError(f"SMTP refused: {exc.code} {exc.message}") from exc
-                raise TransientError(f"SMTP deferred: {exc.code} {exc.message}") from exc
+                    raise PermanentSendError(f"SMTP refused: {what}") from exc
+                raise TransientError(f"SMTP deferred: {what}") from exc
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 raise TransientError(f"SMTP send failed: {exc!r}") from exc
         log.info(
