@@ -65,7 +65,10 @@ class LogSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["auto", "json", "console"] = Field(
-        default="auto", description="auto: JSON lines unless stdout is a terminal"
+        default="auto",
+        description="auto: JSON lines unless the log stream is a terminal; `omniroute run` "
+        "logs to stdout, every other command to stderr (its stdout is its output alone, "
+        "audit lines such as `customer.identities_shown` included on stderr)",
     )
     level: Literal["debug", "info", "warning", "error"] = "info"
     redact: bool = Field(default=True, description="redact customer identities in logs")
