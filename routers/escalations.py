@@ -7,7 +7,9 @@ A message routed to a team with a ``first_response`` time for its channel waits 
 record_reply``). ``EscalationTimers`` (``routers.timers``: durable, once across instances)
 fires the due ones: it publishes ``sla.breached`` on ``omniroute.events`` and routes the
 message again to the team's ``escalate_to`` (a team, or ``agent:<id>``) with reason
-``escalated``, ``attempt`` one more, ``previous`` the route it had, as ``<id>#<attempt>``.
+``escalated``, ``attempt`` one more, ``previous`` the route it had, as ``<id>#<attempt>``;
+an agent escalated to has it as their assignment (their load until they answer; never an
+offer), in place of the one the message had (``routers.store.routed_log.assign_escalated``).
 An escalation to a team with its own first-response time waits again, up the chain, at
 most ``routing.max_escalations`` levels; at the end of the chain (or past that limit)
 ``sla.breached`` is still published, and the message stays where it is. A message with an
@@ -36,6 +38,7 @@ from routers.availability import team_schedule
 from routers.directory import AgentRecord, TeamRecord
 from routers.models import Assignment, RoutedRecord, Waiting
 from routers.settings import RoutingSettings
+from routers.store import routed_log
 from routers.store.values import aware, utc
 from routers.timers import RETRY, TimerWorker, unreadable
 
@@ -308,7 +311,8 @@ def _close_orphans(connection: Connection, now: datetime) -> None:
 
 
 def _fired(connection: Connection, done: list[Step], now: datetime) -> None:
-    """The next level waits (or none), the record names the new route, an open offer ends."""
+    """The next level waits (or none), the record names the new route, an open offer ends,
+    and an agent escalated to has the message as an assignment (with no offer)."""
     connection.execute(
         update(Waiting)
         .where(_wait.message_id == bindparam("mid"))
@@ -364,3 +368,5 @@ def _fired(connection: Connection, done: list[Step], now: datetime) -> None:
             closed_at=func.coalesce(_assign.closed_at, utc(now)),
         )
     )
+    # the agent's load, listed as theirs, until they answer the customer (issue 15)
+    routed_log.assign_escalated(connection, moved)

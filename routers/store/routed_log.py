@@ -122,6 +122,18 @@ def _assignment_row(routed: RoutedMessage, offer: timedelta | None) -> dict[str,
     }
 
 
+def assign_escalated(connection: Connection, moved: list[RoutedMessage]) -> None:
+    """The assignment of each message escalated to an agent (``routers.escalations``): the
+    router's row, without an offer (the agent ends the chain: a timed-out offer would send
+    the message back to the team that missed its time). A message has one assignment, so
+    the row replaces one of an earlier attempt (the agent it was routed to before no longer
+    has it); the same attempt again (a step fired twice, ``routers.timers.RETRY``) writes
+    nothing, as the router's claim does for a redelivery."""
+    rows = [_assignment_row(r, None) for r in moved if r.route.kind == "agent"]
+    if rows:
+        connection.execute(_reassignment_insert(connection.dialect.name), rows)
+
+
 def clock_team(route: Route) -> str | None:
     """The team whose first-response clock runs for a route: its team, or its agent's."""
     if route.kind == "team":
@@ -290,3 +302,15 @@ def _waiting_insert(dialect: str) -> Insert:
 def _assignment_insert(dialect: str) -> Insert:
     stmt: Insert = insert_for(dialect, Assignment.__table__)  # type: ignore[arg-type]
     return stmt.on_conflict_do_nothing(index_elements=["message_id"])  # type: ignore[attr-defined, no-any-return]
+
+
+@functools.cache
+def _reassignment_insert(dialect: str) -> Insert:
+    """``_assignment_insert``, but a row of a later attempt takes the message's place."""
+    stmt: Any = insert_for(dialect, Assignment.__table__)  # type: ignore[arg-type]
+    table = Assignment.__table__.c
+    return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+        index_elements=["message_id"],
+        set_={c.name: stmt.excluded[c.name] for c in table if c.name != "message_id"},
+        where=table.attempt < stmt.excluded.attempt,
+    )
