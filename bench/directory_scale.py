@@ -12,7 +12,8 @@ does row by row), then ``bench/route_latency.py --database-url …`` (the cache-
 target: every request reads the directory) and ``bench/throughput.py
 --database-url …``. The database is dropped afterwards unless ``--keep``.
 
-    .venv/bin/python bench/directory_scale.py --sizes 100000,10000000
+    .venv/bin/python bench/directory_scale.py --sizes 100000,10000000 --keep
+    .venv/bin/python bench/directory_scale.py --sizes 100000,10000000 --reuse  # measure again
 
 Needs PostgreSQL (``--pg``, trust auth), RabbitMQ with ``rabbitmqctl``, GNU time, ``hey``; a
 10,000,000-customer directory takes about 1 GB of CSV and a few GB of database. Benchmarks
@@ -20,7 +21,6 @@ are never tests: this prints, it asserts nothing.
 """
 
 import argparse
-import asyncio
 import re
 import subprocess
 import sys
@@ -45,24 +45,15 @@ def psql(pg: str, sql: str, db: str = "postgres") -> None:
     sh("psql", f"{pg}/{db}", "-qc", sql)
 
 
-async def seed_last_agents(url: str) -> None:
-    """Every fifth customer answered by an agent an hour ago, in one statement."""
-    from sqlalchemy import text
-
-    from routers.store.engine import create_engine
-
-    engine = create_engine(url)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(
-                "INSERT INTO last_agent (customer_id, agent_id, channel, at) "
-                "SELECT id, 'agent-' || lpad((substr(id, 2)::bigint % :agents)::text, 4, '0'), "
-                "'email', now() - interval '1 hour' FROM customers "
-                "WHERE substr(id, 2)::bigint % :every = 0 ON CONFLICT DO NOTHING"),
-                {"agents": benchlib.TEAMS * benchlib.AGENTS_PER_TEAM,
-                 "every": benchlib.LAST_AGENT_EVERY})
-    finally:
-        await engine.dispose()
+def seed_last_agents(pg: str, db: str) -> None:
+    """Every fifth customer answered by an agent an hour ago, in one statement (through
+    psql: at ten million customers it runs longer than the engine's statement timeout)."""
+    agents = benchlib.TEAMS * benchlib.AGENTS_PER_TEAM
+    psql(pg, "INSERT INTO last_agent (customer_id, agent_id, channel, at) "  # noqa: S608 -- benchlib's ints
+         f"SELECT id, 'agent-' || lpad((substr(id, 2)::bigint % {agents})::text, 4, '0'), "
+         "'email', now() - interval '1 hour' FROM customers "
+         f"WHERE substr(id, 2)::bigint % {benchlib.LAST_AGENT_EVERY} = 0 "
+         "ON CONFLICT DO NOTHING", db)
 
 
 def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]:
@@ -75,23 +66,28 @@ def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]
         print(f"{customers}: CSV written in {time.perf_counter() - t0:.0f} s", flush=True)
     db = f"omniroute_scale_{customers}"
     url = f"{pg}/{db}"
-    psql(pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-    psql(pg, f'CREATE DATABASE "{db}"')
+    seconds, rss = float("nan"), float("nan")
+    if not a.reuse:
+        psql(pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        psql(pg, f'CREATE DATABASE "{db}"')
     config = benchlib.CACHE / f"scale-{customers}.toml"
     config.write_text(f'database_url = "{url}"\n[routing]\ndefault_region = "{benchlib.REGION}"\n')
     cli = [PY, "-m", "config.cli", "--config", str(config)]
     try:
-        sh(*cli, "directory", "migrate")
-        for kind in ("teams", "agents"):
-            sh(*cli, "directory", "import", str(folder / f"{kind}.csv"))
-        t0 = time.perf_counter()
-        timed = sh("/usr/bin/time", "-v", *cli, "directory", "import",
-                   str(folder / "customers.csv"))
-        seconds = time.perf_counter() - t0
-        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", timed.stderr)[1])  # type: ignore[index]
-        print(f"{customers}: import {seconds:.1f} s, peak RSS {rss / 1024:.0f} MiB; "
-              f"{timed.stdout.strip().splitlines()[-1]}", flush=True)
-        asyncio.run(seed_last_agents(url))
+        if not a.reuse:
+            sh(*cli, "directory", "migrate")
+            for kind in ("teams", "agents"):
+                sh(*cli, "directory", "import", str(folder / f"{kind}.csv"))
+            t0 = time.perf_counter()
+            timed = sh("/usr/bin/time", "-v", *cli, "directory", "import",
+                       str(folder / "customers.csv"))
+            seconds = time.perf_counter() - t0
+            kib = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timed.stderr)
+            assert kib is not None, timed.stderr
+            rss = int(kib[1]) / 1024
+            print(f"{customers}: import {seconds:.1f} s, peak RSS {rss:.0f} MiB; "
+                  f"{timed.stdout.strip().splitlines()[-1]}", flush=True)
+        seed_last_agents(pg, db)
         psql(pg, "VACUUM ANALYZE", db)
         latency = sh(PY, str(HERE / "route_latency.py"), "--customers", str(customers),
                      "--database-url", url, "--targets", "omniroute-nocache",
@@ -110,10 +106,10 @@ def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]
         assert q is not None, through
         print(f"{customers}: router median {r[1]} msg/s, ratio to the forwarder {q[1]} "
               f"(min {q[2]}, max {q[3]})", flush=True)
-        return {"import_s": seconds, "rss_mib": rss / 1024, "p50": float(p[1]),
+        return {"import_s": seconds, "rss_mib": rss, "p50": float(p[1]),
                 "p99": float(p[2]), "router": float(r[1]), "ratio": float(q[1])}
     finally:
-        if not a.keep:
+        if not (a.keep or a.reuse):
             psql(pg, f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
@@ -141,4 +137,6 @@ if __name__ == "__main__":
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--messages", type=int, default=20000)
     p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the databases a --keep run left (no import; implies --keep)")
     main(p.parse_args())
