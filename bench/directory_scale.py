@@ -96,6 +96,8 @@ def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]
         print(latency.split("summary:")[1].strip(), flush=True)
         p = re.search(r"omniroute-nocache\s+p50 ([\d.]+) ms .*p99 ([\d.]+) ms", latency)
         assert p is not None, latency
+        daemon = re.search(r"omniroute-nocache peak RSS ([\d.]+) MiB", latency)
+        assert daemon is not None, latency
         through = sh(PY, str(HERE / "throughput.py"), "--customers", str(customers),
                      "--database-url", url, "-n", str(a.messages),
                      "--rounds", str(a.rounds)).stdout
@@ -106,7 +108,8 @@ def one_size(customers: int, pg: str, a: argparse.Namespace) -> dict[str, float]
         assert q is not None, through
         print(f"{customers}: router median {r[1]} msg/s, ratio to the forwarder {q[1]} "
               f"(min {q[2]}, max {q[3]})", flush=True)
-        return {"import_s": seconds, "rss_mib": rss, "p50": float(p[1]),
+        return {"import_s": seconds, "rss_mib": rss, "daemon_mib": float(daemon[1]),
+                "p50": float(p[1]),
                 "p99": float(p[2]), "router": float(r[1]), "ratio": float(q[1])}
     finally:
         if not (a.keep or a.reuse):
@@ -117,10 +120,11 @@ def main(a: argparse.Namespace) -> None:
     print(benchlib.machine(), flush=True)
     sizes = [int(s) for s in a.sizes.split(",")]
     found = {size: one_size(size, a.pg, a) for size in sizes}
-    print("\ncustomers   import s  peak RSS MiB  p50 ms  p99 ms  router msg/s  router/forwarder")
+    print("\ncustomers   import s  import RSS MiB  daemon RSS MiB  p50 ms  p99 ms  "
+          "router msg/s  router/forwarder")
     for size, f in found.items():
-        print(f"{size:>10}  {f['import_s']:8.1f}  {f['rss_mib']:12.0f}  {f['p50']:6.2f}  "
-              f"{f['p99']:6.2f}  {f['router']:12.0f}  {f['ratio']:16.2f}")
+        print(f"{size:>10}  {f['import_s']:8.1f}  {f['rss_mib']:14.0f}  {f['daemon_mib']:14.0f}  "
+              f"{f['p50']:6.2f}  {f['p99']:6.2f}  {f['router']:12.0f}  {f['ratio']:16.2f}")
     if len(sizes) > 1:
         small, large = found[min(sizes)], found[max(sizes)]
         print(f"\n{max(sizes)} vs {min(sizes)}: p99 x{large['p99'] / small['p99']:.2f}, "

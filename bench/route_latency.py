@@ -169,6 +169,7 @@ def main(a: argparse.Namespace) -> None:
                               f"p99 {res['p99']:.2f} ms  ({res['rps']:.0f} req/s, codes "
                               f"{res['codes']}{errors}){decide}, CPU {res['cpu_ms']:.2f} ms"
                               " per request", flush=True)
+        peaks = {target: peak_rss_mib(pid) for target, pid in pids.items()}
     finally:
         for p in procs:
             p.terminate()
@@ -192,6 +193,16 @@ def main(a: argparse.Namespace) -> None:
             print(f"{rate:5}/s {target:18} p50 {p50[0]:.2f} ms ({p50[1]:.2f}-{p50[2]:.2f})  "
                   f"p99 {p99[0]:.2f} ms ({p99[1]:.2f}-{p99[2]:.2f})  "
                   f"CPU {cpu[0]:.2f} ms/request{ratio}")
+    for target in targets:
+        print(f"{target} peak RSS {peaks[target]:.0f} MiB")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def cpu_seconds(pid: int) -> float:
