@@ -36,6 +36,8 @@ def hidden_character(text: str) -> str | None:
     U+2060), the BOM (U+FEFF), bidi marks and overrides (U+200E/F, U+202A-U+202E,
     U+2066-U+2069). None belongs in an address, and ``ayse@acme.test`` followed by a
     zero-width space would otherwise be a second identity that looks like the first."""
+    if text.isascii() and text.isprintable():
+        return None  # ASCII has no Cf, and its Cc are exactly what is not printable
     for char in text:
         if unicodedata.category(char) in ("Cc", "Cf"):
             name = unicodedata.name(char, "control character")

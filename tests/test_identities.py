@@ -2,6 +2,7 @@
 twice changes nothing (the router normalises again what connectors already normalised)."""
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import given
@@ -9,6 +10,7 @@ from hypothesis import strategies as st
 
 from ingest.identities import (
     InvalidIdentity,
+    hidden_character,
     is_withheld_caller,
     normalise_email,
     normalise_handle,
@@ -133,3 +135,14 @@ def test_invisible_and_control_characters_are_no_identity(char: str) -> None:
     ):
         with pytest.raises(InvalidIdentity, match=re.escape(f"invisible character ({code}")):
             normalise(text)
+
+
+def test_hidden_character_ascii_fast_path_agrees_with_the_unicode_categories() -> None:
+    """Printable ASCII skips the per-character walk: every ASCII character, alone and inside
+    text, is found exactly when its category is Cc or Cf; non-ASCII still walks."""
+    for char in map(chr, range(128)):
+        hidden = unicodedata.category(char) in ("Cc", "Cf")
+        assert (hidden_character(char) is not None) == hidden, repr(char)
+        assert (hidden_character(f"ay{char}se@acme.test") is not None) == hidden, repr(char)
+    assert hidden_character("ayşe@acme.test") is None
+    assert hidden_character("ayşe\u200b@acme.test") == "U+200B ZERO WIDTH SPACE"
