@@ -3,33 +3,25 @@ an SMTP server that records what it accepts, a proxy that takes the IMAP server 
 one vhost per test module. The servers themselves, and the two Dovecot fixtures, are
 tests/support/mail.py's."""
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from aiosmtpd.controller import Controller
 
 from ingest.bus import Bus
 from ingest.settings import BusSettings
 from ingest.topology import ROUTER_QUEUE
 from tests.support.broker import fresh_vhost, opened_bus, purge, vhost_url
-from tests.support.mail import Dovecot, Recorder, SmtpSink
+from tests.support.mail import Dovecot, Recorder, SmtpSink, serving_smtp
 from tests.support.mail import dovecot as dovecot
 from tests.support.mail import dovecot_tls as dovecot_tls
-from tests.support.net import TcpProxy, free_port
+from tests.support.net import TcpProxy
 
 
 @pytest.fixture
 async def smtp_server() -> AsyncIterator[SmtpSink]:
     """An aiosmtpd server on a loopback port that records every message it accepts."""
-    recorder = Recorder()
-    port = free_port()
-    controller = Controller(recorder, hostname="127.0.0.1", port=port)
-    await asyncio.to_thread(controller.start)
-    try:
-        yield SmtpSink("127.0.0.1", port, recorder)
-    finally:
-        await asyncio.to_thread(controller.stop)
+    async with serving_smtp(Recorder()) as sink:
+        yield sink
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ loop; an agent's reply never does. A server that refuses the null sender fails t
 acknowledgement for good, naming the setting. Against aiosmtpd on loopback, through the
 SMTP sender alone and through the real router and dispatcher."""
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,8 +21,7 @@ from ingest.topology import EVENTS_QUEUE, OUTBOUND
 from tests.email.test_email_imap import received, reply_to, smtp_settings
 from tests.seed import seed
 from tests.support.broker import take
-from tests.support.mail import Recorder, SmtpSink
-from tests.support.net import free_port
+from tests.support.mail import Recorder, SmtpSink, serving_smtp
 from tests.support.waiting import until
 from tests.test_acks import Desk, mail
 from tests.test_acks import received as received_mails
@@ -68,13 +66,8 @@ class WireController(Controller):  # type: ignore[misc]
 
 
 async def _serve(handler: Submission) -> AsyncIterator[SmtpSink]:
-    port = free_port()
-    controller = WireController(handler, hostname="127.0.0.1", port=port)
-    await asyncio.to_thread(controller.start)
-    try:
-        yield SmtpSink("127.0.0.1", port, handler)
-    finally:
-        await asyncio.to_thread(controller.stop)
+    async with serving_smtp(handler, WireController) as sink:
+        yield sink
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ throwaway maildir, and an aiosmtpd handler that records what it receives; mail t
 them. The ``dovecot`` and ``dovecot_tls`` fixtures are here, for tests/email/conftest.py
 (which has the other email fixtures) and test_lifecycle.py alike."""
 
+import asyncio
 import contextlib
 import imaplib
 import os
@@ -12,12 +13,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SmtpServer
 from aiosmtpd.smtp import Envelope, Session
 
@@ -317,3 +319,18 @@ class SmtpSink:
     host: str
     port: int
     recorder: Recorder
+
+
+@contextlib.asynccontextmanager
+async def serving_smtp(
+    recorder: Recorder, controller: type[Controller] = Controller
+) -> AsyncIterator[SmtpSink]:
+    """An aiosmtpd server on a loopback port with ``recorder`` as its handler, for the block;
+    ``controller``: a subclass that serves another ``SMTP`` class (e.g. one that records
+    the wire's commands)."""
+    server = controller(recorder, hostname="127.0.0.1", port=free_port())
+    await asyncio.to_thread(server.start)
+    try:
+        yield SmtpSink("127.0.0.1", server.port, recorder)
+    finally:
+        await asyncio.to_thread(server.stop)
