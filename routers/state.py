@@ -152,7 +152,8 @@ async def record_reply(
     """Remember who answered whom: the customer's last agent, and the thread owner; the
     agent's open assignments for that customer, routed before the answer, are done, and
     the customer's messages received before it wait for a first answer no more (issue 16:
-    escalation), as does ``answers``, the message replied to (an unknown sender's)."""
+    escalation), as do ``answers``, the message replied to, and the agent's assignment of
+    it (an unknown sender's: no customer to find them by)."""
     at = utc(at)
     answered = [Waiting.customer_id == customer_id] if customer_id is not None else []
     answered += [Waiting.message_id == answers] if answers else []
@@ -162,17 +163,20 @@ async def record_reply(
             .where(or_(*answered), Waiting.answered_at.is_(None), Waiting.received_at <= at)
             .values(answered_at=at, due_at=None)
         )
-    if customer_id is not None:
+    done = [Assignment.customer_id == customer_id] if customer_id is not None else []
+    done += [Assignment.message_id == answers] if answers else []
+    if done:
         await session.execute(
             update(Assignment)
             .where(
                 Assignment.agent_id == agent_id,
-                Assignment.customer_id == customer_id,
+                or_(*done),
                 Assignment.closed_at.is_(None),
                 Assignment.assigned_at <= at,
             )
             .values(closed_at=at, offer_due_at=None)  # an answer accepts the offer too
         )
+    if customer_id is not None:
         await upsert(
             session,
             LastAgent.__table__,  # type: ignore[arg-type]

@@ -29,6 +29,7 @@ from routers.models import (
 from routers.settings import RoutingSettings
 from routers.store.engine import create_engine, sessionmaker
 from routers.store.transactions import transactions_of
+from routers.store.values import utc
 
 # A working Monday in Istanbul; the Saturday after it; billing works Mon-Fri 09:00-18:00.
 MONDAY = datetime.fromisoformat("2026-05-04T11:00+03:00")
@@ -472,3 +473,43 @@ async def test_an_unproven_sender_to_a_closed_team_carries_no_customer_context(
         else:
             assert decision.route.reason == "unverified_sender"
         assert decision.customer is None
+
+
+async def test_an_answer_to_an_unknown_senders_message_closes_its_assignment(desk: Desk) -> None:
+    """An unknown sender has no customer to close assignments by: the agent's answer to the
+    message (``answers``, as the dispatcher finds it) closes that message's assignment, and
+    no other agent's or message's."""
+    now = desk.clock.now
+    async with desk.sessions.begin() as session:
+        for message_id, agent_id in (("m-stranger", "bora"), ("m-other", "bora")):
+            session.add(
+                Assignment(
+                    message_id=message_id,
+                    agent_id=agent_id,
+                    customer_id=None,
+                    channel="email",
+                    assigned_at=utc(now - timedelta(minutes=5)),  # as the router writes it
+                    attempt=2,
+                )
+            )
+    assert await desk.open_load("bora") == 2
+    async with desk.sessions.begin() as session:
+        await state.record_reply(
+            session,
+            agent_id="ana",
+            customer_id=None,
+            channel="email",
+            at=now,
+            answers="m-stranger",
+        )
+    assert await desk.open_load("bora") == 2, "another agent's answer closes nothing of bora's"
+    async with desk.sessions.begin() as session:
+        await state.record_reply(
+            session,
+            agent_id="bora",
+            customer_id=None,
+            channel="email",
+            at=now,
+            answers="m-stranger",
+        )
+    assert await desk.open_load("bora") == 1, "m-other stays open"
