@@ -35,6 +35,7 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 
 from config import registry
+from connectors.addresses import url_problem
 from connectors.settings import (
     ApiSettings,
     EmailSettings,
@@ -43,7 +44,6 @@ from connectors.settings import (
     SpoolSettings,
     TwilioSettings,
     TwitterSettings,
-    url_problem,
 )
 from ingest.errors import ConfigError
 from ingest.settings import BusSettings, MetricsSettings, amqp_nodes

@@ -1,92 +1,15 @@
 """Settings of each connector and of the HTTP app; light on purpose (pydantic only), so the
 composition root can validate every section without importing a disabled channel's library."""
 
-import ipaddress
-import re
 from typing import Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from connectors.addresses import checked_host, checked_url, is_loopback_host
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-#: one label of a host name (RFC 1123; ``_`` as well, which some internal names carry)
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
-
-
-def host_problem(host: str) -> str | None:
-    """What makes ``host`` unusable as a host to connect to or bind, or None: a name or an
-    IP address, without a scheme, a port or a path (issue 19: a malformed value is refused
-    when the configuration loads, not found out at the first connection)."""
-    if not host:
-        return "is empty"
-    try:
-        ipaddress.ip_address(host)
-        return None
-    except ValueError:
-        pass
-    if "://" in host:
-        return "is a URL: give the host name alone (the port has its own key)"
-    if ":" in host or "/" in host or "@" in host:
-        return "must be a host name or IP address alone, without port, path or user"
-    try:
-        name = host.encode("idna").decode("ascii").removesuffix(".")
-    except UnicodeError:
-        return "is not a host name"
-    if len(name) > 253 or not all(_LABEL.match(label) for label in name.split(".")):
-        return "is not a host name or IP address"
-    return None
-
-
-def url_problem(url: str, schemes: tuple[str, ...], *, path: bool = True) -> str | None:
-    """What makes ``url`` unusable, or None: one of ``schemes``, a valid host and port, no
-    spaces or control characters; without ``path``, no path, query or fragment either.
-    Never repeats the URL itself: some carry a password."""
-    expected = " or ".join(f"{scheme}://" for scheme in schemes)
-    if url.lstrip().startswith("["):
-        return f"is a list, not one {expected} URL"
-    if any(c.isspace() or not c.isprintable() for c in url):
-        return "has spaces or control characters"
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in schemes or not url[len(parts.scheme) :].startswith("://"):
-        return f"must start with {expected}"
-    try:
-        port = parts.port
-    except ValueError:
-        return "has a port that is not a number from 1 to 65535"
-    if port == 0:
-        return "has a port that is not a number from 1 to 65535"
-    if not parts.hostname:
-        return "names no host"
-    if (problem := host_problem(parts.hostname)) is not None:
-        return f"host {problem}"
-    if not path and (parts.path.strip("/") or parts.query or parts.fragment):
-        return "must be scheme and host only (with a port if need be): no path or query"
-    return None
-
-
-def _checked_url(value: str | None, schemes: tuple[str, ...], *, path: bool = True) -> str | None:
-    if value is not None and (problem := url_problem(value, schemes, path=path)) is not None:
-        raise ValueError(problem)
-    return value
-
-
-def _checked_host(value: str) -> str:
-    if (problem := host_problem(value)) is not None:
-        raise ValueError(f"{value[:60]!r} {problem}")
-    return value
 
 
 class HttpSettings(_Section):
@@ -154,13 +77,13 @@ class HttpSettings(_Section):
     @field_validator("public_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        _checked_url(value, ("http", "https"))
+        checked_url(value, ("http", "https"))
         return value.rstrip("/") if value else value
 
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _checked_host(value)
+        return checked_host(value)
 
 
 class ApiSettings(_Section):
@@ -213,7 +136,7 @@ class MailboxSettings(_Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _checked_host(value)
+        return checked_host(value)
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "MailboxSettings":
@@ -318,20 +241,16 @@ class SmtpSettings(_Section):
     )
     auto_reply_null_sender: bool = Field(
         default=False,
-        description=(
-            "send automatic replies (acknowledgements) with the null envelope sender, "
-            "`MAIL FROM:<>` (RFC 3834 section 3.3), so that a bounce of one goes nowhere; "
-            "agents' replies always keep `from_address`. Off by default: submission servers "
-            "(Office 365, Gmail) refuse or rewrite a null sender, and every acknowledgement "
-            "would then fail (`outbound.failed` naming this key). Turn it on when omniroute "
-            "hands mail to an MTA of your own that relays it as is"
-        ),
+        description="acknowledgements by mail with the null envelope sender `MAIL FROM:<>` "
+        "(RFC 3834 3.3: a bounce of one goes nowhere); agents' replies keep `from_address`. "
+        "Off: Office 365 and Gmail refuse or rewrite it (an `outbound.failed` naming this "
+        "key); turn it on behind an MTA of your own",
     )
 
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _checked_host(value)
+        return checked_host(value)
 
     @model_validator(mode="after")
     def _plaintext_only_to_loopback(self) -> "SmtpSettings":
@@ -362,7 +281,7 @@ class TwilioSettings(_Section):
     @field_validator("api_base_url")
     @classmethod
     def _api_base_url(cls, value: str | None) -> str | None:
-        return _checked_url(value, ("http", "https"))
+        return checked_url(value, ("http", "https"))
 
 
 class TwitterSettings(_Section):
@@ -389,7 +308,7 @@ class TwitterSettings(_Section):
     @field_validator("api_base_url")
     @classmethod
     def _api_base_url(cls, value: str | None) -> str | None:
-        return _checked_url(value, ("http", "https"))
+        return checked_url(value, ("http", "https"))
 
 
 class SpoolSettings(_Section):
