@@ -38,7 +38,11 @@ def printer(
             return
         if report.merging:
             merged = True
-            what = "; merging into the directory"
+            what = (
+                "; checking it against the directory (dry run)"
+                if report.dry_run
+                else "; merging into the directory"
+            )
         elif now - last < every:
             return
         else:

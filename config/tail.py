@@ -3,6 +3,7 @@ Senders are redacted as in the logs (``log.redact``) unless ``--show-identities`
 is logged as ``tail.identities_shown`` with the user who asked (issue 17)."""
 
 import getpass
+import sys
 
 import aio_pika
 import structlog
@@ -59,7 +60,9 @@ async def tail(
                     try:
                         routed = RoutedMessage.model_validate_json(delivery.body)
                     except ValueError:
-                        print(f"(unreadable message {delivery.message_id})", flush=True)
+                        # stderr with --json: its stdout is `rules test` input, JSON lines only
+                        out = sys.stderr if as_json else sys.stdout
+                        print(f"(unreadable message {delivery.message_id})", file=out, flush=True)
                         continue
                     shown = routed.model_dump_json() if as_json else line(routed, redacted)
                     print(shown, flush=True)

@@ -27,3 +27,13 @@ def test_lines_are_spaced_and_the_merge_is_said_once() -> None:
         "customers.csv: 1,250,000 rows read in 1 min 11 s",
         "customers.csv: 1,250,000 rows read in 1 min 12 s; merging into the directory",
     ]
+
+
+def test_a_dry_run_says_it_checks_rather_than_merges() -> None:
+    out = io.StringIO()
+    progress = printer("customers.csv", out=out, clock=lambda: 3.0)
+    report = ImportReport(kind="customers", dry_run=True, rows=10, merging=True)
+    progress(report)
+    assert out.getvalue() == (
+        "customers.csv: 10 rows read in 0 s; checking it against the directory (dry run)\n"
+    )

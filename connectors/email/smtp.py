@@ -103,10 +103,10 @@ class SmtpSender:
                 raise TransientError(f"recipient deferred: {codes}") from exc
             except aiosmtplib.SMTPResponseException as exc:
                 what = f"{exc.code} {exc.message}"
-                if null_sender and isinstance(exc, aiosmtplib.SMTPSenderRefused):
+                if null_sender:  # refused at MAIL, or only after DATA (as some servers do)
                     what += (
-                        " (the null sender MAIL FROM:<> of smtp.auto_reply_null_sender;"
-                        " turn it off if this server cannot take it)"
+                        " (sent with the null sender MAIL FROM:<> of"
+                        " smtp.auto_reply_null_sender; turn it off if this server cannot take it)"
                     )
                 if exc.code >= 500:
                     raise PermanentSendError(f"SMTP refused: {what}") from exc

@@ -36,20 +36,28 @@ class Submission(Recorder):
     """The recorder that also keeps each MAIL command as it came over the wire and, given
     ``null_reply``, answers ``MAIL FROM:<>`` with it (as Office 365 or Gmail would)."""
 
-    def __init__(self, null_reply: str | None = None) -> None:
+    def __init__(self, null_reply: str | None = None, *, at_data: bool = False) -> None:
         super().__init__()
         self.null_reply = null_reply
+        self.at_data = at_data  # take MAIL FROM:<>, refuse its mail after DATA instead
         self.mail_commands: list[str] = []
 
     async def handle_MAIL(  # noqa: N802 (aiosmtpd's hook name)
         self, server: SmtpServer, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:  # fmt: skip
-        if address == "<>" and self.null_reply is not None:  # aiosmtpd's name for the null path
-            return self.null_reply
+        if address == "<>" and self.null_reply is not None and not self.at_data:
+            return self.null_reply  # "<>": aiosmtpd's name for the null path
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
+
+    async def handle_DATA(  # noqa: N802 (aiosmtpd's hook name)
+        self, server: SmtpServer, session: Session, envelope: Envelope
+    ) -> str:
+        if envelope.mail_from == "<>" and self.null_reply is not None:
+            return self.null_reply
+        return await super().handle_DATA(server, session, envelope)
 
 
 class WireSmtp(SmtpServer):  # type: ignore[misc]
@@ -136,6 +144,17 @@ async def test_with_the_setting_off_an_acknowledgement_keeps_the_normal_sender(
     assert envelope_sender(command) == f"FROM:<{FROM}>"
     assert submission.recorder.messages[0].mail_from == FROM
     assert received(submission, 0)["Auto-Submitted"] == "auto-replied"
+
+
+async def test_a_null_sender_refused_only_after_data_also_names_the_setting() -> None:
+    """Some servers take MAIL FROM:<> and refuse the mail after DATA: the failure still
+    says which setting sent it with the null sender."""
+    async with serving_smtp(Submission(REFUSAL, at_data=True), WireController) as server:
+        sender = SmtpSender(smtp_settings(server, auto_reply_null_sender=True))
+        with pytest.raises(PermanentSendError, match=r"550 .*smtp\.auto_reply_null_sender"):
+            await sender.send(reply_to(), ACK)
+        assert [envelope_sender(c) for c in mail_commands(server)] == ["FROM:<>"]
+        assert server.recorder.messages == []
 
 
 async def test_a_server_refusing_the_null_sender_fails_the_acknowledgement_for_good(
