@@ -204,9 +204,12 @@ def _fired(connection: Connection, done: list[RoutedMessage], now: datetime) -> 
     )
     for message_id in sorted(accepted):
         log.warning("offers.accepted_meanwhile", message_id=message_id)
+    # only rows older than the attempt published: an escalation that fired meanwhile with
+    # the same attempt (routers.escalations) has made the message the lead's, and its
+    # assignment and route stand whichever of the two timers commits last
     connection.execute(
         update(Assignment)
-        .where(_assign.message_id == bindparam("mid"))
+        .where(_assign.message_id == bindparam("mid"), _assign.attempt < bindparam("b_attempt"))
         .values(
             offer_due_at=None,
             message=None,
@@ -216,12 +219,15 @@ def _fired(connection: Connection, done: list[RoutedMessage], now: datetime) -> 
                 else_=_assign.closed_at,
             ),
         ),
-        [{"mid": item.message.id, "why": item.route.reason} for item in done],
+        [
+            {"mid": item.message.id, "why": item.route.reason, "b_attempt": item.route.attempt}
+            for item in done
+        ],
         execution_options={"synchronize_session": False},
     )
     connection.execute(
         update(RoutedRecord)
-        .where(_record.id == bindparam("mid"))
+        .where(_record.id == bindparam("mid"), _record.attempt < bindparam("new_attempt"))
         .values(
             route_kind=bindparam("new_kind"),
             route_target=bindparam("new_target"),

@@ -15,10 +15,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.bus import Bus
-from ingest.schema import AgentReplied
+from ingest.schema import AgentReplied, AssignmentAccepted, AssignmentDeclined
 from ingest.topology import EVENTS
 from routers import escalations, state
-from routers.models import Assignment
+from routers import offers as offers_module
+from routers.models import Assignment, RoutedRecord
 from routers.offers import OfferTimers
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
@@ -181,3 +182,64 @@ async def test_a_message_escalated_from_an_agent_becomes_the_escalated_agents(
         await reply(desk, "boss", fired_at + timedelta(minutes=2), "ev-boss")
         assert await loads(db, ["ana", "boss"], fired_at) == {}
         await desk.nothing_more()
+
+
+async def test_an_offer_timer_finishing_after_the_escalation_leaves_it_the_leads(
+    bus: Bus, db: AsyncEngine
+) -> None:
+    """The narrow race: Ana accepted her offer, so billing's clock escalates the message;
+    while the escalation worker is at it, she declines (the offer opens again) and the
+    offer timer routes it again too, both as ``<id>#2``. Whichever commits last, the
+    message stays boss's: the offer timer ends only rows of an earlier attempt."""
+    routing = RoutingSettings(default_region="TR", offer_timeout={"email": timedelta(minutes=1)})
+    async with opened(bus, db, routing) as desk:
+        await reply(desk, "ana", FRIDAY, "ev-ana-before")
+        desk.clock.at = FRIDAY + timedelta(seconds=1)
+        message = await desk.send()
+        got, routed = await desk.routed()
+        assert (got, routed.route.routing_key) == (message.id, "agent.ana")
+        await event(desk, AssignmentAccepted(message_id=message.id, agent_id="ana", at=FRIDAY))
+
+        taken_at = MONDAY_DUE + timedelta(seconds=1)
+        run = transactions_of(db)
+        escalating = await run(lambda c: escalations._take_due(c, taken_at, 10))
+        assert [d.message.id for d in escalating] == [message.id]
+        steps = await desk.escalations._steps(escalating, taken_at)
+
+        declined = AssignmentDeclined(message_id=message.id, agent_id="ana", at=taken_at)
+        await event(desk, declined)
+        offers = OfferTimers(
+            bus=bus,
+            engine=db,
+            decider=desk.escalations._decider,
+            routing=routing,
+            health=desk.health,
+            clock=lambda: taken_at,
+        )
+        pruned = taken_at - timedelta(days=routing.routed_log_days)
+        offered = await run(lambda c: offers_module._take_due(c, taken_at, 10, pruned))
+        assert [d.message.id for d in offered] == [message.id]
+        rerouted = await offers._reroute(offered)
+        assert [r.route.attempt for r in rerouted] == [2]
+
+        await run(lambda c: escalations._fired(c, steps, taken_at))
+        await run(lambda c: offers_module._fired(c, rerouted, taken_at))  # the late one
+
+        (row,) = await assignments(db)
+        assert (row["agent_id"], row["attempt"], row["closed_at"]) == ("boss", 2, None)
+        async with sessionmaker(db)() as session:
+            record = (
+                await session.execute(
+                    select(RoutedRecord.route_target, RoutedRecord.attempt).where(
+                        RoutedRecord.id == message.id
+                    )
+                )
+            ).one()
+        assert tuple(record) == ("boss", 2), "the record names the route boss has"
+
+
+async def event(desk: Desk, happened: AssignmentAccepted | AssignmentDeclined) -> None:
+    await desk.bus.publish(
+        EVENTS, happened.type, happened, message_id=f"ev-{happened.type}-{happened.at}"
+    )
+    await desk.events.idle()
