@@ -250,16 +250,19 @@ async def test_check_fails_when_the_broker_is_away(daemon: DaemonProcess, tmp_pa
     assert "Traceback" not in result.stderr
 
 
-async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> None:
-    """An operator watches routing live: one line per routed message, identities redacted."""
+async def _tail(daemon: DaemonProcess, bus: Bus, *args: str, garbled: bool = False) -> bytes:
+    """``omniroute tail --count 1 ARGS``'s stdout, publishing a routed message (after a
+    body no one can read, with ``garbled``) until tail is bound and has read one; its stderr
+    must then name the garbled one."""
     import sys
 
     from ingest.schema import Route, RoutedMessage
     from ingest.topology import ROUTED
 
-    args = ["-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"]
+    command = ["-m", "config.cli", "--config", str(daemon.config), "tail", "--count", "1"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
+        *command,
         *args,
         cwd=daemon.config.parent,
         env=daemon.env,
@@ -271,7 +274,11 @@ async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> N
     )
     try:
         async with asyncio.timeout(30):
-            while proc.returncode is None:  # publish until tail is bound and has read one
+            while proc.returncode is None:
+                if garbled:
+                    await bus.publish_body(
+                        ROUTED, "team.billing", b"not json", message_id="garbled-1", type_=None
+                    )
                 await bus.publish(ROUTED, "team.billing", routed, message_id=routed.message.id)
                 try:
                     async with asyncio.timeout(0.2):
@@ -284,6 +291,14 @@ async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> N
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, err
+    if garbled:
+        assert "(unreadable message garbled-1)" in err.decode()
+    return out
+
+
+async def test_tail_prints_routed_messages(daemon: DaemonProcess, bus: Bus) -> None:
+    """An operator watches routing live: one line per routed message, identities redacted."""
+    out = await _tail(daemon, bus)
     assert b"team.billing" in out
     assert b"dedicated_team" in out
     assert b"a***@acme.test" in out
@@ -295,44 +310,10 @@ async def test_tail_json_keeps_stdout_json_and_says_unreadable_ones_on_stderr(
     """`tail --json > samples.jsonl` is `rules test`'s input: a message it cannot read is
     said on stderr, and stdout holds JSON lines alone."""
     import json
-    import sys
 
-    from ingest.schema import Route, RoutedMessage
-    from ingest.topology import ROUTED
-
-    args = ["-m", "config.cli", "--config", str(daemon.config), "tail", "--json", "--count", "1"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=daemon.config.parent,
-        env=daemon.env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    routed = RoutedMessage(
-        message=_messages(1)[0], route=Route(kind="team", target="billing", reason="dedicated_team")
-    )
-    try:
-        async with asyncio.timeout(30):
-            while proc.returncode is None:  # until tail is bound and has read a good one
-                await bus.publish_body(
-                    ROUTED, "team.billing", b"not json", message_id="garbled-1", type_=None
-                )
-                await bus.publish(ROUTED, "team.billing", routed, message_id=routed.message.id)
-                try:
-                    async with asyncio.timeout(0.2):
-                        await proc.wait()
-                except TimeoutError:
-                    pass
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err
+    out = await _tail(daemon, bus, "--json", garbled=True)
     [line] = out.decode().splitlines()
     assert json.loads(line)["route"]["target"] == "billing"
-    assert "(unreadable message garbled-1)" in err.decode()
 
 
 async def test_http_answers_while_the_broker_is_away_at_start(
