@@ -5,7 +5,7 @@ time, counted in the team's opening hours, publishes ``sla.breached`` and goes t
 escalation worker on the real broker and directory; the clocks are set instead of waiting."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -82,8 +82,21 @@ class Desk:
             health=self.health,
             clock=self.clock,
         )
+        self.routing = routing
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
+
+    def offer_timers(self, clock: Callable[[], datetime] | None = None) -> OfferTimers:
+        """An offer worker beside the escalation worker: same decider and settings, the
+        desk's clock unless another is given."""
+        return OfferTimers(
+            bus=self.bus,
+            engine=self.engine,
+            decider=self.escalations._decider,
+            routing=self.routing,
+            health=self.health,
+            clock=clock or self.clock,
+        )
 
     async def start(self) -> None:
         async with self.bus.connection.channel() as channel:
@@ -292,14 +305,7 @@ async def test_an_offer_and_an_escalation_due_together_publish_two_attempts(
     await chain(db)
     routing = RoutingSettings(default_region="TR", offer_timeout={"email": timedelta(minutes=1)})
     d = Desk(bus, db, routing)
-    offers = OfferTimers(
-        bus=bus,
-        engine=db,
-        decider=d.escalations._decider,
-        routing=routing,
-        health=d.health,
-        clock=d.clock,
-    )
+    offers = d.offer_timers()
     await d.start()
     try:
         await d.bus.publish(

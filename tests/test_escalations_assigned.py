@@ -20,7 +20,6 @@ from ingest.topology import EVENTS
 from routers import escalations, state
 from routers import offers as offers_module
 from routers.models import Assignment, RoutedRecord
-from routers.offers import OfferTimers
 from routers.settings import RoutingSettings
 from routers.store.engine import sessionmaker
 from routers.store.transactions import transactions_of
@@ -102,14 +101,7 @@ async def test_an_escalation_to_an_agent_is_their_load_until_they_answer(
         assert aware(row["assigned_at"]) == fired_at
         assert await loads(db, ["boss"], fired_at) == {("boss", "email"): 1}
 
-        offers = OfferTimers(
-            bus=bus,
-            engine=db,
-            decider=desk.escalations._decider,
-            routing=routing,
-            health=desk.health,
-            clock=lambda: fired_at + timedelta(hours=1),
-        )
+        offers = desk.offer_timers(lambda: fired_at + timedelta(hours=1))
         assert await offers.drain() == 0, "boss's assignment is no offer: it never times out"
 
         await reply(desk, "boss", fired_at + timedelta(minutes=2), "ev-boss")
@@ -208,14 +200,7 @@ async def test_an_offer_timer_finishing_after_the_escalation_leaves_it_the_leads
 
         declined = AssignmentDeclined(message_id=message.id, agent_id="ana", at=taken_at)
         await event(desk, declined)
-        offers = OfferTimers(
-            bus=bus,
-            engine=db,
-            decider=desk.escalations._decider,
-            routing=routing,
-            health=desk.health,
-            clock=lambda: taken_at,
-        )
+        offers = desk.offer_timers(lambda: taken_at)
         pruned = taken_at - timedelta(days=routing.routed_log_days)
         offered = await run(lambda c: offers_module._take_due(c, taken_at, 10, pruned))
         assert [d.message.id for d in offered] == [message.id]
