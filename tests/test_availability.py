@@ -197,8 +197,11 @@ class Desk:
     def sms(self) -> InboundMessage:
         return self.message("sms", ACME_PHONE, "phone")
 
-    async def replied(self, agent_id: str, customer_id: str = "acme") -> None:
-        """An ``agent.replied`` as the events worker stores it."""
+    async def replied(
+        self, agent_id: str, customer_id: str | None = "acme", answers: str | None = None
+    ) -> None:
+        """An ``agent.replied`` as the events worker stores it; with ``answers``, a reply to
+        that message as the dispatcher stores it."""
         async with self.sessions.begin() as session:
             await state.record_reply(
                 session,
@@ -206,6 +209,7 @@ class Desk:
                 customer_id=customer_id,
                 channel="email",
                 at=self.clock.now,
+                answers=answers,
             )
 
     async def presence(
@@ -494,13 +498,5 @@ async def test_an_answer_to_an_unknown_senders_message_closes_its_assignment(des
             )
     assert await desk.open_load("bora") == 2
     for agent_id, left in (("ana", 2), ("bora", 1)):  # ana's answer closes nothing of bora's
-        async with desk.sessions.begin() as session:
-            await state.record_reply(
-                session,
-                agent_id=agent_id,
-                customer_id=None,
-                channel="email",
-                at=now,
-                answers="m-stranger",
-            )
+        await desk.replied(agent_id, None, answers="m-stranger")
         assert await desk.open_load("bora") == left, agent_id  # m-other stays open
