@@ -13,9 +13,13 @@ Invariants:
   ``UID STORE`` for what the broker confirmed, one cursor write. When a publish fails, the
   mails confirmed are flagged anyway, the failed ones are forgotten and left unflagged,
   and the cursor stops just before the first of them.
-- Every mail is parsed in the parse pool while the batch before it is published; a mail
-  that cannot be parsed within its limits (or is over ``max_message_bytes``, of which only
-  the head is fetched) is routed as a stand-in, never dropped and never fetched again.
+- Batches overlap, in order: batch n+1 is fetched, parsed in the parse pool and recorded
+  in the seen store while batch n is published, and batch n is flagged and its cursor
+  written while batch n+1 is published (each batch's flags and cursor after the one
+  before it). A batch recorded but never published (one before it failed) is published
+  by the next pass: its slots say it was never confirmed. A mail that cannot be parsed
+  within its limits (or is over ``max_message_bytes``, of which only the head is fetched)
+  is routed as a stand-in, never dropped and never fetched again.
 - Copies are dropped by Message-ID (a content hash when there is none) in the
   ``SeenStore``. Each (mailbox, UIDVALIDITY, UID) slot is also recorded, so a mail whose
   Message-ID was recorded by a run killed before the broker confirmed it is submitted
@@ -25,43 +29,51 @@ Invariants:
 import asyncio
 import contextlib
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from connectors.email.imap import KEYWORD, ImapSession
-from connectors.email.mime import stand_in
-from connectors.email.parse_pool import ParseFailed, ParsePool, PoolSettings
-from connectors.email.scan import SCAN_HEAD, Limits
+from connectors.email.parse_pool import ParsePool
+from connectors.email.parsed import (
+    SEEN_CHANNEL,
+    SLOT_CHANNEL,
+    Mail,
+    parse_batch,
+    pool_settings,
+    record,
+)
+from connectors.email.scan import SCAN_HEAD
 from connectors.settings import EmailSettings, MailboxSettings
 from ingest.errors import TransientError
 from ingest.identities import redact
 from ingest.protocols import CursorStore, InboundSink, SeenStore
-from ingest.schema import InboundMessage
 
 log = structlog.get_logger("omniroute.email")
 
-SEEN_CHANNEL = "email"
-SLOT_CHANNEL = "email.slot"
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _abandon(task: "asyncio.Task[Any]") -> None:
+    """Cancel a batch's parse and wait for it: what it recorded makes the next pass
+    publish it (its slots were never confirmed)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
 #: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
 PUBLISH_CONCURRENCY = 100
-#: bodies of one batch; two batches are held at once (one parsed, one published)
+#: bodies of one batch; at most three batches' bodies are held at once (``_fetch_ahead``)
 BATCH_BYTES = 16 * 1024 * 1024
-
-
-def pool_settings(settings: EmailSettings) -> PoolSettings:
-    return PoolSettings(
-        workers=settings.parse_workers,
-        memory=settings.parse_memory,
-        timeout=settings.parse_timeout,
-        limits=Limits(
-            max_header_bytes=settings.max_header_bytes,
-            max_encoded_words=settings.max_encoded_words,
-            max_mime_depth=settings.max_mime_depth,
-            max_parts=settings.max_parts,
-        ),
-    )
+#: batches publishing at once in one mailbox worker, each settling after the one before
+SETTLING = 2
 
 
 def cursor_key(mailbox: str) -> str:
@@ -74,15 +86,8 @@ class _Cursor:
     last_uid: int
 
 
-@dataclass
-class _Mail:
-    """One parsed mail of a batch and what the seen store said about it."""
-
-    uid: int
-    slot: str
-    message: InboundMessage
-    new_slot: bool = False
-    new_id: bool = False
+#: what the fetching task hands the taker: a batch and its parse, the end, or its error
+_Ahead = tuple[list[int], "asyncio.Task[list[Mail]]"] | None | Exception
 
 
 @dataclass
@@ -174,11 +179,65 @@ class MailIntake:
     async def _take_all(
         self, box: MailboxSettings, session: ImapSession, uids: list[int], cursor: _Cursor
     ) -> int:
-        """Take ``uids`` batch by batch, each parsed in the pool while the one before it is
-        published and flagged: both cores parse while the loop talks to the broker. At
-        most two batches' bodies are held at once (``_batches`` bounds each)."""
+        """Take ``uids`` batch by batch, in order: a task of its own fetches the next batch
+        and has it parsed and recorded (``_fetch_ahead``) while this one publishes, and
+        each batch settles (``_settle``: its confirms, then its flags and cursor after the
+        batch before it) in a task of its own, two batches at once: both cores parse while
+        the loop talks to the broker, and no step waits for IMAP, the directory or the
+        broker when another can go on."""
         taken = 0
-        ahead: tuple[list[int], asyncio.Task[list[_Mail]]] | None = None
+        ready: asyncio.Queue[_Ahead] = asyncio.Queue(maxsize=1)
+        fetching = asyncio.create_task(
+            self._fetch_ahead(box, session, uids, ready), name="email-fetch:" + box.name
+        )
+        settling: deque[asyncio.Task[int]] = deque()
+        try:
+            while (item := await ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                batch, parsing = item
+                mails = await parsing
+                before = settling[-1] if settling else None
+                settling.append(
+                    asyncio.create_task(
+                        self._settle(box, session, batch, mails, cursor, before),
+                        name="email-settle:" + box.name,
+                    )
+                )
+                if len(settling) > SETTLING:
+                    taken += await settling.popleft()
+            while settling:
+                taken += await settling.popleft()
+        finally:
+            fetching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetching
+            while not ready.empty():
+                # a batch before it failed (or we are cancelled): taken by the next pass
+                left = ready.get_nowait()
+                if isinstance(left, tuple):
+                    await _abandon(left[1])
+            # failed: what the broker confirmed is still flagged if IMAP answers; cancelled,
+            # or failed again, those mails are published again by the next pass (never lost)
+            stop = _cancelling()
+            for task in settling:
+                if stop:
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        return taken
+
+    async def _fetch_ahead(
+        self,
+        box: MailboxSettings,
+        session: ImapSession,
+        uids: list[int],
+        ready: "asyncio.Queue[_Ahead]",
+    ) -> None:
+        """Fetch batch after batch and start its parse, one batch ahead of the one waiting
+        to be taken (so at most three batches' bodies are held: ``_batches`` bounds each);
+        None after the last, or the error that stopped it."""
+        parsing: asyncio.Task[list[Mail]] | None = None
         try:
             async for batch, sizes in self._batches(box, session, uids):
                 limit = self._settings.max_message_bytes
@@ -194,19 +253,14 @@ class MailIntake:
                     self._parse_batch(box, session.uidvalidity, fetched, too_large)
                 )
                 del fetched  # the raw bodies live on in the parse task only
-                previous, ahead = ahead, (batch, parsing)
-                if previous is not None:
-                    taken += await self._take_batch(box, session, *previous, cursor)
-            if ahead is not None:
-                previous, ahead = ahead, None
-                taken += await self._take_batch(box, session, *previous, cursor)
+                await ready.put((batch, parsing))
+                parsing = None
+            await ready.put(None)
+        except Exception as exc:  # the taker raises it once the batches before it are taken
+            await ready.put(exc)
         finally:
-            if ahead is not None:
-                # a batch before it failed (or we are cancelled): this one is taken next pass
-                ahead[1].cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await ahead[1]
-        return taken
+            if parsing is not None:
+                await _abandon(parsing)
 
     async def _batches(
         self, box: MailboxSettings, session: ImapSession, uids: list[int]
@@ -228,23 +282,26 @@ class MailIntake:
             if batch:
                 yield batch, {u: sizes.get(u, 0) for u in batch}
 
-    async def _take_batch(
+    async def _settle(
         self,
         box: MailboxSettings,
         session: ImapSession,
         uids: list[int],
-        parsing: "asyncio.Task[list[_Mail]]",
+        mails: list[Mail],
         cursor: _Cursor,
+        before: "asyncio.Task[int] | None",
     ) -> int:
-        """Record one parsed batch's ids in one transaction, publish the new mails
-        concurrently, then flag in one ``UID STORE`` what the broker confirmed (and the
-        copies) and move the cursor once.
+        """Publish one parsed and recorded batch's new mails concurrently, then, once the
+        batch before it settled (its failure is this one's: the cursor never passes a batch
+        not flagged), flag in one ``UID STORE`` what the broker confirmed (and the copies)
+        and move the cursor once. Returns how many were published.
 
-        When a publish fails, the mails confirmed are still
-        flagged, the failed ones are forgotten and left unflagged, the cursor stops just
-        before the first of them, and the first error is raised."""
-        mails = await parsing
+        When a publish fails, the mails confirmed are still flagged, the failed ones are
+        forgotten and left unflagged, the cursor stops just before the first of them, and
+        the first error is raised."""
         outcome = await self._submit_batch(box, mails)
+        if before is not None:
+            await before
         stuck, error = outcome.failed_uid, outcome.error
         if stuck is None or error is None:
             if outcome.done:
@@ -267,85 +324,19 @@ class MailIntake:
         uidvalidity: int,
         fetched: list[tuple[int, bytes]],
         too_large: dict[int, int],
-    ) -> list[_Mail]:
-        """The batch's mails in UID order, parsed concurrently in the parse pool; a mail
-        that trips a limit or fails the parser becomes a ``stand_in`` that keeps what a
-        bounded header scan reads (issue 13), and is taken like any other."""
-        recipient = box.address or (box.username if "@" in box.username else None)
-
-        async def one(uid: int, raw: bytes) -> _Mail:
-            locator = {
-                "mailbox": box.name,
-                "folder": box.folder,
-                "uidvalidity": uidvalidity,
-                "uid": uid,
-            }
-            try:
-                if uid in too_large:
-                    limit = self._settings.max_message_bytes
-                    raise ParseFailed(
-                        "too_large", f"too_large: {too_large[uid]} bytes, over {limit}"
-                    )
-                message = await self._pool.parse(
-                    raw,
-                    mailbox=box.name,
-                    recipient=recipient,
-                    inline_max=self._settings.inline_attachment_max,
-                    locator=locator,
-                    trusted_authserv_ids=self._settings.trusted_authserv_ids,
-                )
-            except ParseFailed as exc:
-                log.warning(
-                    "email.parse_failed",
-                    mailbox=box.name,
-                    uid=uid,
-                    reason=exc.reason,
-                    size=len(raw),
-                    error=exc.detail[:300],
-                )
-                # off the loop: a digest of a mail of tens of MiB takes tens of ms
-                message = await asyncio.to_thread(
-                    stand_in,
-                    raw,
-                    mailbox=box.name,
-                    recipient=recipient,
-                    locator=locator,
-                    reason=exc.reason,
-                    detail=exc.detail,
-                    size=too_large.get(uid),
-                )
-            if box.team:
-                message.meta["address_team"] = box.team
-            return _Mail(uid, f"{box.name}:{uidvalidity}:{uid}", message)
-
-        results = await asyncio.gather(
-            *(one(uid, raw) for uid, raw in fetched), return_exceptions=True
-        )
-        mails: list[_Mail] = []
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # the pool could not start a worker: the batch waits
-            mails.append(result)
+    ) -> list[Mail]:
+        mails = await parse_batch(self._pool, self._settings, box, uidvalidity, fetched, too_large)
+        await record(self._seen, mails)
         return mails
 
-    async def _submit_batch(self, box: MailboxSettings, mails: list[_Mail]) -> BatchOutcome:
-        """Record the batch's slots and Message-IDs (one transaction each), publish what is
-        new concurrently, and undo the records of what could not be published."""
+    async def _submit_batch(self, box: MailboxSettings, mails: list[Mail]) -> BatchOutcome:
+        """Publish what is new in a recorded batch concurrently, and undo the records of
+        what could not be published."""
         if not mails:
             return BatchOutcome()
-        new_slots = await self._seen.first_time_many(SLOT_CHANNEL, [m.slot for m in mails])
-        new_ids = await self._seen.first_time_many(
-            SEEN_CHANNEL, [m.message.external_id for m in mails]
-        )
         done: list[int] = []
-        outgoing: list[_Mail] = []
-        claimed: set[str] = set()  # a Message-ID twice in one batch: the first UID owns it
+        outgoing: list[Mail] = []
         for mail in mails:
-            external_id = mail.message.external_id
-            mail.new_slot = mail.slot in new_slots
-            mail.new_id = external_id in new_ids and external_id not in claimed
-            if mail.new_id:
-                claimed.add(external_id)
             if mail.new_slot and not mail.new_id:
                 log.info(
                     "email.duplicate", mailbox=box.name, uid=mail.uid, message_id=mail.message.id
@@ -358,7 +349,7 @@ class MailIntake:
         results = await asyncio.gather(
             *(self._publish(box, mail, limit) for mail in outgoing), return_exceptions=True
         )
-        failed: list[tuple[_Mail, BaseException]] = []
+        failed: list[tuple[Mail, BaseException]] = []
         for mail, result in zip(outgoing, results, strict=True):
             if result is None:
                 done.append(mail.uid)
@@ -378,7 +369,7 @@ class MailIntake:
             exc = TransientError(f"publish of UID {mail.uid} cancelled")
         return BatchOutcome(sorted(done), len(outgoing) - len(failed), mail.uid, exc)
 
-    async def _publish(self, box: MailboxSettings, mail: _Mail, limit: asyncio.Semaphore) -> None:
+    async def _publish(self, box: MailboxSettings, mail: Mail, limit: asyncio.Semaphore) -> None:
         """One confirmed publish under the mailbox deadline (a task of its own: the log
         context bound here stays in it)."""
         structlog.contextvars.bind_contextvars(message_id=mail.message.id)

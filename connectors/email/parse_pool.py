@@ -2,11 +2,17 @@
 costs a worker, never the daemon, and both cores parse.
 
 Invariants:
-- A worker takes one mail at a time; ``parse`` returns its message or raises
+- A worker parses one mail at a time, in the order written to it; a few small mails
+  (``DEPTH``, each at most ``PIPE_CHUNK``) wait in its pipe behind the one it parses, so it
+  never idles while the daemon's loop is busy elsewhere (one at a time, the workers of a
+  batch waited on the loop for most of each mail). A larger mail goes to an idle worker
+  and has it alone until answered. ``parse`` returns the message or raises
   ``ParseFailed`` with a reason code, never anything else (cancellation aside).
-- A worker that overruns ``timeout * 2 + 1`` seconds of wall clock, dies, answers out of
-  frame, runs out of memory or CPU, or is abandoned by a cancelled caller is killed and
-  replaced: no worker is ever reused in an unknown state.
+- A worker that overruns ``timeout * 2 + 1`` seconds of wall clock on one mail (counted
+  from when it is done with the one before), dies, answers out of frame, runs out of
+  memory or CPU, or is abandoned mid-mail by a cancelled caller is killed and replaced: no
+  worker is ever reused in an unknown state. The mails waiting behind it were never begun:
+  they go to another worker and cost nothing.
 - ``close`` ends every worker within a deadline, whatever they are doing.
 """
 
@@ -15,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +42,20 @@ _STATUS = {
     b"E": "parser_error",
     b"X": "parser_crashed",
 }
+#: an answer the pool makes for a mail a failed worker never began: sent again elsewhere
+_NOT_BEGUN = b"Q"
 
 
 #: bytes of a mail written to a worker's pipe at once, each awaited before the next
 PIPE_CHUNK = 64 * 1024
+#: mails (each at most PIPE_CHUNK) written to one worker before its first answer
+DEPTH = 16
 #: the largest answer read from a worker: a message is text (512 KiB), inline attachments
 #: (``inline_attachment_max``) and metadata; anything larger is refused, never buffered
 MAX_ANSWER = 16 * 1024 * 1024
+#: times a mail is sent again because a worker ahead of it failed (each time another
+#: mail cost that worker its life, so this is never reached but by a flood of them)
+_MAX_RESENDS = 16
 
 
 @dataclass(frozen=True)
@@ -72,18 +86,38 @@ class PoolSettings:
 
 
 @dataclass(eq=False)
+class _Request:
+    """A mail written to a worker; its answer is set by the worker's reader."""
+
+    answer: "asyncio.Future[_Answer]"
+    alone: bool  # larger than PIPE_CHUNK: the worker takes nothing else until it answers
+
+
+@dataclass(eq=False)
 class _Worker:
-    """One worker process and its pipes; compared by identity."""
+    """One worker process, its pipes and the mails written to it; compared by identity."""
 
     process: asyncio.subprocess.Process
     stdin: asyncio.StreamWriter = field(init=False)
     stdout: asyncio.StreamReader = field(init=False)
+    #: written, not yet answered, in the order the worker takes them
+    queue: deque[_Request] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reader: "asyncio.Task[None] | None" = None
+    retired: bool = False
 
     def __post_init__(self) -> None:
         assert self.process.stdin is not None
         assert self.process.stdout is not None
         self.stdin = self.process.stdin
         self.stdout = self.process.stdout
+
+    def room(self, alone: bool) -> bool:
+        if self.retired or self.process.returncode is not None:
+            return False
+        if alone or (self.queue and self.queue[-1].alone):
+            return not self.queue
+        return len(self.queue) < DEPTH
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -95,9 +129,10 @@ class ParsePool:
 
     def __init__(self, settings: PoolSettings) -> None:
         self._settings = settings
-        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(settings.workers)
         self._all: set[_Worker] = set()
+        self._starting = 0
+        #: set whenever a worker may have room: an answer read, a worker retired or started
+        self._room = asyncio.Event()
         self._closed = False
         self.replaced = 0  # workers killed and replaced, for tests and metrics
 
@@ -110,45 +145,111 @@ class ParsePool:
     async def parse(self, raw: bytes, **kwargs: Any) -> InboundMessage:
         """The message ``normalise(raw, **kwargs)`` makes, parsed in a worker.
 
-        A worker that dies before it read the mail (stopped by a signal meant for the
-        daemon, the OOM killer while idle) costs a retry on a fresh one, not the mail."""
-        for attempt in (1, 2):
-            status, payload, early = await self._one(raw, kwargs)
-            if not (status == b"X" and early and attempt == 1):
-                break
-        if status == b"O":
+        A worker that dies before it answered (stopped by a signal meant for the daemon,
+        the OOM killer while idle) costs a retry on a fresh one, not the mail; a mail
+        behind one that killed its worker is sent again without counting."""
+        meta = json.dumps(kwargs).encode()
+        crashed = False
+        for _ in range(_MAX_RESENDS):
+            answer = await self._one(raw, meta)
+            if answer.status == _NOT_BEGUN:
+                continue
+            if answer.status == b"X" and answer.early and not crashed:
+                crashed = True
+                continue
+            break
+        else:
+            answer = _Answer(b"X", b"parser_crashed: workers kept failing ahead of it", False)
+        if answer.status == b"O":
             try:
-                return InboundMessage.model_validate_json(payload)
+                return InboundMessage.model_validate_json(answer.payload)
             except ValidationError as exc:
                 raise ParseFailed("parser_error", f"worker answer invalid: {exc}") from exc
-        text = payload.decode("utf-8", "replace")
-        reason = text.split(":", 1)[0] if status == b"L" else _STATUS[status]
+        text = answer.payload.decode("utf-8", "replace")
+        reason = text.split(":", 1)[0] if answer.status == b"L" else _STATUS[answer.status]
         raise ParseFailed(reason, text)
 
-    async def _one(self, raw: bytes, kwargs: dict[str, Any]) -> tuple[bytes, bytes, bool]:
-        """One attempt on one worker: (status, payload, whether it died before reading)."""
-        if self._closed:
-            raise TransientError("the mail parse pool is closed")
-        async with self._slots:
-            worker = await self._take()
-            answer: _Answer | None = None
-            try:
-                answer = await self._ask(worker, raw, kwargs)
-            finally:
-                if answer is not None and answer.reusable and not self._closed:
-                    self._idle.put_nowait(worker)
-                else:
-                    await asyncio.shield(self._retire(worker))
-        return answer.status, answer.payload, answer.early
+    async def _one(self, raw: bytes, meta: bytes) -> "_Answer":
+        """One attempt: the mail written to a worker with room, then its answer."""
+        alone = len(raw) > PIPE_CHUNK
+        worker = await self._pick(alone)
+        request = _Request(asyncio.get_running_loop().create_future(), alone)
+        worker.queue.append(request)
+        worker.wake.set()
+        head = REQUEST.pack(len(meta), len(raw)) + meta
+        if not alone:
+            # most mail: one write, whole in the transport's buffer at once, so no
+            # cancellation can leave half a frame (a copy of at most PIPE_CHUNK bytes costs
+            # less than a second system call)
+            worker.stdin.write(head + raw)
+        else:
+            failed = await self._write_alone(worker, head, raw)
+            if failed is not None:
+                return failed
+        try:
+            return await request.answer
+        except asyncio.CancelledError:
+            if worker.queue and worker.queue[0] is request:
+                # the caller is gone while its mail is parsed: the worker's state is of no
+                # use to anyone (the reader hands what waits behind it on)
+                await asyncio.shield(self._retire(worker))
+            raise
 
-    async def _take(self) -> _Worker:
-        """An idle worker still alive, else a new one."""
-        while not self._idle.empty():
-            worker = self._idle.get_nowait()
-            if worker.process.returncode is None:
-                return worker
+    async def _write_alone(self, worker: _Worker, head: bytes, raw: bytes) -> "_Answer | None":
+        """A large mail in chunks, each awaited; None once written. Half a frame (a
+        deadline, a dead worker, a cancelled caller) ends the worker."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                worker.stdin.write(head)
+                for start in range(0, len(raw), PIPE_CHUNK):  # never a second copy of it
+                    worker.stdin.write(raw[start : start + PIPE_CHUNK])
+                    await worker.stdin.drain()
+            return None
+        except TimeoutError:
             await self._retire(worker)
-        return await self._spawn()
+            detail = f"parse_timeout: not taken within {self._deadline:g} s"
+            return _Answer(b"T", detail.encode(), reusable=False)
+        except OSError as exc:
+            await self._retire(worker)
+            detail = f"parser_crashed: worker ended ({worker.process.returncode}): {exc!r}"
+            return _Answer(b"X", detail.encode(), reusable=False, early=True)
+        except BaseException:
+            await asyncio.shield(self._retire(worker))
+            raise
+
+    @property
+    def _deadline(self) -> float:
+        return self._settings.timeout * 2 + 1
+
+    async def _pick(self, alone: bool) -> _Worker:
+        """An idle worker, else a new one while the pool is not full, else (for a small
+        mail) the live worker with the fewest mails waiting."""
+        while True:
+            if self._closed:
+                raise TransientError("the mail parse pool is closed")
+            for worker in [w for w in self._all if w.process.returncode is not None]:
+                if not worker.queue:  # died idle: its reader waits for nothing
+                    await self._retire(worker)
+            idle = [w for w in self._all if w.room(alone) and not w.queue]
+            if idle:
+                return idle[0]
+            if len(self._all) + self._starting < self._settings.workers:
+                return await self._start()
+            room = [w for w in self._all if w.room(alone)]
+            if room:
+                return min(room, key=lambda w: len(w.queue))
+            self._room.clear()
+            await self._room.wait()
+
+    async def _start(self) -> _Worker:
+        self._starting += 1
+        try:
+            worker = await self._spawn()
+        finally:
+            self._starting -= 1
+        worker.reader = asyncio.create_task(self._read_answers(worker), name="parse-answers")
+        self._room.set()  # callers that found the pool full may use it too
+        return worker
 
     async def _spawn(self) -> _Worker:
         """A new worker, once it said it is ready: a worker that cannot start is the
@@ -191,23 +292,38 @@ class ParsePool:
         self._all.add(worker)
         return worker
 
-    async def _ask(self, worker: _Worker, raw: bytes, kwargs: dict[str, Any]) -> "_Answer":
-        meta = json.dumps(kwargs).encode()
-        deadline = self._settings.timeout * 2 + 1
+    async def _read_answers(self, worker: _Worker) -> None:
+        """Answer the worker's mails in order until it fails or the pool closes; then the
+        mails behind the one it failed on are handed back, never begun."""
+        try:
+            while True:
+                while not worker.queue:
+                    worker.wake.clear()
+                    await worker.wake.wait()
+                request = worker.queue[0]
+                answer = await self._read_answer(worker)
+                worker.queue.popleft()
+                if not answer.reusable:
+                    self._drop(worker)  # before its caller hears: the pool says so too
+                if not request.answer.done():
+                    request.answer.set_result(answer)
+                self._room.set()
+                if not answer.reusable:
+                    return
+        finally:
+            for request in worker.queue:
+                if not request.answer.done():
+                    request.answer.set_result(_Answer(_NOT_BEGUN, b"", reusable=False))
+            worker.queue.clear()
+            self._room.set()
+            if not self._closed:  # close ends the workers its own way
+                await asyncio.shield(self._retire(worker))
+
+    async def _read_answer(self, worker: _Worker) -> "_Answer":
+        """The answer to the mail the worker is on, within the deadline of one mail."""
         read_any = False
         try:
-            async with asyncio.timeout(deadline):
-                head = REQUEST.pack(len(meta), len(raw)) + meta
-                if len(raw) <= PIPE_CHUNK:
-                    # most mail: one write, one wake-up of the worker (a copy of at most
-                    # PIPE_CHUNK bytes costs less than a second system call)
-                    worker.stdin.write(head + raw)
-                else:
-                    worker.stdin.write(head)
-                    for start in range(0, len(raw), PIPE_CHUNK):  # never a second copy of it
-                        worker.stdin.write(raw[start : start + PIPE_CHUNK])
-                        await worker.stdin.drain()
-                await worker.stdin.drain()
+            async with asyncio.timeout(self._deadline):
                 head = await worker.stdout.readexactly(ANSWER.size)
                 read_any = True
                 status, size = ANSWER.unpack(head)
@@ -216,7 +332,7 @@ class ParsePool:
                     return _Answer(b"E", detail.encode(), reusable=False)
                 payload = await worker.stdout.readexactly(size)
         except TimeoutError:
-            detail = f"parse_timeout: no answer within {deadline:g} s"
+            detail = f"parse_timeout: no answer within {self._deadline:g} s"
             return _Answer(b"T", detail.encode(), reusable=False)
         except (OSError, asyncio.IncompleteReadError) as exc:
             code = worker.process.returncode
@@ -228,24 +344,38 @@ class ParsePool:
 
     async def _retire(self, worker: _Worker) -> None:
         """Kill a worker that may be in any state; a new one is started on demand."""
-        self._all.discard(worker)
-        self.replaced += 1
+        self._drop(worker)
         worker.kill()
+        if worker.reader is not None and worker.reader is not asyncio.current_task():
+            worker.reader.cancel()
         with contextlib.suppress(TimeoutError, ProcessLookupError):
             async with asyncio.timeout(5):
                 await worker.process.wait()
 
+    def _drop(self, worker: _Worker) -> None:
+        """Take the worker out of use (once): nothing more is written to it."""
+        if not worker.retired:
+            worker.retired = True
+            self._all.discard(worker)
+            self.replaced += 1
+            self._room.set()
+
     async def close(self, *, drain: float = 0.0) -> None:
         """End every worker; with ``drain``, first give mails being parsed that long."""
         self._closed = True
+        self._room.set()
         if drain > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(drain):
-                    for _ in range(self._settings.workers):
-                        await self._slots.acquire()
+                    while any(w.queue for w in self._all):
+                        self._room.clear()
+                        await self._room.wait()
         workers = list(self._all)
         self._all.clear()
         for worker in workers:
+            worker.retired = True
+            if worker.reader is not None:
+                worker.reader.cancel()
             worker.stdin.close()  # an idle worker ends at EOF
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):

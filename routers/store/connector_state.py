@@ -1,24 +1,27 @@
 """Durable small stores on the directory database: poller cursors and channel ids seen.
 
 They implement ``ingest.protocols.CursorStore`` and ``SeenStore`` for the connectors, which
-receive them from ``config`` and never import this module.
+receive them from ``config`` and never import this module. Their writes run as plain
+functions of a ``Connection`` (``routers.store.transactions``): on SQLite an ORM session
+through aiosqlite cost about 13 ms per batch of 50 ids (a hand-off to its thread for every
+cursor call), most of a mailbox batch's database time.
 """
 
 import asyncio
 import contextlib
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import cast
 
-from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Table, delete, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.errors import TransientError
 from routers.models import Cursor, SeenId
 from routers.store.engine import sessionmaker
-from routers.store.sql import upsert
+from routers.store.sql import insert_for
+from routers.store.transactions import transactions_of
 
 #: rows per statement in the batch methods: 3 bound values a row stays far below SQLite's
 #: variable limit (32,766; 999 before 3.32)
@@ -28,16 +31,14 @@ _CHUNK = 300
 _Claim = tuple[str, str, "asyncio.Future[bool]"]
 
 
-def _insert(session: AsyncSession) -> Any:
-    """The dialect's ``INSERT`` on ``seen`` (both SQLite and PostgreSQL speak ``ON CONFLICT``
-    and ``RETURNING``)."""
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(SeenId)
+_SEEN = cast(Table, SeenId.__table__)
+_CURSORS = cast(Table, Cursor.__table__)
 
 
 class DbCursorStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._sessions = sessionmaker(engine)
+        self._run = transactions_of(engine)
 
     async def get(self, key: str) -> str | None:
         try:
@@ -50,14 +51,18 @@ class DbCursorStore:
             raise TransientError(f"directory database: {exc}") from exc
 
     async def set(self, key: str, value: str) -> None:
+        row = {"key": key, "value": value, "updated_at": datetime.now(UTC)}
+
+        def write(connection: Connection) -> None:
+            stmt = insert_for(connection.dialect.name, _CURSORS)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["key"],
+                set_={"value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at},
+            )
+            connection.execute(stmt, row)
+
         try:
-            async with self._sessions.begin() as session:
-                await upsert(
-                    session,
-                    Cursor.__table__,  # type: ignore[arg-type]
-                    [{"key": key, "value": value, "updated_at": datetime.now(UTC)}],
-                    ["key"],
-                )
+            await self._run(write)
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
 
@@ -74,7 +79,7 @@ class DbSeenStore:
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._sessions = sessionmaker(engine)
+        self._run = transactions_of(engine)
         self._pending: list[_Claim] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -113,23 +118,18 @@ class DbSeenStore:
         by_channel: dict[str, list[str]] = {}
         for channel, external_id, _ in batch:
             by_channel.setdefault(channel, []).append(external_id)
-        new: set[tuple[str, str]] = set()
-        async with self._sessions.begin() as session:
+
+        def record(connection: Connection) -> set[tuple[str, str]]:
+            new: set[tuple[str, str]] = set()
             for channel, ids in by_channel.items():
-                inserted = await _insert_new(session, channel, list(dict.fromkeys(ids)))
+                inserted = _insert_new(connection, channel, list(dict.fromkeys(ids)))
                 new.update((channel, external_id) for external_id in inserted)
-        return new
+            return new
+
+        return await self._run(record)
 
     async def forget(self, channel: str, external_id: str) -> None:
-        try:
-            async with self._sessions.begin() as session:
-                await session.execute(
-                    delete(SeenId).where(
-                        SeenId.channel == channel, SeenId.external_id == external_id
-                    )
-                )
-        except SQLAlchemyError as exc:
-            raise TransientError(f"directory database: {exc}") from exc
+        await self.forget_many(channel, [external_id])
 
     async def first_time_many(self, channel: str, external_ids: Iterable[str]) -> set[str]:
         """One transaction; ``INSERT … ON CONFLICT DO NOTHING RETURNING`` names exactly the
@@ -138,45 +138,47 @@ class DbSeenStore:
         if not wanted:
             return set()
         try:
-            async with self._sessions.begin() as session:
-                new = await _insert_new(session, channel, wanted)
+            return await self._run(lambda connection: _insert_new(connection, channel, wanted))
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
-        return new
 
     async def forget_many(self, channel: str, external_ids: Iterable[str]) -> None:
         doomed = list(dict.fromkeys(external_ids))
         if not doomed:
             return
-        try:
-            async with self._sessions.begin() as session:
-                for start in range(0, len(doomed), _CHUNK):
-                    await session.execute(
-                        delete(SeenId).where(
-                            SeenId.channel == channel,
-                            SeenId.external_id.in_(doomed[start : start + _CHUNK]),
-                        )
+
+        def forget(connection: Connection) -> None:
+            for start in range(0, len(doomed), _CHUNK):
+                connection.execute(
+                    delete(_SEEN).where(
+                        _SEEN.c.channel == channel,
+                        _SEEN.c.external_id.in_(doomed[start : start + _CHUNK]),
                     )
+                )
+
+        try:
+            await self._run(forget)
         except SQLAlchemyError as exc:
             raise TransientError(f"directory database: {exc}") from exc
 
 
-async def _insert_new(session: AsyncSession, channel: str, external_ids: list[str]) -> set[str]:
-    """Insert the ids not recorded yet; the ones this statement inserted."""
+def _insert_new(connection: Connection, channel: str, external_ids: list[str]) -> set[str]:
+    """Insert the ids not recorded yet; the ones this statement inserted. The rows go as
+    parameters of one statement (SQLAlchemy's "insertmanyvalues": compiled once and cached,
+    where a multi-row VALUES was compiled anew for every batch, 2 ms of 50 ids)."""
     now = datetime.now(UTC)
+    stmt = (
+        insert_for(connection.dialect.name, _SEEN)
+        .on_conflict_do_nothing(index_elements=["channel", "external_id"])
+        .returning(_SEEN.c.external_id)
+    )
     new: set[str] = set()
     for start in range(0, len(external_ids), _CHUNK):
         rows = [
             {"channel": channel, "external_id": external_id, "at": now}
             for external_id in external_ids[start : start + _CHUNK]
         ]
-        stmt = (
-            _insert(session)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["channel", "external_id"])
-            .returning(SeenId.external_id)
-        )
-        new.update((await session.scalars(stmt)).all())
+        new.update(connection.execute(stmt, rows).scalars().all())
     return new
 
 
