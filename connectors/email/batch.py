@@ -32,10 +32,10 @@ import json
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
+from connectors.email.ending import abandon, wind_down
 from connectors.email.imap import KEYWORD, ImapSession
 from connectors.email.parse_pool import ParsePool
 from connectors.email.parsed import (
@@ -53,19 +53,6 @@ from ingest.identities import redact
 from ingest.protocols import CursorStore, InboundSink, SeenStore
 
 log = structlog.get_logger("omniroute.email")
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _abandon(task: "asyncio.Task[Any]") -> None:
-    """Cancel a batch's parse and wait for it: what it recorded makes the next pass
-    publish it (its slots were never confirmed)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
 
 
 #: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
@@ -191,12 +178,17 @@ class MailIntake:
             self._fetch_ahead(box, session, uids, ready), name="email-fetch:" + box.name
         )
         settling: deque[asyncio.Task[int]] = deque()
+        doomed = False  # a batch failed: the ones after it cannot be flagged
         try:
             while (item := await ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 batch, parsing = item
                 mails = await parsing
+                if len(settling) >= SETTLING:
+                    doomed = True
+                    taken += await settling.popleft()
+                    doomed = False
                 before = settling[-1] if settling else None
                 settling.append(
                     asyncio.create_task(
@@ -204,27 +196,15 @@ class MailIntake:
                         name="email-settle:" + box.name,
                     )
                 )
-                if len(settling) > SETTLING:
-                    taken += await settling.popleft()
             while settling:
+                doomed = True
                 taken += await settling.popleft()
+                doomed = False
         finally:
-            fetching.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fetching
-            while not ready.empty():
-                # a batch before it failed (or we are cancelled): taken by the next pass
-                left = ready.get_nowait()
-                if isinstance(left, tuple):
-                    await _abandon(left[1])
-            # failed: what the broker confirmed is still flagged if IMAP answers; cancelled,
-            # or failed again, those mails are published again by the next pass (never lost)
-            stop = _cancelling()
-            for task in settling:
-                if stop:
-                    task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            # a failed batch dooms the ones after it (its records make the next pass
+            # publish them); otherwise what the broker confirmed is still flagged if IMAP
+            # answers, and what is not is published again by the next pass (never lost)
+            await wind_down(fetching, ready, settling, stop=doomed)
         return taken
 
     async def _fetch_ahead(
@@ -259,8 +239,8 @@ class MailIntake:
         except Exception as exc:  # the taker raises it once the batches before it are taken
             await ready.put(exc)
         finally:
-            if parsing is not None:
-                await _abandon(parsing)
+            if parsing is not None and await abandon(parsing):
+                raise asyncio.CancelledError
 
     async def _batches(
         self, box: MailboxSettings, session: ImapSession, uids: list[int]

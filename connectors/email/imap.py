@@ -143,11 +143,20 @@ class ImapSession:
         """Run one command under the mailbox deadline; library errors become ``TransientError``."""
         if self.lost.is_set():
             raise TransientError("connection lost")
-        try:
-            async with self._turn, asyncio.timeout(self.box.timeout):
-                response = await command()
-        except IMAP_ERRORS as exc:
-            raise TransientError(f"{what} failed: {exc!r}") from exc
+        async with self._turn:
+            try:
+                async with asyncio.timeout(self.box.timeout):
+                    response = await command()
+            except (TimeoutError, asyncio.CancelledError) as exc:
+                # the command may still be on the wire (a FETCH streaming its mails):
+                # nothing sent after it could be read in step, so the session ends here
+                self.lost.set()
+                self.abort()
+                if isinstance(exc, TimeoutError):
+                    raise TransientError(f"{what} failed: {exc!r}") from exc
+                raise
+            except IMAP_ERRORS as exc:
+                raise TransientError(f"{what} failed: {exc!r}") from exc
         if check and response is not None and response.result != "OK":
             raise TransientError(f"{what} answered {response.result}: {response.lines[-1:]!r}")
         return response

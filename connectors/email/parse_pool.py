@@ -131,6 +131,7 @@ class ParsePool:
         self._settings = settings
         self._all: set[_Worker] = set()
         self._starting = 0
+        self._alone_waiting = 0  # large mails waiting for an idle worker
         #: set whenever a worker may have room: an answer read, a worker retired or started
         self._room = asyncio.Event()
         self._closed = False
@@ -223,23 +224,28 @@ class ParsePool:
 
     async def _pick(self, alone: bool) -> _Worker:
         """An idle worker, else a new one while the pool is not full, else (for a small
-        mail) the live worker with the fewest mails waiting."""
-        while True:
-            if self._closed:
-                raise TransientError("the mail parse pool is closed")
-            for worker in [w for w in self._all if w.process.returncode is not None]:
-                if not worker.queue:  # died idle: its reader waits for nothing
-                    await self._retire(worker)
-            idle = [w for w in self._all if w.room(alone) and not w.queue]
-            if idle:
-                return idle[0]
-            if len(self._all) + self._starting < self._settings.workers:
-                return await self._start()
-            room = [w for w in self._all if w.room(alone)]
-            if room:
-                return min(room, key=lambda w: len(w.queue))
-            self._room.clear()
-            await self._room.wait()
+        mail) the live worker with the fewest mails waiting. While a large mail waits,
+        small ones take only a new worker, so the queues drain and it gets one."""
+        self._alone_waiting += alone
+        try:
+            while True:
+                if self._closed:
+                    raise TransientError("the mail parse pool is closed")
+                for worker in [w for w in self._all if w.process.returncode is not None]:
+                    if not worker.queue:  # died idle: its reader waits for nothing
+                        await self._retire(worker)
+                idle = [w for w in self._all if w.room(alone) and not w.queue]
+                if idle and (alone or not self._alone_waiting):
+                    return idle[0]
+                if len(self._all) + self._starting < self._settings.workers:
+                    return await self._start()
+                room = [w for w in self._all if w.room(alone)]
+                if room and not self._alone_waiting:
+                    return min(room, key=lambda w: len(w.queue))
+                self._room.clear()
+                await self._room.wait()
+        finally:
+            self._alone_waiting -= alone
 
     async def _start(self) -> _Worker:
         self._starting += 1
@@ -247,8 +253,12 @@ class ParsePool:
             worker = await self._spawn()
         finally:
             self._starting -= 1
+            self._room.set()  # a start that failed leaves room for another to try
+        if self._closed:  # closed while it started: close did not see it
+            self._all.discard(worker)
+            await self._retire(worker)
+            raise TransientError("the mail parse pool is closed")
         worker.reader = asyncio.create_task(self._read_answers(worker), name="parse-answers")
-        self._room.set()  # callers that found the pool full may use it too
         return worker
 
     async def _spawn(self) -> _Worker:

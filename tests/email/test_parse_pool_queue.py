@@ -10,8 +10,9 @@ import signal
 import pytest
 
 from connectors.email.batch import pool_settings
-from connectors.email.parse_pool import DEPTH, ParseFailed, ParsePool
+from connectors.email.parse_pool import DEPTH, PIPE_CHUNK, ParseFailed, ParsePool
 from connectors.settings import EmailSettings
+from ingest.errors import TransientError
 from tests.hostile_mail import good
 from tests.support.waiting import until
 
@@ -110,3 +111,37 @@ async def test_a_cancelled_mail_a_worker_is_on_ends_that_worker_only() -> None:
         assert pool.replaced == 1
         async with asyncio.timeout(20):
             assert (await second).subject == "second"  # type: ignore[attr-defined]
+
+
+async def test_workers_that_cannot_start_fail_every_waiting_mail_never_hang() -> None:
+    """A worker that dies before it is ready (here: an address space limit past what
+    setrlimit takes) is the machine's problem: every mail waiting for a worker hears it."""
+    base = pool_settings(EmailSettings(parse_workers=2))
+    starved = type(base)(workers=2, memory=10**30, timeout=5, limits=base.limits)
+    async with ParsePool(starved) as pool:
+        tasks = [asyncio.create_task(pool.parse(good(f"m{i}"), **KWARGS)) for i in range(10)]
+        async with asyncio.timeout(30):
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(o, TransientError) for o in outcomes), outcomes
+
+
+async def test_a_large_mail_is_parsed_while_small_ones_keep_coming() -> None:
+    """A mail over the pipe chunk needs an idle worker; small mails arriving all the time
+    must not keep every worker's queue from ever emptying."""
+    large = good("large").replace(b"Merhaba", b"Merhaba " * 12_000, 1)
+    assert len(large) > PIPE_CHUNK
+    async with ParsePool(pool_settings(EmailSettings(parse_workers=2))) as pool:
+        stop = asyncio.Event()
+
+        async def keep_parsing(n: int) -> None:
+            while not stop.is_set():
+                await pool.parse(good(f"small {n}"), **KWARGS)
+
+        callers = [asyncio.create_task(keep_parsing(n)) for n in range(16)]
+        try:
+            await asyncio.sleep(0.5)  # every queue full
+            async with asyncio.timeout(10):
+                assert (await pool.parse(large, **KWARGS)).subject == "large"
+        finally:
+            stop.set()
+            await asyncio.gather(*callers)
