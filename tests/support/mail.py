@@ -180,6 +180,8 @@ class Dovecot:
                 if not isinstance(item, bytes):
                     continue
                 text = item.decode()
+                if "UID " not in text:  # a flag change by another session, sent unasked
+                    continue
                 uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
                 out[uid] = text.split("FLAGS (")[1].split(")")[0]
             return out
