@@ -255,7 +255,6 @@ class ParsePool:
             self._starting -= 1
             self._room.set()  # a start that failed leaves room for another to try
         if self._closed:  # closed while it started: close did not see it
-            self._all.discard(worker)
             await self._retire(worker)
             raise TransientError("the mail parse pool is closed")
         worker.reader = asyncio.create_task(self._read_answers(worker), name="parse-answers")

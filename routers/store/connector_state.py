@@ -9,9 +9,10 @@ cursor call), most of a mailbox batch's database time.
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Connection, Table, delete, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ingest.errors import TransientError
 from routers.models import Cursor, SeenId
 from routers.store.engine import sessionmaker
-from routers.store.sql import insert_for
+from routers.store.sql import upsert_statement
 from routers.store.transactions import transactions_of
 
 #: rows per statement in the batch methods: 3 bound values a row stays far below SQLite's
@@ -33,6 +34,18 @@ _Claim = tuple[str, str, "asyncio.Future[bool]"]
 
 _SEEN = cast(Table, SeenId.__table__)
 _CURSORS = cast(Table, Cursor.__table__)
+
+
+@functools.cache
+def _cursor_upsert(dialect: str) -> Any:
+    return upsert_statement(dialect, _CURSORS, ["key"], ["value", "updated_at"])
+
+
+@functools.cache
+def _seen_insert(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING external_id``: the ids it inserted."""
+    stmt = upsert_statement(dialect, _SEEN, ["channel", "external_id"], [])
+    return stmt.returning(_SEEN.c.external_id)
 
 
 class DbCursorStore:
@@ -54,12 +67,7 @@ class DbCursorStore:
         row = {"key": key, "value": value, "updated_at": datetime.now(UTC)}
 
         def write(connection: Connection) -> None:
-            stmt = insert_for(connection.dialect.name, _CURSORS)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["key"],
-                set_={"value": stmt.excluded.value, "updated_at": stmt.excluded.updated_at},
-            )
-            connection.execute(stmt, row)
+            connection.execute(_cursor_upsert(connection.dialect.name), row)
 
         try:
             await self._run(write)
@@ -167,11 +175,7 @@ def _insert_new(connection: Connection, channel: str, external_ids: list[str]) -
     parameters of one statement (SQLAlchemy's "insertmanyvalues": compiled once and cached,
     where a multi-row VALUES was compiled anew for every batch, 2 ms of 50 ids)."""
     now = datetime.now(UTC)
-    stmt = (
-        insert_for(connection.dialect.name, _SEEN)
-        .on_conflict_do_nothing(index_elements=["channel", "external_id"])
-        .returning(_SEEN.c.external_id)
-    )
+    stmt = _seen_insert(connection.dialect.name)
     new: set[str] = set()
     for start in range(0, len(external_ids), _CHUNK):
         rows = [

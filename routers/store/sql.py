@@ -44,17 +44,24 @@ async def upsert(
     where a multi-row VALUES would be compiled anew for every batch size."""
     if not rows:
         return 0
-    stmt = _insert(session, table)
     columns = update if update is not None else [c for c in rows[0] if c not in keys]
-    if columns:
-        stmt = stmt.on_conflict_do_update(
-            index_elements=list(keys),
-            set_={c: stmt.excluded[c] for c in columns},
-            where=where(stmt.excluded) if where is not None else None,
-        )
-    else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    stmt = upsert_statement(dialect_of(session), table, keys, columns, where=where)
     return await execute_many(session, stmt, rows)
+
+
+def upsert_statement(
+    dialect: str, table: Table, keys: Sequence[str], columns: Sequence[str], *, where: Any = None
+) -> Any:
+    """``upsert``'s statement, for a plain ``Connection`` too: on a key conflict update
+    ``columns`` (nothing to update: leave the row as it is)."""
+    stmt = insert_for(dialect, table)
+    if not columns:
+        return stmt.on_conflict_do_nothing(index_elements=list(keys))
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={c: stmt.excluded[c] for c in columns},
+        where=where(stmt.excluded) if where is not None else None,
+    )
 
 
 async def execute_many(
