@@ -145,10 +145,6 @@ class _HeaderCachePolicy(EmailPolicy):
     def header_fetch_parse(self, name: str, value: str) -> Any:
         if hasattr(value, "name") or len(value) > _CACHED_VALUE:
             return super().header_fetch_parse(name, value)
-        if name.lower() in _READ_AS_TEXT:
-            text = "".join(_LINE_BREAK.split(value))
-            if text.isascii() and not _NEEDS_PARSE.search(text):
-                return text
         return _parsed_header(name, value)
 
 
@@ -181,6 +177,10 @@ _POLICY = _HeaderCachePolicy(header_factory=_PARSING.header_factory)
 
 @functools.lru_cache(maxsize=_CACHED_HEADERS)
 def _parsed_header(name: str, value: str) -> Any:
+    if name.lower() in _READ_AS_TEXT:
+        text = "".join(_LINE_BREAK.split(value))
+        if text.isascii() and not _NEEDS_PARSE.search(text):
+            return text
     return _PARSING.header_fetch_parse(name, value)
 
 
