@@ -15,19 +15,17 @@ compares in, so an answer to a Message-ID omniroute generated matches it as writ
 import email
 import email.header
 import email.utils
-import functools
 import hashlib
 import re
 from collections.abc import Sequence
-from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import Message
-from email.policy import EmailPolicy
 from typing import Any
 
 from connectors.email.authresults import read_auth
 from connectors.email.body import attachments as read_attachments
 from connectors.email.body import body_part, content_type, decode, safe_walk, text_of
 from connectors.email.body import html_to_text as html_to_text
+from connectors.email.headers import POLICY, forget_headers
 from connectors.email.scan import scan_head
 from ingest.identities import InvalidIdentity, normalise_email
 from ingest.schema import Attachment, Identity, InboundMessage, Thread
@@ -113,77 +111,6 @@ def stand_in(
         )
 
 
-class _HeaderClasses(HeaderRegistry):
-    """``email.headerregistry``'s registry, with each header class made once.
-
-    Sole purpose: speed. The stdlib makes a new class (``type(...)``) for every header it
-    parses, and each one is a reference cycle the garbage collector must find: with five
-    headers a mail, that was a fifth of a mail's parse in the worker. Keyed by the
-    registry's class, so a mail's header names cannot grow it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._made: dict[type, type[BaseHeader]] = {}
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        kind = self.registry.get(name.lower(), self.default_class)
-        made = self._made.get(kind)
-        if made is None:
-            made = self._made[kind] = super().__getitem__(name)
-        return made
-
-
-class _HeaderCachePolicy(EmailPolicy):
-    """``policy.default``, with a header's parsed object reused within one mail.
-
-    Sole purpose: speed. ``email.headerregistry`` builds a new header object on every
-    access: Content-Type alone was parsed nine times per mail, a quarter of a mail's cost.
-    ``normalise`` empties the cache at the start of each mail, so a hostile mail's parse
-    trees never stay behind to cost the next one memory; header objects are read-only here.
-    """
-
-    def header_fetch_parse(self, name: str, value: str) -> Any:
-        if hasattr(value, "name") or len(value) > _CACHED_VALUE:
-            return super().header_fetch_parse(name, value)
-        return _parsed_header(name, value)
-
-
-_CACHED_VALUE = 512
-_CACHED_HEADERS = 256
-#: Headers only ever read as text: the stdlib's ``get_content_type``, ``get_param`` and
-#: boundary search split the header's string with its legacy parser whatever the policy,
-#: and ``normalise`` reads ids and dates from the string. Their structured parse was a
-#: third of a mail's parse and changed nothing read from them, unless the value has
-#: what the structured parser reads differently from the legacy one: encoded words
-#: (decoded in parameters), comments (dropped: ``boundary="b" (c)``), RFC 2231
-#: parameters, quoted pairs, non-ASCII bytes. Those still take it.
-_READ_AS_TEXT = frozenset(
-    {
-        "content-type",
-        "content-transfer-encoding",
-        "mime-version",
-        "message-id",
-        "in-reply-to",
-        "references",
-        "date",
-    }
-)
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_NEEDS_PARSE = re.compile(r"=\?|[()*\\]")
-#: ``policy.default`` but for its header classes
-_PARSING = EmailPolicy(header_factory=_HeaderClasses())
-_POLICY = _HeaderCachePolicy(header_factory=_PARSING.header_factory)
-
-
-@functools.lru_cache(maxsize=_CACHED_HEADERS)
-def _parsed_header(name: str, value: str) -> Any:
-    if name.lower() in _READ_AS_TEXT:
-        text = "".join(_LINE_BREAK.split(value))
-        if text.isascii() and not _NEEDS_PARSE.search(text):
-            return text
-    return _PARSING.header_fetch_parse(name, value)
-
-
 def normalise(
     raw: bytes,
     *,
@@ -197,9 +124,9 @@ def normalise(
     ``meta.auth`` carries SPF/DKIM/DMARC from the receiving servers named by
     ``trusted_authserv_ids`` only (issue 13: anyone can write such a header)."""
     meta: dict[str, Any] = {"mailbox": mailbox}
-    _parsed_header.cache_clear()  # nothing one mail parsed outlives it (issue 13)
+    forget_headers()  # nothing one mail parsed outlives it (issue 13)
     try:
-        msg: Message = email.message_from_bytes(raw, policy=_POLICY)
+        msg: Message = email.message_from_bytes(raw, policy=POLICY)
     except (MemoryError, RecursionError):
         raise  # the parse pool's limits: it routes a stand-in
     except Exception as exc:  # the parser is lenient; this is a last resort for a library bug

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.email import mime
+from connectors.email import headers
 from connectors.email.mime import UNKNOWN_SENDER, html_to_text, normalise
 from ingest.schema import InboundMessage
 
@@ -69,7 +69,7 @@ def test_headers_read_as_text_read_the_same_as_parsed(
     with that parse."""
     raw = path.read_bytes()
     fast = parse(raw)
-    monkeypatch.setattr(mime, "_READ_AS_TEXT", frozenset())
+    monkeypatch.setattr(headers, "_READ_AS_TEXT", frozenset())
     assert _comparable(parse(raw)) == _comparable(fast)
 
 
@@ -95,7 +95,7 @@ def test_folded_and_commented_headers_read_the_same_as_parsed(
     fast = parse(raw)
     assert fast.text.strip() == "Merhaba"
     assert [a.filename for a in fast.attachments] == ["örnek.pdf"]  # encoded word: parsed
-    monkeypatch.setattr(mime, "_READ_AS_TEXT", frozenset())
+    monkeypatch.setattr(headers, "_READ_AS_TEXT", frozenset())
     assert _comparable(parse(raw)) == _comparable(fast)
 
 
