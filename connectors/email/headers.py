@@ -57,7 +57,8 @@ _CACHED_HEADERS = 256
 #: third of a mail's parse and changed nothing read from them, unless the value has
 #: what the structured parser reads differently from the legacy one: encoded words
 #: (decoded in parameters), comments (dropped: ``boundary="b" (c)``), RFC 2231
-#: parameters, quoted pairs, non-ASCII bytes. Those still take it.
+#: parameters, quoted pairs, non-ASCII bytes. Those still take it, and so does a
+#: Content-Type or Message-ID not in its ``_PLAIN`` shape below.
 _READ_AS_TEXT = frozenset(
     {
         "content-type",
@@ -71,6 +72,24 @@ _READ_AS_TEXT = frozenset(
 )
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _NEEDS_PARSE = re.compile(r"=\?|[()*\\]")
+#: The structured parse writes a Content-Type's parameters back (the string the legacy
+#: parser then reads): an unquoted value cut at its first special (``boundary=----=_P1``
+#: becomes ``boundary="----"``, ``name=a b`` ``name="a"``), an unterminated quote closed,
+#: a parameter with an empty value or a ``'`` in it dropped, a control character kept
+#: where the legacy parser strips it. Of a Message-ID it keeps the first msg-id only, and
+#: only as far as it reads it (``<a b@c> <d@e>`` becomes ``<a``, ``<a@b@c>`` ``<a@b>``).
+#: Read as text, then, only a type with ``;``-separated ``name=token`` or
+#: ``name="text"`` parameters, and a single msg-id of dot-atoms: those it keeps as written.
+_BARE = r"[A-Za-z0-9!#$&+\-.^_`{|}~]+"  # RFC 2045's token, without * ' %
+_ATOMS = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+(?:\.[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+)*"
+_SPACE = r"[ \t]*"
+_PLAIN = {
+    "content-type": re.compile(
+        rf"{_SPACE}{_BARE}{_SPACE}/{_SPACE}{_BARE}{_SPACE}"
+        rf'(?:;{_SPACE}(?:{_BARE}{_SPACE}={_SPACE}(?:{_BARE}|"[\t !#-\[\]-~]*"){_SPACE})?)*'
+    ),
+    "message-id": re.compile(rf"{_SPACE}<{_ATOMS}@(?:{_ATOMS}|\[[!-Z^-~]+\])>{_SPACE}"),
+}
 #: ``policy.default`` but for its header classes
 _PARSING = EmailPolicy(header_factory=_HeaderClasses())
 POLICY = _HeaderCachePolicy(header_factory=_PARSING.header_factory)
@@ -78,9 +97,15 @@ POLICY = _HeaderCachePolicy(header_factory=_PARSING.header_factory)
 
 @functools.lru_cache(maxsize=_CACHED_HEADERS)
 def _parsed_header(name: str, value: str) -> Any:
-    if name.lower() in _READ_AS_TEXT:
+    kind = name.lower()
+    if kind in _READ_AS_TEXT:
         text = "".join(_LINE_BREAK.split(value))
-        if text.isascii() and not _NEEDS_PARSE.search(text):
+        plain = _PLAIN.get(kind)
+        if (
+            text.isascii()
+            and not _NEEDS_PARSE.search(text)
+            and (plain is None or plain.fullmatch(text))
+        ):
             return text
     return _PARSING.header_fetch_parse(name, value)
 
