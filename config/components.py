@@ -107,7 +107,7 @@ class Wiring:
         self.decider.shadow = ShadowWatch(transactions_of(engine), metrics)
         self.cursors = DbCursorStore(engine)
         self.seen = DbSeenStore(engine)
-        self.sink: InboundSink = BusSink(bus)
+        self.sink = BusSink(bus)  # an InboundBatchSink: the email intake publishes in batches
         self.router: RouterWorker | None = None
         self.pruner: Pruner | None = None
         self.events: EventsWorker | None = None

@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     from ingest.bus import Bus
     from ingest.health import Health
     from ingest.metrics import Metrics
-    from ingest.protocols import CursorStore, Decider, InboundSink, Lease, SeenStore
+    from ingest.protocols import (
+        CursorStore,
+        Decider,
+        InboundBatchSink,
+        InboundSink,
+        Lease,
+        SeenStore,
+    )
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ class Shared:
     ``spool`` and ``lease`` are made on first use (only webhooks need the spool, only pollers
     a lease) and closed with the process."""
 
-    sink: InboundSink
+    sink: InboundBatchSink
     spool: Callable[[], InboundSink]
     lease: Callable[[], Lease]
     lease_retry: float

@@ -55,6 +55,13 @@ class InboundSink(Protocol):
         """Return only once the message is safe: broker-confirmed or fsynced to the spool."""
 
 
+class InboundBatchSink(InboundSink, Protocol):
+    async def submit_many(self, messages: Sequence[InboundMessage]) -> list[BaseException | None]:
+        """Submit the messages together: for each, None once it is safe, or what its
+        submit failed with; one message's failure is its own. A poller that takes a batch
+        at once (IMAP) publishes it in one go instead of a task per message."""
+
+
 class EventSink(Protocol):
     async def emit(self, event: OutboundFailed, *, message_id: str) -> None:
         """Publish an event onto ``omniroute.events`` under its type; return only once the

@@ -138,3 +138,23 @@ async def test_publish_many_fails_only_the_item_that_cannot_be_serialised(bus: B
     await got.ack()
     assert await queue.get(fail=False) is None
     await channel.close()
+
+
+async def test_bus_sink_submits_a_batch_with_the_channel_as_routing_key(bus: Bus) -> None:
+    """The email intake's batch publish: every message confirmed (None), on
+    ``omniroute.inbound`` under its channel, with its id and type, in order."""
+    from ingest.sink import BusSink
+
+    messages = [_msg() for _ in range(3)]
+    assert await BusSink(bus).submit_many(messages) == [None, None, None]
+    channel = await bus.connection.channel()
+    queue = await channel.get_queue(ROUTER_QUEUE)
+    for message in messages:
+        got = await queue.get(timeout=5)
+        assert got is not None
+        assert (got.message_id, got.routing_key) == (message.id, "email")
+        assert got.type == "omniroute.inbound.v1"
+        assert InboundMessage.model_validate_json(got.body) == message
+        await got.ack()
+    assert await queue.get(fail=False) is None
+    await channel.close()

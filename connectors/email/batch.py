@@ -50,12 +50,12 @@ from connectors.email.scan import SCAN_HEAD
 from connectors.settings import EmailSettings, MailboxSettings
 from ingest.errors import TransientError
 from ingest.identities import redact
-from ingest.protocols import CursorStore, InboundSink, SeenStore
+from ingest.protocols import CursorStore, InboundBatchSink, SeenStore
 
 log = structlog.get_logger("omniroute.email")
 
 
-#: confirmed publishes one mailbox worker awaits at once (the rest of a wider batch waits)
+#: confirmed publishes one mailbox worker awaits at once (a wider batch goes in slices)
 PUBLISH_CONCURRENCY = 100
 #: bodies of one batch; at most three batches' bodies are held at once (``_fetch_ahead``)
 BATCH_BYTES = 16 * 1024 * 1024
@@ -95,7 +95,7 @@ class MailIntake:
         self,
         settings: EmailSettings,
         *,
-        sink: InboundSink,
+        sink: InboundBatchSink,
         cursors: CursorStore,
         seen: SeenStore,
     ) -> None:
@@ -325,14 +325,21 @@ class MailIntake:
             else:
                 # new, or recorded by a run that may have died before the broker confirmed
                 outgoing.append(mail)
-        limit = asyncio.Semaphore(PUBLISH_CONCURRENCY)
-        results = await asyncio.gather(
-            *(self._publish(box, mail, limit) for mail in outgoing), return_exceptions=True
-        )
+        results: list[BaseException | None] = []
+        for start in range(0, len(outgoing), PUBLISH_CONCURRENCY):
+            results += await self._publish(box, outgoing[start : start + PUBLISH_CONCURRENCY])
         failed: list[tuple[Mail, BaseException]] = []
         for mail, result in zip(outgoing, results, strict=True):
             if result is None:
                 done.append(mail.uid)
+                log.info(
+                    "email.taken",
+                    mailbox=box.name,
+                    uid=mail.uid,
+                    message_id=mail.message.id,
+                    sender=redact(mail.message.sender.address),
+                    again=not mail.new_id,
+                )
             else:
                 failed.append((mail, result))
         if not failed:
@@ -349,20 +356,13 @@ class MailIntake:
             exc = TransientError(f"publish of UID {mail.uid} cancelled")
         return BatchOutcome(sorted(done), len(outgoing) - len(failed), mail.uid, exc)
 
-    async def _publish(self, box: MailboxSettings, mail: Mail, limit: asyncio.Semaphore) -> None:
-        """One confirmed publish under the mailbox deadline (a task of its own: the log
-        context bound here stays in it)."""
-        structlog.contextvars.bind_contextvars(message_id=mail.message.id)
-        async with limit:
-            try:
-                async with asyncio.timeout(box.timeout):
-                    await self._sink.submit(mail.message)
-            except TimeoutError as exc:
-                raise TransientError(f"publish not confirmed within {box.timeout} s") from exc
-        log.info(
-            "email.taken",
-            mailbox=box.name,
-            uid=mail.uid,
-            sender=redact(mail.message.sender.address),
-            again=not mail.new_id,
-        )
+    async def _publish(self, box: MailboxSettings, mails: list[Mail]) -> list[BaseException | None]:
+        """Confirmed publishes of the mails, sent together, under the mailbox deadline: one
+        outcome a mail (None: confirmed). Past the deadline, none counts as confirmed: the
+        next pass publishes them again (copies, never loss)."""
+        try:
+            async with asyncio.timeout(box.timeout):
+                return await self._sink.submit_many([mail.message for mail in mails])
+        except TimeoutError:
+            late = TransientError(f"publish not confirmed within {box.timeout} s")
+            return [late] * len(mails)

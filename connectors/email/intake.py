@@ -17,7 +17,7 @@ from connectors.settings import EmailSettings, MailboxSettings
 from ingest.backoff import Backoff, pause
 from ingest.errors import AuthError, ConfigError, TransientError
 from ingest.health import Health
-from ingest.protocols import CursorStore, InboundSink, Lease, SeenStore
+from ingest.protocols import CursorStore, InboundBatchSink, Lease, SeenStore
 
 log = structlog.get_logger("omniroute.email")
 
@@ -37,7 +37,7 @@ class EmailConnector:
         self,
         settings: EmailSettings,
         *,
-        sink: InboundSink,
+        sink: InboundBatchSink,
         cursors: CursorStore,
         seen: SeenStore,
         health: Health,

@@ -3,6 +3,7 @@
 import asyncio
 import email
 import json
+from collections.abc import Sequence
 from email import policy
 from email.message import EmailMessage
 
@@ -73,6 +74,10 @@ class ProbeSink:
         if self.fail:
             raise TransientError("broker unreachable (test)")
         await self.inner.submit(message)
+
+    async def submit_many(self, messages: Sequence[InboundMessage]) -> list[BaseException | None]:
+        """Each message through ``submit`` (and a subclass's failures), all at once."""
+        return list(await asyncio.gather(*map(self.submit, messages), return_exceptions=True))
 
 
 async def test_appended_mail_is_published_then_flagged(
