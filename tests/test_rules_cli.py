@@ -151,7 +151,9 @@ def test_route_explain_shows_each_rule_and_why(
         )[0]
     )
     config.write_text(text, encoding="utf-8")
+    # a Wednesday morning in Istanbul: within the team's hours whenever the suite runs
     args = ["--config", str(config), "route", "explain", "--channel", "email"]
+    args += ["--at", "2026-12-09T10:00+03:00"]
     code = main([*args, "--from", "someone@nowhere.test", "--subject", "Sunucu çöktü"])
     out = capsys.readouterr().out
     assert code == 0, out
