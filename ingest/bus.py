@@ -240,8 +240,8 @@ class Bus:
             return outcomes
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.publish_timeout
-        channel = self._require_channel()
         try:
+            channel = self._require_channel()  # not open yet (or closed): each item fails
             if exchange not in self._exchanges:
                 raise TransientError(f"exchange {exchange} is not declared yet")
             async with asyncio.timeout_at(deadline):  # a robust reconnection in progress

@@ -1,9 +1,9 @@
 """Taking what is new in one mailbox, batch by batch (issue 4, issue 13).
 
 Invariants:
-- A mail is flagged ``\\Seen $Omniroute`` (or moved) only after ``sink.submit`` returned,
-  that is after the broker confirmed it; the cursor (UIDVALIDITY and the last UID taken,
-  per mailbox in the ``CursorStore``) moves only after that. What is new is
+- A mail is flagged ``\\Seen $Omniroute`` (or moved) only after ``sink.submit_many`` said
+  it is safe, that is after the broker confirmed it; the cursor (UIDVALIDITY and the last
+  UID taken, per mailbox in the ``CursorStore``) moves only after that. What is new is
   ``UID SEARCH UID last+1:*``, never UNSEEN, so a person reading the mailbox in webmail
   does not make mail vanish (mail already flagged ``$Omniroute`` is left out). A changed
   UIDVALIDITY rescans everything not flagged ``$Omniroute`` (or, with ``after = move:…``,
@@ -327,7 +327,7 @@ class MailIntake:
                 outgoing.append(mail)
         results: list[BaseException | None] = []
         for start in range(0, len(outgoing), PUBLISH_CONCURRENCY):
-            results += await self._publish(box, outgoing[start : start + PUBLISH_CONCURRENCY])
+            results += await self._publish(outgoing[start : start + PUBLISH_CONCURRENCY])
         failed: list[tuple[Mail, BaseException]] = []
         for mail, result in zip(outgoing, results, strict=True):
             if result is None:
@@ -356,13 +356,12 @@ class MailIntake:
             exc = TransientError(f"publish of UID {mail.uid} cancelled")
         return BatchOutcome(sorted(done), len(outgoing) - len(failed), mail.uid, exc)
 
-    async def _publish(self, box: MailboxSettings, mails: list[Mail]) -> list[BaseException | None]:
-        """Confirmed publishes of the mails, sent together, under the mailbox deadline: one
-        outcome a mail (None: confirmed). Past the deadline, none counts as confirmed: the
-        next pass publishes them again (copies, never loss)."""
+    async def _publish(self, mails: list[Mail]) -> list[BaseException | None]:
+        """Confirmed publishes of the mails, sent together: one outcome a mail (None:
+        confirmed). The sink bounds the wait (``bus.publish_timeout``), and a confirm that
+        came in time counts even if others did not; a sink that fails the batch whole fails
+        each of its mails."""
         try:
-            async with asyncio.timeout(box.timeout):
-                return await self._sink.submit_many([mail.message for mail in mails])
-        except TimeoutError:
-            late = TransientError(f"publish not confirmed within {box.timeout} s")
-            return [late] * len(mails)
+            return await self._sink.submit_many([mail.message for mail in mails])
+        except Exception as exc:
+            return [exc] * len(mails)
