@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.email import headers
 from connectors.email.mime import UNKNOWN_SENDER, html_to_text, normalise
 from ingest.schema import InboundMessage
 
@@ -54,49 +53,6 @@ def test_every_corpus_mail_normalises_with_a_sender(path: Path) -> None:
     else:
         assert message.sender.address == UNKNOWN_SENDER
         assert message.meta["sender_missing"] is True
-
-
-def _comparable(message: InboundMessage) -> dict[str, object]:
-    return message.model_dump(exclude={"id", "received_at"})
-
-
-@pytest.mark.parametrize("path", MAILS, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_headers_read_as_text_read_the_same_as_parsed(
-    path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Content-Type, Message-ID, Date and the like skip the stdlib's structured header
-    parse (a third of a mail's parse): every corpus mail must come out exactly as it did
-    with that parse."""
-    raw = path.read_bytes()
-    fast = parse(raw)
-    monkeypatch.setattr(headers, "_READ_AS_TEXT", frozenset())
-    assert _comparable(parse(raw)) == _comparable(fast)
-
-
-@pytest.mark.parametrize(
-    "head",
-    [
-        b"Content-Type: multipart/mixed;\r\n\tboundary=b1\r\n",
-        b'Content-Type: multipart/mixed; boundary="b1" (comment)\r\n',
-        b"Content-Type: multipart/mixed; BOUNDARY=b1;\r\n charset=utf-8\r\n",
-        b"Date: Tue,  7 Jul 2009 22:47:39 -0700 (PDT)\r\nMessage-ID: <a@b> (c)\r\n"
-        b"Content-Type: multipart/mixed; boundary=b1\r\n",
-    ],
-)
-def test_folded_and_commented_headers_read_the_same_as_parsed(
-    head: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    part = (
-        b'--b1\r\nContent-Type: application/pdf; name="=?utf-8?B?w7ZybmVrLnBkZg==?="\r\n'
-        b"Content-Transfer-Encoding: base64\r\n\r\nJVBERg==\r\n"
-        b'--b1\r\nContent-Type: text/plain; charset="iso-8859-9"\r\n\r\nMerhaba\r\n--b1--\r\n'
-    )
-    raw = b"From: a@example.com\r\nSubject: s\r\nMIME-Version: 1.0\r\n" + head + b"\r\n" + part
-    fast = parse(raw)
-    assert fast.text.strip() == "Merhaba"
-    assert [a.filename for a in fast.attachments] == ["örnek.pdf"]  # encoded word: parsed
-    monkeypatch.setattr(headers, "_READ_AS_TEXT", frozenset())
-    assert _comparable(parse(raw)) == _comparable(fast)
 
 
 @pytest.mark.parametrize(
