@@ -15,6 +15,10 @@ thread of the process (aiosqlite's) but not the kernel.
 
 Needs valgrind (``apt-get install valgrind``). Usage:
     instructions.py [-n 2000] [--customers 100000] [--prefetch 256] [--skip-forwarder]
+                    [--database-url postgresql://...]
+
+With ``--database-url`` the router reads an imported directory (as ``throughput.py``'s);
+the database server's instructions are not counted, only the router process's.
 """
 
 import argparse
@@ -97,7 +101,7 @@ async def main(a: argparse.Namespace) -> None:
     import aio_pika
 
     print(benchlib.machine())
-    template = benchlib.directory_db(a.customers)
+    template = None if a.database_url else benchlib.directory_db(a.customers)
     run = uuid.uuid4().hex[:6]
     bodies = [make_body(i, 0.7, a.customers, run, len(limit_sample(0))) for i in range(a.n)]
     with benchlib.fresh_vhost() as url:
@@ -120,7 +124,7 @@ async def main(a: argparse.Namespace) -> None:
             cmd = [sys.executable, str(HERE / "instructions.py"), "--forwarder-child",
                    "--url", url, "--prefetch", str(a.prefetch)]
             forwarder = await count(cmd, url, "fwd.out.q", a.n, f"fwd-{run}")
-        db_url, copy = fresh_db(template, run, None)
+        db_url, copy = fresh_db(template, run, a.database_url)
         try:
             await preload(url, bodies)
             cmd = [sys.executable, str(HERE / "throughput.py"), "--child", "--url", url,
@@ -143,6 +147,7 @@ if __name__ == "__main__":
     p.add_argument("--customers", type=int, default=100_000)
     p.add_argument("--prefetch", type=int, default=256)
     p.add_argument("--skip-forwarder", action="store_true")
+    p.add_argument("--database-url", default=None, help="an imported directory (default: SQLite)")
     p.add_argument("--forwarder-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     a = p.parse_args()

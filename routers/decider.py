@@ -168,7 +168,7 @@ class DirectoryDecider:
         if stateful or threads:
             ids, limit = sorted(stateful), settings.recent_contacts if context else 0
             since = now - settings.load_window
-            read.routing = await self._run(
+            read.routing = await self._run.read(
                 lambda connection: state.read_routing_state(connection, ids, limit, threads, since)
             )
         found = read.routing

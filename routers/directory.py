@@ -276,7 +276,7 @@ class DirectoryCache:
         hold any one caller's connection while they wait."""
 
         async def read(keys: list[K]) -> dict[K, V]:
-            return await self._run(lambda connection: query(connection, keys))
+            return await self._run.read(lambda connection: query(connection, keys))
 
         return read
 

@@ -1,19 +1,22 @@
 """The router's units of database work (``routers.store.transactions``): all or nothing, on
 SQLite and PostgreSQL, off the event loop for SQLite, and still working after the directory
-is reopened (a reload disposes the engine while the router runs)."""
+is reopened (a reload disposes the engine while the router runs) or the server dropped a
+pooled connection."""
 
+import asyncio
 import sqlite3
 import threading
 import time
 
 import pytest
-from sqlalchemy import Connection, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ingest.schema import Identity, InboundMessage, Route, RoutedMessage
 from routers.models import RoutedRecord
 from routers.settings import DirectorySettings
+from routers.store import engine as store_engine
 from routers.store import routed_log
 from routers.store.engine import create_engine, migrate
 from routers.store.transactions import transactions_of
@@ -103,4 +106,71 @@ async def test_a_locked_sqlite_directory_fails_a_unit_after_the_statement_timeou
         assert 0.25 < time.monotonic() - started < 3
     finally:
         holder.close()
+        await engine.dispose()
+
+
+def _two_clock_readings(connection: Connection) -> tuple[object, object]:
+    """``now()`` (the start of the statement's transaction) in two statements apart."""
+    first = connection.scalar(text("SELECT now()"))
+    connection.execute(text("SELECT pg_sleep(0.02)"))
+    return first, connection.scalar(text("SELECT now()"))
+
+
+async def test_a_read_unit_runs_without_a_transaction_on_postgresql(pg_url: str) -> None:
+    """Reads skip BEGIN and COMMIT (two round trips each): every statement is a transaction
+    of its own, as READ COMMITTED sees it anyway; a unit that writes is still one whole."""
+    await migrate(pg_url)
+    engine = create_engine(pg_url)
+    run = transactions_of(engine)
+    try:
+        first, second = await run.read(_two_clock_readings)
+        assert first != second, "each statement of a read is its own transaction"
+        first, second = await run(_two_clock_readings)
+        assert first == second, "a unit of work is one transaction"
+        await run(lambda c: routed_log.claim_routed_many(c, [_routed("SM1")]))
+        assert await run.read(_recorded) == 1
+    finally:
+        await engine.dispose()
+
+
+async def _kill_sessions_of(pg_url: str) -> int:
+    """End every other session on the test's database, as a server restart would."""
+    import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+
+    admin = await asyncpg.connect(pg_url)
+    try:
+        return len(
+            await admin.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    finally:
+        await admin.close()
+
+
+async def test_a_pooled_connection_idle_for_a_while_is_pinged_before_use(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection the server dropped while it sat in the pool is found and replaced
+    before a unit uses it; in steady use (back in the pool less than PING_AFTER_IDLE ago)
+    none is pinged: the unit that meets a dead one fails as an outage, and the next works."""
+    await migrate(pg_url)
+    monkeypatch.setattr(store_engine, "PING_AFTER_IDLE", 0.2)
+    engine = create_engine(pg_url)
+    run = transactions_of(engine)
+    try:
+        assert await run(_recorded) == 0
+        assert await _kill_sessions_of(pg_url) == 1, "the pooled connection"
+        await asyncio.sleep(0.3)  # idle past PING_AFTER_IDLE
+        assert await run(_recorded) == 0, "pinged, found dead, replaced"
+
+        monkeypatch.setattr(store_engine, "PING_AFTER_IDLE", 3600)
+        assert await _kill_sessions_of(pg_url) == 1
+        with pytest.raises(DBAPIError) as failed:
+            await run(_recorded)
+        assert failed.value.connection_invalidated
+        assert await run(_recorded) == 0, "the pool was replaced after the failure"
+        assert await run.read(_recorded) == 0
+    finally:
         await engine.dispose()

@@ -11,7 +11,9 @@ transaction:
   the same pragmas (``routers.store.engine``): one hand-off there and one back, whatever the
   function does. The busy timeout bounds a statement as for the async engine.
 - PostgreSQL: through ``AsyncConnection.run_sync`` on the event loop (asyncpg is already
-  asynchronous, so there is nothing to save by leaving the loop).
+  asynchronous, so there is nothing to save by leaving the loop). ``read`` runs a unit
+  that only reads in autocommit: under READ COMMITTED every statement takes its own
+  snapshot anyway, so BEGIN and COMMIT were two round trips that changed nothing.
 
 ``transactions_of(engine)`` is the engine's ``Transactions``, made with it by
 ``routers.store.engine.create_engine``; disposing the engine (a reload, the end) disposes
@@ -57,6 +59,7 @@ class Transactions:
         # a proxy of its own: the registry is keyed by the caller's proxy, which this
         # object (a value of that registry) must not keep alive
         self._async = AsyncEngine(engine.sync_engine)
+        self._reading = self._async.execution_options(isolation_level="AUTOCOMMIT")
         #: a SQLite file's own engine and threads; None: run on the async engine
         self._local: tuple[Engine, ThreadPoolExecutor] | None = None
         self._used = False
@@ -94,6 +97,14 @@ class Transactions:
         # Claims are idempotent (a redelivered message finds its own), so that is safe.
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(threads, _in_transaction, sync, fn)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """``fn``, which only reads: as a unit of its own, without a transaction on
+        PostgreSQL (each statement sees what was committed when it started)."""
+        if self._local is not None:
+            return await self(fn)
+        async with self._reading.connect() as connection:
+            return await connection.run_sync(fn)
 
     def _disposed(self, _engine: Engine) -> None:
         """The async engine was disposed (reopened on reload, or closed): so is this pool,
