@@ -11,6 +11,7 @@ brought up to date when ``GET /metrics`` asks (``scrape``), not kept in step all
 """
 
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable, Iterable
 from typing import get_args
 
@@ -261,15 +262,23 @@ class Metrics:
 
     def count_routed(self, published: Iterable[object]) -> None:
         """Count the routed messages whose publish the broker confirmed (``ingest.bus``)."""
+        # counted per distinct label set: a batch repeats a few, and ``labels()`` is the
+        # costly part of a count (a lock, a validation of every value)
         agents = self.settings.agent_labels
+        by_team: collections.Counter[tuple[str, str | None, str, str]] = collections.Counter()
+        by_agent: collections.Counter[tuple[str, str]] = collections.Counter()
         for item in published:
             if not isinstance(item, RoutedMessage):
                 continue
             route, channel = item.route, item.message.channel
             team = route.target if route.kind == "team" else route.fallback_team
-            self.routed_messages.labels(channel, self.teams(team), route.reason, route.kind).inc()
+            by_team[(channel, team, route.reason, route.kind)] += 1
             if agents and route.kind == "agent" and route.target is not None:
-                self.routed_agent.labels(channel, self.agents(route.target)).inc()
+                by_agent[(channel, route.target)] += 1
+        for (on, team, reason, kind), count in by_team.items():
+            self.routed_messages.labels(on, self.teams(team), reason, kind).inc(count)
+        for (on, agent), count in by_agent.items():
+            self.routed_agent.labels(on, self.agents(agent)).inc(count)
 
     def dead_letter(self, queue: str, reason: str) -> None:
         """Count a message omniroute dead-letters (``ingest.consumers``), with its reason."""

@@ -14,6 +14,7 @@ write lock), their publishes confirmed together, and they are acked with one fra
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -245,6 +246,10 @@ class RouterWorker(QueueWorker):
             self._routed(item, started)
             confirmed.append(item)
             offered = offered or (item.route.kind == "agent" and item.message.channel in offers)
+        if self._metrics is not None:  # per label pair, not per message: labels() is costly
+            by_route = Counter((item.route.reason, item.route.kind) for item in confirmed)
+            for (reason, kind), count in by_route.items():
+                self._metrics.routed.labels(reason, kind).inc(count)
         if offered and self.on_offer is not None:
             self.on_offer()  # the timer worker may be asleep past this offer's due time
         if self.on_wait is not None and capacity.due_soon(confirmed, {}):
@@ -295,8 +300,6 @@ class RouterWorker(QueueWorker):
     def _routed(self, item: RoutedMessage, started: float) -> None:
         route = item.route
         self.routed += 1
-        if self._metrics is not None:
-            self._metrics.routed.labels(route.reason, route.kind).inc()
         if self._recent is not None:
             self._recent.add(item)
         log.info(
