@@ -85,6 +85,7 @@ async def test_transactions_work_on_after_the_directory_is_reopened(
     assert run.engine.pool is not before, "reopened by the time dispose() returns"
     await run(lambda c: routed_log.claim_routed_many(c, [_routed("SM2")]))
     assert await run(_recorded) == 2
+    assert await run.read(_recorded) == 2, "reads too"
     assert transactions_of(db) is run
 
 
