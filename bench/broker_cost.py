@@ -2,13 +2,15 @@
 broker: omniroute's (``Bus.publish`` of an email ``InboundMessage`` onto
 ``omniroute.inbound``, a topic exchange, persistent, mandatory, with message id, type,
 timestamp and user id, omniroute's quorum-queue topology) and a bare one (aiormq onto the
-default exchange into one quorum queue, content type and delivery mode only), fifty
-confirmed publishes at a time.
+default exchange into one quorum queue, content type and delivery mode only), ``--batch``
+(50) confirmed publishes at a time.
 
 Sole purpose: tell whether what omniroute publishes costs the broker more than a bare
 publish of the same size, apart from everything else an intake runs beside it.
+``--busy K`` keeps K busy-looping processes running meanwhile: what the broker costs
+when the machine's cores are taken by other work (an intake's parse workers).
 
-    .venv/bin/python bench/broker_cost.py [-n 10000] [--rounds 2]
+    .venv/bin/python bench/broker_cost.py [-n 10000] [--rounds 2] [--batch 50] [--busy 0]
 
 Reads the broker's CPU from ``/proc/<beam.smp pid>/stat``, so run it on the broker's
 machine (as root, or as the broker's user). Benchmarks are never tests: this prints.
@@ -49,27 +51,29 @@ def broker_seconds() -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def timed(publish: Callable[[int], Awaitable[None]], n: int) -> tuple[float, float]:
-    """(messages a second, broker CPU ms a message) of n publishes, BATCH at a time."""
+async def timed(
+    publish: Callable[[int], Awaitable[None]], n: int, batch: int = BATCH
+) -> tuple[float, float]:
+    """(messages a second, broker CPU ms a message) of n publishes, ``batch`` at a time."""
     busy, started = broker_seconds(), time.perf_counter()
-    for start in range(0, n, BATCH):
-        await asyncio.gather(*(publish(i) for i in range(start, min(start + BATCH, n))))
+    for start in range(0, n, batch):
+        await asyncio.gather(*(publish(i) for i in range(start, min(start + batch, n))))
     seconds = time.perf_counter() - started
     return n / seconds, (broker_seconds() - busy) / n * 1000
 
 
-async def omniroute_shape(messages: list[InboundMessage]) -> tuple[float, float]:
+async def omniroute_shape(messages: list[InboundMessage], batch: int) -> tuple[float, float]:
     with fresh_vhost() as url:
         bus = Bus(url, BusSettings(), name="bench")
         await bus.open()
         try:
             sink = BusSink(bus)
-            return await timed(lambda i: sink.submit(messages[i]), len(messages))
+            return await timed(lambda i: sink.submit(messages[i]), len(messages), batch)
         finally:
             await bus.close()
 
 
-async def bare_shape(bodies: list[bytes]) -> tuple[float, float]:
+async def bare_shape(bodies: list[bytes], batch: int) -> tuple[float, float]:
     with fresh_vhost() as url:
         connection = await aiormq.connect(url)
         try:
@@ -84,19 +88,22 @@ async def bare_shape(bodies: list[bytes]) -> tuple[float, float]:
                     bodies[i], exchange="", routing_key="bench", properties=properties
                 )
 
-            return await timed(publish, len(bodies))
+            return await timed(publish, len(bodies), batch)
         finally:
             await connection.close()
 
 
-async def run(n: int, rounds: int) -> None:
+async def run(n: int, rounds: int, batch: int, busy: int) -> None:
     messages = [normalise(raw, **KWARGS) for raw in mails(n)]  # type: ignore[arg-type]
     bodies = [m.model_dump_json().encode() for m in messages]
-    print(f"{n} messages of {sum(map(len, bodies)) // n} bytes, {BATCH} confirmed at a time")
+    print(
+        f"{n} messages of {sum(map(len, bodies)) // n} bytes, {batch} confirmed at a time, "
+        f"{busy} busy-looping processes beside"
+    )
     for _ in range(rounds):
         for name, shape in (
-            ("omniroute (Bus.publish)", omniroute_shape(messages)),
-            ("bare aiormq", bare_shape(bodies)),
+            ("omniroute (Bus.publish)", omniroute_shape(messages, batch)),
+            ("bare aiormq", bare_shape(bodies, batch)),
         ):
             rate, broker_ms = await shape
             print(f"{name:24s} {rate:7.0f} msg/s, broker {broker_ms:.3f} ms CPU a message")
@@ -106,8 +113,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=BATCH, help="confirmed publishes at a time")
+    parser.add_argument("--busy", type=int, default=0, help="busy-looping processes beside")
     args = parser.parse_args()
-    asyncio.run(run(args.n, args.rounds))
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])  # noqa: S603
+        for _ in range(args.busy)
+    ]
+    try:
+        asyncio.run(run(args.n, args.rounds, args.batch, args.busy))
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
 
 
 if __name__ == "__main__":
