@@ -87,7 +87,8 @@ def create_engine(
 # A restarted server leaves dead connections in the pool. SQLAlchemy's pre-ping would find
 # them, but through asyncpg it costs three round trips (BEGIN, ";", ROLLBACK) on every
 # checkout, several per routed batch, for connections that came back milliseconds ago. So
-# only a connection idle for PING_AFTER_IDLE is pinged; one that dies while in steady use
+# a connection asyncpg already saw closed (the server ended it) is replaced at once, and
+# only one idle for PING_AFTER_IDLE is pinged; one that dies unnoticed while in steady use
 # fails its unit as an outage (retried), and SQLAlchemy then replaces the whole pool.
 def _idle_from_now(_dbapi_connection: Any, record: Any) -> None:
     record.info["omniroute_idle_since"] = time.monotonic()
@@ -95,6 +96,9 @@ def _idle_from_now(_dbapi_connection: Any, record: Any) -> None:
 
 def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
     since = record.info.pop("omniroute_idle_since", None)
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():  # no round trip: asyncpg's own state
+        raise DisconnectionError("pooled connection was closed by the server")
     if since is None or time.monotonic() - since < PING_AFTER_IDLE:
         return
     try:

@@ -99,8 +99,9 @@ class Transactions:
         return await loop.run_in_executor(threads, _in_transaction, sync, fn)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        """``fn``, which only reads: as a unit of its own, without a transaction on
-        PostgreSQL (each statement sees what was committed when it started)."""
+        """``fn``, which only reads (a write in it would not be rolled back): as a unit of
+        its own, without a transaction on PostgreSQL (each statement sees what was
+        committed when it started); on a SQLite file as ``__call__``."""
         if self._local is not None:
             return await self(fn)
         async with self._reading.connect() as connection:

@@ -1,6 +1,7 @@
 """Loopback ports (a free one, whether one listens, waiting until it does) and a TCP proxy
 that breaks the network on purpose (aio-pika's own tests do the same): ``cut()`` drops every
-connection at once and refuses new ones; ``start()`` (or ``restore()``) listens again on the
+connection at once and refuses new ones; ``stall()`` goes silent on the open ones, as a
+firewall that forgot an idle flow; ``start()`` (or ``restore()``) listens again on the
 same port."""
 
 import asyncio
@@ -38,6 +39,7 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        self._stalled: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -56,6 +58,15 @@ class TcpProxy:
         for pipe in list(self._pipes):
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def stall(self) -> None:
+        """Stop forwarding on every open connection without closing it: its ends wait in
+        silence (until ``cut()``); new connections are forwarded as before."""
+        pipes = list(self._pipes)
+        self._stalled.update(pipes)
+        for pipe in pipes:
+            pipe.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -77,5 +88,6 @@ class TcpProxy:
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._writers.discard(dst)
-            dst.transport.abort()
+            if asyncio.current_task() not in self._stalled:
+                self._writers.discard(dst)
+                dst.transport.abort()
