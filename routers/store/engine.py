@@ -89,7 +89,7 @@ def create_engine(
 # checkout, several per routed batch, for connections that came back milliseconds ago. So
 # a connection asyncpg already saw closed (the server ended it) is replaced at once, and
 # only one idle for PING_AFTER_IDLE is pinged; one that dies unnoticed while in steady use
-# fails its unit as an outage (retried), and SQLAlchemy then replaces the whole pool.
+# fails its unit as an outage (retried, within the statement timeout) and is replaced.
 def _idle_from_now(_dbapi_connection: Any, record: Any) -> None:
     record.info["omniroute_idle_since"] = time.monotonic()
 
